@@ -1,0 +1,112 @@
+//! The bitmap directory (spec "Bitmaps extension", "Bitmap directory").
+//!
+//! Entries are variable length: a 24-byte fixed part, extra data, the name,
+//! then padding to 8 bytes. The directory is only meaningful when autoclear
+//! bit 0 is set; otherwise a writer unaware of bitmaps has touched the image
+//! and QEMU ignores the extension, and so do we.
+
+use crate::storage::{Storage, StorageError};
+use crate::units::HostOffset;
+
+use super::header::BitmapsExtension;
+
+/// QEMU's limits (block/qcow2.h).
+const MAX_BITMAPS: u32 = 65535;
+const MAX_DIRECTORY_BYTES: u64 = 1024 * (24 + 1023 + 64 + 7) + 8 * 1024 * 1024;
+
+/// Bitmap entry flags.
+pub mod flags {
+    /// The bitmap was open for writing and not stored cleanly.
+    pub const IN_USE: u32 = 1 << 0;
+    /// The bitmap tracks writes automatically.
+    pub const AUTO: u32 = 1 << 1;
+    /// Extra data may be ignored by readers that do not understand it.
+    pub const EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
+}
+
+/// Errors in the bitmap directory.
+#[derive(Debug, thiserror::Error)]
+pub enum BitmapError {
+    /// The directory could not be read.
+    #[error("cannot read bitmap directory: {0}")]
+    Read(#[from] StorageError),
+    /// The directory is malformed.
+    #[error("invalid bitmap directory at offset {offset}: {why}")]
+    Invalid {
+        /// Where the bad entry starts.
+        offset: HostOffset,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// One bitmap directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapEntry {
+    /// The bitmap's name.
+    pub name: String,
+    /// Bytes of guest data per bit.
+    pub granularity: u64,
+    /// Raw flags (see [`flags`]).
+    pub flags: u32,
+    /// Where the bitmap table is.
+    pub table_offset: HostOffset,
+    /// Bitmap table entries.
+    pub table_size: u32,
+}
+
+/// Reads and validates the bitmap directory.
+pub fn read_directory(
+    storage: &Storage,
+    ext: &BitmapsExtension,
+) -> Result<Vec<BitmapEntry>, BitmapError> {
+    let invalid = |offset, why| BitmapError::Invalid { offset, why };
+    let base = ext.directory_offset;
+    if ext.nb_bitmaps == 0 || ext.nb_bitmaps > MAX_BITMAPS {
+        return Err(invalid(base, "bitmap count out of range"));
+    }
+    if ext.directory_size > MAX_DIRECTORY_BYTES || ext.directory_size < 24 {
+        return Err(invalid(base, "directory size out of range"));
+    }
+    let mut dir = vec![0u8; ext.directory_size as usize];
+    storage.read_exact_at("bitmap directory", &mut dir, base)?;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    for _ in 0..ext.nb_bitmaps {
+        let here = HostOffset(base.0 + at as u64);
+        let fixed = dir
+            .get(at..at + 24)
+            .ok_or(invalid(here, "entry runs past the directory"))?;
+        let table_offset = u64::from_be_bytes(fixed[0..8].try_into().expect("8"));
+        let table_size = u32::from_be_bytes(fixed[8..12].try_into().expect("4"));
+        let flag_bits = u32::from_be_bytes(fixed[12..16].try_into().expect("4"));
+        let kind = fixed[16];
+        let granularity_bits = fixed[17];
+        let name_size = u16::from_be_bytes([fixed[18], fixed[19]]) as usize;
+        let extra = u32::from_be_bytes(fixed[20..24].try_into().expect("4")) as usize;
+        if kind != 1 {
+            return Err(invalid(here, "unknown bitmap type"));
+        }
+        if !(9..=31).contains(&granularity_bits) {
+            return Err(invalid(here, "granularity out of range"));
+        }
+        if name_size == 0 || name_size > 1023 {
+            return Err(invalid(here, "name length out of range"));
+        }
+        let name_at = at + 24 + extra;
+        let name = dir
+            .get(name_at..name_at + name_size)
+            .ok_or(invalid(here, "entry runs past the directory"))?;
+        let name =
+            String::from_utf8(name.to_vec()).map_err(|_| invalid(here, "name is not UTF-8"))?;
+        out.push(BitmapEntry {
+            name,
+            granularity: 1u64 << granularity_bits,
+            flags: flag_bits,
+            table_offset: HostOffset(table_offset),
+            table_size,
+        });
+        at = (name_at + name_size).div_ceil(8) * 8;
+    }
+    Ok(out)
+}

@@ -1,0 +1,610 @@
+//! The qcow2 header (spec section "Header") and its header extensions
+//! (section "Header extensions"), decoded and encoded big-endian.
+//!
+//! Decoding validates every field that later code uses for arithmetic, so the
+//! rest of the driver can rely on: 9 <= cluster_bits <= 21, refcount order
+//! <= 6, table offsets cluster-aligned, table sizes within QEMU's limits, and
+//! a virtual size that the L1 table can address.
+
+use crate::codec::CompressionType;
+use crate::units::HostOffset;
+
+/// "QFI\xfb".
+pub const MAGIC: u32 = 0x5146_49fb;
+/// Length of a version 2 header.
+pub const V2_HEADER_LEN: u32 = 72;
+/// Length of a version 3 header with the compression type field, padded.
+pub const V3_HEADER_LEN: u32 = 112;
+
+/// Incompatible feature bits (spec "incompatible_features").
+pub mod incompat {
+    /// The image was not closed cleanly; refcounts may be stale.
+    pub const DIRTY: u64 = 1 << 0;
+    /// The image is marked corrupt.
+    pub const CORRUPT: u64 = 1 << 1;
+    /// Guest data lives in an external data file.
+    pub const DATA_FILE: u64 = 1 << 2;
+    /// The compression type field is not zlib.
+    pub const COMPRESSION_TYPE: u64 = 1 << 3;
+    /// L2 entries are 128 bits with subcluster bitmaps.
+    pub const EXTENDED_L2: u64 = 1 << 4;
+    /// Every bit this driver knows.
+    pub const KNOWN: u64 = DIRTY | CORRUPT | DATA_FILE | COMPRESSION_TYPE | EXTENDED_L2;
+}
+
+/// Compatible feature bits.
+pub mod compat {
+    /// Lazy refcounts.
+    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+}
+
+/// Autoclear feature bits.
+pub mod autoclear {
+    /// The bitmaps extension is consistent with the image.
+    pub const BITMAPS: u64 = 1 << 0;
+    /// The external data file is a valid raw image.
+    pub const DATA_FILE_RAW: u64 = 1 << 1;
+}
+
+/// Header extension type codes.
+pub mod ext {
+    /// End of the extension area.
+    pub const END: u32 = 0;
+    /// Backing file format name.
+    pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+    /// Feature name table.
+    pub const FEATURE_TABLE: u32 = 0x6803_f857;
+    /// Bitmaps extension.
+    pub const BITMAPS: u32 = 0x2385_2875;
+    /// Full disk encryption header pointer.
+    pub const CRYPTO: u32 = 0x0537_be77;
+    /// External data file name.
+    pub const DATA_FILE: u32 = 0x4441_5441;
+}
+
+/// QEMU's limit on the L1 table size in bytes.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// QEMU's limit on the refcount table size in bytes.
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+
+/// Errors found while decoding the header.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// Not a qcow2 file.
+    #[error("not a qcow2 image (bad magic)")]
+    BadMagic,
+    /// The file is too short to hold a header.
+    #[error("file too short for a qcow2 header ({0} bytes)")]
+    Truncated(u64),
+    /// A version other than 2 or 3.
+    #[error("unsupported qcow2 version {0}")]
+    UnsupportedVersion(u32),
+    /// A field has a value this driver cannot accept.
+    #[error("invalid header field {field}: {value} ({why})")]
+    InvalidField {
+        /// The field's spec name.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// Why it is refused.
+        why: &'static str,
+    },
+    /// Incompatible feature bits this driver does not know.
+    #[error("unsupported incompatible feature bits {0:#x}")]
+    UnknownFeatures(u64),
+    /// A header extension is malformed.
+    #[error("invalid header extension {kind:#010x} at offset {offset}: {why}")]
+    BadExtension {
+        /// Its type code.
+        kind: u32,
+        /// Where it starts.
+        offset: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// The decoded fixed header plus the extensions qbackup understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// Where the backing file name is, or 0.
+    pub backing_file_offset: u64,
+    /// Length of the backing file name.
+    pub backing_file_size: u32,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// 0 none, 1 AES, 2 LUKS.
+    pub crypt_method: u32,
+    /// Number of L1 entries.
+    pub l1_size: u32,
+    /// Where the L1 table is.
+    pub l1_table_offset: HostOffset,
+    /// Where the refcount table is.
+    pub refcount_table_offset: HostOffset,
+    /// Refcount table length in clusters.
+    pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
+    /// Where the snapshot table is.
+    pub snapshots_offset: HostOffset,
+    /// Incompatible feature bits.
+    pub incompatible_features: u64,
+    /// Compatible feature bits.
+    pub compatible_features: u64,
+    /// Autoclear feature bits.
+    pub autoclear_features: u64,
+    /// log2 of the refcount width in bits.
+    pub refcount_order: u32,
+    /// Length of the fixed header.
+    pub header_length: u32,
+    /// The cluster compression codec.
+    pub compression_type: CompressionType,
+    /// Backing file format, from its extension.
+    pub backing_format: Option<String>,
+    /// External data file name, from its extension.
+    pub data_file: Option<String>,
+    /// Bitmaps extension, if present.
+    pub bitmaps: Option<BitmapsExtension>,
+    /// Backing file name (read from `backing_file_offset`).
+    pub backing_file: Option<String>,
+}
+
+/// The bitmaps header extension (spec "Bitmaps extension").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    /// Number of bitmaps in the directory.
+    pub nb_bitmaps: u32,
+    /// Directory size in bytes.
+    pub directory_size: u64,
+    /// Where the directory is.
+    pub directory_offset: HostOffset,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn invalid(field: &'static str, value: u64, why: &'static str) -> HeaderError {
+    HeaderError::InvalidField { field, value, why }
+}
+
+impl Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// True when L2 entries carry subcluster bitmaps.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & incompat::EXTENDED_L2 != 0
+    }
+
+    /// True when guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+
+    /// Refcount width in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// Bytes per L2 entry (8, or 16 with extended L2).
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Entries per L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / self.l2_entry_size()
+    }
+
+    /// Guest bytes one L2 table covers.
+    pub fn l2_coverage(&self) -> u64 {
+        self.l2_entries() << self.cluster_bits
+    }
+
+    /// Decodes the header from the start of the file. `first` holds at least
+    /// the first cluster (or the whole file if shorter); `file_len` is the
+    /// file length. Extensions and the backing name are decoded too.
+    pub fn decode(first: &[u8], file_len: u64) -> Result<Header, HeaderError> {
+        if first.len() < 4 || be32(first, 0) != MAGIC {
+            return Err(HeaderError::BadMagic);
+        }
+        if first.len() < V2_HEADER_LEN as usize {
+            return Err(HeaderError::Truncated(file_len));
+        }
+        let version = be32(first, 4);
+        if version != 2 && version != 3 {
+            return Err(HeaderError::UnsupportedVersion(version));
+        }
+        let cluster_bits = be32(first, 20);
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(invalid(
+                "cluster_bits",
+                cluster_bits.into(),
+                "must be 9 to 21",
+            ));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        let mut h = Header {
+            version,
+            backing_file_offset: be64(first, 8),
+            backing_file_size: be32(first, 16),
+            cluster_bits,
+            size: be64(first, 24),
+            crypt_method: be32(first, 32),
+            l1_size: be32(first, 36),
+            l1_table_offset: HostOffset(be64(first, 40)),
+            refcount_table_offset: HostOffset(be64(first, 48)),
+            refcount_table_clusters: be32(first, 56),
+            nb_snapshots: be32(first, 60),
+            snapshots_offset: HostOffset(be64(first, 64)),
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: CompressionType::Zlib,
+            backing_format: None,
+            data_file: None,
+            bitmaps: None,
+            backing_file: None,
+        };
+        if version == 3 {
+            if first.len() < 104 {
+                return Err(HeaderError::Truncated(file_len));
+            }
+            h.incompatible_features = be64(first, 72);
+            h.compatible_features = be64(first, 80);
+            h.autoclear_features = be64(first, 88);
+            h.refcount_order = be32(first, 96);
+            h.header_length = be32(first, 100);
+            if h.header_length < 104 || u64::from(h.header_length) > cluster_size {
+                return Err(invalid(
+                    "header_length",
+                    h.header_length.into(),
+                    "must be 104 to the cluster size",
+                ));
+            }
+            if h.header_length as usize > first.len() {
+                return Err(HeaderError::Truncated(file_len));
+            }
+            if h.header_length > 104 {
+                h.compression_type = match first[104] {
+                    0 => CompressionType::Zlib,
+                    1 => CompressionType::Zstd,
+                    other => {
+                        return Err(invalid("compression_type", other.into(), "unknown codec"))
+                    }
+                };
+            }
+        }
+        let unknown = h.incompatible_features & !incompat::KNOWN;
+        if unknown != 0 {
+            return Err(HeaderError::UnknownFeatures(unknown));
+        }
+        if h.compression_type != CompressionType::Zlib
+            && h.incompatible_features & incompat::COMPRESSION_TYPE == 0
+        {
+            return Err(invalid(
+                "compression_type",
+                h.compression_type.code().into(),
+                "non-zlib codec without the compression type feature bit",
+            ));
+        }
+        if h.refcount_order > 6 {
+            return Err(invalid(
+                "refcount_order",
+                h.refcount_order.into(),
+                "must be 0 to 6",
+            ));
+        }
+        if h.crypt_method > 2 {
+            return Err(invalid(
+                "crypt_method",
+                h.crypt_method.into(),
+                "unknown method",
+            ));
+        }
+        h.validate_tables(cluster_size)?;
+        h.decode_extensions(first)?;
+        h.decode_backing_name(first)?;
+        Ok(h)
+    }
+
+    fn validate_tables(&self, cluster_size: u64) -> Result<(), HeaderError> {
+        let aligned = |o: HostOffset| o.0 % cluster_size == 0;
+        if !aligned(self.l1_table_offset) {
+            return Err(invalid(
+                "l1_table_offset",
+                self.l1_table_offset.0,
+                "not cluster aligned",
+            ));
+        }
+        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(invalid(
+                "l1_size",
+                self.l1_size.into(),
+                "L1 table larger than 32 MiB",
+            ));
+        }
+        let l2_coverage = self.l2_coverage();
+        let needed = self.size.div_ceil(l2_coverage);
+        if u64::from(self.l1_size) < needed {
+            return Err(invalid(
+                "l1_size",
+                self.l1_size.into(),
+                "L1 table too small for the virtual size",
+            ));
+        }
+        if self.size > (1u64 << 62) {
+            return Err(invalid("size", self.size, "virtual size too large"));
+        }
+        if !aligned(self.refcount_table_offset) {
+            return Err(invalid(
+                "refcount_table_offset",
+                self.refcount_table_offset.0,
+                "not cluster aligned",
+            ));
+        }
+        if u64::from(self.refcount_table_clusters) * cluster_size > MAX_REFTABLE_BYTES {
+            return Err(invalid(
+                "refcount_table_clusters",
+                self.refcount_table_clusters.into(),
+                "refcount table larger than 8 MiB",
+            ));
+        }
+        if self.nb_snapshots > 0 && !aligned(self.snapshots_offset) {
+            return Err(invalid(
+                "snapshots_offset",
+                self.snapshots_offset.0,
+                "not cluster aligned",
+            ));
+        }
+        Ok(())
+    }
+
+    fn decode_extensions(&mut self, first: &[u8]) -> Result<(), HeaderError> {
+        let end = first.len();
+        let mut at = self.header_length as usize;
+        loop {
+            if at + 8 > end {
+                // QEMU treats a missing end marker at the cluster's end as the end.
+                return Ok(());
+            }
+            let kind = be32(first, at);
+            let len = be32(first, at + 4) as usize;
+            let bad = |why| HeaderError::BadExtension {
+                kind,
+                offset: at as u64,
+                why,
+            };
+            if kind == ext::END {
+                return Ok(());
+            }
+            let data_at = at + 8;
+            if len > end - data_at {
+                return Err(bad("runs past the first cluster"));
+            }
+            let data = &first[data_at..data_at + len];
+            match kind {
+                ext::BACKING_FORMAT => self.backing_format = Some(text(data).map_err(bad)?),
+                ext::DATA_FILE => self.data_file = Some(text(data).map_err(bad)?),
+                ext::BITMAPS => {
+                    if len != 24 {
+                        return Err(bad("bitmaps extension must be 24 bytes"));
+                    }
+                    if be32(data, 4) != 0 {
+                        return Err(bad("reserved field is not zero"));
+                    }
+                    self.bitmaps = Some(BitmapsExtension {
+                        nb_bitmaps: be32(data, 0),
+                        directory_size: be64(data, 8),
+                        directory_offset: HostOffset(be64(data, 16)),
+                    });
+                }
+                // Feature names, the crypto header pointer and unknown
+                // extensions need no decoding to read the image.
+                _ => {}
+            }
+            at = data_at + len.div_ceil(8) * 8;
+        }
+    }
+
+    fn decode_backing_name(&mut self, first: &[u8]) -> Result<(), HeaderError> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        let len = self.backing_file_size as usize;
+        if len == 0 || len > 1023 {
+            return Err(invalid(
+                "backing_file_size",
+                len as u64,
+                "must be 1 to 1023",
+            ));
+        }
+        let start = self.backing_file_offset;
+        let end = start
+            .checked_add(len as u64)
+            .filter(|&e| e <= first.len() as u64);
+        let Some(end) = end else {
+            return Err(invalid(
+                "backing_file_offset",
+                start,
+                "backing file name lies outside the first cluster",
+            ));
+        };
+        let name = text(&first[start as usize..end as usize])
+            .map_err(|why| invalid("backing_file_offset", start, why))?;
+        self.backing_file = Some(name);
+        Ok(())
+    }
+
+    /// Encodes a version 3 header (112 bytes, zero-padded) for the writer.
+    /// Extensions are not included; see [`encode_extension`].
+    pub fn encode_v3(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(V3_HEADER_LEN as usize);
+        b.extend_from_slice(&MAGIC.to_be_bytes());
+        b.extend_from_slice(&3u32.to_be_bytes());
+        b.extend_from_slice(&self.backing_file_offset.to_be_bytes());
+        b.extend_from_slice(&self.backing_file_size.to_be_bytes());
+        b.extend_from_slice(&self.cluster_bits.to_be_bytes());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        b.extend_from_slice(&self.crypt_method.to_be_bytes());
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(&self.l1_table_offset.0.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_offset.0.to_be_bytes());
+        b.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
+        b.extend_from_slice(&self.nb_snapshots.to_be_bytes());
+        b.extend_from_slice(&self.snapshots_offset.0.to_be_bytes());
+        b.extend_from_slice(&self.incompatible_features.to_be_bytes());
+        b.extend_from_slice(&self.compatible_features.to_be_bytes());
+        b.extend_from_slice(&self.autoclear_features.to_be_bytes());
+        b.extend_from_slice(&self.refcount_order.to_be_bytes());
+        b.extend_from_slice(&V3_HEADER_LEN.to_be_bytes());
+        b.push(self.compression_type.code());
+        b.resize(V3_HEADER_LEN as usize, 0);
+        b
+    }
+}
+
+/// Encodes one header extension: type, length, data padded to 8 bytes.
+pub fn encode_extension(kind: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + data.len().div_ceil(8) * 8);
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b.resize(8 + data.len().div_ceil(8) * 8, 0);
+    b
+}
+
+fn text(data: &[u8]) -> Result<String, &'static str> {
+    let data = match data.iter().position(|&c| c == 0) {
+        Some(n) => &data[..n],
+        None => data,
+    };
+    String::from_utf8(data.to_vec()).map_err(|_| "name is not UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal valid v3 header for a 1 MiB image with 64 KiB clusters.
+    pub(crate) fn fixture() -> Vec<u8> {
+        let h = Header {
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits: 16,
+            size: 1 << 20,
+            crypt_method: 0,
+            l1_size: 1,
+            l1_table_offset: HostOffset(0x30000),
+            refcount_table_offset: HostOffset(0x10000),
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: HostOffset(0),
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN,
+            compression_type: CompressionType::Zlib,
+            backing_format: None,
+            data_file: None,
+            bitmaps: None,
+            backing_file: None,
+        };
+        let mut b = h.encode_v3();
+        b.resize(65536, 0);
+        b
+    }
+
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    #[test]
+    fn decodes_round_trip() {
+        let b = fixture();
+        let h = Header::decode(&b, b.len() as u64).unwrap();
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.encode_v3(), b[..112].to_vec());
+    }
+
+    #[test]
+    fn rejects_bad_fields() {
+        let cases: Vec<(usize, u32, &str)> = vec![
+            (0, 0x1234, "magic"),
+            (4, 4, "version"),
+            (20, 8, "cluster_bits"),
+            (20, 22, "cluster_bits"),
+            (36, 0, "l1_size"),
+            (96, 7, "refcount_order"),
+            (100, 50, "header_length"),
+            (32, 9, "crypt_method"),
+        ];
+        for (at, v, what) in cases {
+            let mut b = fixture();
+            put32(&mut b, at, v);
+            assert!(Header::decode(&b, b.len() as u64).is_err(), "{what}");
+        }
+        let mut b = fixture();
+        b[72 + 7] = 0x80; // unknown incompatible bit 7
+        assert!(matches!(
+            Header::decode(&b, b.len() as u64),
+            Err(HeaderError::UnknownFeatures(0x80))
+        ));
+        let mut b = fixture();
+        b[43] = 1; // unaligned L1 offset
+        assert!(Header::decode(&b, b.len() as u64).is_err());
+    }
+
+    #[test]
+    fn decodes_extensions_and_backing() {
+        let mut b = fixture();
+        let mut ext_area = encode_extension(ext::BACKING_FORMAT, b"raw");
+        ext_area.extend(encode_extension(ext::DATA_FILE, b"/data.img"));
+        ext_area.extend(encode_extension(ext::END, b""));
+        b[112..112 + ext_area.len()].copy_from_slice(&ext_area);
+        let name = b"base.qcow2";
+        b[512..512 + name.len()].copy_from_slice(name);
+        b[8..16].copy_from_slice(&512u64.to_be_bytes());
+        put32(&mut b, 16, name.len() as u32);
+        let h = Header::decode(&b, b.len() as u64).unwrap();
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        assert_eq!(h.data_file.as_deref(), Some("/data.img"));
+        assert_eq!(h.backing_file.as_deref(), Some("base.qcow2"));
+    }
+
+    #[test]
+    fn rejects_extension_past_cluster() {
+        let mut b = fixture();
+        put32(&mut b, 112, ext::BACKING_FORMAT);
+        put32(&mut b, 116, 70000);
+        assert!(matches!(
+            Header::decode(&b, b.len() as u64),
+            Err(HeaderError::BadExtension { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_file() {
+        let b = fixture();
+        assert!(Header::decode(&b[..50], 50).is_err());
+    }
+}

@@ -1,0 +1,452 @@
+//! Reading one qcow2 image: open and validate, answer "what is at this
+//! range?" as runs, and read guest data.
+//!
+//! Invariants after [`Qcow2Image::open`]: the header is valid (see
+//! `header.rs`), the L1 table lies inside the file and is loaded, and the
+//! external data file (if any) is open. L2 tables are read lazily into a
+//! bounded cache shared by all threads; every table and cluster is checked to
+//! lie inside its file before use, so a damaged image fails loudly instead of
+//! reading zeros.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::codec::{self, CodecError};
+use crate::extent::{Allocation, HostFile, HostLocation, LayerExtent};
+use crate::storage::{FileExtent, Storage, StorageError};
+use crate::units::{GuestOffset, HostOffset};
+
+use super::bitmaps::{self, BitmapEntry, BitmapError};
+use super::header::{autoclear, incompat, Header, HeaderError};
+use super::l2::{self, CompressedDescriptor, EntryFormat, MappingError, SubclusterKind};
+use super::refcount::{RefcountError, RefcountReader};
+
+/// Bytes of L2 tables the cache may hold.
+const L2_CACHE_BYTES: usize = 32 << 20;
+
+/// Errors from a qcow2 image.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    /// Reading the file failed or ran past its end.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The header is invalid.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    /// A mapping table entry is invalid.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// Refcounts could not be read.
+    #[error(transparent)]
+    Refcount(#[from] RefcountError),
+    /// The bitmap directory is invalid.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    /// A compressed cluster could not be decoded.
+    #[error("compressed cluster for guest offset {guest}: {source}")]
+    Decompress {
+        /// The guest cluster.
+        guest: GuestOffset,
+        /// Why.
+        source: CodecError,
+    },
+    /// The external data file could not be opened.
+    #[error("cannot open external data file {path}: {source}", path = path.display())]
+    OpenDataFile {
+        /// The data file's path.
+        path: PathBuf,
+        /// Why.
+        source: StorageError,
+    },
+    /// The data-file feature bit is set without a data file name.
+    #[error("external data file feature set but no data file name in the header")]
+    MissingDataFileName,
+    /// The guest data is encrypted.
+    #[error("image is encrypted; reading its data needs the key, which qbackup does not support")]
+    Encrypted,
+    /// The image carries the corrupt bit.
+    #[error("image is marked corrupt; run 'qemu-img check -r all' on a copy first")]
+    MarkedCorrupt,
+}
+
+/// A read-only qcow2 image.
+pub struct Qcow2Image {
+    storage: Storage,
+    data: Option<Storage>,
+    image_file: HostFile,
+    data_host_file: HostFile,
+    header: Header,
+    fmt: EntryFormat,
+    l1: Vec<u64>,
+    l2_cache: Mutex<HashMap<u64, Arc<[u64]>>>,
+    l2_cache_max: usize,
+    prealloc: Mutex<Option<bool>>,
+}
+
+/// One run of a layer as the read path needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// Look in the backing file.
+    Unallocated,
+    /// Reads as zeros.
+    Zero,
+    /// Stored at this host offset of the data storage.
+    Data(HostOffset),
+    /// One compressed cluster starting at this guest offset.
+    Compressed(GuestOffset, CompressedDescriptor),
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image")
+            .field("path", &self.storage.path())
+            .finish()
+    }
+}
+
+impl Qcow2Image {
+    /// Opens and validates `storage` as a qcow2 image.
+    pub fn open(storage: Storage) -> Result<Qcow2Image, Qcow2Error> {
+        let mut probe = vec![0u8; storage.len().min(112) as usize];
+        storage.read_exact_at("header", &mut probe, HostOffset(0))?;
+        let bits = if probe.len() >= 24 {
+            u32::from_be_bytes(probe[20..24].try_into().expect("4"))
+        } else {
+            16
+        };
+        let first_len = if (9..=21).contains(&bits) {
+            storage.len().min(1 << bits)
+        } else {
+            probe.len() as u64
+        };
+        let mut first = vec![0u8; first_len as usize];
+        storage.read_exact_at("header", &mut first, HostOffset(0))?;
+        let header = Header::decode(&first, storage.len())?;
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        let mut raw = vec![0u8; l1_bytes as usize];
+        storage.read_exact_at("L1 table", &mut raw, header.l1_table_offset)?;
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+            .collect();
+        let data = if header.has_data_file() {
+            let name = header
+                .data_file
+                .as_deref()
+                .ok_or(Qcow2Error::MissingDataFileName)?;
+            // QEMU resolves a relative data file name against the current
+            // directory, not the image's; we do the same so both read the
+            // same file.
+            let path = PathBuf::from(name);
+            Some(Storage::open(&path).map_err(|source| Qcow2Error::OpenDataFile { path, source })?)
+        } else {
+            None
+        };
+        let image_file = HostFile(Arc::from(storage.path()));
+        let data_host_file = data
+            .as_ref()
+            .map(|d| HostFile(Arc::from(d.path())))
+            .unwrap_or_else(|| image_file.clone());
+        let fmt = EntryFormat {
+            cluster_bits: header.cluster_bits,
+            extended: header.extended_l2(),
+            data_file: header.has_data_file(),
+            v3: header.version >= 3,
+        };
+        let l2_cache_max = (L2_CACHE_BYTES >> header.cluster_bits).max(16);
+        Ok(Qcow2Image {
+            storage,
+            data,
+            image_file,
+            data_host_file,
+            header,
+            fmt,
+            l1,
+            l2_cache: Mutex::new(HashMap::new()),
+            l2_cache_max,
+            prealloc: Mutex::new(None),
+        })
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The image file.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The external data file, if the image has one.
+    pub fn data_storage(&self) -> Option<&Storage> {
+        self.data.as_ref()
+    }
+
+    /// Virtual disk size.
+    pub fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Refuses images whose data cannot be read correctly.
+    pub fn check_readable(&self) -> Result<(), Qcow2Error> {
+        if self.header.crypt_method != 0 {
+            return Err(Qcow2Error::Encrypted);
+        }
+        if self.header.incompatible_features & incompat::CORRUPT != 0 {
+            return Err(Qcow2Error::MarkedCorrupt);
+        }
+        Ok(())
+    }
+
+    /// The bitmap directory, when the extension is present and valid
+    /// (autoclear bit 0 set).
+    pub fn bitmaps(&self) -> Result<Vec<BitmapEntry>, Qcow2Error> {
+        match &self.header.bitmaps {
+            Some(ext) if self.header.autoclear_features & autoclear::BITMAPS != 0 => {
+                Ok(bitmaps::read_directory(&self.storage, ext)?)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn data_storage_or_image(&self) -> &Storage {
+        self.data.as_ref().unwrap_or(&self.storage)
+    }
+
+    fn l2_table(&self, l1_index: u64) -> Result<Option<Arc<[u64]>>, Qcow2Error> {
+        let Some(&entry) = self.l1.get(l1_index as usize) else {
+            return Ok(None);
+        };
+        let offset = entry & l2::OFFSET_MASK;
+        if offset == 0 {
+            return Ok(None);
+        }
+        if offset & (self.header.cluster_size() - 1) != 0 {
+            return Err(MappingError::UnalignedL2 {
+                guest: GuestOffset(l1_index * self.header.l2_coverage()),
+                host: HostOffset(offset),
+            }
+            .into());
+        }
+        if let Some(t) = self.l2_cache.lock().expect("l2 cache lock").get(&offset) {
+            return Ok(Some(t.clone()));
+        }
+        let mut raw = vec![0u8; self.header.cluster_size() as usize];
+        self.storage
+            .read_exact_at("L2 table", &mut raw, HostOffset(offset))?;
+        let table: Arc<[u64]> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+            .collect();
+        let mut cache = self.l2_cache.lock().expect("l2 cache lock");
+        if cache.len() >= self.l2_cache_max {
+            cache.clear();
+        }
+        cache.insert(offset, table.clone());
+        Ok(Some(table))
+    }
+
+    /// Classifies the unit (subcluster, cluster, or unallocated L2 range)
+    /// containing `pos`; returns its kind, the host offset of `pos` where the
+    /// kind has one, and the unit's end (guest byte).
+    fn unit_at(&self, pos: u64) -> Result<(SubclusterKind, u64), Qcow2Error> {
+        let h = &self.header;
+        let coverage = h.l2_coverage();
+        let l1_index = pos / coverage;
+        let Some(table) = self.l2_table(l1_index)? else {
+            return Ok((SubclusterKind::Unallocated, (l1_index + 1) * coverage));
+        };
+        let cluster_size = h.cluster_size();
+        let cluster_start = pos & !(cluster_size - 1);
+        let l2_index = ((pos % coverage) >> h.cluster_bits) as usize;
+        let guest = GuestOffset(cluster_start);
+        if self.fmt.extended {
+            let entry = table[2 * l2_index];
+            let bitmap = table[2 * l2_index + 1];
+            let sc_size = cluster_size / u64::from(l2::SUBCLUSTERS);
+            let sc = ((pos - cluster_start) / sc_size) as u32;
+            let kind = l2::classify(self.fmt, guest, entry, bitmap, sc)?;
+            if matches!(kind, SubclusterKind::Compressed(_)) {
+                return Ok((kind, cluster_start + cluster_size));
+            }
+            Ok((kind, cluster_start + sc_size * (u64::from(sc) + 1)))
+        } else {
+            let kind = l2::classify(self.fmt, guest, table[l2_index], 0, 0)?;
+            Ok((kind, cluster_start + cluster_size))
+        }
+    }
+
+    /// Finds the run starting at `offset` (at most `max_len` bytes, clamped
+    /// to the virtual size) in which every byte has the same kind and host
+    /// offsets are contiguous. Compressed runs are cut at the first cluster
+    /// when `split_compressed` is set, so the read path sees one descriptor.
+    pub fn locate(
+        &self,
+        offset: GuestOffset,
+        max_len: u64,
+        split_compressed: bool,
+    ) -> Result<(Piece, u64), Qcow2Error> {
+        let end = offset.0.saturating_add(max_len).min(self.header.size);
+        debug_assert!(offset.0 < end);
+        let cluster_mask = self.header.cluster_size() - 1;
+        let (first, mut unit_end) = self.unit_at(offset.0)?;
+        let piece = match first {
+            SubclusterKind::Unallocated | SubclusterKind::UnallocatedAlloc(_) => Piece::Unallocated,
+            SubclusterKind::ZeroPlain | SubclusterKind::ZeroAlloc(_) => Piece::Zero,
+            SubclusterKind::Normal(h) => Piece::Data(HostOffset(h.0 + (offset.0 & cluster_mask))),
+            SubclusterKind::Compressed(d) => {
+                Piece::Compressed(GuestOffset(offset.0 & !cluster_mask), d)
+            }
+        };
+        let host_of = |k: SubclusterKind| match k {
+            SubclusterKind::UnallocatedAlloc(h)
+            | SubclusterKind::ZeroAlloc(h)
+            | SubclusterKind::Normal(h) => Some(h),
+            _ => None,
+        };
+        let first_host = host_of(first).map(|h| h.0 + (offset.0 & cluster_mask));
+        if !(split_compressed && matches!(piece, Piece::Compressed(..))) {
+            while unit_end < end {
+                let (kind, next_end) = self.unit_at(unit_end)?;
+                if std::mem::discriminant(&kind) != std::mem::discriminant(&first) {
+                    break;
+                }
+                if let (Some(h0), Some(h)) = (first_host, host_of(kind)) {
+                    if h.0 + (unit_end & cluster_mask) != h0 + (unit_end - offset.0) {
+                        break;
+                    }
+                }
+                unit_end = next_end;
+            }
+        }
+        let len = unit_end.min(end) - offset.0;
+        if let Piece::Data(host) = piece {
+            self.data_storage_or_image()
+                .check_range("data cluster", host, len)?;
+        }
+        Ok((piece, len))
+    }
+
+    /// What this layer alone says about the range at `offset`.
+    pub fn status(
+        &self,
+        offset: GuestOffset,
+        max_len: u64,
+    ) -> Result<(LayerExtent, u64), Qcow2Error> {
+        let (piece, mut len) = self.locate(offset, max_len, false)?;
+        let cluster_mask = self.header.cluster_size() - 1;
+        // The kind of the first unit tells whether a host offset is reported.
+        let (first, _) = self.unit_at(offset.0)?;
+        let host = match first {
+            SubclusterKind::UnallocatedAlloc(h)
+            | SubclusterKind::ZeroAlloc(h)
+            | SubclusterKind::Normal(h) => Some(HostLocation {
+                file: self.data_host_file.clone(),
+                offset: HostOffset(h.0 + (offset.0 & cluster_mask)),
+            }),
+            _ => None,
+        };
+        let mut zero = false;
+        let allocation = match piece {
+            Piece::Unallocated => Allocation::Unallocated,
+            Piece::Zero => Allocation::Zero,
+            Piece::Compressed(..) => Allocation::Compressed,
+            Piece::Data(h) => {
+                if self.metadata_preallocated()? {
+                    // Like QEMU: data clusters of a preallocated image are
+                    // refined by the host file's holes, which read as zeros.
+                    let (e, n) = self.data_storage_or_image().extent_at(h, len)?;
+                    if e == FileExtent::Hole {
+                        zero = true;
+                    }
+                    len = n.min(len);
+                }
+                Allocation::Data
+            }
+        };
+        Ok((
+            LayerExtent {
+                allocation,
+                host,
+                data_reads_zero: zero,
+            },
+            len,
+        ))
+    }
+
+    /// QEMU's heuristic for "preallocation=metadata": far more clusters have
+    /// a refcount than the file has blocks on disk.
+    fn metadata_preallocated(&self) -> Result<bool, Qcow2Error> {
+        let mut cached = self.prealloc.lock().expect("prealloc lock");
+        if let Some(v) = *cached {
+            return Ok(v);
+        }
+        let h = &self.header;
+        let cluster_size = h.cluster_size();
+        let real_clusters = self.storage.allocated_size()? / cluster_size;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = self.storage.len().div_ceil(cluster_size);
+        let mut refcounts = RefcountReader::new(
+            &self.storage,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+            h.cluster_bits,
+            h.refcount_order,
+        )?;
+        let mut count = 0u64;
+        let mut i = 0u64;
+        while i < end_cluster && count < threshold {
+            count += u64::from(refcounts.get(i)? != 0);
+            i += 1;
+        }
+        let result = count >= threshold;
+        *cached = Some(result);
+        Ok(result)
+    }
+
+    /// Reads one compressed cluster into `out` (exactly one cluster long).
+    pub fn read_compressed(
+        &self,
+        guest: GuestOffset,
+        desc: CompressedDescriptor,
+        out: &mut [u8],
+    ) -> Result<(), Qcow2Error> {
+        let buf = self.compressed_bytes(desc)?;
+        codec::decompress(self.header.compression_type, &buf, out)
+            .map_err(|source| Qcow2Error::Decompress { guest, source })
+    }
+
+    /// The stored bytes of a compressed cluster: from its offset to the end
+    /// of its last sector, cut at the end of the file (QEMU pads reads past
+    /// EOF with zeros; the stream itself must end inside the file).
+    pub fn compressed_bytes(&self, desc: CompressedDescriptor) -> Result<Vec<u8>, Qcow2Error> {
+        let avail = self.storage.len().saturating_sub(desc.offset.0);
+        if avail == 0 {
+            self.storage
+                .check_range("compressed cluster", desc.offset, desc.len)?;
+        }
+        let mut buf = vec![0u8; desc.len.min(avail) as usize];
+        self.storage
+            .read_exact_at("compressed cluster", &mut buf, desc.offset)?;
+        Ok(buf)
+    }
+
+    /// Reads `buf.len()` bytes of stored data at `host` (a `Piece::Data`).
+    pub fn read_data(&self, host: HostOffset, buf: &mut [u8]) -> Result<(), Qcow2Error> {
+        Ok(self
+            .data_storage_or_image()
+            .read_exact_at("data cluster", buf, host)?)
+    }
+
+    /// The path of the file host offsets refer to for this image's data.
+    pub fn data_path(&self) -> &Path {
+        &self.data_host_file.0
+    }
+
+    /// The image file as a host file identity.
+    pub fn image_file(&self) -> &HostFile {
+        &self.image_file
+    }
+}

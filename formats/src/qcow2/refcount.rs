@@ -1,0 +1,130 @@
+//! Reading refcounts (spec "Host cluster management"): a refcount table of
+//! 64-bit block offsets, each block a cluster of `refcount_bits`-wide
+//! big-endian entries. Widths below 8 bits pack entries from the least
+//! significant bit of each byte upwards, as QEMU does.
+
+use crate::storage::{Storage, StorageError};
+use crate::units::HostOffset;
+
+/// Errors from reading refcount structures.
+#[derive(Debug, thiserror::Error)]
+pub enum RefcountError {
+    /// The refcount table or a block could not be read.
+    #[error("cannot read refcount structure: {0}")]
+    Read(#[from] StorageError),
+    /// A refcount block offset is not cluster aligned.
+    #[error("refcount block at unaligned host offset {0}")]
+    UnalignedBlock(HostOffset),
+}
+
+/// Extracts entry `index` from a refcount block of `1 << order`-bit entries.
+pub fn entry(block: &[u8], order: u32, index: usize) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let byte = block[index / per_byte];
+            let shift = (index % per_byte) * bits;
+            u64::from(byte >> shift) & ((1u64 << bits) - 1)
+        }
+        3 => u64::from(block[index]),
+        4 => u64::from(u16::from_be_bytes([block[2 * index], block[2 * index + 1]])),
+        5 => u64::from(u32::from_be_bytes(
+            block[4 * index..4 * index + 4].try_into().expect("4"),
+        )),
+        _ => u64::from_be_bytes(block[8 * index..8 * index + 8].try_into().expect("8")),
+    }
+}
+
+/// Reads refcounts of an image, one block at a time.
+pub struct RefcountReader<'a> {
+    storage: &'a Storage,
+    table: Vec<u64>,
+    cluster_bits: u32,
+    order: u32,
+    cached: Option<(usize, Vec<u8>)>,
+}
+
+impl<'a> RefcountReader<'a> {
+    /// Loads the refcount table described by the header fields.
+    pub fn new(
+        storage: &'a Storage,
+        table_offset: HostOffset,
+        table_clusters: u32,
+        cluster_bits: u32,
+        order: u32,
+    ) -> Result<Self, RefcountError> {
+        let bytes = (u64::from(table_clusters) << cluster_bits) as usize;
+        let mut raw = vec![0u8; bytes];
+        storage.read_exact_at("refcount table", &mut raw, table_offset)?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+            .collect();
+        Ok(RefcountReader {
+            storage,
+            table,
+            cluster_bits,
+            order,
+            cached: None,
+        })
+    }
+
+    /// The refcount of host cluster `cluster` (0 when no block covers it).
+    pub fn get(&mut self, cluster: u64) -> Result<u64, RefcountError> {
+        let per_block_bits = self.cluster_bits + 3 - self.order;
+        let table_index = (cluster >> per_block_bits) as usize;
+        let Some(&raw) = self.table.get(table_index) else {
+            return Ok(0);
+        };
+        let block_offset = raw & !0x1ff;
+        if block_offset == 0 {
+            return Ok(0);
+        }
+        if block_offset & ((1u64 << self.cluster_bits) - 1) != 0 {
+            return Err(RefcountError::UnalignedBlock(HostOffset(block_offset)));
+        }
+        if self.cached.as_ref().map(|c| c.0) != Some(table_index) {
+            let mut block = vec![0u8; 1usize << self.cluster_bits];
+            self.storage
+                .read_exact_at("refcount block", &mut block, HostOffset(block_offset))?;
+            self.cached = Some((table_index, block));
+        }
+        let block = &self.cached.as_ref().expect("just filled").1;
+        let index = (cluster & ((1u64 << per_block_bits) - 1)) as usize;
+        Ok(entry(block, self.order, index))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entry;
+
+    #[test]
+    fn packed_widths() {
+        let block = [
+            0b1011_0110u8,
+            0x12,
+            0x34,
+            0x56,
+            0x78,
+            0x9a,
+            0xbc,
+            0xde,
+            0xf0,
+        ];
+        // 1 bit: LSB first.
+        let bits: Vec<u64> = (0..8).map(|i| entry(&block, 0, i)).collect();
+        assert_eq!(bits, vec![0, 1, 1, 0, 1, 1, 0, 1]);
+        // 2 bits.
+        assert_eq!(entry(&block, 1, 0), 0b10);
+        assert_eq!(entry(&block, 1, 3), 0b10);
+        // 4 bits.
+        assert_eq!(entry(&block, 2, 0), 0b0110);
+        assert_eq!(entry(&block, 2, 1), 0b1011);
+        assert_eq!(entry(&block, 3, 1), 0x12);
+        assert_eq!(entry(&block, 4, 1), 0x3456);
+        assert_eq!(entry(&block, 5, 1), 0x789a_bcde);
+        assert_eq!(entry(&block, 6, 0), 0xb612_3456_789a_bcde);
+    }
+}

@@ -1,0 +1,215 @@
+//! `qbackup info`: what qemu-img info says about one image (never its
+//! backing chain), with the same JSON keys.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use qbackup_formats::chain::resolve_backing;
+use qbackup_formats::image::{Image, ImageError};
+use qbackup_formats::qcow2::bitmaps::flags;
+use qbackup_formats::qcow2::header::{autoclear, compat, incompat};
+use qbackup_formats::Format;
+use serde_json::{json, Map, Value};
+
+/// Builds the `qemu-img info --output=json` object for `path`.
+pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ImageError> {
+    let image = Image::open(path, format)?;
+    let err = |e| ImageError::new(path, e);
+    let mut m = Map::new();
+    let q = image.as_qcow2();
+    let header = q.map(|q| q.header());
+    if let Some(fmt) = header.and_then(|h| h.backing_format.as_ref()) {
+        m.insert("backing-filename-format".into(), json!(fmt));
+    }
+    m.insert("virtual-size".into(), json!(image.virtual_size()));
+    m.insert("filename".into(), json!(path.display().to_string()));
+    if let Some(cs) = image.cluster_size() {
+        m.insert("cluster-size".into(), json!(cs));
+    }
+    m.insert("format".into(), json!(image.format().name()));
+    let actual = image.storage().allocated_size().map_err(err)?;
+    m.insert("actual-size".into(), json!(actual));
+    if let (Some(q), Some(h)) = (q, header) {
+        if h.crypt_method != 0 {
+            m.insert("encrypted".into(), json!(true));
+        }
+        let mut data = Map::new();
+        if h.version == 2 {
+            data.insert("compat".into(), json!("0.10"));
+            data.insert("compression-type".into(), json!(h.compression_type.name()));
+            data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        } else {
+            data.insert("compat".into(), json!("1.1"));
+            data.insert("compression-type".into(), json!(h.compression_type.name()));
+            data.insert(
+                "lazy-refcounts".into(),
+                json!(h.compatible_features & compat::LAZY_REFCOUNTS != 0),
+            );
+            let bitmaps = q.bitmaps().map_err(|e| ImageError::new(path, e))?;
+            if !bitmaps.is_empty() {
+                let list: Vec<Value> = bitmaps
+                    .iter()
+                    .map(|b| {
+                        let mut f = Vec::new();
+                        if b.flags & flags::IN_USE != 0 {
+                            f.push("in-use");
+                        }
+                        if b.flags & flags::AUTO != 0 {
+                            f.push("auto");
+                        }
+                        json!({"flags": f, "name": b.name, "granularity": b.granularity})
+                    })
+                    .collect();
+                data.insert("bitmaps".into(), Value::Array(list));
+            }
+            data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+            data.insert(
+                "corrupt".into(),
+                json!(h.incompatible_features & incompat::CORRUPT != 0),
+            );
+            data.insert("extended-l2".into(), json!(h.extended_l2()));
+            if let Some(df) = &h.data_file {
+                data.insert("data-file".into(), json!(df));
+            }
+            if h.has_data_file() {
+                data.insert(
+                    "data-file-raw".into(),
+                    json!(h.autoclear_features & autoclear::DATA_FILE_RAW != 0),
+                );
+            }
+        }
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": data}),
+        );
+        if let Some(name) = &h.backing_file {
+            let full = resolve_backing(path, name);
+            m.insert(
+                "full-backing-filename".into(),
+                json!(full.display().to_string()),
+            );
+            m.insert("backing-filename".into(), json!(name));
+        }
+        m.insert(
+            "dirty-flag".into(),
+            json!(h.incompatible_features & incompat::DIRTY != 0),
+        );
+    } else {
+        m.insert("dirty-flag".into(), json!(false));
+    }
+    Ok(Value::Object(m))
+}
+
+/// qemu-img's size_to_str: three significant digits and a binary unit.
+fn size_str(v: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut i = 0;
+    let mut f = v as f64;
+    while f >= 1024.0 && i + 1 < UNITS.len() {
+        f /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        return format!("{v} B");
+    }
+    let digits = if f < 10.0 {
+        2
+    } else if f < 100.0 {
+        1
+    } else {
+        0
+    };
+    let s = format!("{f:.digits$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s} {}", UNITS[i])
+}
+
+/// Renders the JSON object as qemu-img's human-readable text.
+pub fn info_human(v: &Value) -> String {
+    let get = |k: &str| v.get(k);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "image: {}",
+        get("filename").and_then(Value::as_str).unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "file format: {}",
+        get("format").and_then(Value::as_str).unwrap_or("")
+    );
+    let vs = get("virtual-size").and_then(Value::as_u64).unwrap_or(0);
+    let _ = writeln!(s, "virtual size: {} ({vs} bytes)", size_str(vs));
+    let actual = get("actual-size").and_then(Value::as_u64).unwrap_or(0);
+    let _ = writeln!(s, "disk size: {}", size_str(actual));
+    if let Some(cs) = get("cluster-size").and_then(Value::as_u64) {
+        let _ = writeln!(s, "cluster_size: {cs}");
+    }
+    if get("encrypted").is_some() {
+        let _ = writeln!(s, "encrypted: yes");
+    }
+    if let Some(b) = get("backing-filename").and_then(Value::as_str) {
+        let full = get("full-backing-filename")
+            .and_then(Value::as_str)
+            .unwrap_or(b);
+        if full != b {
+            let _ = writeln!(s, "backing file: {b} (actual path: {full})");
+        } else {
+            let _ = writeln!(s, "backing file: {b}");
+        }
+    }
+    if let Some(f) = get("backing-filename-format").and_then(Value::as_str) {
+        let _ = writeln!(s, "backing file format: {f}");
+    }
+    if let Some(data) = get("format-specific")
+        .and_then(|f| f.get("data"))
+        .and_then(Value::as_object)
+    {
+        let _ = writeln!(s, "Format specific information:");
+        for (k, val) in data {
+            human_value(&mut s, 1, &k.replace('-', " "), val);
+        }
+    }
+    s
+}
+
+fn human_value(s: &mut String, indent: usize, key: &str, v: &Value) {
+    let pad = "    ".repeat(indent);
+    match v {
+        Value::Array(items) => {
+            let _ = writeln!(s, "{pad}{key}:");
+            for (i, item) in items.iter().enumerate() {
+                human_value(s, indent + 1, &format!("[{i}]"), item);
+            }
+        }
+        Value::Object(map) => {
+            let _ = writeln!(s, "{pad}{key}:");
+            for (k, val) in map {
+                human_value(s, indent + 1, k, val);
+            }
+        }
+        Value::String(t) => {
+            let _ = writeln!(s, "{pad}{key}: {t}");
+        }
+        other => {
+            let _ = writeln!(s, "{pad}{key}: {other}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_str;
+
+    #[test]
+    fn sizes_like_qemu() {
+        assert_eq!(size_str(8 << 20), "8 MiB");
+        assert_eq!(size_str(225280), "220 KiB");
+        assert_eq!(size_str(512), "512 B");
+        assert_eq!(size_str(1536 << 20), "1.5 GiB");
+    }
+}

@@ -1,0 +1,10 @@
+//! qbackup: back up qcow2 and raw disk images the way QEMU's backup job
+//! does, as a standalone program.
+//!
+//! Layers go one way: `qbackup_formats` (storage I/O and format drivers) →
+//! this crate's commands (`map`, `info`, the backup planner and copier) →
+//! `main.rs` (command line). Nothing below `main.rs` parses arguments or
+//! decides exit codes.
+
+pub mod info;
+pub mod map;

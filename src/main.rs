@@ -1,0 +1,29 @@
+//! The `qbackup` command line: parse, validate into a config, run, map
+//! errors to exit codes. All work happens in the library.
+
+mod cli;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = match cli::Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("qbackup: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
