@@ -4,9 +4,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use qbackup::{info, map};
+use qbackup::{backup, info, map};
+use qbackup_formats::codec::CompressionType;
 use qbackup_formats::{Chain, Format};
 
 /// Back up qcow2 and raw disk images like QEMU's backup job.
@@ -52,6 +56,8 @@ enum Command {
         /// The image.
         image: PathBuf,
     },
+    /// Back up an image into a compressed qcow2 (or sparse raw) file.
+    Backup(BackupArgs),
     /// Show the allocation map of an image and its backing chain.
     Map {
         /// Image format (probed when omitted).
@@ -63,6 +69,175 @@ enum Command {
         /// The image.
         image: PathBuf,
     },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum SyncArg {
+    Full,
+    Top,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum CompressArg {
+    Zstd,
+    Zlib,
+    None,
+}
+
+#[derive(clap::Args, Debug)]
+struct BackupArgs {
+    /// Source image format (probed when omitted).
+    #[arg(short = 'f', long = "format")]
+    format: Option<FormatArg>,
+    /// What to copy: everything, or only the top layer of the chain.
+    #[arg(long, value_enum, default_value = "full")]
+    sync: SyncArg,
+    /// Cluster compression for a qcow2 target.
+    #[arg(long, value_enum, default_value = "zstd")]
+    compress: CompressArg,
+    /// Compression level (zstd 1-19, default 3; zlib 1-9, default 6).
+    #[arg(long)]
+    level: Option<i32>,
+    /// Target format.
+    #[arg(short = 'O', long = "target-format", default_value = "qcow2")]
+    target_format: FormatArg,
+    /// Target cluster size (e.g. 64k, 2M); default 64 KiB or the source's, if larger.
+    #[arg(long, value_parser = parse_size)]
+    cluster_size: Option<u64>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Rate limit in bytes per second (e.g. 100M).
+    #[arg(long, value_parser = parse_size)]
+    speed: Option<u64>,
+    /// Show a progress bar.
+    #[arg(short = 'p', long)]
+    progress: bool,
+    /// Replace an existing target.
+    #[arg(long)]
+    force: bool,
+    /// Recompress source clusters that could be copied as they are.
+    #[arg(long)]
+    recompress: bool,
+    /// Backing file name to record with --sync top.
+    #[arg(long)]
+    backing: Option<String>,
+    /// The image to back up.
+    source: PathBuf,
+    /// Where to write the backup.
+    target: PathBuf,
+}
+
+/// Parses a size like qemu-img: a number with an optional k/M/G/T suffix
+/// (powers of 1024) or a plain byte count.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'b' => 0,
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                _ => return Err(format!("unknown size suffix '{c}'")),
+            };
+            (&s[..i], 1u64 << shift)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+impl BackupArgs {
+    /// Validates the arguments into a backup configuration.
+    fn into_config(self) -> Result<backup::BackupConfig> {
+        let compression = match self.compress {
+            CompressArg::None => None,
+            CompressArg::Zstd => Some((CompressionType::Zstd, self.level.unwrap_or(3))),
+            CompressArg::Zlib => Some((CompressionType::Zlib, self.level.unwrap_or(6))),
+        };
+        match compression {
+            Some((CompressionType::Zstd, l)) if !(1..=19).contains(&l) => {
+                bail!("--level for zstd must be 1 to 19")
+            }
+            Some((CompressionType::Zlib, l)) if !(1..=9).contains(&l) => {
+                bail!("--level for zlib must be 1 to 9")
+            }
+            None if self.level.is_some() => bail!("--level needs --compress zstd or zlib"),
+            _ => {}
+        }
+        if self.threads == Some(0) {
+            bail!("--threads must be at least 1");
+        }
+        if self.speed == Some(0) {
+            bail!("--speed must be positive");
+        }
+        if self.backing.is_some() && self.sync != SyncArg::Top {
+            bail!("--backing only applies to --sync top");
+        }
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        Ok(backup::BackupConfig {
+            source: self.source,
+            source_format: self.format.map(Into::into),
+            target: self.target,
+            target_format: self.target_format.into(),
+            sync: match self.sync {
+                SyncArg::Full => backup::SyncMode::Full,
+                SyncArg::Top => backup::SyncMode::Top,
+            },
+            compression,
+            cluster_size: self.cluster_size,
+            threads,
+            speed: self.speed,
+            force: self.force,
+            recompress: self.recompress,
+            backing: self.backing,
+        })
+    }
+}
+
+/// A progress bar for the copier, or nothing.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl backup::Progress for Bar {
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(bytes);
+        }
+    }
+}
+
+fn run_backup(args: BackupArgs) -> Result<()> {
+    let show = args.progress;
+    let cfg = args.into_config()?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&cancel))?;
+    }
+    let bar = Bar(show.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        b
+    }));
+    let mut on_plan = |total: u64| {
+        if let Some(b) = &bar.0 {
+            b.set_length(total);
+        }
+    };
+    backup::run(&cfg, &bar, &mut on_plan, &cancel)?;
+    if let Some(b) = &bar.0 {
+        b.finish();
+    }
+    Ok(())
 }
 
 /// Runs the parsed command.
@@ -81,6 +256,7 @@ pub fn run(args: Args) -> Result<()> {
             };
             stdout.lock().write_all(text.as_bytes())?;
         }
+        Command::Backup(b) => run_backup(b)?,
         Command::Map {
             format,
             output,
@@ -96,4 +272,18 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("12q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

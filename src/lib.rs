@@ -6,5 +6,6 @@
 //! `main.rs` (command line). Nothing below `main.rs` parses arguments or
 //! decides exit codes.
 
+pub mod backup;
 pub mod info;
 pub mod map;

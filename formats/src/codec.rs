@@ -117,6 +117,32 @@ fn unzstd_cluster(input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
     Ok(())
 }
 
+/// Validates one compressed cluster and returns the exact length of its
+/// stream within `input` (which may carry sector padding or the next
+/// cluster's bytes). `scratch` must be one byte longer than the cluster: a
+/// stream that ends exactly at the cluster size proves it has no more output.
+pub fn stream_len(codec: CompressionType, input: &[u8], scratch: &mut [u8]) -> Result<usize, CodecError> {
+    let cluster = scratch.len().saturating_sub(1);
+    match codec {
+        CompressionType::Zlib => {
+            let mut d = Decompress::new_with_window_bits(false, 12);
+            let status = d
+                .decompress(input, scratch, FlushDecompress::Finish)
+                .map_err(|e| bad(codec, e.to_string()))?;
+            if status != Status::StreamEnd || d.total_out() as usize != cluster {
+                return Err(bad(codec, "stream does not end at the cluster size"));
+            }
+            Ok(d.total_in() as usize)
+        }
+        CompressionType::Zstd => {
+            let frame_len = zstd::zstd_safe::find_frame_compressed_size(input)
+                .map_err(|code| bad(codec, zstd::zstd_safe::get_error_name(code)))?;
+            unzstd_cluster(&input[..frame_len.min(input.len())], &mut scratch[..cluster])?;
+            Ok(frame_len)
+        }
+    }
+}
+
 /// A reusable compressor for one worker thread.
 ///
 /// Holds the codec state so that compressing many clusters does not allocate
@@ -260,6 +286,21 @@ mod tests {
         let mut out2 = vec![0u8; input.len()];
         if decompress(CompressionType::Zlib, &packed, &mut out2).is_ok() {
             assert_eq!(out2, input);
+        }
+    }
+
+    #[test]
+    fn stream_len_is_exact() {
+        for codec in [CompressionType::Zlib, CompressionType::Zstd] {
+            let input = sample(65536);
+            let mut c = Compressor::new(codec, 3).unwrap();
+            let mut packed = Vec::new();
+            assert!(c.compress(&input, &mut packed, input.len()).unwrap());
+            let exact = packed.len();
+            packed.extend_from_slice(&[0x5a; 300]);
+            let mut scratch = vec![0u8; input.len() + 1];
+            assert_eq!(stream_len(codec, &packed, &mut scratch).unwrap(), exact);
+            assert!(stream_len(codec, &packed[..exact / 2], &mut scratch).is_err());
         }
     }
 

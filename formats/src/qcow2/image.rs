@@ -97,6 +97,20 @@ pub enum Piece {
     Compressed(GuestOffset, CompressedDescriptor),
 }
 
+/// A run with the host offset of its first byte, where it has one.
+struct Run {
+    piece: Piece,
+    host: Option<HostOffset>,
+    len: u64,
+}
+
+fn host_of(kind: SubclusterKind) -> Option<HostOffset> {
+    match kind {
+        SubclusterKind::UnallocatedAlloc(h) | SubclusterKind::ZeroAlloc(h) | SubclusterKind::Normal(h) => Some(h),
+        _ => None,
+    }
+}
+
 impl std::fmt::Debug for Qcow2Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Image")
@@ -288,6 +302,11 @@ impl Qcow2Image {
         max_len: u64,
         split_compressed: bool,
     ) -> Result<(Piece, u64), Qcow2Error> {
+        let run = self.run_at(offset, max_len, split_compressed)?;
+        Ok((run.piece, run.len))
+    }
+
+    fn run_at(&self, offset: GuestOffset, max_len: u64, split_compressed: bool) -> Result<Run, Qcow2Error> {
         let end = offset.0.saturating_add(max_len).min(self.header.size);
         debug_assert!(offset.0 < end);
         let cluster_mask = self.header.cluster_size() - 1;
@@ -296,17 +315,9 @@ impl Qcow2Image {
             SubclusterKind::Unallocated | SubclusterKind::UnallocatedAlloc(_) => Piece::Unallocated,
             SubclusterKind::ZeroPlain | SubclusterKind::ZeroAlloc(_) => Piece::Zero,
             SubclusterKind::Normal(h) => Piece::Data(HostOffset(h.0 + (offset.0 & cluster_mask))),
-            SubclusterKind::Compressed(d) => {
-                Piece::Compressed(GuestOffset(offset.0 & !cluster_mask), d)
-            }
+            SubclusterKind::Compressed(d) => Piece::Compressed(GuestOffset(offset.0 & !cluster_mask), d),
         };
-        let host_of = |k: SubclusterKind| match k {
-            SubclusterKind::UnallocatedAlloc(h)
-            | SubclusterKind::ZeroAlloc(h)
-            | SubclusterKind::Normal(h) => Some(h),
-            _ => None,
-        };
-        let first_host = host_of(first).map(|h| h.0 + (offset.0 & cluster_mask));
+        let first_host = host_of(first).map(|h| HostOffset(h.0 + (offset.0 & cluster_mask)));
         if !(split_compressed && matches!(piece, Piece::Compressed(..))) {
             while unit_end < end {
                 let (kind, next_end) = self.unit_at(unit_end)?;
@@ -314,7 +325,7 @@ impl Qcow2Image {
                     break;
                 }
                 if let (Some(h0), Some(h)) = (first_host, host_of(kind)) {
-                    if h.0 + (unit_end & cluster_mask) != h0 + (unit_end - offset.0) {
+                    if h.0 + (unit_end & cluster_mask) != h0.0 + (unit_end - offset.0) {
                         break;
                     }
                 }
@@ -326,28 +337,20 @@ impl Qcow2Image {
             self.data_storage_or_image()
                 .check_range("data cluster", host, len)?;
         }
-        Ok((piece, len))
+        Ok(Run {
+            piece,
+            host: first_host,
+            len,
+        })
     }
 
     /// What this layer alone says about the range at `offset`.
-    pub fn status(
-        &self,
-        offset: GuestOffset,
-        max_len: u64,
-    ) -> Result<(LayerExtent, u64), Qcow2Error> {
-        let (piece, mut len) = self.locate(offset, max_len, false)?;
-        let cluster_mask = self.header.cluster_size() - 1;
-        // The kind of the first unit tells whether a host offset is reported.
-        let (first, _) = self.unit_at(offset.0)?;
-        let host = match first {
-            SubclusterKind::UnallocatedAlloc(h)
-            | SubclusterKind::ZeroAlloc(h)
-            | SubclusterKind::Normal(h) => Some(HostLocation {
-                file: self.data_host_file.clone(),
-                offset: HostOffset(h.0 + (offset.0 & cluster_mask)),
-            }),
-            _ => None,
-        };
+    pub fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(LayerExtent, u64), Qcow2Error> {
+        let Run { piece, host, mut len } = self.run_at(offset, max_len, false)?;
+        let host = host.map(|offset| HostLocation {
+            file: self.data_host_file.clone(),
+            offset,
+        });
         let mut zero = false;
         let allocation = match piece {
             Piece::Unallocated => Allocation::Unallocated,
@@ -358,9 +361,7 @@ impl Qcow2Image {
                     // Like QEMU: data clusters of a preallocated image are
                     // refined by the host file's holes, which read as zeros.
                     let (e, n) = self.data_storage_or_image().extent_at(h, len)?;
-                    if e == FileExtent::Hole {
-                        zero = true;
-                    }
+                    zero = e == FileExtent::Hole;
                     len = n.min(len);
                 }
                 Allocation::Data

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Benchmark qbackup against `qemu-img convert -m 16 -W` in the same run.
+#
+# Input (DEVELOPERS.md): an ext4 filesystem filled from /usr/lib/x86_64-linux-gnu,
+# 3 GiB raw, converted to qcow2. Reports wall time, output size and peak RSS
+# for each case and the ratios qbackup/qemu-img. Usage:
+#   benches/compare.sh [WORKDIR]      (default: a fresh directory under /tmp)
+# Set RUNS=N to repeat each measurement (the best wall time is kept).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-$(mktemp -d /tmp/qbackup-bench.XXXXXX)}
+runs=${RUNS:-1}
+mkdir -p "$work"
+cd "$here"
+cargo build --release --quiet
+qb="$here/target/release/qbackup"
+threads=$(nproc)
+
+cd "$work"
+if [ ! -f disk.qcow2 ]; then
+    echo "building the input image in $work ..." >&2
+    mke2fs -q -t ext4 -d /usr/lib/x86_64-linux-gnu -F disk.raw 3G
+    qemu-img convert -O qcow2 disk.raw disk.qcow2
+fi
+if [ ! -f top.qcow2 ]; then
+    # An overlay with ~10% of the allocated data rewritten, with real content
+    # (pieces of the disk itself, shifted) so that it compresses realistically.
+    qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 top.qcow2
+    alloc=$(qemu-img map --output=json disk.qcow2 | python3 -c '
+import json,sys
+print(sum(e["length"] for e in json.load(sys.stdin) if e["data"]))')
+    chunk=$((4 << 20))
+    n=$((alloc / 10 / chunk))
+    cmds=()
+    for i in $(seq 0 $((n - 1))); do
+        off=$(( (i * 2654435761 % (3072 / 4)) * chunk ))
+        src=$(( ((i * 40503 + 17) % (600 / 4)) * chunk ))
+        dd if=disk.raw of=chunk.bin bs=$chunk skip=$((src / chunk)) count=1 status=none
+        qemu-io -f qcow2 -c "write -s chunk.bin $off $chunk" top.qcow2 >/dev/null
+    done
+    rm -f chunk.bin
+fi
+
+# measure NAME CMD... : best wall seconds, peak RSS KiB, into globals
+measure() {
+    local best="" rss=0
+    for _ in $(seq "$runs"); do
+        rm -f out.tmp
+        /usr/bin/time -f '%e %M' -o time.txt "$@" >/dev/null 2>time.err || { cat time.err >&2; exit 1; }
+        read -r wall kib < time.txt
+        if [ -z "$best" ] || awk "BEGIN{exit !($wall < $best)}"; then best=$wall; fi
+        [ "$kib" -gt "$rss" ] && rss=$kib
+    done
+    WALL=$best; RSS=$rss
+}
+
+printf '%-22s %9s %9s %8s %12s %12s %7s %9s %9s\n' case qemu_s qb_s time× qemu_bytes qb_bytes size× qemu_MiB qb_MiB
+row() { # name qemu-cmd... -- qb-cmd...
+    local name=$1; shift
+    local qcmd=() qbcmd=()
+    while [ "$1" != "--" ]; do qcmd+=("$1"); shift; done; shift
+    qbcmd=("$@")
+    measure "${qcmd[@]}"; local qw=$WALL qr=$RSS qs; qs=$(stat -c %s out.q)
+    measure "${qbcmd[@]}"; local bw=$WALL br=$RSS bs; bs=$(stat -c %s out.b)
+    qemu-img compare -q out.q out.b || { echo "$name: outputs differ!" >&2; exit 1; }
+    printf '%-22s %9.2f %9.2f %8.2f %12d %12d %7.3f %9.1f %9.1f\n' "$name" "$qw" "$bw" \
+        "$(awk "BEGIN{print $bw/$qw}")" "$qs" "$bs" "$(awk "BEGIN{print $bs/$qs}")" \
+        "$(awk "BEGIN{print $qr/1024}")" "$(awk "BEGIN{print $br/1024}")"
+    rm -f out.q out.b
+}
+
+row "full zstd" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd disk.qcow2 out.q -- \
+    "$qb" backup --threads "$threads" --compress zstd --force disk.qcow2 out.b
+row "full zlib" qemu-img convert -m 16 -W -c -O qcow2 disk.qcow2 out.q -- \
+    "$qb" backup --threads "$threads" --compress zlib --force disk.qcow2 out.b
+row "full uncompressed" qemu-img convert -m 16 -W -O qcow2 disk.qcow2 out.q -- \
+    "$qb" backup --threads "$threads" --compress none --force disk.qcow2 out.b
+row "top zstd (10%)" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd -B disk.qcow2 -F qcow2 top.qcow2 out.q -- \
+    "$qb" backup --sync top --threads "$threads" --compress zstd --force top.qcow2 out.b
+
+# The practical limit: zstd -3 on all cores over the same allocated bytes.
+python3 - disk.qcow2 > alloc.bin <<'PY'
+import json, subprocess, sys
+m = json.loads(subprocess.check_output(["qemu-img", "map", "--output=json", "-f", "raw", "disk.raw"]))
+with open("disk.raw", "rb") as f:
+    for e in m:
+        if e["data"]:
+            f.seek(e["start"]); left = e["length"]
+            while left:
+                b = f.read(min(left, 1 << 22)); sys.stdout.buffer.write(b); left -= len(b)
+PY
+/usr/bin/time -f '%e %M' -o time.txt zstd -q -3 -T"$threads" -f alloc.bin -o alloc.zst
+read -r zw _ < time.txt
+printf 'zstd -3 -T%s over %d allocated bytes: %.2f s, %d bytes\n' "$threads" "$(stat -c %s alloc.bin)" "$zw" "$(stat -c %s alloc.zst)"
+rm -f alloc.bin alloc.zst time.txt time.err
