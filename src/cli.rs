@@ -147,7 +147,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 impl BackupArgs {
@@ -177,9 +178,11 @@ impl BackupArgs {
         if self.backing.is_some() && self.sync != SyncArg::Top {
             bail!("--backing only applies to --sync top");
         }
-        let threads = self
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let threads = self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
         Ok(backup::BackupConfig {
             source: self.source,
             source_format: self.format.map(Into::into),

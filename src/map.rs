@@ -70,6 +70,20 @@ where
     E: From<ChainError>,
 {
     let size = chain.virtual_size();
+    if size == 0 {
+        // qemu-img prints its initial, empty entry for an empty disk.
+        return emit(&MapEntry {
+            start: 0,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            file: None,
+        });
+    }
     let mut curr: Option<MapEntry> = None;
     let mut pos = 0u64;
     while pos < size {

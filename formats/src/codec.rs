@@ -121,7 +121,11 @@ fn unzstd_cluster(input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
 /// stream within `input` (which may carry sector padding or the next
 /// cluster's bytes). `scratch` must be one byte longer than the cluster: a
 /// stream that ends exactly at the cluster size proves it has no more output.
-pub fn stream_len(codec: CompressionType, input: &[u8], scratch: &mut [u8]) -> Result<usize, CodecError> {
+pub fn stream_len(
+    codec: CompressionType,
+    input: &[u8],
+    scratch: &mut [u8],
+) -> Result<usize, CodecError> {
     let cluster = scratch.len().saturating_sub(1);
     match codec {
         CompressionType::Zlib => {
@@ -137,7 +141,10 @@ pub fn stream_len(codec: CompressionType, input: &[u8], scratch: &mut [u8]) -> R
         CompressionType::Zstd => {
             let frame_len = zstd::zstd_safe::find_frame_compressed_size(input)
                 .map_err(|code| bad(codec, zstd::zstd_safe::get_error_name(code)))?;
-            unzstd_cluster(&input[..frame_len.min(input.len())], &mut scratch[..cluster])?;
+            unzstd_cluster(
+                &input[..frame_len.min(input.len())],
+                &mut scratch[..cluster],
+            )?;
             Ok(frame_len)
         }
     }

@@ -299,9 +299,11 @@ fn verify(case: &Case, image: &Path, expected: &Path) {
     let map = qemu_map(image);
     for (i, &plan) in case.plan.iter().enumerate() {
         let start = i as u64 * cluster_size;
-        let e = map
-            .iter()
-            .find(|e| e.start <= start && start < e.start + e.length)
+        // Extents are sorted and contiguous: take the last one starting at
+        // or before the cluster.
+        let e = map[..map.partition_point(|e| e.start <= start)]
+            .last()
+            .filter(|e| start < e.start + e.length)
             .unwrap_or_else(|| panic!("cluster {i} missing from map {map:?}"));
         let ctx = format!("cluster {i} planned {plan:?}: {e:?}");
         match plan {
@@ -433,10 +435,10 @@ fn clusters_2m_zstd_backing() {
 fn clusters_2m_zlib() {
     run_case(
         21,
-        (14 << 20) + 512,
+        (12 << 20) + 512,
         CompressionType::Zlib,
         false,
-        plan_2m(3),
+        plan_2m(2),
     );
 }
 

@@ -65,7 +65,9 @@ pub fn copy(
         .num_threads(params.threads)
         .build()
         .map_err(|e| BackupError::Config(format!("cannot start worker threads: {e}")))?;
-    let window = (WINDOW_BYTES / params.cluster_size).max(params.threads as u64 * 2).max(1) as usize;
+    let window = (WINDOW_BYTES / params.cluster_size)
+        .max(params.threads as u64 * 2)
+        .max(1) as usize;
     let eligible = passthrough_layers(chain, &params);
     let (tx, rx) = sync_channel::<Vec<(ClusterIndex, Output)>>(1);
 
@@ -93,9 +95,9 @@ pub fn copy(
         });
 
         let mut items: Vec<(ClusterIndex, Action)> = Vec::with_capacity(window);
-        let clusters = plan
-            .iter()
-            .flat_map(|r| (r.first.0..r.first.0 + r.count).map(move |c| (ClusterIndex(c), r.action)));
+        let clusters = plan.iter().flat_map(|r| {
+            (r.first.0..r.first.0 + r.count).map(move |c| (ClusterIndex(c), r.action))
+        });
         let produce = || -> Result<(), BackupError> {
             let mut iter = clusters.peekable();
             while iter.peek().is_some() {
@@ -107,7 +109,9 @@ pub fn copy(
                 let batch = pool.install(|| {
                     items
                         .par_iter()
-                        .map(|&(idx, action)| Ok((idx, process(chain, &params, &eligible, idx, action)?)))
+                        .map(|&(idx, action)| {
+                            Ok((idx, process(chain, &params, &eligible, idx, action)?))
+                        })
                         .collect::<Result<Vec<_>, BackupError>>()
                 })?;
                 if tx.send(batch).is_err() {
@@ -119,7 +123,9 @@ pub fn copy(
         };
         let produced = produce();
         drop(tx);
-        let written = writer.join().map_err(|_| BackupError::Config("writer thread panicked".into()))?;
+        let written = writer
+            .join()
+            .map_err(|_| BackupError::Config("writer thread panicked".into()))?;
         produced?;
         written?.finish().map_err(BackupError::Write)
     })
@@ -132,7 +138,8 @@ fn passthrough_layers(chain: &Chain, params: &CopyParams) -> Vec<bool> {
         .iter()
         .map(|l| match (l.as_qcow2(), params.compression) {
             (Some(q), Some((codec, _))) if params.passthrough => {
-                q.header().cluster_size() == params.cluster_size && q.header().compression_type == codec
+                q.header().cluster_size() == params.cluster_size
+                    && q.header().compression_type == codec
             }
             _ => false,
         })
@@ -200,21 +207,26 @@ fn compressed_as_is(
         return Ok(None);
     }
     let layer = &chain.layers()[depth];
-    let Some(q) = layer.as_qcow2() else { return Ok(None) };
+    let Some(q) = layer.as_qcow2() else {
+        return Ok(None);
+    };
     let err = |e| BackupError::Source(ImageError::new(layer.path(), e));
     let (piece, _) = q.locate(GuestOffset(start), valid, true).map_err(err)?;
-    let Piece::Compressed(guest, desc) = piece else { return Ok(None) };
+    let Piece::Compressed(guest, desc) = piece else {
+        return Ok(None);
+    };
     if guest.0 != start {
         return Ok(None);
     }
     let bytes = q.compressed_bytes(desc).map_err(err)?;
     let mut scratch = vec![0u8; cs as usize + 1];
-    let n = codec::stream_len(q.header().compression_type, &bytes, &mut scratch).map_err(|source| {
-        err(qbackup_formats::qcow2::Qcow2Error::Decompress {
-            guest: GuestOffset(start),
-            source,
-        })
-    })?;
+    let n =
+        codec::stream_len(q.header().compression_type, &bytes, &mut scratch).map_err(|source| {
+            err(qbackup_formats::qcow2::Qcow2Error::Decompress {
+                guest: GuestOffset(start),
+                source,
+            })
+        })?;
     if n == 0 || n as u64 >= cs {
         return Ok(None);
     }
@@ -229,7 +241,9 @@ pub fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096).all(|block| {
         let words = block.chunks_exact(16);
         let tail = words.remainder();
-        let acc = words.fold(0u128, |a, w| a | u128::from_ne_bytes(w.try_into().expect("16 bytes")));
+        let acc = words.fold(0u128, |a, w| {
+            a | u128::from_ne_bytes(w.try_into().expect("16 bytes"))
+        });
         acc == 0 && tail.iter().all(|&b| b == 0)
     })
 }

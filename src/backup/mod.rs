@@ -152,7 +152,9 @@ pub fn run(
             }
         }
     }
-    let cluster_size = cfg.cluster_size.unwrap_or_else(|| default_cluster_size(&chain));
+    let cluster_size = cfg
+        .cluster_size
+        .unwrap_or_else(|| default_cluster_size(&chain));
     if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
         return Err(BackupError::Config(format!(
             "cluster size {cluster_size} must be a power of two from 512 to 2M"
@@ -184,9 +186,15 @@ pub fn run(
         .map_err(|e| commit_err("create a temporary file in its directory", e))?;
     // Temporary files are created 0600; a backup gets the usual 0666 & !umask.
     let mode = 0o666 & !current_umask();
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .map_err(|e| commit_err("set permissions on the temporary file", e))?;
-    let file = tmp.as_file().try_clone().map_err(|e| commit_err("open the temporary file", e))?;
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(mode),
+    )
+    .map_err(|e| commit_err("set permissions on the temporary file", e))?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|e| commit_err("open the temporary file", e))?;
     let compression = match cfg.target_format {
         Format::Qcow2 => cfg.compression,
         Format::Raw => None,
@@ -216,10 +224,11 @@ pub fn run(
         passthrough: !cfg.recompress,
         speed: cfg.speed,
     };
-    let file = copier::copy(&chain, &ranges, params, target, progress, cancel).map_err(|e| match e {
-        BackupError::Write(_) => target_err(e),
-        other => other,
-    })?;
+    let file =
+        copier::copy(&chain, &ranges, params, target, progress, cancel).map_err(|e| match e {
+            BackupError::Write(_) => target_err(e),
+            other => other,
+        })?;
     file.sync_all().map_err(|e| commit_err("sync", e))?;
     drop(file);
     let persisted = if cfg.force {
@@ -259,7 +268,9 @@ fn backing_ref(cfg: &BackupConfig, chain: &Chain) -> Result<Option<BackingRef>, 
     let name = match &cfg.backing {
         Some(b) => b.clone(),
         None => {
-            let q = top.as_qcow2().expect("only qcow2 images have backing files");
+            let q = top
+                .as_qcow2()
+                .expect("only qcow2 images have backing files");
             let recorded = q.header().backing_file.clone().unwrap_or_default();
             let path = resolve_backing(top.path(), &recorded);
             backing_name_for(&cfg.target, &path).map_err(|e| BackupError::Commit {

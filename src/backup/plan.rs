@@ -83,7 +83,11 @@ impl Seen {
 }
 
 /// Plans a backup of `chain` into clusters of `cluster_size` bytes.
-pub fn plan(chain: &Chain, mode: SyncMode, cluster_size: u64) -> Result<Vec<PlanRange>, ChainError> {
+pub fn plan(
+    chain: &Chain,
+    mode: SyncMode,
+    cluster_size: u64,
+) -> Result<Vec<PlanRange>, ChainError> {
     let size = chain.virtual_size();
     let mut out: Vec<PlanRange> = Vec::new();
     let mut push = |first: u64, count: u64, action: Option<Action>| {
@@ -138,7 +142,14 @@ fn classify(chain: &Chain, mode: SyncMode, pos: u64, max: u64) -> Result<(Class,
     match mode {
         SyncMode::Full => {
             let (e, len) = chain.status(GuestOffset(pos), max)?;
-            Ok((if e.data && !e.zero { Class::Data } else { Class::Zero }, len))
+            Ok((
+                if e.data && !e.zero {
+                    Class::Data
+                } else {
+                    Class::Zero
+                },
+                len,
+            ))
         }
         SyncMode::Top => {
             let (e, len) = chain.top().status(GuestOffset(pos), max)?;
@@ -159,7 +170,14 @@ mod tests {
 
     #[test]
     fn seen_actions() {
-        let s = |d, z, b| Seen { data: d, zero: z, below: b }.action();
+        let s = |d, z, b| {
+            Seen {
+                data: d,
+                zero: z,
+                below: b,
+            }
+            .action()
+        };
         assert_eq!(s(true, false, false), Some(Action::Copy));
         assert_eq!(s(false, true, false), Some(Action::Zero));
         assert_eq!(s(false, true, true), Some(Action::Copy));

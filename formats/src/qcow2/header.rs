@@ -570,7 +570,7 @@ mod tests {
             Err(HeaderError::UnknownFeatures(0x80))
         ));
         let mut b = fixture();
-        b[43] = 1; // unaligned L1 offset
+        b[47] = 1; // unaligned L1 offset
         assert!(Header::decode(&b, b.len() as u64).is_err());
     }
 

@@ -106,7 +106,9 @@ struct Run {
 
 fn host_of(kind: SubclusterKind) -> Option<HostOffset> {
     match kind {
-        SubclusterKind::UnallocatedAlloc(h) | SubclusterKind::ZeroAlloc(h) | SubclusterKind::Normal(h) => Some(h),
+        SubclusterKind::UnallocatedAlloc(h)
+        | SubclusterKind::ZeroAlloc(h)
+        | SubclusterKind::Normal(h) => Some(h),
         _ => None,
     }
 }
@@ -198,9 +200,10 @@ impl Qcow2Image {
         self.data.as_ref()
     }
 
-    /// Virtual disk size.
+    /// Virtual disk size. QEMU counts whole 512-byte sectors and drops a
+    /// partial last sector; so do we, so that both see the same disk.
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.header.size & !511
     }
 
     /// Refuses images whose data cannot be read correctly.
@@ -306,8 +309,13 @@ impl Qcow2Image {
         Ok((run.piece, run.len))
     }
 
-    fn run_at(&self, offset: GuestOffset, max_len: u64, split_compressed: bool) -> Result<Run, Qcow2Error> {
-        let end = offset.0.saturating_add(max_len).min(self.header.size);
+    fn run_at(
+        &self,
+        offset: GuestOffset,
+        max_len: u64,
+        split_compressed: bool,
+    ) -> Result<Run, Qcow2Error> {
+        let end = offset.0.saturating_add(max_len).min(self.virtual_size());
         debug_assert!(offset.0 < end);
         let cluster_mask = self.header.cluster_size() - 1;
         let (first, mut unit_end) = self.unit_at(offset.0)?;
@@ -315,7 +323,9 @@ impl Qcow2Image {
             SubclusterKind::Unallocated | SubclusterKind::UnallocatedAlloc(_) => Piece::Unallocated,
             SubclusterKind::ZeroPlain | SubclusterKind::ZeroAlloc(_) => Piece::Zero,
             SubclusterKind::Normal(h) => Piece::Data(HostOffset(h.0 + (offset.0 & cluster_mask))),
-            SubclusterKind::Compressed(d) => Piece::Compressed(GuestOffset(offset.0 & !cluster_mask), d),
+            SubclusterKind::Compressed(d) => {
+                Piece::Compressed(GuestOffset(offset.0 & !cluster_mask), d)
+            }
         };
         let first_host = host_of(first).map(|h| HostOffset(h.0 + (offset.0 & cluster_mask)));
         if !(split_compressed && matches!(piece, Piece::Compressed(..))) {
@@ -345,8 +355,16 @@ impl Qcow2Image {
     }
 
     /// What this layer alone says about the range at `offset`.
-    pub fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(LayerExtent, u64), Qcow2Error> {
-        let Run { piece, host, mut len } = self.run_at(offset, max_len, false)?;
+    pub fn status(
+        &self,
+        offset: GuestOffset,
+        max_len: u64,
+    ) -> Result<(LayerExtent, u64), Qcow2Error> {
+        let Run {
+            piece,
+            host,
+            mut len,
+        } = self.run_at(offset, max_len, false)?;
         let host = host.map(|offset| HostLocation {
             file: self.data_host_file.clone(),
             offset,
