@@ -1134,3 +1134,29 @@ fn chain_absolute_backing_name() {
     check(&s, "b/top.qcow2", None);
     assert_image_matches(&s.path("b"), "top.qcow2", None);
 }
+
+#[test]
+fn qcow2_zero_virtual_size() {
+    let s = Scratch::new();
+    s.create("zero.qcow2", "qcow2", 0, "");
+    check(&s, "zero.qcow2", None);
+}
+
+#[test]
+fn qcow2_external_data_file_relative_name() {
+    // A relative data file name, used from the image's own directory (where
+    // qemu-img's cwd-relative resolution and the image-relative one agree).
+    let s = Scratch::new();
+    s.create("rel.qcow2", "qcow2", 4 * MIB, "data_file=data.raw");
+    s.io(
+        "rel.qcow2",
+        "qcow2",
+        &["write -P 1 0 64k", "write -P 2 3M 64k"],
+    );
+    assert_image_matches(s.dir(), "rel.qcow2", None);
+    let info = qbackup_info_json(s.dir(), "rel.qcow2", None);
+    assert_eq!(
+        info.assert_ok().json()["format-specific"]["data"]["data-file"],
+        "data.raw"
+    );
+}

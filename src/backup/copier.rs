@@ -45,6 +45,9 @@ pub trait Progress: Sync {
     fn advance(&self, bytes: u64);
 }
 
+/// Guest bytes between two early-writeback requests.
+const WRITEBACK_BYTES: u64 = 32 << 20;
+
 /// Bytes of clusters processed per window.
 const WINDOW_BYTES: u64 = 4 << 20;
 
@@ -75,6 +78,7 @@ pub fn copy(
         let writer = s.spawn(move || -> Result<Box<dyn Target>, BackupError> {
             let start = Instant::now();
             let mut done = 0u64;
+            let mut flushed_at = 0u64;
             for batch in rx {
                 for (index, out) in batch {
                     target.put(index, out).map_err(BackupError::Write)?;
@@ -83,6 +87,10 @@ pub fn copy(
                 }
                 if cancel.load(Ordering::Relaxed) {
                     return Err(BackupError::Interrupted);
+                }
+                if done - flushed_at >= WRITEBACK_BYTES {
+                    super::target::start_writeback(target.file());
+                    flushed_at = done;
                 }
                 if let Some(speed) = params.speed {
                     let due = Duration::from_secs_f64(done as f64 / speed as f64);
