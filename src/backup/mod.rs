@@ -207,7 +207,9 @@ pub fn run(
                 compression: compression.map(|c| c.0).unwrap_or(CompressionType::Zlib),
                 backing,
             };
-            let handle = file.try_clone().map_err(|e| commit_err("open the temporary file", e))?;
+            let handle = file
+                .try_clone()
+                .map_err(|e| commit_err("open the temporary file", e))?;
             let w = Qcow2Writer::new(file, opts)
                 .map_err(|e| target_err(BackupError::Write(TargetError::Qcow2(e))))?;
             Box::new(Qcow2Target(w, handle))

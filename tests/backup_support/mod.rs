@@ -195,7 +195,14 @@ pub fn qemu_io(cwd: &Path, img: &str, fmt: &str, cmds: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    for bad in ["failed", "error", "Error", "invalid", "Invalid", "Pattern verification"] {
+    for bad in [
+        "failed",
+        "error",
+        "Error",
+        "invalid",
+        "Invalid",
+        "Pattern verification",
+    ] {
         assert!(!all.contains(bad), "`{shown}` reported a failure:\n{all}");
     }
 }
@@ -229,8 +236,14 @@ impl Extent {
 pub fn map(cwd: &Path, img: &str, fmt: &str) -> Vec<Extent> {
     let out = qemu_img(cwd, &["map", "--output=json", "-f", fmt, img]);
     let v: Value = serde_json::from_str(&out).expect("qemu-img map JSON");
-    let u = |e: &Value, k: &str| e[k].as_u64().unwrap_or_else(|| panic!("map field {k}: {e}"));
-    let b = |e: &Value, k: &str| e[k].as_bool().unwrap_or_else(|| panic!("map field {k}: {e}"));
+    let u = |e: &Value, k: &str| {
+        e[k].as_u64()
+            .unwrap_or_else(|| panic!("map field {k}: {e}"))
+    };
+    let b = |e: &Value, k: &str| {
+        e[k].as_bool()
+            .unwrap_or_else(|| panic!("map field {k}: {e}"))
+    };
     v.as_array()
         .expect("map is an array")
         .iter()
@@ -293,7 +306,11 @@ impl Run {
             "qbackup panicked\n{}",
             self.describe()
         );
-        assert!(self.code.is_some(), "qbackup died from a signal\n{}", self.describe());
+        assert!(
+            self.code.is_some(),
+            "qbackup died from a signal\n{}",
+            self.describe()
+        );
         self
     }
 
@@ -307,7 +324,12 @@ impl Run {
     /// contains (case-insensitively) at least one of `any_of`.
     pub fn assert_clean_failure(&self, any_of: &[&str]) -> &Self {
         self.assert_no_panic();
-        assert_eq!(self.code, Some(1), "expected exit status 1\n{}", self.describe());
+        assert_eq!(
+            self.code,
+            Some(1),
+            "expected exit status 1\n{}",
+            self.describe()
+        );
         let body = self.stderr.strip_suffix('\n').unwrap_or(&self.stderr);
         assert!(
             !body.is_empty() && !body.contains('\n'),
@@ -424,13 +446,69 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// `len` bytes of English-like text (compresses about 3:1 with zlib).
 pub fn text_bytes(len: usize, seed: u64) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "the", "backup", "of", "a", "virtual", "machine", "disk", "image", "is", "copied",
-        "cluster", "by", "into", "compressed", "file", "and", "every", "guest", "byte", "must",
-        "read", "back", "exactly", "as", "it", "was", "written", "when", "storage", "fails",
-        "operator", "restores", "from", "yesterday", "snapshot", "kernel", "logs", "show",
-        "that", "network", "interface", "came", "up", "after", "service", "started", "with",
-        "configuration", "options", "for", "database", "tables", "indexes", "were", "rebuilt",
-        "overnight", "without", "errors", "warnings", "users", "reported", "slow", "queries",
+        "the",
+        "backup",
+        "of",
+        "a",
+        "virtual",
+        "machine",
+        "disk",
+        "image",
+        "is",
+        "copied",
+        "cluster",
+        "by",
+        "into",
+        "compressed",
+        "file",
+        "and",
+        "every",
+        "guest",
+        "byte",
+        "must",
+        "read",
+        "back",
+        "exactly",
+        "as",
+        "it",
+        "was",
+        "written",
+        "when",
+        "storage",
+        "fails",
+        "operator",
+        "restores",
+        "from",
+        "yesterday",
+        "snapshot",
+        "kernel",
+        "logs",
+        "show",
+        "that",
+        "network",
+        "interface",
+        "came",
+        "up",
+        "after",
+        "service",
+        "started",
+        "with",
+        "configuration",
+        "options",
+        "for",
+        "database",
+        "tables",
+        "indexes",
+        "were",
+        "rebuilt",
+        "overnight",
+        "without",
+        "errors",
+        "warnings",
+        "users",
+        "reported",
+        "slow",
+        "queries",
     ];
     let mut rng = Rng::new(seed);
     let mut s = Vec::with_capacity(len + 64);
@@ -536,7 +614,10 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(path).expect("open image for writing");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image for writing");
     f.write_all_at(bytes, offset).expect("patch image");
 }
 

@@ -97,6 +97,9 @@ pub enum Piece {
     Compressed(GuestOffset, CompressedDescriptor),
 }
 
+/// The L2 table (if allocated) of one L1 index.
+type TableSlot = Option<(u64, Option<Arc<[u64]>>)>;
+
 /// A run with the host offset of its first byte, where it has one.
 struct Run {
     piece: Piece,
@@ -268,11 +271,20 @@ impl Qcow2Image {
     /// Classifies the unit (subcluster, cluster, or unallocated L2 range)
     /// containing `pos`; returns its kind, the host offset of `pos` where the
     /// kind has one, and the unit's end (guest byte).
-    fn unit_at(&self, pos: u64) -> Result<(SubclusterKind, u64), Qcow2Error> {
+    /// `table` caches the L2 table of the previous call in a scan, so runs
+    /// within one table cost no cache lookups.
+    fn unit_at(
+        &self,
+        pos: u64,
+        table: &mut TableSlot,
+    ) -> Result<(SubclusterKind, u64), Qcow2Error> {
         let h = &self.header;
         let coverage = h.l2_coverage();
         let l1_index = pos / coverage;
-        let Some(table) = self.l2_table(l1_index)? else {
+        if table.as_ref().map(|t| t.0) != Some(l1_index) {
+            *table = Some((l1_index, self.l2_table(l1_index)?));
+        }
+        let Some(table) = table.as_ref().and_then(|t| t.1.as_deref()) else {
             return Ok((SubclusterKind::Unallocated, (l1_index + 1) * coverage));
         };
         let cluster_size = h.cluster_size();
@@ -318,7 +330,8 @@ impl Qcow2Image {
         let end = offset.0.saturating_add(max_len).min(self.virtual_size());
         debug_assert!(offset.0 < end);
         let cluster_mask = self.header.cluster_size() - 1;
-        let (first, mut unit_end) = self.unit_at(offset.0)?;
+        let mut table = None;
+        let (first, mut unit_end) = self.unit_at(offset.0, &mut table)?;
         let piece = match first {
             SubclusterKind::Unallocated | SubclusterKind::UnallocatedAlloc(_) => Piece::Unallocated,
             SubclusterKind::ZeroPlain | SubclusterKind::ZeroAlloc(_) => Piece::Zero,
@@ -330,7 +343,7 @@ impl Qcow2Image {
         let first_host = host_of(first).map(|h| HostOffset(h.0 + (offset.0 & cluster_mask)));
         if !(split_compressed && matches!(piece, Piece::Compressed(..))) {
             while unit_end < end {
-                let (kind, next_end) = self.unit_at(unit_end)?;
+                let (kind, next_end) = self.unit_at(unit_end, &mut table)?;
                 if std::mem::discriminant(&kind) != std::mem::discriminant(&first) {
                     break;
                 }
