@@ -7,7 +7,13 @@
 //! ```text
 //! cluster 0      header (112 bytes), header extensions, backing file name
 //! cluster 1 ..   guest data in call order: normal clusters cluster-aligned,
-//!                compressed streams packed byte by byte
+//!                compressed streams packed byte by byte into "compressed
+//!                clusters"; a stream that does not fit the rest of the open
+//!                compressed cluster continues into the next host cluster when
+//!                that one is free, and otherwise starts a new one. A normal
+//!                cluster never forces padding: compressed streams after it
+//!                keep filling the open compressed cluster before it (the
+//!                way QEMU packs them), so mixed data wastes no space.
 //! then           L2 tables (in L1 order), L1 table, refcount blocks,
 //!                refcount table, each cluster-aligned
 //! ```
@@ -261,6 +267,11 @@ pub struct Qcow2Writer {
     /// Bytes not yet written, which belong at `buf_start`.
     buf: Vec<u8>,
     buf_start: u64,
+    /// First host byte not yet allocated; always cluster aligned.
+    alloc_end: u64,
+    /// The open compressed region: where the next stream may go, and the
+    /// (cluster-aligned) end of the clusters reserved for streams.
+    compressed: Option<(u64, u64)>,
     last_index: Option<u64>,
     poisoned: bool,
 }
@@ -328,6 +339,8 @@ impl Qcow2Writer {
             refcounts,
             buf: Vec::with_capacity(BUFFER_BYTES + usize_of(cluster_size)?),
             buf_start: cluster_size,
+            alloc_end: cluster_size,
+            compressed: None,
             last_index: None,
             poisoned: false,
         })
@@ -367,11 +380,11 @@ impl Qcow2Writer {
                         cluster_size,
                     });
                 }
-                let offset = self.align_up(self.pos())?;
+                let offset = self.alloc_end;
                 check_room(offset, cluster_size)?;
-                self.pad_to_cluster(Stage::Data)?;
-                self.append(data, Stage::Data)?;
                 self.set_refcount_one(offset)?;
+                self.write_at(offset, data, Stage::Data)?;
+                self.alloc_end += cluster_size;
                 self.set_l2(index, offset | COPIED);
             }
             ClusterWrite::Compressed(stream) => {
@@ -382,10 +395,11 @@ impl Qcow2Writer {
                         cluster_size,
                     });
                 }
-                let offset = self.pos();
                 let len = stream.len() as u64;
+                let (offset, region_end) = self.place_compressed(len)?;
                 let descriptor = compressed_descriptor(self.opts.cluster_bits, offset, len)?;
                 check_room(offset, len)?;
+                check_room(region_end, 0)?;
                 // Every host cluster the stream touches (at most two) gets a
                 // reference; `add_ref` changes nothing when it fails.
                 let bits = self.opts.cluster_bits;
@@ -393,7 +407,9 @@ impl Qcow2Writer {
                 self.refcounts
                     .add_ref(first, last)
                     .map_err(|e| refcount_error(e, bits))?;
-                self.append(stream, Stage::Data)?;
+                self.write_at(offset, stream, Stage::Data)?;
+                self.compressed = Some((offset + len, region_end));
+                self.alloc_end = self.alloc_end.max(region_end);
                 self.set_l2(index, descriptor);
             }
             ClusterWrite::Zero => {
@@ -410,7 +426,7 @@ impl Qcow2Writer {
     /// data and its padding. The tables written by [`Self::finish`] come on
     /// top.
     pub fn bytes_written(&self) -> u64 {
-        self.pos()
+        self.alloc_end
     }
 
     /// Writes the L2 tables, L1 table, refcount blocks and table, then the
@@ -421,7 +437,7 @@ impl Qcow2Writer {
             return Err(WriterError::Poisoned);
         }
         let bits = self.opts.cluster_bits;
-        self.pad_to_cluster(Stage::Metadata)?;
+        self.compressed = None;
 
         // L2 tables, then the L1 table pointing at them (COPIED: refcount 1).
         let tables = std::mem::take(&mut self.l2_tables);
@@ -480,10 +496,84 @@ impl Qcow2Writer {
         1 << self.opts.cluster_bits
     }
 
-    /// The host offset the next appended byte gets.
+    /// The host offset the next appended cluster gets.
     fn pos(&self) -> u64 {
-        // Bounded by HOST_LIMIT plus one buffer, see `append`.
-        self.buf_start + self.buf.len() as u64
+        self.alloc_end
+    }
+
+    /// Where a compressed stream of `len` bytes goes, and the end of the
+    /// compressed region afterwards. Does not change any state.
+    fn place_compressed(&self, len: u64) -> Result<(u64, u64), WriterError> {
+        match self.compressed {
+            Some((cursor, end)) if cursor + len <= end => Ok((cursor, end)),
+            // The region ends where free space begins: grow it.
+            Some((cursor, end)) if end == self.alloc_end => {
+                Ok((cursor, self.align_up(cursor + len)?))
+            }
+            _ => Ok((self.alloc_end, self.align_up(self.alloc_end + len)?)),
+        }
+    }
+
+    /// Places `bytes` at host `offset` (at or after the buffer's start),
+    /// zero-filling any gap, and flushes when the buffer is full.
+    fn write_at(&mut self, offset: u64, bytes: &[u8], stage: Stage) -> Result<(), WriterError> {
+        check_room(offset, bytes.len() as u64)?;
+        let at = usize_of(offset - self.buf_start)?;
+        let end = at + bytes.len();
+        if at == self.buf.len() {
+            self.buf.extend_from_slice(bytes);
+        } else {
+            if self.buf.len() < end {
+                self.buf.resize(end, 0);
+            }
+            self.buf[at..end].copy_from_slice(bytes);
+        }
+        if self.buf.len() >= BUFFER_BYTES {
+            self.flush_keeping_open_region(stage)?;
+        }
+        Ok(())
+    }
+
+    /// Writes out the buffer except the open compressed cluster (and what
+    /// follows it), which later streams may still fill. When that tail is
+    /// large (a long run of normal clusters), the region is closed instead.
+    fn flush_keeping_open_region(&mut self, stage: Stage) -> Result<(), WriterError> {
+        let buf_end = self.buf_start + self.buf.len() as u64;
+        let mask = self.cluster_size() - 1;
+        let keep_from = match self.compressed {
+            Some((cursor, end)) if cursor < end => cursor & !mask,
+            _ => buf_end,
+        };
+        let max_tail = ((BUFFER_BYTES / 2) as u64).max(4 * self.cluster_size());
+        let keep_from = if buf_end - keep_from > max_tail {
+            self.compressed = None;
+            buf_end
+        } else {
+            keep_from
+        };
+        let n = usize_of(keep_from - self.buf_start)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let offset = HostOffset(self.buf_start);
+        if let Err(source) = self.file.write_all_at(&self.buf[..n], self.buf_start) {
+            self.poisoned = true;
+            return Err(match stage {
+                Stage::Data => WriterError::WriteData {
+                    offset,
+                    len: n,
+                    source,
+                },
+                Stage::Metadata => WriterError::WriteMetadata {
+                    offset,
+                    len: n,
+                    source,
+                },
+            });
+        }
+        self.buf.drain(..n);
+        self.buf_start = keep_from;
+        Ok(())
     }
 
     fn align_up(&self, offset: u64) -> Result<u64, WriterError> {
@@ -520,21 +610,14 @@ impl Qcow2Writer {
         }
     }
 
-    /// Appends `bytes` at `pos()`, flushing the buffer when it is full.
-    fn append(&mut self, bytes: &[u8], stage: Stage) -> Result<(), WriterError> {
-        check_room(self.pos(), bytes.len() as u64)?;
-        self.buf.extend_from_slice(bytes);
-        if self.buf.len() >= BUFFER_BYTES {
-            self.flush(stage)?;
-        }
-        Ok(())
-    }
-
     /// Appends one full table cluster with refcount 1.
     fn append_metadata_cluster(&mut self, cluster: &[u8]) -> Result<(), WriterError> {
-        let offset = self.pos();
-        self.append(cluster, Stage::Metadata)?;
-        self.set_refcount_one(offset)
+        let offset = self.alloc_end;
+        check_room(offset, cluster.len() as u64)?;
+        self.set_refcount_one(offset)?;
+        self.write_at(offset, cluster, Stage::Metadata)?;
+        self.alloc_end += self.cluster_size();
+        Ok(())
     }
 
     /// Appends a table of big-endian entries as whole clusters, zero-padded,
@@ -552,18 +635,6 @@ impl Qcow2Writer {
         if !cluster.is_empty() {
             cluster.resize(cluster_size, 0);
             self.append_metadata_cluster(&cluster)?;
-        }
-        Ok(())
-    }
-
-    /// Pads with zeros up to the next cluster boundary (after compressed
-    /// data; the padding lies in an already referenced cluster).
-    fn pad_to_cluster(&mut self, stage: Stage) -> Result<(), WriterError> {
-        let pos = self.pos();
-        let padding = self.align_up(pos)? - pos;
-        if padding > 0 {
-            let zeros = vec![0u8; usize_of(padding)?];
-            self.append(&zeros, stage)?;
         }
         Ok(())
     }
