@@ -228,7 +228,7 @@ fn check_packing(image: &Path, cluster_bits: u32, streams: &[(u64, u64, bool)]) 
         };
         let at = desc.offset.0;
         if let Some(end) = prev_end {
-            let room = (end + cluster - 1) / cluster * cluster - end;
+            let room = end.div_ceil(cluster) * cluster - end;
             if at != end {
                 assert!(
                     data_in_region && len > room && at % cluster == 0,
