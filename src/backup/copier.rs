@@ -1,6 +1,6 @@
 //! The copier: rayon workers read target clusters through the chain,
-//! detect zeros and compress; one writer thread stores the results in
-//! cluster order.
+//! detect zeros and compress; the calling thread writes the results in
+//! cluster order (see `ordered.rs` for the queue between them).
 //!
 //! Invariants: the output bytes do not depend on the number of threads
 //! (clusters are compressed independently with deterministic codecs and
@@ -10,15 +10,14 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant};
 
 use qbackup_formats::codec::{self, CompressionType, Compressor};
 use qbackup_formats::image::ImageError;
 use qbackup_formats::qcow2::Piece;
 use qbackup_formats::{Chain, ClusterIndex, GuestOffset};
-use rayon::prelude::*;
 
+use super::ordered::Ordered;
 use super::plan::{Action, PlanRange};
 use super::target::{Output, Target};
 use super::BackupError;
@@ -48,8 +47,8 @@ pub trait Progress: Sync {
 /// Guest bytes between two early-writeback requests.
 const WRITEBACK_BYTES: u64 = 32 << 20;
 
-/// Bytes of clusters processed per window.
-const WINDOW_BYTES: u64 = 4 << 20;
+/// Bytes of clusters taken by workers but not yet written, at most.
+const IN_FLIGHT_BYTES: u64 = 8 << 20;
 
 thread_local! {
     static COMPRESSOR: RefCell<Option<(CompressionType, i32, Compressor)>> = const { RefCell::new(None) };
@@ -68,75 +67,65 @@ pub fn copy(
         .num_threads(params.threads)
         .build()
         .map_err(|e| BackupError::Config(format!("cannot start worker threads: {e}")))?;
-    let window = (WINDOW_BYTES / params.cluster_size)
-        .max(params.threads as u64 * 2)
-        .max(1) as usize;
+    let in_flight = (IN_FLIGHT_BYTES / params.cluster_size).max(params.threads as u64 * 4) as usize;
     let eligible = passthrough_layers(chain, &params);
-    let (tx, rx) = sync_channel::<Vec<(ClusterIndex, Output)>>(1);
+    let clusters = plan
+        .iter()
+        .flat_map(|r| (r.first.0..r.first.0 + r.count).map(move |c| (ClusterIndex(c), r.action)));
+    let queue = Ordered::new(clusters, in_flight);
 
-    std::thread::scope(|s| {
-        let writer = s.spawn(move || -> Result<Box<dyn Target>, BackupError> {
-            let start = Instant::now();
-            let mut done = 0u64;
-            let mut flushed_at = 0u64;
-            for batch in rx {
-                for (index, out) in batch {
-                    target.put(index, out).map_err(BackupError::Write)?;
-                    done += params.cluster_size;
-                    progress.advance(params.cluster_size);
+    let written = pool.in_place_scope(|scope| {
+        for _ in 0..params.threads {
+            scope.spawn(|_| {
+                while let Some((seq, (idx, action))) = queue.take() {
+                    let result = if cancel.load(Ordering::Relaxed) {
+                        Err(BackupError::Interrupted)
+                    } else {
+                        process(chain, &params, &eligible, idx, action).map(|out| (idx, out))
+                    };
+                    queue.put(seq, result);
                 }
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(BackupError::Interrupted);
-                }
-                if done - flushed_at >= WRITEBACK_BYTES {
-                    super::target::start_writeback(target.file());
-                    flushed_at = done;
-                }
-                if let Some(speed) = params.speed {
-                    let due = Duration::from_secs_f64(done as f64 / speed as f64);
-                    if let Some(wait) = due.checked_sub(start.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                }
-            }
-            Ok(target)
-        });
+            });
+        }
+        // The writer: this thread, in cluster order.
+        let result = write_in_order(&queue, target.as_mut(), &params, progress, cancel);
+        queue.stop();
+        result
+    });
+    written?;
+    target.finish().map_err(BackupError::Write)
+}
 
-        let mut items: Vec<(ClusterIndex, Action)> = Vec::with_capacity(window);
-        let clusters = plan.iter().flat_map(|r| {
-            (r.first.0..r.first.0 + r.count).map(move |c| (ClusterIndex(c), r.action))
-        });
-        let produce = || -> Result<(), BackupError> {
-            let mut iter = clusters.peekable();
-            while iter.peek().is_some() {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(BackupError::Interrupted);
-                }
-                items.clear();
-                items.extend(iter.by_ref().take(window));
-                let batch = pool.install(|| {
-                    items
-                        .par_iter()
-                        .map(|&(idx, action)| {
-                            Ok((idx, process(chain, &params, &eligible, idx, action)?))
-                        })
-                        .collect::<Result<Vec<_>, BackupError>>()
-                })?;
-                if tx.send(batch).is_err() {
-                    // The writer stopped; its error is reported below.
-                    return Ok(());
-                }
+fn write_in_order(
+    queue: &Ordered<impl Iterator, Result<(ClusterIndex, Output), BackupError>>,
+    target: &mut dyn Target,
+    params: &CopyParams,
+    progress: &dyn Progress,
+    cancel: &AtomicBool,
+) -> Result<(), BackupError> {
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut flushed_at = 0u64;
+    while let Some(result) = queue.next() {
+        let (index, out) = result?;
+        target.put(index, out).map_err(BackupError::Write)?;
+        done += params.cluster_size;
+        progress.advance(params.cluster_size);
+        if cancel.load(Ordering::Relaxed) {
+            return Err(BackupError::Interrupted);
+        }
+        if done - flushed_at >= WRITEBACK_BYTES {
+            super::target::start_writeback(target.file());
+            flushed_at = done;
+        }
+        if let Some(speed) = params.speed {
+            let due = Duration::from_secs_f64(done as f64 / speed as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
             }
-            Ok(())
-        };
-        let produced = produce();
-        drop(tx);
-        let written = writer
-            .join()
-            .map_err(|_| BackupError::Config("writer thread panicked".into()))?;
-        produced?;
-        written?.finish().map_err(BackupError::Write)
-    })
+        }
+    }
+    Ok(())
 }
 
 /// Which layers hold compressed clusters that can be copied as they are.

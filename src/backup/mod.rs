@@ -7,6 +7,7 @@
 //! nothing appears at TARGET.
 
 pub mod copier;
+pub mod ordered;
 pub mod plan;
 pub mod target;
 
