@@ -156,6 +156,7 @@ pub fn stream_len(
 /// a new context for each.
 pub struct Compressor {
     inner: CompressorInner,
+    zlib_level: Compression,
 }
 
 enum CompressorInner {
@@ -166,15 +167,11 @@ enum CompressorInner {
 impl Compressor {
     /// A compressor for `codec` at `level` (zlib 1–9, zstd 1–22).
     pub fn new(codec: CompressionType, level: i32) -> Result<Compressor, CodecError> {
+        let zlib_level = Compression::new(level.clamp(0, 9) as u32);
         let inner = match codec {
-            CompressionType::Zlib => {
-                let level = level.clamp(0, 9) as u32;
-                CompressorInner::Zlib(Box::new(Compress::new_with_window_bits(
-                    Compression::new(level),
-                    false,
-                    12,
-                )))
-            }
+            CompressionType::Zlib => CompressorInner::Zlib(Box::new(
+                Compress::new_with_window_bits(zlib_level, false, 12),
+            )),
             CompressionType::Zstd => {
                 let mut cctx = zstd::zstd_safe::CCtx::create();
                 cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
@@ -188,7 +185,7 @@ impl Compressor {
                 CompressorInner::Zstd(cctx)
             }
         };
-        Ok(Compressor { inner })
+        Ok(Compressor { inner, zlib_level })
     }
 
     /// Compresses `input` into `out` (cleared first). Returns `false` when
@@ -205,7 +202,10 @@ impl Compressor {
         match &mut self.inner {
             CompressorInner::Zlib(c) => {
                 c.reset();
-                out.resize(limit, 0);
+                // Room for deflate's worst case (stored blocks), so the stream
+                // always finishes: zlib-rs cannot be reused after a stream
+                // that ran out of output space.
+                out.resize(limit + limit / 8 + 64, 0);
                 let status = c.compress(input, out, FlushCompress::Finish).map_err(|e| {
                     CodecError::Compress {
                         codec: "zlib",
@@ -214,7 +214,13 @@ impl Compressor {
                 })?;
                 let produced = c.total_out() as usize;
                 out.truncate(produced);
-                Ok(status == Status::StreamEnd && produced < limit)
+                if status != Status::StreamEnd {
+                    // Never expected; start from a fresh state to be safe.
+                    **c = Compress::new_with_window_bits(self.zlib_level, false, 12);
+                    out.clear();
+                    return Ok(false);
+                }
+                Ok(produced < limit)
             }
             CompressorInner::Zstd(cctx) => {
                 out.resize(limit, 0);
@@ -273,6 +279,36 @@ mod tests {
             let mut c = Compressor::new(codec, 3).unwrap();
             let mut packed = Vec::new();
             assert!(!c.compress(&input, &mut packed, input.len()).unwrap());
+        }
+    }
+
+    /// Regression: zlib-rs panicked when one compressor was reused after
+    /// incompressible clusters of 16 KiB or less (output buffer full).
+    #[test]
+    fn reuse_after_incompressible_small_clusters() {
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut c = Compressor::new(CompressionType::Zlib, 6).unwrap();
+        let mut packed = Vec::new();
+        for size in [512usize, 4096, 16384] {
+            for round in 0..64 {
+                let input: Vec<u8> = if round % 3 == 2 {
+                    sample(size)
+                } else {
+                    (0..size)
+                        .map(|_| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x as u8
+                        })
+                        .collect()
+                };
+                if c.compress(&input, &mut packed, size).unwrap() {
+                    let mut out = vec![0u8; size];
+                    decompress(CompressionType::Zlib, &packed, &mut out).unwrap();
+                    assert_eq!(out, input);
+                }
+            }
         }
     }
 

@@ -9,6 +9,7 @@
 //! the whole backup (never zeros in its place).
 
 use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -81,7 +82,18 @@ pub fn copy(
                     let result = if cancel.load(Ordering::Relaxed) {
                         Err(BackupError::Interrupted)
                     } else {
-                        process(chain, &params, &eligible, idx, action).map(|out| (idx, out))
+                        // A panic must still hand in a result, or the writer
+                        // would wait for this cluster forever.
+                        std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            process(chain, &params, &eligible, idx, action)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(BackupError::Internal(format!(
+                                "worker failed on cluster {}",
+                                idx.0
+                            )))
+                        })
+                        .map(|out| (idx, out))
                     };
                     queue.put(seq, result);
                 }

@@ -97,6 +97,9 @@ pub enum BackupError {
     /// Compression failed.
     #[error("{0}")]
     Compress(CodecError),
+    /// A bug: a worker panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Ctrl-C or SIGTERM.
     #[error("interrupted; nothing was written to the target")]
     Interrupted,

@@ -157,8 +157,10 @@ mod tests {
         let q = Ordered::new(0..1000u32, 2);
         std::thread::scope(|s| {
             let q = &q;
-            s.spawn(move || while let Some((seq, i)) = q.take() {
-                q.put(seq, i);
+            s.spawn(move || {
+                while let Some((seq, i)) = q.take() {
+                    q.put(seq, i);
+                }
             });
             assert_eq!(q.next(), Some(0));
             q.stop();
