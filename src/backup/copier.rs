@@ -4,8 +4,8 @@
 //!
 //! Invariants: the output bytes do not depend on the number of threads
 //! (clusters are compressed independently with deterministic codecs and
-//! written in index order); memory is bounded by a few windows of clusters,
-//! whatever the image size; a cluster that cannot be read or decoded fails
+//! written in index order); memory is bounded by the clusters in flight
+//! (`IN_FLIGHT_BYTES`), whatever the image size; a cluster that cannot be read or decoded fails
 //! the whole backup (never zeros in its place).
 
 use std::cell::RefCell;
