@@ -19,14 +19,14 @@
 //! - `fail_*`, `sigkill_*`, `sigterm_*`, `speed_*`: failures leave nothing
 //!   at TARGET and report one line; the rate limit is honoured.
 
-mod backup_support;
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backup_support::*;
+use common::*;
 use serde_json::Value;
 
 const CODECS: [&str; 3] = ["zstd", "zlib", "none"];
@@ -137,7 +137,7 @@ fn roundtrip(s: &Scratch, src: &str, fmt: &str) -> Vec<String> {
 
 /// [`roundtrip`] with an explicit `--cluster-size` (in bytes).
 fn roundtrip_with(s: &Scratch, src: &str, fmt: &str, cluster_size: Option<u64>) -> Vec<String> {
-    let src_info = info(s.dir(), src, fmt);
+    let src_info = s.qemu_info(src, fmt);
     let size = src_info["virtual-size"].as_u64().expect("virtual-size");
     let cluster = cluster_size.unwrap_or_else(|| default_cluster_size(&src_info));
     let cluster_arg = cluster.to_string();
@@ -155,21 +155,17 @@ fn roundtrip_with(s: &Scratch, src: &str, fmt: &str, cluster_size: Option<u64>) 
     let mut targets = Vec::new();
     for codec in CODECS {
         let target = format!("{src}.{codec}.{cluster}.backup.qcow2");
-        let mut args = vec!["backup", "-f", fmt, "--compress", codec];
+        let mut args = vec!["-f", fmt, "--compress", codec];
         if cluster_size.is_some() {
             args.extend(["--cluster-size", &cluster_arg]);
         }
         args.extend([src, &target]);
-        s.qbackup(&args).assert_ok();
-        assert!(
-            Scratch::leftovers(s.dir()).is_empty(),
-            "temporary files left behind: {:?}",
-            Scratch::leftovers(s.dir())
-        );
+        s.backup(&args).assert_ok();
+        assert_no_leftovers(s.dir());
         assert_check_clean(s.dir(), &target);
         assert_identical(s.dir(), src, fmt, &target, "qcow2");
 
-        let ti = info(s.dir(), &target, "qcow2");
+        let ti = s.qemu_info(&target, "qcow2");
         assert_eq!(ti["format"], "qcow2", "{target}: {ti}");
         assert_eq!(ti["virtual-size"].as_u64(), Some(size), "{target}: {ti}");
         assert_eq!(ti["cluster-size"].as_u64(), Some(cluster), "{target}: {ti}");
@@ -183,7 +179,7 @@ fn roundtrip_with(s: &Scratch, src: &str, fmt: &str, cluster_size: Option<u64>) 
                 "{target}: {ti}"
             );
         }
-        let m = map(s.dir(), &target, "qcow2");
+        let m = s.qemu_map(&target, "qcow2");
         assert_map_matches(&target, &m, &exp, codec != "none");
         targets.push(target);
     }
@@ -204,15 +200,19 @@ fn standard_content(s: &Scratch) -> Vec<String> {
     ]
 }
 
-fn io_all(s: &Scratch, img: &str, fmt: &str, cmds: &[String]) {
-    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    s.io(img, fmt, &refs);
-}
-
 /// A qcow2 image with `opts`, filled with the standard content.
 fn standard_qcow2(s: &Scratch, name: &str, opts: &str) {
-    s.img(&["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
-    io_all(s, name, "qcow2", &standard_content(s));
+    s.create(name, "qcow2", 4 * MIB, opts);
+    s.io_all(name, "qcow2", &standard_content(s));
+}
+
+/// Back up `src` to `target` (both qcow2, names in the scratch dir) with the
+/// options `opts`: it must succeed, and the target must pass `qemu-img check`
+/// and compare identical to the source.
+fn backup_checked(s: &Scratch, opts: &[&str], src: &str, target: &str) {
+    s.backup(&[opts, &[src, target]].concat()).assert_ok();
+    assert_check_clean(s.dir(), target);
+    assert_identical(s.dir(), src, "qcow2", target, "qcow2");
 }
 
 // ---------------------------------------------------------------------------
@@ -223,27 +223,33 @@ fn standard_qcow2(s: &Scratch, name: &str, opts: &str) {
 fn full_raw_odd_size_sparse() {
     let s = Scratch::new();
     let size = MIB + 1000;
-    let f = std::fs::File::create(s.path("disk.raw")).expect("create");
-    f.set_len(size).expect("set_len");
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(&text_bytes(300 * 1024, 1), 0)
-        .expect("write");
-    f.write_all_at(&random_bytes(128 * 1024, 2), 512 * KIB)
-        .expect("write");
+    let p = s.write_file("disk.raw", &[]);
+    set_len(&p, size);
+    patch(&p, 0, &text_bytes(300 * 1024, 1));
+    patch(&p, 512 * KIB, &random_bytes(128 * 1024, 2));
     // Data in the odd tail, up to the last byte.
-    f.write_all_at(&[0x77u8; 3000], size - 3000).expect("write");
-    drop(f);
+    patch(&p, size - 3000, &[0x77u8; 3000]);
     let targets = roundtrip(&s, "disk.raw", "raw");
     // qemu-img rounds a raw image's size up to 512 bytes; so must we.
-    let ti = info(s.dir(), &targets[0], "qcow2");
+    let ti = s.qemu_info(&targets[0], "qcow2");
     assert_eq!(ti["virtual-size"].as_u64(), Some(size.div_ceil(512) * 512));
 }
 
-#[test]
-fn full_qcow2_v2() {
+/// A qcow2 image `name` made with `opts` and the standard content, backed up
+/// with every codec.
+fn standard_roundtrip(name: &str, opts: &str) {
     let s = Scratch::new();
-    standard_qcow2(&s, "v2.qcow2", "compat=0.10");
-    roundtrip(&s, "v2.qcow2", "qcow2");
+    standard_qcow2(&s, name, opts);
+    roundtrip(&s, name, "qcow2");
+}
+
+test_cases! { standard_roundtrip =>
+    full_qcow2_v2("v2.qcow2", "compat=0.10");
+    full_qcow2_v3_cluster_4k("c4k.qcow2", "cluster_size=4k");
+    full_preallocation_metadata("pm.qcow2", "preallocation=metadata");
+    full_preallocation_falloc("pf.qcow2", "preallocation=falloc");
+    full_refcount_bits_1("r1.qcow2", "refcount_bits=1");
+    full_refcount_bits_64("r64.qcow2", "refcount_bits=64");
 }
 
 #[test]
@@ -253,13 +259,6 @@ fn full_qcow2_v3_cluster_512() {
     // Odd, sector-aligned writes that straddle many tiny clusters.
     s.io("c512.qcow2", "qcow2", &[&s.text_cmd("", 1536, 70_000)]);
     roundtrip(&s, "c512.qcow2", "qcow2");
-}
-
-#[test]
-fn full_qcow2_v3_cluster_4k() {
-    let s = Scratch::new();
-    standard_qcow2(&s, "c4k.qcow2", "cluster_size=4k");
-    roundtrip(&s, "c4k.qcow2", "qcow2");
 }
 
 #[test]
@@ -281,7 +280,7 @@ fn full_qcow2_v3_cluster_64k_zero_clusters_and_discards() {
             "write -z 3712k 4k",
         ],
     );
-    let m = map(s.dir(), "z.qcow2", "qcow2");
+    let m = s.qemu_map("z.qcow2", "qcow2");
     assert!(
         m.iter().any(|e| e.zero && e.present && !e.data),
         "test image should have zero clusters: {m:?}"
@@ -292,16 +291,7 @@ fn full_qcow2_v3_cluster_64k_zero_clusters_and_discards() {
 #[test]
 fn full_qcow2_v3_cluster_2m() {
     let s = Scratch::new();
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=2M",
-        "big.qcow2",
-        "9M",
-    ]);
+    s.create("big.qcow2", "qcow2", 9 * MIB, "cluster_size=2M");
     s.io(
         "big.qcow2",
         "qcow2",
@@ -320,16 +310,7 @@ fn full_qcow2_v3_cluster_2m() {
 /// plus plain clusters, zero clusters and a random cluster that qemu stores
 /// uncompressed because it does not shrink.
 fn compressed_source(s: &Scratch, name: &str, ctype: &str) {
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("compression_type={ctype}"),
-        name,
-        "4M",
-    ]);
+    s.create(name, "qcow2", 4 * MIB, &format!("compression_type={ctype}"));
     s.io(
         name,
         "qcow2",
@@ -342,12 +323,12 @@ fn compressed_source(s: &Scratch, name: &str, ctype: &str) {
             &s.text_cmd("-c", 4 * MIB - 64 * KIB, 64 * KIB),
         ],
     );
-    let m = map(s.dir(), name, "qcow2");
+    let m = s.qemu_map(name, "qcow2");
     assert!(
         m.iter().any(|e| e.compressed),
         "qemu did not compress: {m:?}"
     );
-    let i = info(s.dir(), name, "qcow2");
+    let i = s.qemu_info(name, "qcow2");
     assert_eq!(i["format-specific"]["data"]["compression-type"], ctype);
 }
 
@@ -362,18 +343,17 @@ fn full_small_target_clusters() {
     }
 }
 
-#[test]
-fn full_compressed_zlib_source() {
+/// A [`compressed_source`] with compression type `ctype`, backed up with
+/// every codec.
+fn compressed_roundtrip(name: &str, ctype: &str) {
     let s = Scratch::new();
-    compressed_source(&s, "cz.qcow2", "zlib");
-    roundtrip(&s, "cz.qcow2", "qcow2");
+    compressed_source(&s, name, ctype);
+    roundtrip(&s, name, "qcow2");
 }
 
-#[test]
-fn full_compressed_zstd_source() {
-    let s = Scratch::new();
-    compressed_source(&s, "cs.qcow2", "zstd");
-    roundtrip(&s, "cs.qcow2", "qcow2");
+test_cases! { compressed_roundtrip =>
+    full_compressed_zlib_source("cz.qcow2", "zlib");
+    full_compressed_zstd_source("cs.qcow2", "zstd");
 }
 
 #[test]
@@ -396,16 +376,12 @@ fn full_compressed_source_made_by_convert() {
 #[test]
 fn full_extended_l2_subclusters() {
     let s = Scratch::new();
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=64k",
+    s.create(
         "el2.qcow2",
-        "4M",
-    ]);
+        "qcow2",
+        4 * MIB,
+        "extended_l2=on,cluster_size=64k",
+    );
     s.io(
         "el2.qcow2",
         "qcow2",
@@ -422,37 +398,9 @@ fn full_extended_l2_subclusters() {
             "write -z 3200k 64k",
         ],
     );
-    let i = info(s.dir(), "el2.qcow2", "qcow2");
+    let i = s.qemu_info("el2.qcow2", "qcow2");
     assert_eq!(i["format-specific"]["data"]["extended-l2"], true);
     roundtrip(&s, "el2.qcow2", "qcow2");
-}
-
-#[test]
-fn full_preallocation_metadata() {
-    let s = Scratch::new();
-    standard_qcow2(&s, "pm.qcow2", "preallocation=metadata");
-    roundtrip(&s, "pm.qcow2", "qcow2");
-}
-
-#[test]
-fn full_preallocation_falloc() {
-    let s = Scratch::new();
-    standard_qcow2(&s, "pf.qcow2", "preallocation=falloc");
-    roundtrip(&s, "pf.qcow2", "qcow2");
-}
-
-#[test]
-fn full_refcount_bits_1() {
-    let s = Scratch::new();
-    standard_qcow2(&s, "r1.qcow2", "refcount_bits=1");
-    roundtrip(&s, "r1.qcow2", "qcow2");
-}
-
-#[test]
-fn full_refcount_bits_64() {
-    let s = Scratch::new();
-    standard_qcow2(&s, "r64.qcow2", "refcount_bits=64");
-    roundtrip(&s, "r64.qcow2", "qcow2");
 }
 
 #[test]
@@ -461,7 +409,7 @@ fn full_external_data_file() {
     for (name, raw) in [("ext.qcow2", "off"), ("extraw.qcow2", "on")] {
         let data = s.p(&format!("{name}.data"));
         standard_qcow2(&s, name, &format!("data_file={data},data_file_raw={raw}"));
-        let i = info(s.dir(), name, "qcow2");
+        let i = s.qemu_info(name, "qcow2");
         assert_eq!(i["format-specific"]["data"]["data-file"], data.as_str());
         roundtrip(&s, name, "qcow2");
     }
@@ -472,16 +420,7 @@ fn full_chain_three_layers() {
     let s = Scratch::new();
     // Different cluster sizes in every layer; each layer overwrites part of
     // the one below, including zeroing backing data.
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        "base.qcow2",
-        "4M",
-    ]);
+    s.create("base.qcow2", "qcow2", 4 * MIB, "cluster_size=4k");
     s.io(
         "base.qcow2",
         "qcow2",
@@ -491,19 +430,7 @@ fn full_chain_three_layers() {
             "write -P 0x10 3M 1M",
         ],
     );
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=32k",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "mid.qcow2",
-    ]);
+    s.overlay("mid.qcow2", "base.qcow2", "qcow2", None, "cluster_size=32k");
     s.io(
         "mid.qcow2",
         "qcow2",
@@ -513,19 +440,7 @@ fn full_chain_three_layers() {
             "write -z 3M 64k",
         ],
     );
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=64k",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    s.overlay("top.qcow2", "mid.qcow2", "qcow2", None, "cluster_size=64k");
     s.io(
         "top.qcow2",
         "qcow2",
@@ -538,10 +453,11 @@ fn full_chain_three_layers() {
     roundtrip(&s, "top.qcow2", "qcow2");
 }
 
-#[test]
-fn full_chain_raw_base_qcow2_overlay_larger_clusters() {
-    let s = Scratch::new();
-    s.img(&["create", "-q", "-f", "raw", "base.raw", "4M"]);
+/// A 4 MiB raw base of text and random data under a qcow2 overlay
+/// `over.qcow2` made with `opts` and written by `cmds`, backed up with every
+/// codec.
+fn raw_base_overlay_roundtrip(s: &Scratch, opts: &str, cmds: &[&str]) {
+    s.create("base.raw", "raw", 4 * MIB, "");
     s.io(
         "base.raw",
         "raw",
@@ -550,90 +466,50 @@ fn full_chain_raw_base_qcow2_overlay_larger_clusters() {
             &s.random_cmd("", 2 * MIB, 256 * KIB),
         ],
     );
+    s.overlay("over.qcow2", "base.raw", "raw", None, opts);
+    s.io("over.qcow2", "qcow2", cmds);
+    roundtrip(s, "over.qcow2", "qcow2");
+}
+
+#[test]
+fn full_chain_raw_base_qcow2_overlay_larger_clusters() {
     // 128 KiB clusters in the overlay: the backup uses them too.
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    let s = Scratch::new();
+    raw_base_overlay_roundtrip(
+        &s,
         "cluster_size=128k",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "over.qcow2",
-    ]);
-    s.io(
-        "over.qcow2",
-        "qcow2",
         &[
             "write -P 0x61 132k 4k",
             "write -z 512k 128k",
             &s.text_cmd("", 3 * MIB, 300 * KIB),
         ],
     );
-    roundtrip(&s, "over.qcow2", "qcow2");
 }
 
 #[test]
 fn full_chain_raw_base_qcow2_overlay_smaller_clusters() {
     let s = Scratch::new();
-    s.img(&["create", "-q", "-f", "raw", "base.raw", "4M"]);
-    s.io(
-        "base.raw",
-        "raw",
-        &[
-            &s.text_cmd("", 0, MIB),
-            &s.random_cmd("", 2 * MIB, 256 * KIB),
-        ],
-    );
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    raw_base_overlay_roundtrip(
+        &s,
         "cluster_size=16k",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "over.qcow2",
-    ]);
-    s.io(
-        "over.qcow2",
-        "qcow2",
         &[
             "write -P 0x61 132k 4k",
             "write -z 512k 48k",
             "write -z 2112k 16k",
         ],
     );
-    roundtrip(&s, "over.qcow2", "qcow2");
 }
 
 #[test]
 fn full_chain_backing_shorter_than_overlay() {
     let s = Scratch::new();
-    s.img(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+    s.create("base.qcow2", "qcow2", MIB, "");
     s.io(
         "base.qcow2",
         "qcow2",
         &[&s.text_cmd("", 0, MIB - 4 * KIB), "write -P 0x99 1020k 4k"],
     );
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "over.qcow2",
-        "3584k",
-    ]);
+    s.overlay("over.qcow2", "base.qcow2", "qcow2", Some(3584 * KIB), "");
     s.io(
         "over.qcow2",
         "qcow2",
@@ -650,10 +526,15 @@ fn full_chain_backing_shorter_than_overlay() {
 // 2. Raw target
 // ---------------------------------------------------------------------------
 
+/// Bytes the filesystem has allocated for `path`.
+fn allocated_bytes(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).expect("stat")) * 512
+}
+
 #[test]
 fn raw_target_identical_and_sparse() {
     let s = Scratch::new();
-    s.img(&["create", "-q", "-f", "qcow2", "sparse.qcow2", "64M"]);
+    s.create("sparse.qcow2", "qcow2", 64 * MIB, "");
     s.io(
         "sparse.qcow2",
         "qcow2",
@@ -668,28 +549,19 @@ fn raw_target_identical_and_sparse() {
     for (i, compress) in ["zstd", "none"].into_iter().enumerate() {
         let target = format!("out{i}.raw");
         // --compress is meaningless for raw and must not matter.
-        s.qbackup(&[
-            "backup",
-            "-O",
-            "raw",
-            "--compress",
-            compress,
-            "sparse.qcow2",
-            &target,
-        ])
-        .assert_ok();
+        s.backup(&["-O", "raw", "--compress", compress, "sparse.qcow2", &target])
+            .assert_ok();
         assert_identical(s.dir(), "sparse.qcow2", "qcow2", &target, "raw");
-        let md = std::fs::metadata(s.path(&target)).expect("stat");
-        assert_eq!(md.len(), 64 * MIB, "raw target has the virtual size");
-        let allocated = std::os::unix::fs::MetadataExt::blocks(&md) * 512;
+        let len = file_len(&s.path(&target));
+        assert_eq!(len, 64 * MIB, "raw target has the virtual size");
+        let allocated = allocated_bytes(&s.path(&target));
         // About 1 MiB of data; allow for filesystem granularity.
         assert!(
             allocated <= 4 * MIB,
-            "raw target is not sparse: {allocated} bytes allocated for {} bytes",
-            md.len()
+            "raw target is not sparse: {allocated} bytes allocated for {len} bytes"
         );
-        assert_eq!(info(s.dir(), &target, "raw")["format"], "raw");
-        assert!(Scratch::leftovers(s.dir()).is_empty());
+        assert_eq!(s.qemu_info(&target, "raw")["format"], "raw");
+        assert_no_leftovers(s.dir());
     }
 }
 
@@ -697,47 +569,30 @@ fn raw_target_identical_and_sparse() {
 fn raw_target_from_raw_odd_size_and_chain() {
     let s = Scratch::new();
     let size = MIB + 1000;
-    let f = std::fs::File::create(s.path("odd.raw")).expect("create");
-    f.set_len(size).expect("set_len");
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(&text_bytes(5000, 3), size - 5000)
-        .expect("write");
-    drop(f);
-    s.qbackup(&["backup", "-f", "raw", "-O", "raw", "odd.raw", "odd.out.raw"])
+    let p = s.write_file("odd.raw", &[]);
+    set_len(&p, size);
+    patch(&p, size - 5000, &text_bytes(5000, 3));
+    s.backup(&["-f", "raw", "-O", "raw", "odd.raw", "odd.out.raw"])
         .assert_ok();
     assert_identical(s.dir(), "odd.raw", "raw", "odd.out.raw", "raw");
-    let expected = info(s.dir(), "odd.raw", "raw")["virtual-size"]
+    let expected = s.qemu_info("odd.raw", "raw")["virtual-size"]
         .as_u64()
         .unwrap();
-    assert_eq!(
-        std::fs::metadata(s.path("odd.out.raw")).unwrap().len(),
-        expected
-    );
+    assert_eq!(file_len(&s.path("odd.out.raw")), expected);
 
     // A chain flattened to raw.
-    s.img(&["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+    s.create("base.qcow2", "qcow2", 8 * MIB, "");
     s.io("base.qcow2", "qcow2", &[&s.text_cmd("", 0, MIB)]);
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    s.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
     s.io(
         "top.qcow2",
         "qcow2",
         &["write -z 64k 64k", "write -P 7 6M 4k"],
     );
-    s.qbackup(&["backup", "-O", "raw", "top.qcow2", "flat.raw"])
+    s.backup(&["-O", "raw", "top.qcow2", "flat.raw"])
         .assert_ok();
     assert_identical(s.dir(), "top.qcow2", "qcow2", "flat.raw", "raw");
-    let md = std::fs::metadata(s.path("flat.raw")).unwrap();
-    assert!(std::os::unix::fs::MetadataExt::blocks(&md) * 512 <= 3 * MIB);
+    assert!(allocated_bytes(&s.path("flat.raw")) <= 3 * MIB);
 }
 
 // ---------------------------------------------------------------------------
@@ -762,25 +617,13 @@ fn top_fixture(s: &Scratch, dir: &str, top_opts: &str) {
     s.mkdir(dir);
     let base = format!("{dir}/base.qcow2");
     let top = format!("{dir}/top.qcow2");
-    s.img(&["create", "-q", "-f", "qcow2", &base, "4M"]);
+    s.create(&base, "qcow2", 4 * MIB, "");
     s.io(
         &base,
         "qcow2",
         &["write -P 0x11 0 4M", &s.text_cmd("", MIB, MIB)],
     );
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        top_opts,
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        &top,
-    ]);
+    s.overlay(&top, "base.qcow2", "qcow2", None, top_opts);
     s.io(
         &top,
         "qcow2",
@@ -797,7 +640,7 @@ fn top_fixture(s: &Scratch, dir: &str, top_opts: &str) {
 /// dir); `backing` is the path the target's backing file must resolve to.
 fn verify_top(s: &Scratch, top: &str, target: &str, backing: &Path, compressing: bool) {
     assert_check_clean(s.dir(), target);
-    let ti = info(s.dir(), target, "qcow2");
+    let ti = s.qemu_info(target, "qcow2");
     assert_eq!(ti["backing-filename-format"], "qcow2", "{ti}");
     let full = ti["full-backing-filename"]
         .as_str()
@@ -812,8 +655,8 @@ fn verify_top(s: &Scratch, top: &str, target: &str, backing: &Path, compressing:
     assert_identical(s.dir(), top, "qcow2", target, "qcow2");
 
     let cluster = ti["cluster-size"].as_u64().unwrap();
-    let src_map = map(s.dir(), top, "qcow2");
-    let tgt_map = map(s.dir(), target, "qcow2");
+    let src_map = s.qemu_map(top, "qcow2");
+    let tgt_map = s.qemu_map(target, "qcow2");
     assert_eq!(
         depth0_clusters(&tgt_map, cluster),
         depth0_clusters(&src_map, cluster),
@@ -850,16 +693,8 @@ fn top_overlay_same_directory() {
     top_fixture(&s, "d", "cluster_size=64k");
     for codec in CODECS {
         let target = format!("d/top.{codec}.qcow2");
-        s.qbackup(&[
-            "backup",
-            "--sync",
-            "top",
-            "--compress",
-            codec,
-            "d/top.qcow2",
-            &target,
-        ])
-        .assert_ok();
+        s.backup(&["--sync", "top", "--compress", codec, "d/top.qcow2", &target])
+            .assert_ok();
         verify_top(
             &s,
             "d/top.qcow2",
@@ -867,7 +702,7 @@ fn top_overlay_same_directory() {
             &s.path("d/base.qcow2"),
             codec != "none",
         );
-        let ti = info(s.dir(), &target, "qcow2");
+        let ti = s.qemu_info(&target, "qcow2");
         // Beside its backing file, the recorded name is a plain relative one.
         assert_eq!(ti["backing-filename"], "base.qcow2", "{ti}");
         if codec != "none" {
@@ -875,16 +710,10 @@ fn top_overlay_same_directory() {
         }
     }
     // Only the top layer's data went in: much smaller than a full backup.
-    s.qbackup(&[
-        "backup",
-        "--compress",
-        "none",
-        "d/top.qcow2",
-        "d/full.qcow2",
-    ])
-    .assert_ok();
-    let top_len = std::fs::metadata(s.path("d/top.none.qcow2")).unwrap().len();
-    let full_len = std::fs::metadata(s.path("d/full.qcow2")).unwrap().len();
+    s.backup(&["--compress", "none", "d/top.qcow2", "d/full.qcow2"])
+        .assert_ok();
+    let top_len = file_len(&s.path("d/top.none.qcow2"));
+    let full_len = file_len(&s.path("d/full.qcow2"));
     assert!(top_len * 2 < full_len, "top {top_len} vs full {full_len}");
 }
 
@@ -894,7 +723,7 @@ fn top_overlay_smaller_top_clusters_rounded_up() {
     // whole 64 KiB target cluster, read through the chain.
     let s = Scratch::new();
     top_fixture(&s, "d", "cluster_size=32k");
-    s.qbackup(&["backup", "--sync", "top", "d/top.qcow2", "d/out.qcow2"])
+    s.backup(&["--sync", "top", "d/top.qcow2", "d/out.qcow2"])
         .assert_ok();
     verify_top(
         &s,
@@ -903,7 +732,7 @@ fn top_overlay_smaller_top_clusters_rounded_up() {
         &s.path("d/base.qcow2"),
         true,
     );
-    let ti = info(s.dir(), "d/out.qcow2", "qcow2");
+    let ti = s.qemu_info("d/out.qcow2", "qcow2");
     assert_eq!(ti["cluster-size"].as_u64(), Some(64 * KIB));
 }
 
@@ -918,7 +747,7 @@ fn top_target_in_other_directories() {
                 s.mkdir(parent.to_str().unwrap());
             }
         }
-        s.qbackup(&["backup", "--sync", "top", "src/top.qcow2", target])
+        s.backup(&["--sync", "top", "src/top.qcow2", target])
             .assert_ok();
         verify_top(&s, "src/top.qcow2", target, &s.path("src/base.qcow2"), true);
         // And from another working directory, by absolute path.
@@ -937,7 +766,7 @@ fn top_target_in_other_directories() {
         );
         assert_eq!(code, Some(0), "compare from / failed: {out}");
     }
-    let ti = info(s.dir(), "top-in-parent.qcow2", "qcow2");
+    let ti = s.qemu_info("top-in-parent.qcow2", "qcow2");
     assert_eq!(ti["backing-filename"], "src/base.qcow2", "{ti}");
 }
 
@@ -947,8 +776,7 @@ fn top_backing_override() {
     top_fixture(&s, "src", "cluster_size=64k");
     s.mkdir("dst");
     std::fs::copy(s.path("src/base.qcow2"), s.path("dst/renamed-base.qcow2")).unwrap();
-    s.qbackup(&[
-        "backup",
+    s.backup(&[
         "--sync",
         "top",
         "--backing",
@@ -957,7 +785,7 @@ fn top_backing_override() {
         "dst/top.qcow2",
     ])
     .assert_ok();
-    let ti = info(s.dir(), "dst/top.qcow2", "qcow2");
+    let ti = s.qemu_info("dst/top.qcow2", "qcow2");
     assert_eq!(ti["backing-filename"], "renamed-base.qcow2", "{ti}");
     verify_top(
         &s,
@@ -967,14 +795,8 @@ fn top_backing_override() {
         true,
     );
     // --backing without --sync top is a usage error.
-    s.qbackup(&[
-        "backup",
-        "--backing",
-        "x.qcow2",
-        "src/top.qcow2",
-        "dst/full.qcow2",
-    ])
-    .assert_clean_failure(&["--backing"]);
+    s.backup(&["--backing", "x.qcow2", "src/top.qcow2", "dst/full.qcow2"])
+        .assert_clean_failure_mentioning(&["--backing"]);
     assert!(!s.path("dst/full.qcow2").exists());
 }
 
@@ -983,31 +805,11 @@ fn top_three_layer_chain_over_raw_base() {
     // base.raw <- mid.qcow2 <- top.qcow2: the target's backing file is mid,
     // recorded with format qcow2.
     let s = Scratch::new();
-    s.img(&["create", "-q", "-f", "raw", "base.raw", "2M"]);
+    s.create("base.raw", "raw", 2 * MIB, "");
     s.io("base.raw", "raw", &["write -P 0x01 0 2M"]);
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "mid.qcow2",
-    ]);
+    s.overlay("mid.qcow2", "base.raw", "raw", None, "");
     s.io("mid.qcow2", "qcow2", &["write -P 0x02 512k 512k"]);
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
+    s.overlay("top.qcow2", "mid.qcow2", "qcow2", None, "");
     s.io(
         "top.qcow2",
         "qcow2",
@@ -1017,23 +819,23 @@ fn top_three_layer_chain_over_raw_base() {
             &s.text_cmd("", 64 * KIB, 64 * KIB),
         ],
     );
-    s.qbackup(&["backup", "--sync", "top", "top.qcow2", "out.qcow2"])
+    s.backup(&["--sync", "top", "top.qcow2", "out.qcow2"])
         .assert_ok();
     assert_check_clean(s.dir(), "out.qcow2");
-    let ti = info(s.dir(), "out.qcow2", "qcow2");
+    let ti = s.qemu_info("out.qcow2", "qcow2");
     assert_eq!(ti["backing-filename"], "mid.qcow2", "{ti}");
     assert_eq!(ti["backing-filename-format"], "qcow2", "{ti}");
     assert_identical(s.dir(), "top.qcow2", "qcow2", "out.qcow2", "qcow2");
     let cluster = 64 * KIB;
     assert_eq!(
-        depth0_clusters(&map(s.dir(), "out.qcow2", "qcow2"), cluster),
-        depth0_clusters(&map(s.dir(), "top.qcow2", "qcow2"), cluster)
+        depth0_clusters(&s.qemu_map("out.qcow2", "qcow2"), cluster),
+        depth0_clusters(&s.qemu_map("top.qcow2", "qcow2"), cluster)
     );
 
     // A raw base directly below: recorded as raw.
-    s.qbackup(&["backup", "--sync", "top", "mid.qcow2", "mid.out.qcow2"])
+    s.backup(&["--sync", "top", "mid.qcow2", "mid.out.qcow2"])
         .assert_ok();
-    let ti = info(s.dir(), "mid.out.qcow2", "qcow2");
+    let ti = s.qemu_info("mid.out.qcow2", "qcow2");
     assert_eq!(ti["backing-filename"], "base.raw", "{ti}");
     assert_eq!(ti["backing-filename-format"], "raw", "{ti}");
     assert_identical(s.dir(), "mid.qcow2", "qcow2", "mid.out.qcow2", "qcow2");
@@ -1043,10 +845,10 @@ fn top_three_layer_chain_over_raw_base() {
 fn top_without_backing_file_is_a_full_copy() {
     let s = Scratch::new();
     standard_qcow2(&s, "solo.qcow2", "cluster_size=64k");
-    s.qbackup(&["backup", "--sync", "top", "solo.qcow2", "out.qcow2"])
+    s.backup(&["--sync", "top", "solo.qcow2", "out.qcow2"])
         .assert_ok();
     assert_check_clean(s.dir(), "out.qcow2");
-    let ti = info(s.dir(), "out.qcow2", "qcow2");
+    let ti = s.qemu_info("out.qcow2", "qcow2");
     assert!(ti.get("backing-filename").is_none(), "{ti}");
     assert_identical(s.dir(), "solo.qcow2", "qcow2", "out.qcow2", "qcow2");
 }
@@ -1100,8 +902,7 @@ fn qcow2_rs_reads_zlib_backup() {
     let expected = guest_bytes(s.dir(), "src.qcow2", "qcow2");
     for cluster in ["64k", "32k"] {
         let target = format!("out-{cluster}.qcow2");
-        s.qbackup(&[
-            "backup",
+        s.backup(&[
             "--compress",
             "zlib",
             "--cluster-size",
@@ -1110,7 +911,7 @@ fn qcow2_rs_reads_zlib_backup() {
             &target,
         ])
         .assert_ok();
-        assert!(map(s.dir(), &target, "qcow2").iter().any(|e| e.compressed));
+        assert!(s.qemu_map(&target, "qcow2").iter().any(|e| e.compressed));
         let got = qcow2_rs_read_all(&s.path(&target), expected.len());
         assert_eq!(got.len(), expected.len());
         if let Some(i) = (0..got.len()).find(|&i| got[i] != expected[i]) {
@@ -1136,8 +937,7 @@ fn deterministic_across_thread_counts() {
         let mut outputs = Vec::new();
         for threads in ["1", "4"] {
             let target = format!("{codec}-{threads}.qcow2");
-            s.qbackup(&[
-                "backup",
+            s.backup(&[
                 "--compress",
                 codec,
                 "--threads",
@@ -1195,7 +995,7 @@ fn compare_streams(
             // prefix lies inside one stream.
             let n = ns.min(nt).min(256) as usize;
             compared += 1;
-            if read_at(src, hs, n) == read_at(tgt, ht, n) {
+            if read_bytes(src, hs, n) == read_bytes(tgt, ht, n) {
                 equal += 1;
             }
         }
@@ -1207,7 +1007,7 @@ fn compare_streams(
 #[test]
 fn passthrough_zstd_and_recompress() {
     let s = Scratch::new();
-    s.img(&["create", "-q", "-f", "qcow2", "plain.qcow2", "4M"]);
+    s.create("plain.qcow2", "qcow2", 4 * MIB, "");
     s.io(
         "plain.qcow2",
         "qcow2",
@@ -1227,7 +1027,8 @@ fn passthrough_zstd_and_recompress() {
         "src.qcow2",
     ]);
     let size = 4 * MIB;
-    let src_clusters = map(s.dir(), "src.qcow2", "qcow2")
+    let src_clusters = s
+        .qemu_map("src.qcow2", "qcow2")
         .iter()
         .filter(|e| e.compressed)
         .map(|e| e.length / (64 * KIB))
@@ -1239,15 +1040,15 @@ fn passthrough_zstd_and_recompress() {
 
     // Default level: pass-through and recompressed are both identical.
     let run = |target: &str, extra: &[&str]| {
-        let mut args = vec!["backup", "--compress", "zstd"];
-        args.extend_from_slice(extra);
-        args.extend(["src.qcow2", target]);
-        s.qbackup(&args).assert_ok();
-        assert_check_clean(s.dir(), target);
-        assert_identical(s.dir(), "src.qcow2", "qcow2", target, "qcow2");
-        let ti = info(s.dir(), target, "qcow2");
+        backup_checked(
+            &s,
+            &[&["--compress", "zstd"], extra].concat(),
+            "src.qcow2",
+            target,
+        );
+        let ti = s.qemu_info(target, "qcow2");
         assert_eq!(ti["format-specific"]["data"]["compression-type"], "zstd");
-        std::fs::metadata(s.path(target)).unwrap().len()
+        file_len(&s.path(target))
     };
     let pass = run("pass.qcow2", &[]);
     let re = run("re.qcow2", &["--recompress"]);
@@ -1284,18 +1085,12 @@ fn passthrough_zstd_and_recompress() {
 fn passthrough_zlib_only_with_matching_cluster_size() {
     let s = Scratch::new();
     compressed_source(&s, "src.qcow2", "zlib");
-    s.qbackup(&[
-        "backup",
-        "--compress",
-        "zlib",
-        "--level",
-        "1",
+    backup_checked(
+        &s,
+        &["--compress", "zlib", "--level", "1"],
         "src.qcow2",
         "pass.qcow2",
-    ])
-    .assert_ok();
-    assert_check_clean(s.dir(), "pass.qcow2");
-    assert_identical(s.dir(), "src.qcow2", "qcow2", "pass.qcow2", "qcow2");
+    );
     // The text clusters written with `write -c` (the pattern cluster's
     // stream is too short for a 256-byte prefix).
     let text = |g: u64| !(512 * KIB..4 * MIB - 64 * KIB).contains(&g);
@@ -1307,18 +1102,12 @@ fn passthrough_zlib_only_with_matching_cluster_size() {
         "pass-through should copy qemu's zlib streams as they are"
     );
     // A different cluster size cannot pass streams through; still identical.
-    s.qbackup(&[
-        "backup",
-        "--compress",
-        "zlib",
-        "--cluster-size",
-        "128k",
+    backup_checked(
+        &s,
+        &["--compress", "zlib", "--cluster-size", "128k"],
         "src.qcow2",
         "c128.qcow2",
-    ])
-    .assert_ok();
-    assert_check_clean(s.dir(), "c128.qcow2");
-    assert_identical(s.dir(), "src.qcow2", "qcow2", "c128.qcow2", "qcow2");
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1326,7 +1115,7 @@ fn passthrough_zlib_only_with_matching_cluster_size() {
 // ---------------------------------------------------------------------------
 
 fn small_source(s: &Scratch, name: &str) {
-    s.img(&["create", "-q", "-f", "qcow2", name, "2M"]);
+    s.create(name, "qcow2", 2 * MIB, "");
     s.io(
         name,
         "qcow2",
@@ -1339,10 +1128,10 @@ fn fail_target_directory_missing() {
     let s = Scratch::new();
     small_source(&s, "src.qcow2");
     let target = s.p("no-such-dir/out.qcow2");
-    s.qbackup(&["backup", "src.qcow2", &target])
-        .assert_clean_failure(&["no-such-dir/out.qcow2"]);
+    s.backup(&["src.qcow2", &target])
+        .assert_clean_failure_mentioning(&["no-such-dir/out.qcow2"]);
     assert!(!s.path("no-such-dir").exists());
-    assert!(Scratch::leftovers(s.dir()).is_empty());
+    assert_no_leftovers(s.dir());
 }
 
 #[test]
@@ -1352,23 +1141,20 @@ fn fail_existing_target_without_force_then_force_replaces() {
     let old = b"precious bytes that must survive".to_vec();
     std::fs::write(s.path("out.qcow2"), &old).unwrap();
     for args in [
-        vec!["backup", "src.qcow2", "out.qcow2"],
-        vec!["backup", "-O", "raw", "src.qcow2", "out.qcow2"],
+        vec!["src.qcow2", "out.qcow2"],
+        vec!["-O", "raw", "src.qcow2", "out.qcow2"],
     ] {
-        s.qbackup(&args)
-            .assert_clean_failure(&["exists", "--force"]);
+        s.backup(&args)
+            .assert_clean_failure_mentioning(&["exists", "--force"]);
         assert_eq!(
             std::fs::read(s.path("out.qcow2")).unwrap(),
             old,
             "target changed"
         );
-        assert!(Scratch::leftovers(s.dir()).is_empty());
+        assert_no_leftovers(s.dir());
     }
-    s.qbackup(&["backup", "--force", "src.qcow2", "out.qcow2"])
-        .assert_ok();
-    assert_check_clean(s.dir(), "out.qcow2");
-    assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
-    assert!(Scratch::leftovers(s.dir()).is_empty());
+    backup_checked(&s, &["--force"], "src.qcow2", "out.qcow2");
+    assert_no_leftovers(s.dir());
 }
 
 #[test]
@@ -1376,10 +1162,10 @@ fn fail_target_is_the_source() {
     let s = Scratch::new();
     small_source(&s, "src.qcow2");
     let before = std::fs::read(s.path("src.qcow2")).unwrap();
-    s.qbackup(&["backup", "--force", "src.qcow2", "src.qcow2"])
-        .assert_clean_failure(&["src.qcow2"]);
+    s.backup(&["--force", "src.qcow2", "src.qcow2"])
+        .assert_clean_failure_mentioning(&["src.qcow2"]);
     assert_eq!(std::fs::read(s.path("src.qcow2")).unwrap(), before);
-    assert!(Scratch::leftovers(s.dir()).is_empty());
+    assert_no_leftovers(s.dir());
 }
 
 /// Run a backup that must fail on a damaged source: exit 1, one line that
@@ -1389,23 +1175,21 @@ fn assert_backup_fails(s: &Scratch, src: &str, runs: &[&str], words: &[&str]) {
     s.mkdir("out");
     for (i, extra) in runs.iter().enumerate() {
         let target = format!("out/{i}.img");
-        let mut args = vec!["backup"];
-        args.extend(extra.split_whitespace());
+        let mut args: Vec<&str> = extra.split_whitespace().collect();
         args.extend([src, &target]);
-        s.qbackup(&args).assert_clean_failure(words);
+        s.backup(&args).assert_clean_failure_mentioning(words);
         assert!(
             !s.path(&target).exists(),
             "{target} exists after a failed backup"
         );
-        let left = Scratch::leftovers(&s.path("out"));
-        assert!(left.is_empty(), "temporary files left behind: {left:?}");
+        assert_no_leftovers(&s.path("out"));
     }
 }
 
 #[test]
 fn fail_l2_entry_past_end_of_file() {
     let s = Scratch::new();
-    s.img(&["create", "-q", "-f", "qcow2", "bad.qcow2", "4M"]);
+    s.create("bad.qcow2", "qcow2", 4 * MIB, "");
     s.io(
         "bad.qcow2",
         "qcow2",
@@ -1414,17 +1198,13 @@ fn fail_l2_entry_past_end_of_file() {
     let path = s.path("bad.qcow2");
     let layout = Layout::read(&path);
     let pos = layout.l2_entry_pos(&path, 2 * MIB).expect("L2 table");
-    let entry = be64(&read_at(&path, pos, 8), 0);
-    assert_ne!(
-        entry & 0x00ff_ffff_ffff_fe00,
-        0,
-        "cluster should be allocated"
-    );
+    let entry = read_u64(&path, pos);
+    assert_ne!(entry & ENTRY_OFFSET_MASK, 0, "cluster should be allocated");
     // Keep the flags, point the cluster 1 GiB past the end of the file.
-    let len = std::fs::metadata(&path).unwrap().len();
+    let len = file_len(&path);
     let far = (len + 1024 * MIB).div_ceil(64 * KIB) * 64 * KIB;
-    let patched = (entry & !0x00ff_ffff_ffff_fe00) | far;
-    write_at(&path, pos, &patched.to_be_bytes());
+    let patched = (entry & !ENTRY_OFFSET_MASK) | far;
+    patch_u64(&path, pos, patched);
     assert_eq!(layout.l2_entry(&path, 2 * MIB), patched);
     assert_backup_fails(
         &s,
@@ -1435,16 +1215,7 @@ fn fail_l2_entry_past_end_of_file() {
 }
 
 fn corrupt_compressed(s: &Scratch, name: &str, ctype: &str) {
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("compression_type={ctype}"),
-        name,
-        "2M",
-    ]);
+    s.create(name, "qcow2", 2 * MIB, &format!("compression_type={ctype}"));
     s.io(
         name,
         "qcow2",
@@ -1462,7 +1233,7 @@ fn corrupt_compressed(s: &Scratch, name: &str, ctype: &str) {
     // reserved block type; for zstd, 0xff after the magic number sets the
     // reserved bit of the frame header descriptor.
     let at = if ctype == "zlib" { host } else { host + 4 };
-    write_at(&path, at, &[0xff; 200]);
+    patch(&path, at, &[0xff; 200]);
     let (code, _) = qemu_img_status(s.dir(), &["convert", "-O", "raw", name, "check.raw"]);
     assert_ne!(code, Some(0), "qemu-img should fail to read {name} too");
 }
@@ -1510,34 +1281,16 @@ fn fail_corrupt_compressed_cluster_zstd() {
 fn fail_sync_top_with_raw_target() {
     let s = Scratch::new();
     small_source(&s, "base.qcow2");
-    s.img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-    ]);
-    s.qbackup(&[
-        "backup",
-        "--sync",
-        "top",
-        "-O",
-        "raw",
-        "top.qcow2",
-        "out.raw",
-    ])
-    .assert_clean_failure(&["raw", "top"]);
+    s.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    s.backup(&["--sync", "top", "-O", "raw", "top.qcow2", "out.raw"])
+        .assert_clean_failure_mentioning(&["raw", "top"]);
     assert!(!s.path("out.raw").exists());
-    assert!(Scratch::leftovers(s.dir()).is_empty());
+    assert_no_leftovers(s.dir());
 }
 
 /// A 64 MiB image of non-zero data, slow to back up at `--speed 10M`.
 fn large_source(s: &Scratch) {
-    s.img(&["create", "-q", "-f", "qcow2", "large.qcow2", "64M"]);
+    s.create("large.qcow2", "qcow2", 64 * MIB, "");
     s.io("large.qcow2", "qcow2", &["write -P 0x5c 0 64M"]);
 }
 
@@ -1551,7 +1304,7 @@ fn start_slow_backup(s: &Scratch) -> (std::process::Child, String, Instant) {
         &["backup", "--speed", "10M", "large.qcow2", "out/large.qcow2"],
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while Scratch::leftovers(&s.path("out")).is_empty() {
+    while leftovers(&s.path("out")).is_empty() {
         assert!(
             Instant::now() < deadline,
             "no temporary file appeared in out/"
@@ -1600,18 +1353,17 @@ fn sigterm_cleans_up() {
         "SIGTERM did not stop the backup promptly\n{}",
         run.describe()
     );
-    run.assert_clean_failure(&["interrupt", "signal", "terminat", "cancel"]);
+    run.assert_clean_failure_mentioning(&["interrupt", "signal", "terminat", "cancel"]);
     assert!(!s.path("out/large.qcow2").exists(), "{}", run.describe());
-    let left = Scratch::leftovers(&s.path("out"));
-    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+    assert_no_leftovers(&s.path("out"));
 }
 
 #[test]
 fn speed_limit_lower_bound() {
     let s = Scratch::new();
-    s.img(&["create", "-q", "-f", "qcow2", "src.qcow2", "8M"]);
+    s.create("src.qcow2", "qcow2", 8 * MIB, "");
     s.io("src.qcow2", "qcow2", &["write -P 0x17 0 4M"]);
-    let run = s.qbackup(&["backup", "--speed", "2M", "src.qcow2", "out.qcow2"]);
+    let run = s.backup(&["--speed", "2M", "src.qcow2", "out.qcow2"]);
     run.assert_ok();
     assert!(
         run.elapsed >= Duration::from_millis(1500),
@@ -1620,7 +1372,7 @@ fn speed_limit_lower_bound() {
     );
     assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
     // Without a limit the same backup is fast (the bound above is the limit's doing).
-    let run = s.qbackup(&["backup", "src.qcow2", "fast.qcow2"]);
+    let run = s.backup(&["src.qcow2", "fast.qcow2"]);
     run.assert_ok();
     assert!(
         run.elapsed < Duration::from_millis(1500),

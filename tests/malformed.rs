@@ -75,6 +75,34 @@ fn assert_map_fails_info_any(s: &Scratch, name: &str) -> Run {
     assert_map_rejected(s.dir(), &img, &[name])
 }
 
+/// A good image `name`, damaged by `damage`, is rejected by `info` and `map`.
+fn damaged_rejected_everywhere(s: &Scratch, name: &str, damage: impl FnOnce(&Path)) {
+    damage(&good_image(s, name));
+    assert_rejected_everywhere(s, name);
+}
+
+/// A good image `name`, damaged by `damage`, is rejected by `map`; `info`
+/// may succeed.
+fn damaged_map_fails_info_any(s: &Scratch, name: &str, damage: impl FnOnce(&Path)) -> Run {
+    damage(&good_image(s, name));
+    assert_map_fails_info_any(s, name)
+}
+
+/// One good image per value, named by `name`, with the (u32) header field at
+/// `field` set to that value: each is rejected by `info` and `map`.
+fn header_u32_rejected(field: u64, values: &[u32], name: impl Fn(u32) -> String) {
+    let s = Scratch::new();
+    for &v in values {
+        damaged_rejected_everywhere(&s, &name(v), |p| patch_u32(p, field, v));
+    }
+}
+
+/// `info` and `map --output=json` (with format `fmt`) fail by the contract.
+fn assert_info_and_map_json_rejected(cwd: &Path, image: &str, fmt: Option<&str>, names: &[&str]) {
+    qbackup_info_json(cwd, image, fmt).assert_clean_failure(names);
+    qbackup_map_json(cwd, image, fmt).assert_clean_failure(names);
+}
+
 /// The host offset of the first data extent, per qemu-img map.
 fn first_data_offset(s: &Scratch, name: &str, from_end: bool) -> u64 {
     let map = qemu_map_json(s.dir(), &s.p(name), None);
@@ -86,6 +114,13 @@ fn first_data_offset(s: &Scratch, name: &str, from_end: bool) -> u64 {
     offs.sort_unstable();
     let r = if from_end { offs.last() } else { offs.first() };
     *r.expect("a data extent")
+}
+
+/// File offset of the L2 entry for guest offset `guest` (its table must exist).
+fn l2_entry_pos(p: &Path, guest: u64) -> u64 {
+    Layout::read(p)
+        .l2_entry_pos(p, guest)
+        .unwrap_or_else(|| panic!("L2 table for {guest} of {} unallocated", p.display()))
 }
 
 /// An offset well past the end of the file, cluster aligned.
@@ -101,20 +136,15 @@ fn far_past_eof(p: &Path) -> u64 {
 fn truncated_in_header() {
     let s = Scratch::new();
     for cut in [8u64, 50, 71, 104] {
-        let name = format!("cut{cut}.qcow2");
-        let p = good_image(&s, &name);
-        set_len(&p, cut);
-        assert_rejected_everywhere(&s, &name);
+        damaged_rejected_everywhere(&s, &format!("cut{cut}.qcow2"), |p| set_len(p, cut));
     }
 }
 
 #[test]
 fn truncated_in_header_extensions() {
     let s = Scratch::new();
-    let p = good_image(&s, "cutext.qcow2");
     // Inside the feature name table extension that follows the header.
-    set_len(&p, 112 + 12);
-    assert_rejected_everywhere(&s, "cutext.qcow2");
+    damaged_rejected_everywhere(&s, "cutext.qcow2", |p| set_len(p, 112 + 12));
 }
 
 #[test]
@@ -127,7 +157,7 @@ fn truncated_in_l1_table() {
         "qcow2",
         &["write -P 1 0 64k", "write -P 2 3G 64k"],
     );
-    let l1 = qcow2_l1_offset(&p);
+    let l1 = Layout::read(&p).l1_offset;
     set_len(&p, l1 + 8 * 6 + 4);
     assert_map_fails_info_any(&s, "cutl1.qcow2");
 }
@@ -135,24 +165,26 @@ fn truncated_in_l1_table() {
 #[test]
 fn truncated_in_l2_table() {
     let s = Scratch::new();
-    let p = good_image(&s, "cutl2.qcow2");
-    let l2 = qcow2_l2_offset(&p, 0);
-    set_len(&p, l2 + 100);
-    assert_map_fails_info_any(&s, "cutl2.qcow2");
+    damaged_map_fails_info_any(&s, "cutl2.qcow2", |p| {
+        let l2 = Layout::read(p)
+            .l2_table(p, 0)
+            .expect("L1 entry 0 allocated");
+        set_len(p, l2 + 100);
+    });
 }
 
 #[test]
 fn truncated_in_data() {
     let s = Scratch::new();
-    let p = good_image(&s, "cutdata.qcow2");
-    let last = first_data_offset(&s, "cutdata.qcow2", true);
-    assert_eq!(
-        file_len(&p),
-        last + 64 * KIB,
-        "test premise: data cluster ends the file"
-    );
-    set_len(&p, last + 4096);
-    assert_map_fails_info_any(&s, "cutdata.qcow2");
+    damaged_map_fails_info_any(&s, "cutdata.qcow2", |p| {
+        let last = first_data_offset(&s, "cutdata.qcow2", true);
+        assert_eq!(
+            file_len(p),
+            last + 64 * KIB,
+            "test premise: data cluster ends the file"
+        );
+        set_len(p, last + 4096);
+    });
 }
 
 #[test]
@@ -160,20 +192,17 @@ fn empty_file_as_qcow2() {
     let s = Scratch::new();
     s.write_file("empty.qcow2", &[]);
     let img = s.p("empty.qcow2");
-    qbackup_info_json(s.dir(), &img, Some("qcow2")).assert_clean_failure(&["empty.qcow2"]);
-    qbackup_map_json(s.dir(), &img, Some("qcow2")).assert_clean_failure(&["empty.qcow2"]);
+    assert_info_and_map_json_rejected(s.dir(), &img, Some("qcow2"), &["empty.qcow2"]);
 }
 
 #[test]
 fn nonexistent_file_and_directory() {
     let s = Scratch::new();
     let missing = s.p("no-such-image.qcow2");
-    qbackup_info_json(s.dir(), &missing, None).assert_clean_failure(&["no-such-image.qcow2"]);
-    qbackup_map_json(s.dir(), &missing, None).assert_clean_failure(&["no-such-image.qcow2"]);
+    assert_info_and_map_json_rejected(s.dir(), &missing, None, &["no-such-image.qcow2"]);
     s.mkdir("a-directory");
     let dir = s.p("a-directory");
-    qbackup_info_json(s.dir(), &dir, None).assert_clean_failure(&["a-directory"]);
-    qbackup_map_json(s.dir(), &dir, None).assert_clean_failure(&["a-directory"]);
+    assert_info_and_map_json_rejected(s.dir(), &dir, None, &["a-directory"]);
 }
 
 // ---------------------------------------------------------------------------
@@ -187,104 +216,91 @@ fn bad_magic_is_probed_as_raw() {
     patch(&p, hdr::MAGIC, b"QFJ\xfb");
     // qemu-img probes it as raw: so must we, and the raw view must match.
     check(&s, "nomagic.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("nomagic.qcow2"), None);
-    assert_eq!(info.assert_ok().json()["format"], "raw");
+    let info = qbackup_info_ok(s.dir(), &s.p("nomagic.qcow2"), None);
+    assert_eq!(info["format"], "raw");
     // Forcing qcow2 must fail cleanly.
     let img = s.p("nomagic.qcow2");
-    qbackup_info_json(s.dir(), &img, Some("qcow2")).assert_clean_failure(&["nomagic.qcow2"]);
-    qbackup_map_json(s.dir(), &img, Some("qcow2")).assert_clean_failure(&["nomagic.qcow2"]);
+    assert_info_and_map_json_rejected(s.dir(), &img, Some("qcow2"), &["nomagic.qcow2"]);
 }
 
 #[test]
 fn version_1_and_4() {
-    let s = Scratch::new();
-    for v in [1u32, 4, 0xffff_ffff] {
-        let name = format!("version{v}.qcow2");
-        let p = good_image(&s, &name);
-        patch_u32(&p, hdr::VERSION, v);
-        assert_rejected_everywhere(&s, &name);
-    }
+    header_u32_rejected(hdr::VERSION, &[1, 4, 0xffff_ffff], |v| {
+        format!("version{v}.qcow2")
+    });
 }
 
 #[test]
 fn cluster_bits_8_and_22() {
-    let s = Scratch::new();
-    for bits in [0u32, 8, 22, 63, 64] {
-        let name = format!("cbits{bits}.qcow2");
-        let p = good_image(&s, &name);
-        patch_u32(&p, hdr::CLUSTER_BITS, bits);
-        assert_rejected_everywhere(&s, &name);
-    }
+    header_u32_rejected(hdr::CLUSTER_BITS, &[0, 8, 22, 63, 64], |bits| {
+        format!("cbits{bits}.qcow2")
+    });
 }
 
 #[test]
 fn huge_l1_size() {
-    let s = Scratch::new();
-    for l1 in [0xffff_ffffu32, 0x0200_0000, 0x8000_0000] {
-        let name = format!("l1size{l1:x}.qcow2");
-        let p = good_image(&s, &name);
-        patch_u32(&p, hdr::L1_SIZE, l1);
-        assert_rejected_everywhere(&s, &name);
-    }
+    header_u32_rejected(
+        hdr::L1_SIZE,
+        &[0xffff_ffff, 0x0200_0000, 0x8000_0000],
+        |l1| format!("l1size{l1:x}.qcow2"),
+    );
 }
 
 #[test]
 fn l1_size_too_small_for_virtual_size() {
     // Every guest cluster would look unallocated: a silent all-zero backup.
     let s = Scratch::new();
-    let p = good_image(&s, "l1small.qcow2");
-    patch_u32(&p, hdr::L1_SIZE, 0);
-    assert_rejected_everywhere(&s, "l1small.qcow2");
+    damaged_rejected_everywhere(&s, "l1small.qcow2", |p| patch_u32(p, hdr::L1_SIZE, 0));
 }
 
 #[test]
 fn huge_virtual_size() {
     let s = Scratch::new();
-    let p = good_image(&s, "hugesize.qcow2");
-    patch_u64(&p, hdr::SIZE, u64::MAX - 511);
-    assert_rejected_everywhere(&s, "hugesize.qcow2");
+    damaged_rejected_everywhere(&s, "hugesize.qcow2", |p| {
+        patch_u64(p, hdr::SIZE, u64::MAX - 511);
+    });
 }
 
 #[test]
 fn l1_table_offset_unaligned() {
     let s = Scratch::new();
-    let p = good_image(&s, "l1unaligned.qcow2");
-    let l1 = qcow2_l1_offset(&p);
-    patch_u64(&p, hdr::L1_TABLE_OFFSET, l1 + 8);
-    assert_rejected_everywhere(&s, "l1unaligned.qcow2");
+    damaged_rejected_everywhere(&s, "l1unaligned.qcow2", |p| {
+        let l1 = Layout::read(p).l1_offset;
+        patch_u64(p, hdr::L1_TABLE_OFFSET, l1 + 8);
+    });
 }
 
 #[test]
 fn l1_table_offset_past_eof() {
     let s = Scratch::new();
-    let p = good_image(&s, "l1far.qcow2");
-    patch_u64(&p, hdr::L1_TABLE_OFFSET, far_past_eof(&p));
-    assert_map_fails_info_any(&s, "l1far.qcow2");
+    damaged_map_fails_info_any(&s, "l1far.qcow2", |p| {
+        patch_u64(p, hdr::L1_TABLE_OFFSET, far_past_eof(p));
+    });
 }
 
 #[test]
 fn l1_entry_past_eof() {
     let s = Scratch::new();
-    let p = good_image(&s, "l1entry.qcow2");
-    let pos = qcow2_l1_entry_pos(&p, 0);
-    patch_u64(&p, pos, OFLAG_COPIED | far_past_eof(&p));
-    assert_map_fails_info_any(&s, "l1entry.qcow2");
+    damaged_map_fails_info_any(&s, "l1entry.qcow2", |p| {
+        let pos = Layout::read(p).l1_entry_pos(0);
+        patch_u64(p, pos, OFLAG_COPIED | far_past_eof(p));
+    });
 }
 
 #[test]
 fn l2_entry_past_eof() {
     let s = Scratch::new();
-    let p = good_image(&s, "l2entry.qcow2");
-    // Guest cluster 16 (1 MiB) is the second data cluster.
-    let pos = qcow2_l2_entry_pos(&p, 16);
-    let old = read_u64(&p, pos);
-    assert_ne!(
-        old & ENTRY_OFFSET_MASK,
-        0,
-        "test premise: cluster 16 allocated"
-    );
-    patch_u64(&p, pos, OFLAG_COPIED | far_past_eof(&p));
-    let run = assert_map_fails_info_any(&s, "l2entry.qcow2");
+    let run = damaged_map_fails_info_any(&s, "l2entry.qcow2", |p| {
+        // Guest cluster 16 (1 MiB) is the second data cluster.
+        let pos = l2_entry_pos(p, MIB);
+        let old = read_u64(p, pos);
+        assert_ne!(
+            old & ENTRY_OFFSET_MASK,
+            0,
+            "test premise: cluster 16 allocated"
+        );
+        patch_u64(p, pos, OFLAG_COPIED | far_past_eof(p));
+    });
     assert!(
         run.stderr.contains("past the end"),
         "error should say the cluster lies past the end of the file\n{}",
@@ -295,11 +311,11 @@ fn l2_entry_past_eof() {
 #[test]
 fn l2_entry_unaligned_data_offset() {
     let s = Scratch::new();
-    let p = good_image(&s, "l2unaligned.qcow2");
-    let pos = qcow2_l2_entry_pos(&p, 0);
-    let old = read_u64(&p, pos);
-    patch_u64(&p, pos, old + 512);
-    assert_map_fails_info_any(&s, "l2unaligned.qcow2");
+    damaged_map_fails_info_any(&s, "l2unaligned.qcow2", |p| {
+        let pos = l2_entry_pos(p, 0);
+        let old = read_u64(p, pos);
+        patch_u64(p, pos, old + 512);
+    });
 }
 
 #[test]
@@ -311,14 +327,11 @@ fn compressed_cluster_with_garbage() {
         "qcow2",
         &["write -c -P 0x5a 0 64k", "write -P 1 1M 64k"],
     );
-    let entry = read_u64(&p, qcow2_l2_entry_pos(&p, 0));
-    assert_ne!(
-        entry & OFLAG_COMPRESSED,
-        0,
-        "test premise: cluster 0 compressed"
-    );
-    let x = 62 - (qcow2_cluster_bits(&p) - 8);
-    let host = entry & ((1u64 << x) - 1);
+    let layout = Layout::read(&p);
+    let entry = layout.l2_entry(&p, 0);
+    let (host, _) = layout
+        .compressed_span(entry)
+        .expect("test premise: cluster 0 compressed");
     let garbage: Vec<u8> = (0..256u32).map(|i| (i * 151 + 7) as u8).collect();
     patch(&p, host, &garbage);
     // map does not decompress: it may succeed (then it must match qemu-img) or
@@ -340,11 +353,10 @@ fn compressed_cluster_with_garbage() {
 fn unknown_incompatible_feature_bit() {
     let s = Scratch::new();
     for bit in [5u32, 40, 63] {
-        let name = format!("incompat{bit}.qcow2");
-        let p = good_image(&s, &name);
-        let old = read_u64(&p, hdr::INCOMPATIBLE_FEATURES);
-        patch_u64(&p, hdr::INCOMPATIBLE_FEATURES, old | (1u64 << bit));
-        assert_rejected_everywhere(&s, &name);
+        damaged_rejected_everywhere(&s, &format!("incompat{bit}.qcow2"), |p| {
+            let old = read_u64(p, hdr::INCOMPATIBLE_FEATURES);
+            patch_u64(p, hdr::INCOMPATIBLE_FEATURES, old | (1u64 << bit));
+        });
     }
 }
 
@@ -363,40 +375,33 @@ fn corrupt_bit_set() {
 
 #[test]
 fn refcount_order_7() {
-    let s = Scratch::new();
-    for order in [7u32, 100] {
-        let name = format!("rorder{order}.qcow2");
-        let p = good_image(&s, &name);
-        patch_u32(&p, hdr::REFCOUNT_ORDER, order);
-        assert_rejected_everywhere(&s, &name);
-    }
+    header_u32_rejected(hdr::REFCOUNT_ORDER, &[7, 100], |order| {
+        format!("rorder{order}.qcow2")
+    });
 }
 
 #[test]
 fn header_length_bogus() {
-    let s = Scratch::new();
-    for len in [0u32, 50, 103, 0x20000, 0xffff_fff8] {
-        let name = format!("hlen{len:x}.qcow2");
-        let p = good_image(&s, &name);
-        patch_u32(&p, hdr::HEADER_LENGTH, len);
-        assert_rejected_everywhere(&s, &name);
-    }
+    header_u32_rejected(
+        hdr::HEADER_LENGTH,
+        &[0, 50, 103, 0x20000, 0xffff_fff8],
+        |len| format!("hlen{len:x}.qcow2"),
+    );
 }
 
 #[test]
 fn header_extension_runs_past_cluster() {
     let s = Scratch::new();
     for len in [0x1_0000u32, 0xfff8, 0xffff_fff0] {
-        let name = format!("hext{len:x}.qcow2");
-        let p = good_image(&s, &name);
-        let hlen = read_u32(&p, hdr::HEADER_LENGTH) as u64;
-        assert_ne!(
-            read_u32(&p, hlen),
-            0,
-            "test premise: an extension follows the header"
-        );
-        patch_u32(&p, hlen + 4, len);
-        assert_rejected_everywhere(&s, &name);
+        damaged_rejected_everywhere(&s, &format!("hext{len:x}.qcow2"), |p| {
+            let hlen = read_u32(p, hdr::HEADER_LENGTH) as u64;
+            assert_ne!(
+                read_u32(p, hlen),
+                0,
+                "test premise: an extension follows the header"
+            );
+            patch_u32(p, hlen + 4, len);
+        });
     }
 }
 
@@ -420,10 +425,7 @@ fn backing_loop() {
     s.create("a.qcow2", "qcow2", MIB, "");
     s.overlay("b.qcow2", "a.qcow2", "qcow2", None, "");
     // a -> b -> a (qemu-img itself hangs on this).
-    qemu_img_in(
-        s.dir(),
-        &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
-    );
+    s.img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"]);
     for name in ["a.qcow2", "b.qcow2"] {
         let img = s.p(name);
         assert_info_ok_or_rejected_no_oracle(s.dir(), &img, &["a.qcow2", "b.qcow2"]);
@@ -435,18 +437,15 @@ fn backing_loop() {
 fn backing_self_loop() {
     let s = Scratch::new();
     s.create("self.qcow2", "qcow2", MIB, "");
-    qemu_img_in(
-        s.dir(),
-        &[
-            "rebase",
-            "-u",
-            "-b",
-            "self.qcow2",
-            "-F",
-            "qcow2",
-            "self.qcow2",
-        ],
-    );
+    s.img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "self.qcow2",
+        "-F",
+        "qcow2",
+        "self.qcow2",
+    ]);
     let img = s.p("self.qcow2");
     assert_info_ok_or_rejected_no_oracle(s.dir(), &img, &["self.qcow2"]);
     assert_map_rejected(s.dir(), &img, &["self.qcow2"]);
@@ -530,21 +529,18 @@ fn backing_chain_of_16_is_fine() {
 #[test]
 fn encrypted_luks() {
     let s = Scratch::new();
-    qemu_img_in(
-        s.dir(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=sec0,data=x",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            "luks.qcow2",
-            "4M",
-        ],
-    );
+    s.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=x",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "luks.qcow2",
+        "4M",
+    ]);
     let img = s.p("luks.qcow2");
     let info = assert_info_matches(s.dir(), &img, None);
     assert_eq!(info["encrypted"], true);
@@ -565,7 +561,5 @@ fn encrypted_legacy_aes() {
 #[test]
 fn unknown_crypt_method() {
     let s = Scratch::new();
-    let p = good_image(&s, "crypt9.qcow2");
-    patch_u32(&p, hdr::CRYPT_METHOD, 9);
-    assert_rejected_everywhere(&s, "crypt9.qcow2");
+    damaged_rejected_everywhere(&s, "crypt9.qcow2", |p| patch_u32(p, hdr::CRYPT_METHOD, 9));
 }

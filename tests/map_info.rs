@@ -105,8 +105,8 @@ fn raw_with_qcow2_lookalike_name_is_probed_as_raw() {
     let s = Scratch::new();
     s.write_file("not-really.qcow2", &noise(5000, 4));
     check(&s, "not-really.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("not-really.qcow2"), None);
-    assert_eq!(info.assert_ok().json()["format"], "raw");
+    let info = qbackup_info_ok(s.dir(), &s.p("not-really.qcow2"), None);
+    assert_eq!(info["format"], "raw");
 }
 
 // ---------------------------------------------------------------------------
@@ -218,31 +218,17 @@ fn cluster_size_case(cluster: u64) {
         format!("discard {} {}", 10 * c, c),
         format!("write -P 5 {} {}", size - c, c),
     ];
-    let cmds: Vec<&str> = cmds.iter().map(|x| x.as_str()).collect();
-    s.io("c.qcow2", "qcow2", &cmds);
+    s.io_all("c.qcow2", "qcow2", &cmds);
     check(&s, "c.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("c.qcow2"), None);
-    assert_eq!(info.assert_ok().json()["cluster-size"], c);
+    let info = qbackup_info_ok(s.dir(), &s.p("c.qcow2"), None);
+    assert_eq!(info["cluster-size"], c);
 }
 
-#[test]
-fn qcow2_cluster_512() {
-    cluster_size_case(512);
-}
-
-#[test]
-fn qcow2_cluster_4096() {
-    cluster_size_case(4096);
-}
-
-#[test]
-fn qcow2_cluster_65536() {
-    cluster_size_case(65536);
-}
-
-#[test]
-fn qcow2_cluster_2m() {
-    cluster_size_case(2 * MIB);
+test_cases! { cluster_size_case =>
+    qcow2_cluster_512(512);
+    qcow2_cluster_4096(4096);
+    qcow2_cluster_65536(65536);
+    qcow2_cluster_2m(2 * MIB);
 }
 
 #[test]
@@ -253,8 +239,7 @@ fn qcow2_cluster_512_many_l2_tables() {
     let cmds: Vec<String> = (0..64u64)
         .map(|i| format!("write -P {} {} 1024", i + 1, i * 64 * KIB + i * 512))
         .collect();
-    let cmds: Vec<&str> = cmds.iter().map(|x| x.as_str()).collect();
-    s.io("small.qcow2", "qcow2", &cmds);
+    s.io_all("small.qcow2", "qcow2", &cmds);
     check(&s, "small.qcow2", None);
 }
 
@@ -340,11 +325,8 @@ fn qcow2_compressed_zstd() {
         ],
     );
     check(&s, "zstd.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("zstd.qcow2"), None);
-    assert_eq!(
-        info.assert_ok().json()["format-specific"]["data"]["compression-type"],
-        "zstd"
-    );
+    let info = qbackup_info_ok(s.dir(), &s.p("zstd.qcow2"), None);
+    assert_eq!(info["format-specific"]["data"]["compression-type"], "zstd");
 }
 
 #[test]
@@ -399,29 +381,20 @@ fn extended_l2_case(cluster: u64) {
         // host cluster (valid: the rest of the cluster is unallocated).
         format!("write -P 6 {} 4k", 9 * c + 16 * sub),
     ];
-    let cmds: Vec<&str> = cmds.iter().map(|x| x.as_str()).collect();
-    s.io("x.qcow2", "qcow2", &cmds);
+    s.io_all("x.qcow2", "qcow2", &cmds);
     check(&s, "x.qcow2", None);
     let map = qemu_map_json(s.dir(), &s.p("x.qcow2"), None);
     assert!(
         count_extents(&map, |e| e["present"] == false && e.get("offset").is_some()) >= 1,
         "expected unallocated subclusters with an offset: {map}"
     );
-    let info = qbackup_info_json(s.dir(), &s.p("x.qcow2"), None);
-    assert_eq!(
-        info.assert_ok().json()["format-specific"]["data"]["extended-l2"],
-        true
-    );
+    let info = qbackup_info_ok(s.dir(), &s.p("x.qcow2"), None);
+    assert_eq!(info["format-specific"]["data"]["extended-l2"], true);
 }
 
-#[test]
-fn qcow2_extended_l2_64k() {
-    extended_l2_case(64 * KIB);
-}
-
-#[test]
-fn qcow2_extended_l2_128k() {
-    extended_l2_case(128 * KIB);
+test_cases! { extended_l2_case =>
+    qcow2_extended_l2_64k(64 * KIB);
+    qcow2_extended_l2_128k(128 * KIB);
 }
 
 #[test]
@@ -478,19 +451,10 @@ fn prealloc_case(mode: &str) {
     check(&s, "pre.qcow2", None);
 }
 
-#[test]
-fn qcow2_prealloc_metadata() {
-    prealloc_case("metadata");
-}
-
-#[test]
-fn qcow2_prealloc_falloc() {
-    prealloc_case("falloc");
-}
-
-#[test]
-fn qcow2_prealloc_full() {
-    prealloc_case("full");
+test_cases! { prealloc_case =>
+    qcow2_prealloc_metadata("metadata");
+    qcow2_prealloc_falloc("falloc");
+    qcow2_prealloc_full("full");
 }
 
 #[test]
@@ -510,31 +474,15 @@ fn refcount_case(bits: u32) {
     );
     s.io("r.qcow2", "qcow2", MIX);
     check(&s, "r.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("r.qcow2"), None);
-    assert_eq!(
-        info.assert_ok().json()["format-specific"]["data"]["refcount-bits"],
-        bits
-    );
+    let info = qbackup_info_ok(s.dir(), &s.p("r.qcow2"), None);
+    assert_eq!(info["format-specific"]["data"]["refcount-bits"], bits);
 }
 
-#[test]
-fn qcow2_refcount_bits_1() {
-    refcount_case(1);
-}
-
-#[test]
-fn qcow2_refcount_bits_2() {
-    refcount_case(2);
-}
-
-#[test]
-fn qcow2_refcount_bits_8() {
-    refcount_case(8);
-}
-
-#[test]
-fn qcow2_refcount_bits_64() {
-    refcount_case(64);
+test_cases! { refcount_case =>
+    qcow2_refcount_bits_1(1);
+    qcow2_refcount_bits_2(2);
+    qcow2_refcount_bits_8(8);
+    qcow2_refcount_bits_64(64);
 }
 
 #[test]
@@ -543,11 +491,8 @@ fn qcow2_lazy_refcounts() {
     s.create("lazy.qcow2", "qcow2", 4 * MIB, "lazy_refcounts=on");
     s.io("lazy.qcow2", "qcow2", MIX);
     check(&s, "lazy.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("lazy.qcow2"), None);
-    assert_eq!(
-        info.assert_ok().json()["format-specific"]["data"]["lazy-refcounts"],
-        true
-    );
+    let info = qbackup_info_ok(s.dir(), &s.p("lazy.qcow2"), None);
+    assert_eq!(info["format-specific"]["data"]["lazy-refcounts"], true);
 }
 
 #[test]
@@ -567,8 +512,8 @@ fn qcow2_dirty_bit() {
         "test premise: qemu-img sees the dirty bit"
     );
     check(&s, "dirty.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("dirty.qcow2"), None);
-    assert_eq!(info.assert_ok().json()["dirty-flag"], true);
+    let info = qbackup_info_ok(s.dir(), &s.p("dirty.qcow2"), None);
+    assert_eq!(info["dirty-flag"], true);
 }
 
 // ---------------------------------------------------------------------------
@@ -721,8 +666,7 @@ fn chain_relative_backing_in_subdirectories() {
     ] {
         assert_image_matches(&cwd, &image, None);
     }
-    let info = qbackup_info_json(s.dir(), "images/sub/top2.qcow2", None);
-    let info = info.assert_ok().json();
+    let info = qbackup_info_ok(s.dir(), "images/sub/top2.qcow2", None);
     assert_eq!(info["backing-filename"], "top.qcow2");
     assert_eq!(info["full-backing-filename"], "images/sub/top.qcow2");
 }
@@ -772,9 +716,9 @@ fn qcow2_external_data_file() {
         ],
     );
     check(&s, "ext.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("ext.qcow2"), None);
+    let info = qbackup_info_ok(s.dir(), &s.p("ext.qcow2"), None);
     assert_eq!(
-        info.assert_ok().json()["format-specific"]["data"]["data-file"],
+        info["format-specific"]["data"]["data-file"],
         s.p("data.raw").as_str()
     );
 }
@@ -790,11 +734,8 @@ fn qcow2_external_data_file_raw() {
         &["write -P 1 64k 64k", "write -P 2 2M 1M"],
     );
     check(&s, "extraw.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &s.p("extraw.qcow2"), None);
-    assert_eq!(
-        info.assert_ok().json()["format-specific"]["data"]["data-file-raw"],
-        true
-    );
+    let info = qbackup_info_ok(s.dir(), &s.p("extraw.qcow2"), None);
+    assert_eq!(info["format-specific"]["data"]["data-file-raw"], true);
 }
 
 #[test]
@@ -817,35 +758,25 @@ fn qcow2_dirty_bitmaps_info() {
     let s = Scratch::new();
     let img = s.p("bm.qcow2");
     s.create("bm.qcow2", "qcow2", 4 * MIB, "");
-    qemu_img_in(s.dir(), &["bitmap", "--add", &img, "enabled-default"]);
-    qemu_img_in(
-        s.dir(),
-        &[
-            "bitmap",
-            "--add",
-            "-g",
-            "1M",
-            "--disable",
-            &img,
-            "disabled-1m",
-        ],
-    );
-    qemu_img_in(
-        s.dir(),
-        &["bitmap", "--add", "-g", "4096", &img, "enabled-4k"],
-    );
-    qemu_img_in(
-        s.dir(),
-        &["bitmap", "--add", "-g", "16M", "--disable", &img, "zz"],
-    );
+    s.img(&["bitmap", "--add", &img, "enabled-default"]);
+    s.img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "1M",
+        "--disable",
+        &img,
+        "disabled-1m",
+    ]);
+    s.img(&["bitmap", "--add", "-g", "4096", &img, "enabled-4k"]);
+    s.img(&["bitmap", "--add", "-g", "16M", "--disable", &img, "zz"]);
     s.io(
         "bm.qcow2",
         "qcow2",
         &["write -P 1 0 64k", "write -P 2 2M 4k"],
     );
     check(&s, "bm.qcow2", None);
-    let info = qbackup_info_json(s.dir(), &img, None);
-    let info = info.assert_ok().json();
+    let info = qbackup_info_ok(s.dir(), &img, None);
     let bms = info["format-specific"]["data"]["bitmaps"]
         .as_array()
         .expect("bitmaps array")
@@ -860,10 +791,7 @@ fn qcow2_dirty_bitmaps_on_v3_with_chain() {
     s.create("base.qcow2", "qcow2", 4 * MIB, "");
     s.io("base.qcow2", "qcow2", &["write -P 1 0 1M"]);
     let top = s.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
-    qemu_img_in(
-        s.dir(),
-        &["bitmap", "--add", "-g", "128k", top.to_str().unwrap(), "b0"],
-    );
+    s.img(&["bitmap", "--add", "-g", "128k", top.to_str().unwrap(), "b0"]);
     s.io("top.qcow2", "qcow2", &["write -P 2 512k 64k"]);
     check(&s, "top.qcow2", None);
 }
@@ -888,8 +816,7 @@ fn qcow2_large_sparse_64g() {
     cmds.push(format!("write -c -P 0x72 {} 128k", 4 * GIB - 64 * KIB));
     cmds.push(format!("write -z {} 64k", 8 * GIB));
     cmds.push(format!("write -P 0x73 {} 4096", 64 * GIB - 4096));
-    let cmds: Vec<&str> = cmds.iter().map(|x| x.as_str()).collect();
-    s.io("big.qcow2", "qcow2", &cmds);
+    s.io_all("big.qcow2", "qcow2", &cmds);
     check(&s, "big.qcow2", None);
 }
 
@@ -904,8 +831,7 @@ fn qcow2_large_sparse_64g_4k_clusters() {
             format!("write -P {} {} {}", i % 250 + 1, off, 4096 * (1 + i % 3))
         })
         .collect();
-    let cmds: Vec<&str> = cmds.iter().map(|x| x.as_str()).collect();
-    s.io("big4k.qcow2", "qcow2", &cmds);
+    s.io_all("big4k.qcow2", "qcow2", &cmds);
     check(&s, "big4k.qcow2", None);
     let map = qemu_map_json(s.dir(), &s.p("big4k.qcow2"), None);
     assert!(
@@ -921,8 +847,7 @@ fn raw_large_sparse() {
     let cmds: Vec<String> = (0..40u64)
         .map(|i| format!("write -P {} {} 4096", i + 1, i * 1637 * MIB))
         .collect();
-    let cmds: Vec<&str> = cmds.iter().map(|x| x.as_str()).collect();
-    s.io("big.raw", "raw", &cmds);
+    s.io_all("big.raw", "raw", &cmds);
     check(&s, "big.raw", None);
 }
 
@@ -931,12 +856,11 @@ fn qcow2_bitmap_flags_in_use() {
     // A bitmap left "in use" by a QEMU that did not close the image.
     let s = Scratch::new();
     let p = s.create("inuse.qcow2", "qcow2", 4 * MIB, "");
-    qemu_img_in(s.dir(), &["bitmap", "--add", &s.p("inuse.qcow2"), "b1"]);
-    qemu_img_in(
-        s.dir(),
-        &["bitmap", "--add", "--disable", &s.p("inuse.qcow2"), "b2"],
-    );
-    let dir = bitmap_directory_offset(&p);
+    s.img(&["bitmap", "--add", &s.p("inuse.qcow2"), "b1"]);
+    s.img(&["bitmap", "--add", "--disable", &s.p("inuse.qcow2"), "b2"]);
+    // Bitmaps extension: nb_bitmaps u32, reserved u32, directory size u64,
+    // directory offset u64.
+    let dir = read_u64(&p, qcow2_header_extension(&p, ext::BITMAPS) + 8 + 16);
     // Entry: table offset u64, table size u32, flags u32 (bit 0 in_use, 1 auto).
     let flags = read_u32(&p, dir + 12);
     patch_u32(&p, dir + 12, flags | 1);
@@ -955,7 +879,7 @@ fn qcow2_bitmaps_invalid_without_autoclear_bit() {
     // image, so qemu-img ignores the bitmaps extension.
     let s = Scratch::new();
     let p = s.create("noauto.qcow2", "qcow2", 4 * MIB, "");
-    qemu_img_in(s.dir(), &["bitmap", "--add", &s.p("noauto.qcow2"), "b1"]);
+    s.img(&["bitmap", "--add", &s.p("noauto.qcow2"), "b1"]);
     s.io("noauto.qcow2", "qcow2", &["write -P 1 0 64k"]);
     patch_u64(&p, hdr::AUTOCLEAR_FEATURES, 0);
     let q = qemu_info_json(s.dir(), &s.p("noauto.qcow2"), None);
@@ -964,19 +888,6 @@ fn qcow2_bitmaps_invalid_without_autoclear_bit() {
         "test premise"
     );
     check(&s, "noauto.qcow2", None);
-}
-
-/// Offset of the bitmap directory, from the bitmaps header extension.
-fn bitmap_directory_offset(p: &std::path::Path) -> u64 {
-    let mut off = read_u32(p, hdr::HEADER_LENGTH) as u64;
-    loop {
-        let (t, len) = (read_u32(p, off), read_u32(p, off + 4) as u64);
-        assert_ne!(t, 0, "no bitmaps extension in {}", p.display());
-        if t == 0x2385_2875 {
-            return read_u64(p, off + 8 + 16);
-        }
-        off += 8 + len.div_ceil(8) * 8;
-    }
 }
 
 #[test]
@@ -990,7 +901,7 @@ fn qcow2_with_internal_snapshot() {
         "qcow2",
         &["write -P 1 0 256k", "write -c -P 2 1M 64k"],
     );
-    qemu_img_in(s.dir(), &["snapshot", "-c", "s1", &s.p("snap.qcow2")]);
+    s.img(&["snapshot", "-c", "s1", &s.p("snap.qcow2")]);
     s.io(
         "snap.qcow2",
         "qcow2",
@@ -1000,7 +911,7 @@ fn qcow2_with_internal_snapshot() {
             "write -P 4 2M 64k",
         ],
     );
-    qemu_img_in(s.dir(), &["snapshot", "-c", "s2", &s.p("snap.qcow2")]);
+    s.img(&["snapshot", "-c", "s2", &s.p("snap.qcow2")]);
     s.io("snap.qcow2", "qcow2", &["write -z 0 64k"]);
     check(&s, "snap.qcow2", None);
 }
@@ -1016,8 +927,8 @@ fn qcow2_opened_as_raw() {
         &["write -P 1 0 64k", "write -c -P 2 1M 64k"],
     );
     check(&s, "q.qcow2", Some("raw"));
-    let info = qbackup_info_json(s.dir(), &s.p("q.qcow2"), Some("raw"));
-    assert_eq!(info.assert_ok().json()["format"], "raw");
+    let info = qbackup_info_ok(s.dir(), &s.p("q.qcow2"), Some("raw"));
+    assert_eq!(info["format"], "raw");
 }
 
 #[test]
@@ -1042,15 +953,12 @@ fn qcow2_resized() {
     s.create("grow.qcow2", "qcow2", 4 * MIB, "cluster_size=4096");
     s.io("grow.qcow2", "qcow2", &["write -P 1 0 1M"]);
     // 4 KiB clusters: growing to 1 GiB reallocates the L1 table.
-    qemu_img_in(s.dir(), &["resize", "-q", &s.p("grow.qcow2"), "1G"]);
+    s.img(&["resize", "-q", &s.p("grow.qcow2"), "1G"]);
     s.io("grow.qcow2", "qcow2", &["write -P 2 900M 64k"]);
     check(&s, "grow.qcow2", None);
     s.create("shrink.qcow2", "qcow2", 8 * MIB, "");
     s.io("shrink.qcow2", "qcow2", &["write -P 1 0 8M"]);
-    qemu_img_in(
-        s.dir(),
-        &["resize", "-q", "--shrink", &s.p("shrink.qcow2"), "3M"],
-    );
+    s.img(&["resize", "-q", "--shrink", &s.p("shrink.qcow2"), "3M"]);
     check(&s, "shrink.qcow2", None);
 }
 
@@ -1069,7 +977,7 @@ fn qcow2_from_convert() {
         let mut args = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
         args.extend(opts);
         args.extend(["src.raw", name]);
-        qemu_img_in(s.dir(), &args);
+        s.img(&args);
         check(&s, name, None);
     }
 }
@@ -1106,16 +1014,11 @@ fn chain_backing_format_probed() {
         let p = s.overlay(top, base, fmt, None, "");
         s.io(top, "qcow2", &["write -P 3 64k 64k"]);
         // Turn the backing-format extension into an unknown (ignored) one.
-        let mut off = read_u32(&p, hdr::HEADER_LENGTH) as u64;
-        loop {
-            let (t, len) = (read_u32(&p, off), read_u32(&p, off + 4) as u64);
-            assert_ne!(t, 0, "no backing format extension");
-            if t == 0xe279_2aca {
-                patch_u32(&p, off, 0x7777_0001);
-                break;
-            }
-            off += 8 + len.div_ceil(8) * 8;
-        }
+        patch_u32(
+            &p,
+            qcow2_header_extension(&p, ext::BACKING_FORMAT),
+            0x7777_0001,
+        );
         let q = qemu_info_json(s.dir(), &s.p(top), None);
         assert!(q.get("backing-filename-format").is_none(), "test premise");
         check(&s, top, None);
@@ -1154,9 +1057,6 @@ fn qcow2_external_data_file_relative_name() {
         &["write -P 1 0 64k", "write -P 2 3M 64k"],
     );
     assert_image_matches(s.dir(), "rel.qcow2", None);
-    let info = qbackup_info_json(s.dir(), "rel.qcow2", None);
-    assert_eq!(
-        info.assert_ok().json()["format-specific"]["data"]["data-file"],
-        "data.raw"
-    );
+    let info = qbackup_info_ok(s.dir(), "rel.qcow2", None);
+    assert_eq!(info["format-specific"]["data"]["data-file"], "data.raw");
 }

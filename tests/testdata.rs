@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -45,8 +45,7 @@ fn mixed_qcow2() {
 fn chain_from_repo_root() {
     assert_image_matches(repo(), "testdata/chain/top.qcow2", None);
     assert_image_matches(repo(), "testdata/chain/base.qcow2", None);
-    let info = qbackup_info_json(repo(), "testdata/chain/top.qcow2", None);
-    let info = info.assert_ok().json();
+    let info = qbackup_info_ok(repo(), "testdata/chain/top.qcow2", None);
     assert_eq!(info["backing-filename"], "base.qcow2");
     assert_eq!(info["full-backing-filename"], "testdata/chain/base.qcow2");
 }
@@ -80,20 +79,12 @@ fn make_testdata_script_reproduces_committed_content() {
             .arg(s.dir()),
     );
     for img in IMAGES {
-        let rel = img.strip_prefix("testdata/").unwrap();
-        let fresh: PathBuf = s.path(rel);
-        let committed = repo().join(img);
-        let out = run_unchecked(
-            Command::new("qemu-img")
-                .arg("compare")
-                .arg(&committed)
-                .arg(&fresh),
-        );
-        assert!(
-            out.status.success(),
-            "{img} differs from what make-testdata.sh makes: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let fresh = s.p(img.strip_prefix("testdata/").unwrap());
+        let (code, out) = qemu_img_status(repo(), &["compare", img, &fresh]);
+        assert_eq!(
+            code,
+            Some(0),
+            "{img} differs from what make-testdata.sh makes: {out}"
         );
     }
 }
