@@ -8,17 +8,21 @@
 //! - [`compare`]: `map` and `info` against qemu-img's.
 //! - [`qcow2`]: byte patching and reading, header fields, the L1/L2 walk.
 //! - [`content`]: deterministic compressible and random test content.
+//! - [`backup`]: checks and source images shared by the backup tests.
+//! - [`map_info`]: fixtures shared by the `map` and `info` tests.
 
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
+mod backup;
 mod compare;
 mod content;
+mod map_info;
 mod qcow2;
 
 // Not every test crate uses every part.
 #[allow(unused_imports)]
-pub use {compare::*, content::*, qcow2::*};
+pub use {backup::*, compare::*, content::*, map_info::*, qcow2::*};
 
 use std::fmt::Write as _;
 use std::io::Read;
