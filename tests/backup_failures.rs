@@ -73,6 +73,24 @@ fn fail_target_is_the_source() {
     assert_no_leftovers(s.dir());
 }
 
+/// Regression: `--force` onto the source's external data file, or onto a
+/// hard link of the source, used to replace a file the source reads.
+#[test]
+fn fail_target_is_the_data_file_or_a_hard_link() {
+    let s = Scratch::new();
+    let data = s.p("src.data");
+    s.create("src.qcow2", "qcow2", 2 * MIB, &format!("data_file={data}"));
+    s.io("src.qcow2", "qcow2", &["write -P 0x42 0 64k"]);
+    let before = std::fs::read(s.path("src.data")).unwrap();
+    s.backup(&["--force", "src.qcow2", &data])
+        .assert_clean_failure_mentioning(&["src.data"]);
+    assert_eq!(std::fs::read(s.path("src.data")).unwrap(), before);
+    std::fs::hard_link(s.path("src.qcow2"), s.path("link.qcow2")).unwrap();
+    s.backup(&["--force", "src.qcow2", "link.qcow2"])
+        .assert_clean_failure_mentioning(&["link.qcow2"]);
+    assert_no_leftovers(s.dir());
+}
+
 /// Run a backup that must fail on a damaged source: exit 1, one line that
 /// mentions one of `words`, nothing at the target, no temporary file.
 /// Each entry of `runs` is one set of extra options, space-separated.

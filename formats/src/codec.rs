@@ -101,13 +101,23 @@ fn inflate_cluster(input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
 }
 
 fn unzstd_cluster(input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
-    let frame_len = zstd::zstd_safe::find_frame_compressed_size(input)
-        .map_err(|code| bad(CompressionType::Zstd, zstd::zstd_safe::get_error_name(code)))?;
-    let frame = &input[..frame_len.min(input.len())];
+    // Usually one frame; like QEMU, keep decoding frames until the cluster
+    // is full (bytes after that are padding or the next cluster's frame).
+    let err = |code| bad(CompressionType::Zstd, zstd::zstd_safe::get_error_name(code));
     let mut dctx = zstd::zstd_safe::DCtx::create();
-    let produced = dctx
-        .decompress(out, frame)
-        .map_err(|code| bad(CompressionType::Zstd, zstd::zstd_safe::get_error_name(code)))?;
+    let mut produced = 0;
+    let mut rest = input;
+    while produced < out.len() {
+        let frame_len = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(err)?;
+        let n = dctx
+            .decompress(&mut out[produced..], &rest[..frame_len.min(rest.len())])
+            .map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        produced += n;
+        rest = &rest[frame_len.min(rest.len())..];
+    }
     if produced != out.len() {
         return Err(bad(
             CompressionType::Zstd,
@@ -345,6 +355,18 @@ mod tests {
             assert_eq!(stream_len(codec, &packed, &mut scratch).unwrap(), exact);
             assert!(stream_len(codec, &packed[..exact / 2], &mut scratch).is_err());
         }
+    }
+
+    /// Regression: a cluster stored as two zstd frames (QEMU reads it).
+    #[test]
+    fn zstd_cluster_of_two_frames() {
+        let input = sample(65536);
+        let mut packed = zstd::bulk::compress(&input[..32768], 3).unwrap();
+        packed.extend(zstd::bulk::compress(&input[32768..], 3).unwrap());
+        packed.extend_from_slice(&[0u8; 300]);
+        let mut out = vec![0u8; input.len()];
+        decompress(CompressionType::Zstd, &packed, &mut out).unwrap();
+        assert_eq!(out, input);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::units::HostOffset;
@@ -86,16 +86,32 @@ impl Storage {
         let meta = file
             .metadata()
             .map_err(|source| StorageError::Stat { source })?;
-        if meta.is_dir() {
+        let kind = meta.file_type();
+        let len = if kind.is_file() {
+            meta.len()
+        } else if kind.is_block_device() {
+            // st_size is 0 for a block device; its end is its size.
+            rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
+                .map_err(|e| StorageError::Stat { source: e.into() })?
+        } else {
             return Err(StorageError::Open {
-                source: io::Error::other("is a directory"),
+                source: io::Error::other("not a regular file or block device"),
             });
-        }
+        };
         Ok(Storage {
-            len: meta.len(),
+            len,
             file,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Device and inode: the file's identity, whatever path names it.
+    pub fn identity(&self) -> Result<(u64, u64), StorageError> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|source| StorageError::Stat { source })?;
+        Ok((meta.dev(), meta.ino()))
     }
 
     /// The path the file was opened by.

@@ -146,16 +146,7 @@ pub fn run(
     if !cfg.force && cfg.target.symlink_metadata().is_ok() {
         return Err(BackupError::TargetExists(cfg.target.clone()));
     }
-    if let Ok(t) = std::fs::canonicalize(&cfg.target) {
-        for layer in chain.layers() {
-            if std::fs::canonicalize(layer.path()).ok().as_ref() == Some(&t) {
-                return Err(BackupError::Config(format!(
-                    "{}: target is part of the source's backing chain",
-                    cfg.target.display()
-                )));
-            }
-        }
-    }
+    refuse_target_in_source(cfg, &chain)?;
     let cluster_size = cfg
         .cluster_size
         .unwrap_or_else(|| default_cluster_size(&chain));
@@ -257,6 +248,31 @@ pub fn run(
         planned_bytes: planned,
         cluster_size,
     })
+}
+
+/// Refuses a TARGET that is one of the files the source reads (an image of
+/// the chain or an external data file), by device and inode so that other
+/// paths and hard links are caught too.
+fn refuse_target_in_source(cfg: &BackupConfig, chain: &Chain) -> Result<(), BackupError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(&cfg.target) else {
+        return Ok(());
+    };
+    let target = (meta.dev(), meta.ino());
+    for layer in chain.layers() {
+        let files =
+            std::iter::once(layer.storage()).chain(layer.as_qcow2().and_then(|q| q.data_storage()));
+        for f in files {
+            if f.identity().ok() == Some(target) {
+                return Err(BackupError::Config(format!(
+                    "{}: target is {}, which the source reads",
+                    cfg.target.display(),
+                    f.path().display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The process umask (read by setting and restoring it).

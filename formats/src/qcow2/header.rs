@@ -378,7 +378,12 @@ impl Header {
     }
 
     fn decode_extensions(&mut self, first: &[u8]) -> Result<(), HeaderError> {
-        let end = first.len();
+        // Like QEMU: the extension area ends where the backing file name
+        // begins (old v2 images put the name right after the header).
+        let end = match self.backing_file_offset {
+            0 => first.len(),
+            o => (o.min(first.len() as u64) as usize).max(self.header_length as usize),
+        };
         let mut at = self.header_length as usize;
         loop {
             if at + 8 > end {
@@ -589,6 +594,21 @@ mod tests {
         assert_eq!(h.backing_format.as_deref(), Some("raw"));
         assert_eq!(h.data_file.as_deref(), Some("/data.img"));
         assert_eq!(h.backing_file.as_deref(), Some("base.qcow2"));
+    }
+
+    /// Regression: an old v2 image with its backing name right after the
+    /// header (no extensions) must not have the name parsed as extensions.
+    #[test]
+    fn v2_backing_name_right_after_header() {
+        let mut b = fixture();
+        put32(&mut b, 4, 2);
+        b[72..112].fill(0);
+        let name = b"base-image.qcow2";
+        b[72..72 + name.len()].copy_from_slice(name);
+        b[8..16].copy_from_slice(&72u64.to_be_bytes());
+        put32(&mut b, 16, name.len() as u32);
+        let h = Header::decode(&b, b.len() as u64).unwrap();
+        assert_eq!(h.backing_file.as_deref(), Some("base-image.qcow2"));
     }
 
     #[test]

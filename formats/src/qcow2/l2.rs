@@ -51,6 +51,12 @@ pub enum MappingError {
         /// The guest cluster.
         guest: GuestOffset,
     },
+    /// Bit 0 (zero flag) set in a version 2 image, where it is reserved.
+    #[error("zero cluster entry for guest offset {guest} in a version 2 image")]
+    ZeroFlagInV2 {
+        /// The guest cluster.
+        guest: GuestOffset,
+    },
     /// A compressed descriptor whose length cannot be right.
     #[error("compressed cluster at guest offset {guest} has an invalid descriptor")]
     BadCompressedDescriptor {
@@ -170,7 +176,10 @@ pub fn classify(
             SubclusterKind::Unallocated
         });
     }
-    if fmt.v3 && entry & ZERO != 0 {
+    if !fmt.v3 && entry & ZERO != 0 {
+        return Err(MappingError::ZeroFlagInV2 { guest });
+    }
+    if entry & ZERO != 0 {
         return Ok(if host.0 != 0 {
             SubclusterKind::ZeroAlloc(host)
         } else {
@@ -249,12 +258,12 @@ mod tests {
             classify(STD, g, 0x30200, 0, 0),
             Err(MappingError::UnalignedCluster { .. })
         ));
-        // v2 has no zero flag: bit 0 is ignored there.
+        // v2 has no zero flag: bit 0 is reserved, QEMU reports corruption.
         let v2 = EntryFormat { v3: false, ..STD };
-        assert_eq!(
-            classify(v2, g, 1, 0, 0).unwrap(),
-            SubclusterKind::Unallocated
-        );
+        assert!(matches!(
+            classify(v2, g, 1, 0, 0),
+            Err(MappingError::ZeroFlagInV2 { .. })
+        ));
     }
 
     #[test]

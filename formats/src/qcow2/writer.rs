@@ -407,9 +407,11 @@ impl Qcow2Writer {
                 self.refcounts
                     .add_ref(first, last)
                     .map_err(|e| refcount_error(e, bits))?;
-                self.write_at(offset, stream, Stage::Data)?;
+                // Record the region first: a flush inside `write_at` may
+                // close it, and that decision must stick.
                 self.compressed = Some((offset + len, region_end));
                 self.alloc_end = self.alloc_end.max(region_end);
+                self.write_at(offset, stream, Stage::Data)?;
                 self.set_l2(index, descriptor);
             }
             ClusterWrite::Zero => {
@@ -541,7 +543,8 @@ impl Qcow2Writer {
         let buf_end = self.buf_start + self.buf.len() as u64;
         let mask = self.cluster_size() - 1;
         let keep_from = match self.compressed {
-            Some((cursor, end)) if cursor < end => cursor & !mask,
+            // Bytes before `buf_start` are on disk already.
+            Some((cursor, end)) if cursor < end => (cursor & !mask).max(self.buf_start),
             _ => buf_end,
         };
         let max_tail = ((BUFFER_BYTES / 2) as u64).max(4 * self.cluster_size());

@@ -448,3 +448,27 @@ fn random_calls_never_panic() {
         assert_eq!(h.size, size);
     }
 }
+
+/// Regression: with 2 MiB clusters a flush inside a compressed write could
+/// close the open region and have it reopened, and the next flush then cut
+/// the buffer below its start (panic).
+#[test]
+fn two_mib_clusters_region_close_during_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = new_writer(&dir, opts(21, 16 << 21)).unwrap();
+    let data = vec![7u8; 1 << 21];
+    let streams = [
+        vec![1u8; 1_154_681],
+        vec![2u8; 1_539_674],
+        vec![3u8; 2_094_276],
+    ];
+    let plan: [Option<usize>; 7] = [Some(0), None, None, None, Some(1), None, Some(2)];
+    for (i, p) in plan.iter().enumerate() {
+        let w_ = match p {
+            Some(k) => ClusterWrite::Compressed(&streams[*k]),
+            None => ClusterWrite::Data(&data),
+        };
+        w.write_cluster(ClusterIndex(i as u64), w_).unwrap();
+    }
+    w.finish().unwrap();
+}
