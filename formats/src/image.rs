@@ -103,6 +103,8 @@ pub enum Image {
 
 /// Guesses the format like qemu-img: qcow2 magic, else raw.
 pub fn probe(storage: &Storage) -> Result<Format, StorageError> {
+    // Like qemu-img: the magic alone decides; a truncated qcow2 header is
+    // then an error, not a raw image.
     if storage.len() < 4 {
         return Ok(Format::Raw);
     }

@@ -305,6 +305,22 @@ impl Header {
                 "non-zlib codec without the compression type feature bit",
             ));
         }
+        if h.compression_type == CompressionType::Zlib
+            && h.incompatible_features & incompat::COMPRESSION_TYPE != 0
+        {
+            return Err(invalid(
+                "compression_type",
+                0,
+                "compression type feature bit set for zlib (QEMU refuses this too)",
+            ));
+        }
+        if h.extended_l2() && h.cluster_bits < 14 {
+            return Err(invalid(
+                "cluster_bits",
+                h.cluster_bits.into(),
+                "extended L2 needs clusters of at least 16 KiB (512-byte subclusters)",
+            ));
+        }
         if h.refcount_order > 6 {
             return Err(invalid(
                 "refcount_order",
@@ -430,11 +446,12 @@ impl Header {
     }
 
     fn decode_backing_name(&mut self, first: &[u8]) -> Result<(), HeaderError> {
-        if self.backing_file_offset == 0 {
+        // QEMU treats an empty name as no backing file.
+        if self.backing_file_offset == 0 || self.backing_file_size == 0 {
             return Ok(());
         }
         let len = self.backing_file_size as usize;
-        if len == 0 || len > 1023 {
+        if len > 1023 {
             return Err(invalid(
                 "backing_file_size",
                 len as u64,
