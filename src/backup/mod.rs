@@ -166,7 +166,8 @@ pub fn run(
         SyncMode::Full => None,
     };
 
-    let ranges = plan::plan(&chain, cfg.sync, cluster_size)?;
+    let ranges =
+        plan::plan(&chain, cfg.sync, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
     let planned: u64 = ranges.iter().map(|r| r.count * cluster_size).sum();
     on_plan(planned);
 

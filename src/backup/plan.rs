@@ -9,6 +9,8 @@
 //!   cluster that is entirely a top-layer zero range stays a zero cluster,
 //!   because it hides backing data.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use qbackup_formats::extent::Allocation;
 use qbackup_formats::{Chain, ChainError, ClusterIndex, GuestOffset};
 
@@ -83,11 +85,14 @@ impl Seen {
 }
 
 /// Plans a backup of `chain` into clusters of `cluster_size` bytes.
+/// Returns `None` when `cancel` becomes true on the way (planning a huge
+/// sparse image can take a while, and Ctrl-C must work meanwhile).
 pub fn plan(
     chain: &Chain,
     mode: SyncMode,
     cluster_size: u64,
-) -> Result<Vec<PlanRange>, ChainError> {
+    cancel: &AtomicBool,
+) -> Result<Option<Vec<PlanRange>>, ChainError> {
     let size = chain.virtual_size();
     let mut out: Vec<PlanRange> = Vec::new();
     let mut push = |first: u64, count: u64, action: Option<Action>| {
@@ -114,6 +119,9 @@ pub fn plan(
     let mut seen = Seen::default();
     let mut pos = 0u64;
     while pos < size {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let (class, len) = classify(chain, mode, pos, size - pos)?;
         let end = pos + len;
         let c0 = pos / cluster_size;
@@ -135,7 +143,7 @@ pub fn plan(
         }
         pos = end;
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 fn classify(chain: &Chain, mode: SyncMode, pos: u64, max: u64) -> Result<(Class, u64), ChainError> {
