@@ -9,7 +9,7 @@
 //! reading zeros.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::codec::{self, CodecError};
@@ -74,7 +74,6 @@ pub enum Qcow2Error {
 pub struct Qcow2Image {
     storage: Storage,
     data: Option<Storage>,
-    image_file: HostFile,
     data_host_file: HostFile,
     header: Header,
     fmt: EntryFormat,
@@ -163,6 +162,7 @@ impl Qcow2Image {
             None
         };
         let image_file = HostFile(Arc::from(storage.path()));
+        // Host offsets refer to the data file when there is one.
         let data_host_file = data
             .as_ref()
             .map(|d| HostFile(Arc::from(d.path())))
@@ -177,7 +177,6 @@ impl Qcow2Image {
         Ok(Qcow2Image {
             storage,
             data,
-            image_file,
             data_host_file,
             header,
             fmt,
@@ -474,15 +473,5 @@ impl Qcow2Image {
         Ok(self
             .data_storage_or_image()
             .read_exact_at("data cluster", buf, host)?)
-    }
-
-    /// The path of the file host offsets refer to for this image's data.
-    pub fn data_path(&self) -> &Path {
-        &self.data_host_file.0
-    }
-
-    /// The image file as a host file identity.
-    pub fn image_file(&self) -> &HostFile {
-        &self.image_file
     }
 }
