@@ -110,15 +110,19 @@ pub fn default_cluster_size(chain: &Chain) -> u64 {
     chain.top().cluster_size().unwrap_or(0).max(64 << 10)
 }
 
+/// The directory TARGET will be created in ("." for a bare file name).
+fn target_dir(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// The name to record for the backing file so that it resolves from the
 /// target's directory: a relative name below that directory, else absolute.
 fn backing_name_for(target: &Path, backing: &Path) -> Result<String, std::io::Error> {
     let abs = std::fs::canonicalize(backing)?;
-    let dir = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let dir = std::fs::canonicalize(dir)?;
+    let dir = std::fs::canonicalize(target_dir(target))?;
     Ok(match abs.strip_prefix(&dir) {
         Ok(rel) => rel.display().to_string(),
         Err(_) => abs.display().to_string(),
@@ -171,10 +175,7 @@ pub fn run(
     let planned: u64 = ranges.iter().map(|r| r.count * cluster_size).sum();
     on_plan(planned);
 
-    let dir = match cfg.target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = target_dir(&cfg.target);
     let tmp = tempfile::Builder::new()
         .prefix(".qbackup-")
         .suffix(".tmp")
