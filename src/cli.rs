@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use qbackup::{backup, info, map};
+use qbackup::{backup, info, map, source};
 use qbackup_formats::codec::CompressionType;
-use qbackup_formats::{Chain, Format};
+use qbackup_formats::open::FileOpener;
+use qbackup_formats::Format;
 
 /// Back up qcow2 and raw disk images like QEMU's backup job.
 #[derive(Parser, Debug)]
@@ -236,7 +237,7 @@ fn run_backup(args: BackupArgs) -> Result<()> {
             b.set_length(total);
         }
     };
-    backup::run(&cfg, &bar, &mut on_plan, &cancel)?;
+    backup::run(&cfg, &FileOpener, &bar, &mut on_plan, &cancel)?;
     if let Some(b) = &bar.0 {
         b.finish();
     }
@@ -252,7 +253,7 @@ pub fn run(args: Args) -> Result<()> {
             output,
             image,
         } => {
-            let v = info::info_json(&image, format.map(Into::into))?;
+            let v = info::info_json(&FileOpener, &image, format.map(Into::into))?;
             let text = match output {
                 OutputArg::Json => serde_json::to_string_pretty(&v)? + "\n",
                 OutputArg::Human => info::info_human(&v),
@@ -265,11 +266,11 @@ pub fn run(args: Args) -> Result<()> {
             output,
             image,
         } => {
-            let chain = Chain::open(&image, format.map(Into::into))?;
+            let src = source::open(&FileOpener, &image, format.map(Into::into))?;
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
             match output {
-                OutputArg::Json => map::write_json(&chain, &mut out)?,
-                OutputArg::Human => map::write_human(&chain, &mut out)?,
+                OutputArg::Json => map::write_json(src.as_ref(), &mut out)?,
+                OutputArg::Human => map::write_human(src.as_ref(), &mut out)?,
             }
             out.flush()?;
         }

@@ -4,57 +4,54 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use qbackup_formats::chain::resolve_backing;
-use qbackup_formats::image::{Image, ImageError};
-use qbackup_formats::qcow2::bitmaps::flags;
-use qbackup_formats::qcow2::header::{autoclear, compat, incompat};
+use qbackup_formats::image::{self, ImageError};
+use qbackup_formats::open::{resolve_backing, Opener, Role};
 use qbackup_formats::Format;
 use serde_json::{json, Map, Value};
 
-/// Builds the `qemu-img info --output=json` object for `path`.
-pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ImageError> {
-    let image = Image::open(path, format)?;
-    let err = |e| ImageError::new(path, e);
+/// Builds the `qemu-img info --output=json` object for `path`, opened
+/// through `opener`.
+pub fn info_json(
+    opener: &dyn Opener,
+    path: &Path,
+    format: Option<Format>,
+) -> Result<Value, ImageError> {
+    let info = image::open(opener, path, Role::Image, format)?.info()?;
     let mut m = Map::new();
-    let q = image.as_qcow2();
-    let header = q.map(|q| q.header());
-    if let Some(fmt) = header.and_then(|h| h.backing_format.as_ref()) {
+    let backing = info.backing.as_ref();
+    if let Some(fmt) = backing.and_then(|b| b.format.as_ref()) {
         m.insert("backing-filename-format".into(), json!(fmt));
     }
-    m.insert("virtual-size".into(), json!(image.virtual_size()));
+    m.insert("virtual-size".into(), json!(info.virtual_size));
     m.insert("filename".into(), json!(path.display().to_string()));
-    if let Some(cs) = image.cluster_size() {
-        m.insert("cluster-size".into(), json!(cs));
+    if let Some(cs) = info.cluster_size {
+        m.insert("cluster-size".into(), json!(cs.bytes()));
     }
-    m.insert("format".into(), json!(image.format().name()));
-    let actual = image.storage().allocated_size().map_err(err)?;
-    m.insert("actual-size".into(), json!(actual));
-    if let (Some(q), Some(h)) = (q, header) {
-        if h.crypt_method != 0 {
+    m.insert("format".into(), json!(info.format.name()));
+    m.insert("actual-size".into(), json!(info.actual_size));
+    if let Some(q) = &info.qcow2 {
+        if q.encrypted {
             m.insert("encrypted".into(), json!(true));
         }
         let mut data = Map::new();
-        if h.version == 2 {
+        if q.version == 2 {
             data.insert("compat".into(), json!("0.10"));
-            data.insert("compression-type".into(), json!(h.compression_type.name()));
-            data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+            data.insert("compression-type".into(), json!(q.compression.name()));
+            data.insert("refcount-bits".into(), json!(q.refcount_bits));
         } else {
             data.insert("compat".into(), json!("1.1"));
-            data.insert("compression-type".into(), json!(h.compression_type.name()));
-            data.insert(
-                "lazy-refcounts".into(),
-                json!(h.compatible_features & compat::LAZY_REFCOUNTS != 0),
-            );
-            let bitmaps = q.bitmaps().map_err(|e| ImageError::new(path, e))?;
-            if !bitmaps.is_empty() {
-                let list: Vec<Value> = bitmaps
+            data.insert("compression-type".into(), json!(q.compression.name()));
+            data.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
+            if !q.bitmaps.is_empty() {
+                let list: Vec<Value> = q
+                    .bitmaps
                     .iter()
                     .map(|b| {
                         let mut f = Vec::new();
-                        if b.flags & flags::IN_USE != 0 {
+                        if b.in_use {
                             f.push("in-use");
                         }
-                        if b.flags & flags::AUTO != 0 {
+                        if b.auto {
                             f.push("auto");
                         }
                         json!({"flags": f, "name": b.name, "granularity": b.granularity})
@@ -62,41 +59,30 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ImageErro
                     .collect();
                 data.insert("bitmaps".into(), Value::Array(list));
             }
-            data.insert("refcount-bits".into(), json!(h.refcount_bits()));
-            data.insert(
-                "corrupt".into(),
-                json!(h.incompatible_features & incompat::CORRUPT != 0),
-            );
-            data.insert("extended-l2".into(), json!(h.extended_l2()));
-            if let Some(df) = &h.data_file {
+            data.insert("refcount-bits".into(), json!(q.refcount_bits));
+            data.insert("corrupt".into(), json!(q.corrupt));
+            data.insert("extended-l2".into(), json!(q.extended_l2));
+            if let Some(df) = &q.data_file {
                 data.insert("data-file".into(), json!(df));
             }
-            if h.has_data_file() {
-                data.insert(
-                    "data-file-raw".into(),
-                    json!(h.autoclear_features & autoclear::DATA_FILE_RAW != 0),
-                );
+            if let Some(raw) = q.data_file_raw {
+                data.insert("data-file-raw".into(), json!(raw));
             }
         }
         m.insert(
             "format-specific".into(),
             json!({"type": "qcow2", "data": data}),
         );
-        if let Some(name) = &h.backing_file {
-            let full = resolve_backing(path, name);
+        if let Some(b) = backing {
+            let full = resolve_backing(path, &b.name);
             m.insert(
                 "full-backing-filename".into(),
                 json!(full.display().to_string()),
             );
-            m.insert("backing-filename".into(), json!(name));
+            m.insert("backing-filename".into(), json!(b.name));
         }
-        m.insert(
-            "dirty-flag".into(),
-            json!(h.incompatible_features & incompat::DIRTY != 0),
-        );
-    } else {
-        m.insert("dirty-flag".into(), json!(false));
     }
+    m.insert("dirty-flag".into(), json!(info.dirty));
     Ok(Value::Object(m))
 }
 

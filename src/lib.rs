@@ -2,6 +2,7 @@
 //! does, as a standalone program.
 //!
 //! Layers go one way: `qbackup_formats` (storage I/O and format drivers) →
+//! [`source`] (what the commands read: a chain now, an NBD export next) →
 //! this crate's commands (`map`, `info`, the backup planner and copier) →
 //! `main.rs` (command line). Nothing below `main.rs` parses arguments or
 //! decides exit codes.
@@ -9,3 +10,4 @@
 pub mod backup;
 pub mod info;
 pub mod map;
+pub mod source;

@@ -21,7 +21,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = std::io::stdout().flush();
-            let msg = format!("{e:#}").replace('\n', " ");
+            // Each error's message already says its cause: print it alone
+            // (the alternate form would repeat every cause after it).
+            let msg = format!("{e}").replace('\n', " ");
             eprintln!("qbackup: {msg}");
             ExitCode::from(1)
         }

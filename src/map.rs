@@ -1,7 +1,7 @@
 //! `qbackup map`: the allocation map of an image, entry for entry what
 //! `qemu-img map` prints.
 //!
-//! Entries come from [`Chain::status`] and are merged like qemu-img merges
+//! Entries come from [`Source::status`] and are merged like qemu-img merges
 //! them: neighbours join when every field matches, they come from the same
 //! file, and (when they have host offsets) the offsets are contiguous. The
 //! result does not depend on how the drivers split their answers.
@@ -10,7 +10,9 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use qbackup_formats::{Chain, ChainError, GuestOffset};
+use qbackup_formats::{Classify, ErrorClass, GuestOffset};
+
+use crate::source::{Source, SourceError};
 
 /// One line of the map.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,12 +66,15 @@ impl MapEntry {
     }
 }
 
-/// Walks the whole chain and calls `emit` with each merged entry in order.
-pub fn walk<E>(chain: &Chain, mut emit: impl FnMut(&MapEntry) -> Result<(), E>) -> Result<(), E>
+/// Walks the whole source and calls `emit` with each merged entry in order.
+pub fn walk<E>(
+    source: &dyn Source,
+    mut emit: impl FnMut(&MapEntry) -> Result<(), E>,
+) -> Result<(), E>
 where
-    E: From<ChainError>,
+    E: From<SourceError>,
 {
-    let size = chain.virtual_size();
+    let size = source.virtual_size();
     if size == 0 {
         // qemu-img prints its initial, empty entry for an empty disk.
         return emit(&MapEntry {
@@ -87,7 +92,7 @@ where
     let mut curr: Option<MapEntry> = None;
     let mut pos = 0u64;
     while pos < size {
-        let (ext, len) = chain.status(GuestOffset(pos), size - pos)?;
+        let (ext, len) = source.status(GuestOffset(pos), size - pos)?;
         let next = MapEntry {
             start: pos,
             length: len,
@@ -120,7 +125,7 @@ where
 pub enum MapError {
     /// The image could not be read.
     #[error(transparent)]
-    Image(#[from] ChainError),
+    Image(#[from] SourceError),
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
@@ -129,11 +134,21 @@ pub enum MapError {
     NoHostOffset(std::path::PathBuf),
 }
 
+impl Classify for MapError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            MapError::Image(e) => e.class(),
+            MapError::Output(e) => ErrorClass::of_io(e),
+            MapError::NoHostOffset(_) => ErrorClass::Unsupported,
+        }
+    }
+}
+
 /// Writes the map as qemu-img's JSON array.
-pub fn write_json(chain: &Chain, out: &mut impl Write) -> Result<(), MapError> {
+pub fn write_json(source: &dyn Source, out: &mut impl Write) -> Result<(), MapError> {
     let mut first = true;
     out.write_all(b"[")?;
-    walk(chain, |e: &MapEntry| -> Result<(), MapError> {
+    walk(source, |e: &MapEntry| -> Result<(), MapError> {
         if !first {
             out.write_all(b",\n")?;
         }
@@ -155,14 +170,14 @@ fn hex(v: u64) -> String {
 }
 
 /// Writes the map as qemu-img's human table (data ranges only).
-pub fn write_human(chain: &Chain, out: &mut impl Write) -> Result<(), MapError> {
+pub fn write_human(source: &dyn Source, out: &mut impl Write) -> Result<(), MapError> {
     writeln!(
         out,
         "{:<16}{:<16}{:<16}File",
         "Offset", "Length", "Mapped to"
     )?;
-    let top = chain.top().path().to_path_buf();
-    walk(chain, |e: &MapEntry| -> Result<(), MapError> {
+    let top = source.name().to_path_buf();
+    walk(source, |e: &MapEntry| -> Result<(), MapError> {
         if e.data && e.offset.is_none() {
             return Err(MapError::NoHostOffset(top.clone()));
         }

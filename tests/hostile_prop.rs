@@ -24,8 +24,9 @@ fn base_image(path: &Path, codec: CompressionType) -> Vec<u8> {
         .open(path)
         .unwrap();
     let cs = 1usize << BITS;
-    let mut w = Qcow2Writer::new(
+    let mut w = Qcow2Writer::on_file(
         file,
+        path,
         WriterOptions {
             virtual_size: CLUSTERS << BITS,
             cluster_bits: BITS,

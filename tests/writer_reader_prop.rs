@@ -56,7 +56,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.qcow2");
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
-        let mut w = Qcow2Writer::new(file, WriterOptions {
+        let mut w = Qcow2Writer::on_file(file, &path, WriterOptions {
             virtual_size: size,
             cluster_bits: bits,
             compression: codec,

@@ -1,4 +1,4 @@
-//! A backing chain: the top image and the images under it, and the two
+//! A backing chain: the top image and the images under it, and the
 //! questions everything else asks of it.
 //!
 //! [`Chain::status`] follows `qemu-img map`'s walk: ask each layer from the
@@ -6,19 +6,23 @@
 //! allocates reads as zeros and reports the depth of the last layer asked,
 //! which is also where the walk stops when the range starts past the end of
 //! a shorter backing file. [`Chain::read`] returns the bytes the guest sees.
+//! The chain only composes layers: what a format stores and how it is
+//! decoded is each driver's business ([`Layer`]).
 //!
 //! Invariants: at most [`MAX_DEPTH`] images, no image appears twice (loops
-//! are refused at open), every layer's data is readable (not encrypted, not
-//! marked corrupt).
+//! are refused at open, by storage identity), every layer's data is readable
+//! (not encrypted, not marked corrupt).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use crate::codec::CompressionType;
 use crate::extent::{Allocation, Extent};
-use crate::image::{Format, Image, ImageError, ImageErrorKind};
-use crate::qcow2::Piece;
-use crate::storage::StorageError;
-use crate::units::GuestOffset;
+use crate::image::{self, Format, ImageError, ImageErrorKind};
+use crate::layer::{Layer, LayerRead};
+use crate::open::{resolve_backing, FileOpener, Opener, Role};
+use crate::storage::{Identity, Storage};
+use crate::units::{ClusterSize, GuestOffset};
 
 /// The deepest chain qbackup opens.
 pub const MAX_DEPTH: usize = 64;
@@ -29,48 +33,50 @@ pub type ChainError = ImageError;
 /// An opened backing chain, top first.
 #[derive(Debug)]
 pub struct Chain {
-    layers: Vec<Image>,
+    layers: Vec<Box<dyn Layer>>,
 }
 
-/// Resolves a backing file name the way QEMU does: relative names are taken
-/// relative to the directory of the overlay that names them.
-pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return p.to_path_buf();
-    }
-    match overlay.parent() {
-        Some(dir) => dir.join(p),
-        None => p.to_path_buf(),
+/// What makes two opened images the same one, for loop detection.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum SameImage {
+    Identity(Identity),
+    Name(PathBuf),
+}
+
+fn same_image(storage: &dyn Storage) -> SameImage {
+    match storage.identity() {
+        Some(id) => SameImage::Identity(id),
+        None => SameImage::Name(storage.name().to_path_buf()),
     }
 }
 
 impl Chain {
-    /// Opens `path` and its whole backing chain for reading data.
+    /// Opens the local image `path` and its whole backing chain.
     pub fn open(path: &Path, format: Option<Format>) -> Result<Chain, ChainError> {
-        let top = Image::open(path, format)?;
+        Chain::open_with(&FileOpener, path, format)
+    }
+
+    /// Opens `path` and its whole backing chain through `opener`.
+    pub fn open_with(
+        opener: &dyn Opener,
+        path: &Path,
+        format: Option<Format>,
+    ) -> Result<Chain, ChainError> {
+        let top = image::open(opener, path, Role::Image, format)?;
         let mut seen = HashSet::new();
-        seen.insert(canonical(path)?);
+        seen.insert(same_image(top.storage().as_ref()));
         let mut layers = vec![top];
         loop {
             let last = layers.last().expect("non-empty");
+            last.check_readable()?;
+            let Some(spec) = last.backing() else { break };
             let last_path = last.path().to_path_buf();
-            if let Some(q) = last.as_qcow2() {
-                q.check_readable()
-                    .map_err(|e| ImageError::new(&last_path, e))?;
-            }
-            let Some(q) = last.as_qcow2() else { break };
-            let Some(name) = q.header().backing_file.clone() else {
-                break;
-            };
-            let backing = resolve_backing(&last_path, &name);
-            let fmt = match q.header().backing_format.as_deref() {
+            let err = |kind| ImageError::new(&last_path, kind);
+            let backing = resolve_backing(&last_path, &spec.name);
+            let fmt = match spec.format.as_deref() {
                 None => None,
                 Some(f) => Some(Format::from_name(f).ok_or_else(|| {
-                    ImageError::new(
-                        &last_path,
-                        ImageErrorKind::UnsupportedBackingFormat(f.into()),
-                    )
+                    err(ImageErrorKind::UnsupportedBackingFormat(f.into()))
                 })?),
             };
             if layers.len() >= MAX_DEPTH {
@@ -79,34 +85,28 @@ impl Chain {
                     ImageErrorKind::ChainTooDeep(MAX_DEPTH),
                 ));
             }
-            let canon = std::fs::canonicalize(&backing).map_err(|source| {
-                ImageError::new(
-                    &last_path,
-                    ImageErrorKind::OpenBacking {
-                        path: backing.clone(),
-                        source: StorageError::Open { source },
-                    },
-                )
+            let storage = opener.open(&backing, Role::Backing).map_err(|source| {
+                err(ImageErrorKind::OpenBacking {
+                    path: backing.clone(),
+                    source,
+                })
             })?;
-            if !seen.insert(canon) {
-                return Err(ImageError::new(
-                    &last_path,
-                    ImageErrorKind::BackingLoop(backing),
-                ));
+            if !seen.insert(same_image(storage.as_ref())) {
+                return Err(err(ImageErrorKind::BackingLoop(backing)));
             }
-            layers.push(Image::open(&backing, fmt)?);
+            layers.push(image::open_storage(opener, storage, fmt)?);
         }
         Ok(Chain { layers })
     }
 
     /// The layers, top first.
-    pub fn layers(&self) -> &[Image] {
+    pub fn layers(&self) -> &[Box<dyn Layer>] {
         &self.layers
     }
 
     /// The top image.
-    pub fn top(&self) -> &Image {
-        &self.layers[0]
+    pub fn top(&self) -> &dyn Layer {
+        self.layers[0].as_ref()
     }
 
     /// The guest-visible size (the top image's).
@@ -118,19 +118,9 @@ impl Chain {
     /// and how many bytes (at most `max_len`, > 0) it covers. `offset` must
     /// be below the virtual size.
     pub fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(Extent, u64), ChainError> {
-        self.status_from(0, offset, max_len)
-    }
-
-    /// Like [`Chain::status`], but starts the walk at layer `depth` (0 = top).
-    pub fn status_from(
-        &self,
-        depth: usize,
-        offset: GuestOffset,
-        max_len: u64,
-    ) -> Result<(Extent, u64), ChainError> {
-        let mut len = max_len.min(self.layers[depth].virtual_size().saturating_sub(offset.0));
+        let mut len = max_len.min(self.virtual_size().saturating_sub(offset.0));
         debug_assert!(len > 0);
-        for (depth, layer) in self.layers.iter().enumerate().skip(depth) {
+        for (depth, layer) in self.layers.iter().enumerate() {
             let (le, n) = layer.status(offset, len)?;
             len = n;
             let depth_u32 = depth as u32;
@@ -173,61 +163,56 @@ impl Chain {
     }
 
     /// Like [`Chain::read`], but as seen from layer `depth` downwards.
-    pub fn read_from(
-        &self,
-        depth: usize,
-        offset: GuestOffset,
-        buf: &mut [u8],
-    ) -> Result<(), ChainError> {
+    fn read_from(&self, depth: usize, offset: GuestOffset, buf: &mut [u8]) -> Result<(), ChainError> {
         let layer = &self.layers[depth];
         let size = layer.virtual_size();
         let mut pos = 0usize;
         while pos < buf.len() {
-            let off = offset.0 + pos as u64;
-            if off >= size {
+            let off = offset.add(pos as u64);
+            if off.0 >= size {
                 // A backing file shorter than its overlay reads as zeros.
                 buf[pos..].fill(0);
                 break;
             }
-            let want = ((buf.len() - pos) as u64).min(size - off);
-            let q = match layer {
-                Image::Raw(r) => {
-                    let dst = &mut buf[pos..pos + want as usize];
-                    r.read(GuestOffset(off), dst)
-                        .map_err(|e| ImageError::new(layer.path(), e))?;
-                    pos += want as usize;
-                    continue;
-                }
-                Image::Qcow2(q) => q,
-            };
-            let err = |e| ImageError::new(layer.path(), e);
-            let (piece, n) = q.locate(GuestOffset(off), want, true).map_err(err)?;
-            let dst = &mut buf[pos..pos + n as usize];
-            match piece {
-                Piece::Unallocated if depth + 1 < self.layers.len() => {
-                    self.read_from(depth + 1, GuestOffset(off), dst)?;
-                }
-                Piece::Unallocated | Piece::Zero => dst.fill(0),
-                Piece::Data(host) => q.read_data(host, dst).map_err(err)?,
-                Piece::Compressed(start, desc) => {
-                    let cluster_size = q.header().cluster_size() as usize;
-                    if start.0 == off && dst.len() == cluster_size {
-                        q.read_compressed(start, desc, dst).map_err(err)?;
+            let dst = &mut buf[pos..];
+            let n = match layer.read(off, dst)? {
+                LayerRead::Filled(n) => n,
+                LayerRead::Unallocated(n) => {
+                    let dst = &mut dst[..n as usize];
+                    if depth + 1 < self.layers.len() {
+                        self.read_from(depth + 1, off, dst)?;
                     } else {
-                        let mut tmp = vec![0u8; cluster_size];
-                        q.read_compressed(start, desc, &mut tmp).map_err(err)?;
-                        let from = (off - start.0) as usize;
-                        dst.copy_from_slice(&tmp[from..from + dst.len()]);
+                        dst.fill(0);
                     }
+                    n
                 }
-            }
+            };
             pos += n as usize;
         }
         Ok(())
     }
-}
 
-fn canonical(path: &Path) -> Result<PathBuf, ImageError> {
-    std::fs::canonicalize(path)
-        .map_err(|source| ImageError::new(path, StorageError::Open { source }))
+    /// The stored stream of the compressed cluster at `offset` (`len`
+    /// guest bytes: a cluster, or less at the end of the disk) when it can
+    /// be copied as it is into an image of `cluster_size` and `codec`: the
+    /// whole range is one compressed cluster of a layer with that cluster
+    /// size and codec, and the driver proved its end.
+    pub fn stored_compressed(
+        &self,
+        offset: GuestOffset,
+        len: u64,
+        cluster_size: ClusterSize,
+        codec: CompressionType,
+    ) -> Result<Option<Vec<u8>>, ChainError> {
+        let wanted = Some((cluster_size, codec));
+        if !self.layers.iter().any(|l| l.compressed_format() == wanted) {
+            return Ok(None);
+        }
+        let (ext, n) = self.status(offset, len)?;
+        let layer = &self.layers[ext.depth as usize];
+        if !ext.compressed || n != len || layer.compressed_format() != wanted {
+            return Ok(None);
+        }
+        layer.stored_compressed(offset)
+    }
 }

@@ -62,6 +62,15 @@ pub enum CodecError {
     },
 }
 
+impl crate::error::Classify for CodecError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            CodecError::Decompress { .. } => crate::error::ErrorClass::Corrupt,
+            CodecError::Compress { .. } => crate::error::ErrorClass::Io,
+        }
+    }
+}
+
 fn bad(codec: CompressionType, reason: impl Into<String>) -> CodecError {
     CodecError::Decompress {
         codec: codec.name(),

@@ -1,16 +1,25 @@
-//! One image of either format, format probing, and the error type that
-//! names the file.
+//! Opening one image of any format: format probing like qemu-img's, the
+//! format names, and the error type that names the file.
+//!
+//! Probing follows QEMU: the bytes decide (see [`crate::probe`]), and raw is
+//! the fallback only when no format QEMU knows is recognised. A recognised
+//! format that qbackup does not read is refused by name rather than copied
+//! as raw bytes (`-f raw` still forces that).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::extent::LayerExtent;
-use crate::qcow2::{header::MAGIC, Qcow2Error, Qcow2Image};
+use crate::error::{Classify, ErrorClass};
+use crate::layer::Layer;
+use crate::open::{Opener, Role};
+use crate::probe::{self, Probed};
+use crate::qcow2::{Qcow2Error, Qcow2Image};
 use crate::raw::RawImage;
 use crate::storage::{Storage, StorageError};
-use crate::units::{GuestOffset, HostOffset};
+use crate::units::HostOffset;
 
-/// An image format.
+/// An image format qbackup reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// A plain disk image.
@@ -53,6 +62,9 @@ pub enum ImageErrorKind {
     /// qcow2-level failure.
     #[error(transparent)]
     Qcow2(#[from] Qcow2Error),
+    /// The file is in a format QEMU knows and qbackup does not read.
+    #[error("{0} images are not supported (convert with qemu-img, or pass -f raw to copy the file's bytes)")]
+    ForeignFormat(&'static str),
     /// A backing format qbackup does not read.
     #[error("unsupported backing file format '{0}'")]
     UnsupportedBackingFormat(String),
@@ -70,6 +82,20 @@ pub enum ImageErrorKind {
     /// The chain is deeper than qbackup accepts.
     #[error("backing chain deeper than {0} images")]
     ChainTooDeep(usize),
+}
+
+impl Classify for ImageErrorKind {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ImageErrorKind::Storage(e) => e.class(),
+            ImageErrorKind::Qcow2(e) => e.class(),
+            ImageErrorKind::OpenBacking { source, .. } => source.class(),
+            ImageErrorKind::BackingLoop(_) => ErrorClass::Corrupt,
+            ImageErrorKind::ForeignFormat(_)
+            | ImageErrorKind::UnsupportedBackingFormat(_)
+            | ImageErrorKind::ChainTooDeep(_) => ErrorClass::Unsupported,
+        }
+    }
 }
 
 /// An error with the image file it concerns: displays as `FILE: reason`.
@@ -92,105 +118,55 @@ impl ImageError {
     }
 }
 
-/// One opened image (a layer of a chain).
-#[derive(Debug)]
-pub enum Image {
-    /// A raw image.
-    Raw(RawImage),
-    /// A qcow2 image.
-    Qcow2(Box<Qcow2Image>),
+impl Classify for ImageError {
+    fn class(&self) -> ErrorClass {
+        self.kind.class()
+    }
 }
 
-/// Guesses the format like qemu-img: qcow2 magic, else raw.
-pub fn probe(storage: &Storage) -> Result<Format, StorageError> {
-    // Like qemu-img: the magic alone decides; a truncated qcow2 header is
-    // then an error, not a raw image.
-    if storage.len() < 4 {
-        return Ok(Format::Raw);
-    }
-    let mut magic = [0u8; 4];
-    storage.read_exact_at("header", &mut magic, HostOffset(0))?;
-    Ok(if u32::from_be_bytes(magic) == MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
+/// Opens `path` (through `opener`, in `role`) as `format`, or probes the
+/// format when `None`.
+pub fn open(
+    opener: &dyn Opener,
+    path: &Path,
+    role: Role,
+    format: Option<Format>,
+) -> Result<Box<dyn Layer>, ImageError> {
+    let storage = opener
+        .open(path, role)
+        .map_err(|e| ImageError::new(path, e))?;
+    open_storage(opener, storage, format)
+}
+
+/// Opens an already opened storage as `format`, or probes it.
+pub fn open_storage(
+    opener: &dyn Opener,
+    storage: Arc<dyn Storage>,
+    format: Option<Format>,
+) -> Result<Box<dyn Layer>, ImageError> {
+    let path = storage.name().to_path_buf();
+    let err = |e: ImageErrorKind| ImageError::new(&path, e);
+    let format = match format {
+        Some(f) => f,
+        None => probe_storage(storage.as_ref()).map_err(err)?,
+    };
+    Ok(match format {
+        Format::Raw => Box::new(RawImage::open(storage)),
+        Format::Qcow2 => Box::new(Qcow2Image::open(storage, opener).map_err(|e| err(e.into()))?),
     })
 }
 
-impl Image {
-    /// Opens `path` read-only as `format`, or probes the format when `None`.
-    pub fn open(path: &Path, format: Option<Format>) -> Result<Image, ImageError> {
-        let storage = Storage::open(path).map_err(|e| ImageError::new(path, e))?;
-        let format = match format {
-            Some(f) => f,
-            None => probe(&storage).map_err(|e| ImageError::new(path, e))?,
-        };
-        Ok(match format {
-            Format::Raw => Image::Raw(RawImage::open(storage)),
-            Format::Qcow2 => Image::Qcow2(Box::new(
-                Qcow2Image::open(storage).map_err(|e| ImageError::new(path, e))?,
-            )),
-        })
-    }
-
-    /// The image's format.
-    pub fn format(&self) -> Format {
-        match self {
-            Image::Raw(_) => Format::Raw,
-            Image::Qcow2(_) => Format::Qcow2,
-        }
-    }
-
-    /// The image file.
-    pub fn storage(&self) -> &Storage {
-        match self {
-            Image::Raw(r) => r.storage(),
-            Image::Qcow2(q) => q.storage(),
-        }
-    }
-
-    /// The path the image was opened by.
-    pub fn path(&self) -> &Path {
-        self.storage().path()
-    }
-
-    /// Virtual disk size in bytes.
-    pub fn virtual_size(&self) -> u64 {
-        match self {
-            Image::Raw(r) => r.virtual_size(),
-            Image::Qcow2(q) => q.virtual_size(),
-        }
-    }
-
-    /// Cluster size, where the format has one.
-    pub fn cluster_size(&self) -> Option<u64> {
-        match self {
-            Image::Raw(_) => None,
-            Image::Qcow2(q) => Some(q.header().cluster_size()),
-        }
-    }
-
-    /// The qcow2 image, if this is one.
-    pub fn as_qcow2(&self) -> Option<&Qcow2Image> {
-        match self {
-            Image::Qcow2(q) => Some(q),
-            Image::Raw(_) => None,
-        }
-    }
-
-    /// What this layer alone stores over the range at `offset`.
-    pub fn status(
-        &self,
-        offset: GuestOffset,
-        max_len: u64,
-    ) -> Result<(LayerExtent, u64), ImageError> {
-        match self {
-            Image::Raw(r) => r
-                .status(offset, max_len)
-                .map_err(|e| ImageError::new(self.path(), e)),
-            Image::Qcow2(q) => q
-                .status(offset, max_len)
-                .map_err(|e| ImageError::new(self.path(), e)),
-        }
+/// Guesses the format like qemu-img from the first and last bytes.
+fn probe_storage(storage: &dyn Storage) -> Result<Format, ImageErrorKind> {
+    let len = storage.len();
+    let mut head = vec![0u8; len.min(probe::HEAD_BYTES as u64) as usize];
+    storage.read_exact_at("header", &mut head, HostOffset(0))?;
+    let tail_len = len.min(probe::TAIL_BYTES as u64);
+    let mut tail = vec![0u8; tail_len as usize];
+    storage.read_exact_at("trailer", &mut tail, HostOffset(len - tail_len))?;
+    match probe::probe(&head, &tail, storage.name().file_name()) {
+        Probed::Qcow2 => Ok(Format::Qcow2),
+        Probed::Raw => Ok(Format::Raw),
+        Probed::Foreign(name) => Err(ImageErrorKind::ForeignFormat(name)),
     }
 }

@@ -1,16 +1,30 @@
-//! Format drivers for qbackup: raw and qcow2 images and their backing chains.
+//! Format drivers for qbackup: storage, raw and qcow2 images and their
+//! backing chains.
 //!
-//! Layering: [`storage`] does positioned file I/O; [`raw`] and [`qcow2`]
-//! decode one image each; [`chain`] stacks layers into a backing chain and
-//! answers the questions the tool asks, as QEMU's block layer does:
-//! "over this range, what is here, and in which layer?" ([`chain::Chain::status`])
-//! and "what bytes does the guest see?" ([`chain::Chain::read`]).
-//! Nothing here prints or parses command-line options.
+//! Layering, bottom up:
+//! - [`storage`]: the [`storage::Storage`] trait (positioned, bounds-checked
+//!   I/O) and its implementations: files and block devices, and a
+//!   fault-injecting double for tests. [`open`] opens storage by name, in
+//!   one place, for images, backing files and data files.
+//! - [`probe`] and [`image`]: format probing like qemu-img's and opening one
+//!   image as a [`layer::Layer`], the trait every format driver ([`raw`],
+//!   [`qcow2`]) implements.
+//! - [`chain`]: stacks layers into a backing chain and answers the questions
+//!   the tool asks, as QEMU's block layer does: "over this range, what is
+//!   here, and in which layer?" ([`chain::Chain::status`]) and "what bytes
+//!   does the guest see?" ([`chain::Chain::read`]).
+//!
+//! Every error can say its class ([`error::Classify`]). Nothing here prints
+//! or parses command-line options.
 
 pub mod chain;
 pub mod codec;
+pub mod error;
 pub mod extent;
 pub mod image;
+pub mod layer;
+pub mod open;
+pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
@@ -18,6 +32,8 @@ pub mod units;
 
 pub use chain::{Chain, ChainError};
 pub use codec::CompressionType;
+pub use error::{Classify, ErrorClass};
 pub use extent::Extent;
 pub use image::{Format, ImageError};
-pub use units::{ClusterIndex, GuestOffset, HostOffset};
+pub use layer::Layer;
+pub use units::{ClusterIndex, ClusterSize, GuestOffset, HostOffset};

@@ -1,50 +1,66 @@
-//! Raw images: the file is the disk. Allocation comes from
-//! `SEEK_DATA`/`SEEK_HOLE`; the virtual size is the file size rounded up to
-//! 512 bytes, as qemu-img reports it, and the tail past EOF reads as zeros.
+//! Raw images: the storage is the disk. Allocation comes from the storage's
+//! data/hole map; the virtual size is the length rounded up to 512 bytes, as
+//! qemu-img reports it, and the tail past the end reads as zeros.
 
 use std::sync::Arc;
 
 use crate::extent::{Allocation, HostFile, HostLocation, LayerExtent};
-use crate::storage::{FileExtent, Storage, StorageError};
-use crate::units::{GuestOffset, HostOffset};
+use crate::image::{Format, ImageError};
+use crate::layer::{Layer, LayerInfo, LayerRead};
+use crate::storage::{FileExtent, Storage};
+use crate::units::{ClusterSize, GuestOffset, HostOffset};
 
 /// A read-only raw image.
 #[derive(Debug)]
 pub struct RawImage {
-    storage: Storage,
+    storage: Arc<dyn Storage>,
     file: HostFile,
     size: u64,
 }
 
 impl RawImage {
-    /// Wraps an open file.
-    pub fn open(storage: Storage) -> RawImage {
+    /// Wraps an open storage.
+    pub fn open(storage: Arc<dyn Storage>) -> RawImage {
         let size = storage.len().div_ceil(512).saturating_mul(512);
         RawImage {
-            file: HostFile(Arc::from(storage.path())),
+            file: HostFile(Arc::from(storage.name())),
             storage,
             size,
         }
     }
 
-    /// Virtual size: the file length rounded up to 512 bytes.
-    pub fn virtual_size(&self) -> u64 {
-        self.size
+    fn err(&self, e: impl Into<crate::image::ImageErrorKind>) -> ImageError {
+        ImageError::new(self.storage.name(), e)
+    }
+}
+
+impl Layer for RawImage {
+    fn format(&self) -> Format {
+        Format::Raw
     }
 
-    /// The underlying file.
-    pub fn storage(&self) -> &Storage {
+    fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }
 
-    /// Data or hole at `offset`, for at most `max_len` bytes.
-    pub fn status(
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn cluster_size(&self) -> Option<ClusterSize> {
+        None
+    }
+
+    fn status(
         &self,
         offset: GuestOffset,
         max_len: u64,
-    ) -> Result<(LayerExtent, u64), StorageError> {
+    ) -> Result<(LayerExtent, u64), ImageError> {
         let max_len = max_len.min(self.size.saturating_sub(offset.0));
-        let (kind, len) = self.storage.extent_at(HostOffset(offset.0), max_len)?;
+        let (kind, len) = self
+            .storage
+            .extent_at(HostOffset(offset.0), max_len)
+            .map_err(|e| self.err(e))?;
         let allocation = match kind {
             FileExtent::Data => Allocation::Data,
             FileExtent::Hole => Allocation::Zero,
@@ -62,8 +78,26 @@ impl RawImage {
         ))
     }
 
-    /// Reads guest bytes; the tail past EOF reads as zeros.
-    pub fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<(), StorageError> {
-        self.storage.read_zero_padded(buf, HostOffset(offset.0))
+    fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<LayerRead, ImageError> {
+        let n = (buf.len() as u64).min(self.size.saturating_sub(offset.0));
+        self.storage
+            .read_zero_padded(&mut buf[..n as usize], HostOffset(offset.0))
+            .map_err(|e| self.err(e))?;
+        Ok(LayerRead::Filled(n))
+    }
+
+    fn info(&self) -> Result<LayerInfo, ImageError> {
+        let actual = self.storage.allocated_size().map_err(|source| {
+            self.err(crate::storage::StorageError::Stat { source })
+        })?;
+        Ok(LayerInfo {
+            format: Format::Raw,
+            virtual_size: self.size,
+            cluster_size: None,
+            actual_size: actual.unwrap_or(0),
+            backing: None,
+            dirty: false,
+            qcow2: None,
+        })
     }
 }

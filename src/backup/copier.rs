@@ -13,23 +13,22 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use qbackup_formats::codec::{self, CompressionType, Compressor};
-use qbackup_formats::image::ImageError;
-use qbackup_formats::qcow2::Piece;
-use qbackup_formats::{Chain, ClusterIndex, GuestOffset};
+use qbackup_formats::codec::{CompressionType, Compressor};
+use qbackup_formats::{ClusterIndex, ClusterSize};
 
 use super::ordered::Ordered;
 use super::plan::{Action, PlanRange};
 use super::target::{Output, Target};
 use super::BackupError;
+use crate::source::Source;
 
 /// How the copier works.
 #[derive(Debug, Clone, Copy)]
 pub struct CopyParams {
     /// Worker threads.
     pub threads: usize,
-    /// Target cluster size in bytes.
-    pub cluster_size: u64,
+    /// Target cluster size.
+    pub cluster_size: ClusterSize,
     /// Compress clusters with this codec and level.
     pub compression: Option<(CompressionType, i32)>,
     /// Copy source clusters that are already compressed with the target's
@@ -55,24 +54,25 @@ thread_local! {
     static COMPRESSOR: RefCell<Option<(CompressionType, i32, Compressor)>> = const { RefCell::new(None) };
 }
 
-/// Copies the planned clusters of `chain` into `target`.
+/// Copies the planned clusters of `source` into `target` and finishes it
+/// (the caller syncs).
 pub fn copy(
-    chain: &Chain,
+    source: &dyn Source,
     plan: &[PlanRange],
     params: CopyParams,
     mut target: Box<dyn Target>,
     progress: &dyn Progress,
     cancel: &AtomicBool,
-) -> Result<std::fs::File, BackupError> {
+) -> Result<(), BackupError> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(params.threads)
         .build()
-        .map_err(|e| BackupError::Config(format!("cannot start worker threads: {e}")))?;
-    let in_flight = (IN_FLIGHT_BYTES / params.cluster_size).max(params.threads as u64 * 4) as usize;
-    let eligible = passthrough_layers(chain, &params);
+        .map_err(|source| BackupError::StartThreads { source })?;
+    let in_flight =
+        (IN_FLIGHT_BYTES / params.cluster_size.bytes()).max(params.threads as u64 * 4) as usize;
     let clusters = plan
         .iter()
-        .flat_map(|r| (r.first.0..r.first.0 + r.count).map(move |c| (ClusterIndex(c), r.action)));
+        .flat_map(|r| (0..r.count).map(move |i| (r.first.add(i), r.action)));
     let queue = Ordered::new(clusters, in_flight);
 
     let written = pool.in_place_scope(|scope| {
@@ -85,14 +85,9 @@ pub fn copy(
                         // A panic must still hand in a result, or the writer
                         // would wait for this cluster forever.
                         std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            process(chain, &params, &eligible, idx, action)
+                            process(source, &params, idx, action)
                         }))
-                        .unwrap_or_else(|_| {
-                            Err(BackupError::Internal(format!(
-                                "worker failed on cluster {}",
-                                idx.0
-                            )))
-                        })
+                        .unwrap_or_else(|_| Err(BackupError::WorkerPanicked { index: idx }))
                         .map(|out| (idx, out))
                     };
                     queue.put(seq, result);
@@ -105,7 +100,7 @@ pub fn copy(
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             write_in_order(&queue, target.as_mut(), &params, progress, cancel)
         }))
-        .unwrap_or_else(|_| Err(BackupError::Internal("writer failed".into())));
+        .unwrap_or_else(|_| Err(BackupError::WriterPanicked));
         queue.stop();
         result
     });
@@ -126,13 +121,13 @@ fn write_in_order(
     while let Some(result) = queue.next() {
         let (index, out) = result?;
         target.put(index, out).map_err(BackupError::Write)?;
-        done += params.cluster_size;
-        progress.advance(params.cluster_size);
+        done += params.cluster_size.bytes();
+        progress.advance(params.cluster_size.bytes());
         if cancel.load(Ordering::Relaxed) {
             return Err(BackupError::Interrupted);
         }
         if done - flushed_at >= WRITEBACK_BYTES {
-            super::target::start_writeback(target.file());
+            target.storage().start_writeback();
             flushed_at = done;
         }
         if let Some(speed) = params.speed {
@@ -145,25 +140,9 @@ fn write_in_order(
     Ok(())
 }
 
-/// Which layers hold compressed clusters that can be copied as they are.
-fn passthrough_layers(chain: &Chain, params: &CopyParams) -> Vec<bool> {
-    chain
-        .layers()
-        .iter()
-        .map(|l| match (l.as_qcow2(), params.compression) {
-            (Some(q), Some((codec, _))) if params.passthrough => {
-                q.header().cluster_size() == params.cluster_size
-                    && q.header().compression_type == codec
-            }
-            _ => false,
-        })
-        .collect()
-}
-
 fn process(
-    chain: &Chain,
+    source: &dyn Source,
     params: &CopyParams,
-    eligible: &[bool],
     index: ClusterIndex,
     action: Action,
 ) -> Result<Output, BackupError> {
@@ -171,32 +150,39 @@ fn process(
         return Ok(Output::Zero);
     }
     let cs = params.cluster_size;
-    let start = index.0 * cs;
-    let valid = cs.min(chain.virtual_size() - start) as usize;
-    if eligible.iter().any(|&e| e) {
-        if let Some(stream) = compressed_as_is(chain, eligible, start, valid as u64, cs)? {
+    let start = cs.start_of(index);
+    let valid = cs.bytes_below(index, source.virtual_size());
+    let read_err = |source| BackupError::ReadCluster { index, source };
+    if let (true, Some((codec, _))) = (params.passthrough, params.compression) {
+        if let Some(stream) = source
+            .stored_compressed(start, valid, cs, codec)
+            .map_err(read_err)?
+        {
             return Ok(Output::Compressed(stream));
         }
     }
-    let mut buf = vec![0u8; cs as usize];
-    chain.read(GuestOffset(start), &mut buf[..valid])?;
+    let mut buf = vec![0u8; cs.usize()];
+    source
+        .read(start, &mut buf[..valid as usize])
+        .map_err(read_err)?;
     if is_zero(&buf) {
         return Ok(Output::Zero);
     }
     let Some((codec, level)) = params.compression else {
         return Ok(Output::Data(buf));
     };
+    let compress_err = |source| BackupError::Compress { index, source };
     COMPRESSOR.with(|slot| {
         let mut slot = slot.borrow_mut();
         if !matches!(&*slot, Some((c, l, _)) if *c == codec && *l == level) {
-            let c = Compressor::new(codec, level).map_err(BackupError::Compress)?;
+            let c = Compressor::new(codec, level).map_err(compress_err)?;
             *slot = Some((codec, level, c));
         }
         let (_, _, compressor) = slot.as_mut().expect("just set");
         let mut packed = Vec::new();
         if compressor
             .compress(&buf, &mut packed, buf.len())
-            .map_err(BackupError::Compress)?
+            .map_err(compress_err)?
         {
             packed.shrink_to_fit();
             Ok(Output::Compressed(packed))
@@ -204,48 +190,6 @@ fn process(
             Ok(Output::Data(buf))
         }
     })
-}
-
-/// The source's stored stream for this cluster when it can be copied as it
-/// is; validated by decoding it, so a damaged cluster fails the backup.
-fn compressed_as_is(
-    chain: &Chain,
-    eligible: &[bool],
-    start: u64,
-    valid: u64,
-    cs: u64,
-) -> Result<Option<Vec<u8>>, BackupError> {
-    let (ext, len) = chain.status(GuestOffset(start), valid)?;
-    let depth = ext.depth as usize;
-    if !ext.compressed || len != valid || !eligible.get(depth).copied().unwrap_or(false) {
-        return Ok(None);
-    }
-    let layer = &chain.layers()[depth];
-    let Some(q) = layer.as_qcow2() else {
-        return Ok(None);
-    };
-    let err = |e| BackupError::Source(ImageError::new(layer.path(), e));
-    let (piece, _) = q.locate(GuestOffset(start), valid, true).map_err(err)?;
-    let Piece::Compressed(guest, desc) = piece else {
-        return Ok(None);
-    };
-    if guest.0 != start {
-        return Ok(None);
-    }
-    let bytes = q.compressed_bytes(desc).map_err(err)?;
-    let mut scratch = vec![0u8; cs as usize + 1];
-    // A stream QEMU reads but whose exact end we cannot prove (no end marker
-    // at the cluster size, several zstd frames) is decoded and compressed
-    // again instead; decoding it validates it.
-    let Ok(n) = codec::stream_len(q.header().compression_type, &bytes, &mut scratch) else {
-        return Ok(None);
-    };
-    if n == 0 || n as u64 >= cs {
-        return Ok(None);
-    }
-    let mut bytes = bytes;
-    bytes.truncate(n);
-    Ok(Some(bytes))
 }
 
 /// True when every byte is zero. Checks 4 KiB blocks with a branch-free

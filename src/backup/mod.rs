@@ -2,9 +2,9 @@
 //! compact qcow2 or sparse raw target.
 //!
 //! Safety invariants: the source is opened read-only; the target is built in
-//! a temporary file beside TARGET, synced, then renamed over TARGET in one
-//! step. On any error or interruption the temporary file is removed and
-//! nothing appears at TARGET.
+//! a temporary file beside TARGET, written through the storage seam, synced,
+//! then renamed over TARGET in one step. On any error or interruption the
+//! temporary file is removed and nothing appears at TARGET.
 
 pub mod copier;
 pub mod ordered;
@@ -13,15 +13,19 @@ pub mod target;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use qbackup_formats::chain::resolve_backing;
 use qbackup_formats::codec::{CodecError, CompressionType};
+use qbackup_formats::open::Opener;
 use qbackup_formats::qcow2::writer::{BackingRef, Qcow2Writer, WriterOptions};
-use qbackup_formats::{Chain, ChainError, Format};
+use qbackup_formats::storage::{FileStorage, Identity, Storage};
+use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, Format};
 
 pub use copier::Progress;
 pub use plan::SyncMode;
 use target::{Qcow2Target, RawTarget, Target, TargetError};
+
+use crate::source::{self, Source, SourceError};
 
 /// A validated backup request.
 #[derive(Debug, Clone)]
@@ -58,17 +62,27 @@ pub struct BackupReport {
     /// Guest bytes planned (copied or zeroed).
     pub planned_bytes: u64,
     /// Target cluster size.
-    pub cluster_size: u64,
+    pub cluster_size: ClusterSize,
 }
 
-/// Errors of a backup.
+/// Errors of a backup. Each displays as one line that names the file
+/// concerned and says its cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    /// The source could not be read.
+    /// The source could not be opened or planned.
     #[error(transparent)]
-    Source(#[from] ChainError),
-    /// The target could not be written.
-    #[error("{0}")]
+    Source(#[from] SourceError),
+    /// A cluster could not be read from the source.
+    #[error("{source} (while copying cluster {index})")]
+    ReadCluster {
+        /// The target cluster being copied.
+        index: ClusterIndex,
+        /// Why.
+        source: SourceError,
+    },
+    /// The target could not be written (the path is attached by
+    /// [`BackupError::Target`]).
+    #[error(transparent)]
     Write(TargetError),
     /// A write error with the target path attached.
     #[error("{}: {source}", path.display())]
@@ -91,23 +105,72 @@ pub enum BackupError {
     /// The target exists and `--force` was not given.
     #[error("{}: target already exists (use --force to replace it)", .0.display())]
     TargetExists(PathBuf),
-    /// The request is inconsistent.
-    #[error("{0}")]
-    Config(String),
-    /// Compression failed.
-    #[error("{0}")]
-    Compress(CodecError),
+    /// The target is one of the files the source reads.
+    #[error("{}: target is {}, which the source reads", target.display(), file.display())]
+    TargetIsSource {
+        /// The target path.
+        target: PathBuf,
+        /// The source file it is.
+        file: PathBuf,
+    },
+    /// The requested cluster size is not one qcow2 allows.
+    #[error("cluster size {0} must be a power of two from 512 to 2M")]
+    ClusterSize(u64),
+    /// `--sync top` with a raw target.
+    #[error("--sync top needs a qcow2 target: a raw file cannot refer to a backing file")]
+    TopNeedsQcow2,
+    /// The worker pool could not be started.
+    #[error("cannot start worker threads: {source}")]
+    StartThreads {
+        /// Why.
+        source: rayon::ThreadPoolBuildError,
+    },
+    /// Compressing a cluster failed.
+    #[error("cannot compress cluster {index}: {source}")]
+    Compress {
+        /// The target cluster.
+        index: ClusterIndex,
+        /// Why.
+        source: CodecError,
+    },
     /// A bug: a worker panicked.
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("internal error: worker failed on cluster {index}")]
+    WorkerPanicked {
+        /// The cluster it was working on.
+        index: ClusterIndex,
+    },
+    /// A bug: the writer panicked.
+    #[error("internal error: writer failed")]
+    WriterPanicked,
     /// Ctrl-C or SIGTERM.
     #[error("interrupted; nothing was written to the target")]
     Interrupted,
 }
 
+impl Classify for BackupError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            BackupError::Source(e) | BackupError::ReadCluster { source: e, .. } => e.class(),
+            BackupError::Write(e) => e.class(),
+            BackupError::Target { source, .. } => source.class(),
+            BackupError::Commit { source, .. } => ErrorClass::of_io(source),
+            BackupError::TargetExists(_)
+            | BackupError::TargetIsSource { .. }
+            | BackupError::ClusterSize(_)
+            | BackupError::TopNeedsQcow2 => ErrorClass::Usage,
+            BackupError::StartThreads { .. }
+            | BackupError::Compress { .. }
+            | BackupError::WorkerPanicked { .. }
+            | BackupError::WriterPanicked => ErrorClass::Io,
+            BackupError::Interrupted => ErrorClass::Interrupted,
+        }
+    }
+}
+
 /// QEMU's backup rule: 64 KiB, or the source's cluster size when larger.
-pub fn default_cluster_size(chain: &Chain) -> u64 {
-    chain.top().cluster_size().unwrap_or(0).max(64 << 10)
+pub fn default_cluster_size(source: &dyn Source) -> ClusterSize {
+    let min = ClusterSize::new(64 << 10).expect("64 KiB is a cluster size");
+    source.cluster_size().map_or(min, |c| c.max(min))
 }
 
 /// The directory TARGET will be created in ("." for a bare file name).
@@ -129,15 +192,18 @@ fn backing_name_for(target: &Path, backing: &Path) -> Result<String, std::io::Er
     })
 }
 
-/// Runs a backup. `cancel` is polled between batches; when it becomes true
-/// the backup stops and leaves nothing behind.
+/// Runs a backup, opening files through `opener`. `cancel` is polled
+/// between batches; when it becomes true the backup stops and leaves
+/// nothing behind.
 pub fn run(
     cfg: &BackupConfig,
+    opener: &dyn Opener,
     progress: &dyn Progress,
     on_plan: &mut dyn FnMut(u64),
     cancel: &AtomicBool,
 ) -> Result<BackupReport, BackupError> {
-    let chain = Chain::open(&cfg.source, cfg.source_format)?;
+    let source = source::open(opener, &cfg.source, cfg.source_format)?;
+    let source: &dyn Source = source.as_ref();
     let target_err = |e: BackupError| BackupError::Target {
         path: cfg.target.clone(),
         source: Box::new(e),
@@ -150,29 +216,23 @@ pub fn run(
     if !cfg.force && cfg.target.symlink_metadata().is_ok() {
         return Err(BackupError::TargetExists(cfg.target.clone()));
     }
-    refuse_target_in_source(cfg, &chain)?;
-    let cluster_size = cfg
-        .cluster_size
-        .unwrap_or_else(|| default_cluster_size(&chain));
-    if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
-        return Err(BackupError::Config(format!(
-            "cluster size {cluster_size} must be a power of two from 512 to 2M"
-        )));
-    }
-    let size = chain.virtual_size();
+    refuse_target_in_source(cfg, source)?;
+    let cluster_size = match cfg.cluster_size {
+        Some(bytes) => ClusterSize::new(bytes).ok_or(BackupError::ClusterSize(bytes))?,
+        None => default_cluster_size(source),
+    };
+    let size = source.virtual_size();
     let backing = match cfg.sync {
         SyncMode::Top if cfg.target_format == Format::Raw => {
-            return Err(BackupError::Config(
-                "--sync top needs a qcow2 target: a raw file cannot refer to a backing file".into(),
-            ));
+            return Err(BackupError::TopNeedsQcow2);
         }
-        SyncMode::Top => backing_ref(cfg, &chain)?,
+        SyncMode::Top => backing_ref(cfg, source)?,
         SyncMode::Full => None,
     };
 
     let ranges =
-        plan::plan(&chain, cfg.sync, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
-    let planned: u64 = ranges.iter().map(|r| r.count * cluster_size).sum();
+        plan::plan(source, cfg.sync, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
+    let planned: u64 = ranges.iter().map(|r| cluster_size.bytes_in(r.count)).sum();
     on_plan(planned);
 
     let dir = target_dir(&cfg.target);
@@ -192,6 +252,11 @@ pub fn run(
         .as_file()
         .try_clone()
         .map_err(|e| commit_err("open the temporary file", e))?;
+    let storage: Arc<dyn Storage> = Arc::new(
+        FileStorage::writable(file, tmp.path())
+            .map_err(|e| target_err(BackupError::Write(e.into())))?,
+    );
+    let storage = opener.target(storage);
     let compression = match cfg.target_format {
         Format::Qcow2 => cfg.compression,
         Format::Raw => None,
@@ -200,19 +265,16 @@ pub fn run(
         Format::Qcow2 => {
             let opts = WriterOptions {
                 virtual_size: size,
-                cluster_bits: cluster_size.trailing_zeros(),
+                cluster_bits: cluster_size.bits(),
                 compression: compression.map(|c| c.0).unwrap_or(CompressionType::Zlib),
                 backing,
             };
-            let handle = file
-                .try_clone()
-                .map_err(|e| commit_err("open the temporary file", e))?;
-            let w = Qcow2Writer::new(file, opts)
+            let w = Qcow2Writer::new(Arc::clone(&storage), opts)
                 .map_err(|e| target_err(BackupError::Write(TargetError::Qcow2(e))))?;
-            Box::new(Qcow2Target(w, handle))
+            Box::new(Qcow2Target::new(w, Arc::clone(&storage)))
         }
         Format::Raw => Box::new(RawTarget {
-            file,
+            storage: Arc::clone(&storage),
             size,
             cluster_size,
         }),
@@ -224,13 +286,12 @@ pub fn run(
         passthrough: !cfg.recompress,
         speed: cfg.speed,
     };
-    let file =
-        copier::copy(&chain, &ranges, params, target, progress, cancel).map_err(|e| match e {
-            BackupError::Write(_) => target_err(e),
-            other => other,
-        })?;
-    file.sync_all().map_err(|e| commit_err("sync", e))?;
-    drop(file);
+    copier::copy(source, &ranges, params, target, progress, cancel).map_err(|e| match e {
+        BackupError::Write(_) => target_err(e),
+        other => other,
+    })?;
+    storage.sync().map_err(|e| commit_err("sync", e))?;
+    drop(storage);
     let persisted = if cfg.force {
         tmp.persist(&cfg.target)
     } else {
@@ -253,28 +314,24 @@ pub fn run(
 }
 
 /// Refuses a TARGET that is one of the files the source reads (an image of
-/// the chain or an external data file), by device and inode so that other
-/// paths and hard links are caught too.
-fn refuse_target_in_source(cfg: &BackupConfig, chain: &Chain) -> Result<(), BackupError> {
+/// the chain or an external data file), by identity (device and inode) so
+/// that other paths and hard links are caught too.
+fn refuse_target_in_source(cfg: &BackupConfig, source: &dyn Source) -> Result<(), BackupError> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(&cfg.target) else {
         return Ok(());
     };
-    let target = (meta.dev(), meta.ino());
-    for layer in chain.layers() {
-        let files =
-            std::iter::once(layer.storage()).chain(layer.as_qcow2().and_then(|q| q.data_storage()));
-        for f in files {
-            if f.identity().ok() == Some(target) {
-                return Err(BackupError::Config(format!(
-                    "{}: target is {}, which the source reads",
-                    cfg.target.display(),
-                    f.path().display()
-                )));
-            }
-        }
+    let target = Identity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    match source.files().iter().find(|f| f.identity() == Some(target)) {
+        Some(f) => Err(BackupError::TargetIsSource {
+            target: cfg.target.clone(),
+            file: f.name().to_path_buf(),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The process umask (read by setting and restoring it).
@@ -285,28 +342,20 @@ fn current_umask() -> u32 {
     old.as_raw_mode()
 }
 
-fn backing_ref(cfg: &BackupConfig, chain: &Chain) -> Result<Option<BackingRef>, BackupError> {
-    let top = chain.top();
-    let Some(below) = chain.layers().get(1) else {
+fn backing_ref(cfg: &BackupConfig, source: &dyn Source) -> Result<Option<BackingRef>, BackupError> {
+    let Some(below) = source.top_backing() else {
         return Ok(None);
     };
     let name = match &cfg.backing {
         Some(b) => b.clone(),
-        None => {
-            let q = top
-                .as_qcow2()
-                .expect("only qcow2 images have backing files");
-            let recorded = q.header().backing_file.clone().unwrap_or_default();
-            let path = resolve_backing(top.path(), &recorded);
-            backing_name_for(&cfg.target, &path).map_err(|e| BackupError::Commit {
-                path: cfg.target.clone(),
-                action: "resolve the backing file name",
-                source: e,
-            })?
-        }
+        None => backing_name_for(&cfg.target, &below.path).map_err(|e| BackupError::Commit {
+            path: cfg.target.clone(),
+            action: "resolve the backing file name",
+            source: e,
+        })?,
     };
     Ok(Some(BackingRef {
         name,
-        format: below.format().name().to_string(),
+        format: below.format.name().to_string(),
     }))
 }

@@ -12,7 +12,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use qbackup_formats::extent::Allocation;
-use qbackup_formats::{Chain, ChainError, ClusterIndex, GuestOffset};
+use qbackup_formats::{ClusterIndex, ClusterSize, GuestOffset};
+
+use crate::source::{Source, SourceError};
 
 /// Which clusters a backup copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,16 +86,16 @@ impl Seen {
     }
 }
 
-/// Plans a backup of `chain` into clusters of `cluster_size` bytes.
+/// Plans a backup of `source` into clusters of `cluster_size`.
 /// Returns `None` when `cancel` becomes true on the way (planning a huge
 /// sparse image can take a while, and Ctrl-C must work meanwhile).
 pub fn plan(
-    chain: &Chain,
+    source: &dyn Source,
     mode: SyncMode,
-    cluster_size: u64,
+    cluster_size: ClusterSize,
     cancel: &AtomicBool,
-) -> Result<Option<Vec<PlanRange>>, ChainError> {
-    let size = chain.virtual_size();
+) -> Result<Option<Vec<PlanRange>>, SourceError> {
+    let size = source.virtual_size();
     let mut out: Vec<PlanRange> = Vec::new();
     let mut push = |first: u64, count: u64, action: Option<Action>| {
         let action = match (mode, action) {
@@ -115,17 +117,17 @@ pub fn plan(
             action,
         });
     };
-    let cluster_end = |c: u64| ((c + 1) * cluster_size).min(size);
+    let cluster_end = |c: u64| cluster_size.start_of(ClusterIndex(c + 1)).0.min(size);
     let mut seen = Seen::default();
     let mut pos = 0u64;
     while pos < size {
         if cancel.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let (class, len) = classify(chain, mode, pos, size - pos)?;
+        let (class, len) = classify(source, mode, GuestOffset(pos), size - pos)?;
         let end = pos + len;
-        let c0 = pos / cluster_size;
-        let c_last = (end - 1) / cluster_size;
+        let c0 = cluster_size.index_of(GuestOffset(pos)).0;
+        let c_last = cluster_size.index_of(GuestOffset(end - 1)).0;
         seen.add(class);
         if end >= cluster_end(c0) {
             push(c0, 1, seen.action());
@@ -146,10 +148,15 @@ pub fn plan(
     Ok(Some(out))
 }
 
-fn classify(chain: &Chain, mode: SyncMode, pos: u64, max: u64) -> Result<(Class, u64), ChainError> {
+fn classify(
+    source: &dyn Source,
+    mode: SyncMode,
+    pos: GuestOffset,
+    max: u64,
+) -> Result<(Class, u64), SourceError> {
     match mode {
         SyncMode::Full => {
-            let (e, len) = chain.status(GuestOffset(pos), max)?;
+            let (e, len) = source.status(pos, max)?;
             Ok((
                 if e.data && !e.zero {
                     Class::Data
@@ -160,7 +167,7 @@ fn classify(chain: &Chain, mode: SyncMode, pos: u64, max: u64) -> Result<(Class,
             ))
         }
         SyncMode::Top => {
-            let (e, len) = chain.top().status(GuestOffset(pos), max)?;
+            let (e, len) = source.top_status(pos, max)?;
             let class = match e.allocation {
                 Allocation::Unallocated => Class::Below,
                 Allocation::Zero => Class::Zero,

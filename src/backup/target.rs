@@ -1,15 +1,17 @@
 //! Backup targets: where finished clusters go, in order.
 //!
-//! The target is always a temporary file beside the final path; it only
-//! becomes the target by an atomic rename after everything is written and
-//! synced (see `mod.rs`). Clusters arrive in increasing order from the one
-//! writer thread.
+//! A target writes through a [`Storage`] (the temporary file beside the
+//! final path, possibly wrapped, e.g. by a fault-injecting test double); it
+//! only becomes the target by an atomic rename after everything is written
+//! and synced (see `mod.rs`). Clusters arrive in increasing order from the
+//! one writer thread.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use qbackup_formats::qcow2::writer::{ClusterWrite, Qcow2Writer, WriterError};
-use qbackup_formats::ClusterIndex;
+use qbackup_formats::storage::{Storage, StorageError};
+use qbackup_formats::{ClusterIndex, ClusterSize, HostOffset};
+use qbackup_formats::{Classify, ErrorClass};
 
 /// A finished cluster, ready to be stored.
 #[derive(Debug)]
@@ -28,40 +30,42 @@ pub enum TargetError {
     /// The qcow2 writer failed.
     #[error(transparent)]
     Qcow2(#[from] WriterError),
-    /// Writing a raw target failed.
-    #[error("cannot write at offset {offset}: {source}")]
-    RawWrite {
-        /// Where.
-        offset: u64,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// Writing or sizing a raw target failed.
+    #[error(transparent)]
+    Raw(#[from] StorageError),
+}
+
+impl Classify for TargetError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            TargetError::Qcow2(e) => e.class(),
+            TargetError::Raw(e) => e.class(),
+        }
+    }
 }
 
 /// Something that stores clusters in order.
 pub trait Target: Send {
     /// Stores cluster `index`.
     fn put(&mut self, index: ClusterIndex, out: Output) -> Result<(), TargetError>;
-    /// Writes what remains (metadata) and hands back the file.
-    fn finish(self: Box<Self>) -> Result<File, TargetError>;
-    /// The file being written, for early writeback.
-    fn file(&self) -> &File;
+    /// Writes what remains (metadata). The caller syncs the storage.
+    fn finish(self: Box<Self>) -> Result<(), TargetError>;
+    /// The storage being written, for early writeback.
+    fn storage(&self) -> &dyn Storage;
 }
 
-/// Asks the kernel to start writing dirty pages of `file` to disk now,
-/// without waiting. The final fsync then has little left to do, so disk
-/// writes overlap with compression instead of following it.
-pub fn start_writeback(file: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on a valid, open descriptor; no memory is passed.
-    // Errors only mean the hint is ignored (the final fsync still runs).
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+/// A qcow2 target: the writer and the storage it writes to.
+pub struct Qcow2Target {
+    writer: Qcow2Writer,
+    storage: Arc<dyn Storage>,
+}
+
+impl Qcow2Target {
+    /// A target writing `writer`'s image into `storage`.
+    pub fn new(writer: Qcow2Writer, storage: Arc<dyn Storage>) -> Self {
+        Qcow2Target { writer, storage }
     }
 }
-
-/// A qcow2 target: the writer and a second handle on its file.
-pub struct Qcow2Target(pub Qcow2Writer, pub File);
 
 impl Target for Qcow2Target {
     fn put(&mut self, index: ClusterIndex, out: Output) -> Result<(), TargetError> {
@@ -70,54 +74,55 @@ impl Target for Qcow2Target {
             Output::Compressed(c) => ClusterWrite::Compressed(c),
             Output::Zero => ClusterWrite::Zero,
         };
-        Ok(self.0.write_cluster(index, w)?)
+        Ok(self.writer.write_cluster(index, w)?)
     }
 
-    fn finish(self: Box<Self>) -> Result<File, TargetError> {
-        Ok(self.0.finish()?)
+    fn finish(self: Box<Self>) -> Result<(), TargetError> {
+        Ok(self.writer.finish()?)
     }
 
-    fn file(&self) -> &File {
-        &self.1
+    fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
     }
 }
 
 /// A sparse raw target: zero clusters stay holes.
 pub struct RawTarget {
-    /// The file.
-    pub file: File,
+    /// Where the bytes go.
+    pub storage: Arc<dyn Storage>,
     /// Virtual size.
     pub size: u64,
     /// Cluster size used for offsets.
-    pub cluster_size: u64,
+    pub cluster_size: ClusterSize,
 }
 
 impl Target for RawTarget {
     fn put(&mut self, index: ClusterIndex, out: Output) -> Result<(), TargetError> {
-        let offset = index.0 * self.cluster_size;
         match out {
             Output::Data(d) => {
-                let len = (self.size - offset).min(d.len() as u64) as usize;
-                self.file
-                    .write_all_at(&d[..len], offset)
-                    .map_err(|source| TargetError::RawWrite { offset, source })
+                let offset = self.cluster_size.start_of(index);
+                let len = self.cluster_size.bytes_below(index, self.size) as usize;
+                Ok(self
+                    .storage
+                    .write_all_at(&d[..len.min(d.len())], HostOffset(offset.0))?)
             }
             // Holes read as zeros; the copier never compresses for raw.
             Output::Zero | Output::Compressed(_) => Ok(()),
         }
     }
 
-    fn finish(self: Box<Self>) -> Result<File, TargetError> {
-        self.file
+    fn finish(self: Box<Self>) -> Result<(), TargetError> {
+        self.storage
             .set_len(self.size)
-            .map_err(|source| TargetError::RawWrite {
-                offset: self.size,
+            .map_err(|source| StorageError::Write {
+                offset: HostOffset(self.size),
+                len: 0,
                 source,
             })?;
-        Ok(self.file)
+        Ok(())
     }
 
-    fn file(&self) -> &File {
-        &self.file
+    fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
     }
 }

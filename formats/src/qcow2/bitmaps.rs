@@ -5,10 +5,12 @@
 //! bit 0 is set; otherwise a writer unaware of bitmaps has touched the image
 //! and QEMU ignores the extension, and so do we.
 
+use crate::error::{Classify, ErrorClass};
 use crate::storage::{Storage, StorageError};
 use crate::units::HostOffset;
 
 use super::header::BitmapsExtension;
+use super::table::{be16, be32, be64};
 
 /// QEMU's limits (block/qcow2.h).
 const MAX_BITMAPS: u32 = 65535;
@@ -20,8 +22,6 @@ pub mod flags {
     pub const IN_USE: u32 = 1 << 0;
     /// The bitmap tracks writes automatically.
     pub const AUTO: u32 = 1 << 1;
-    /// Extra data may be ignored by readers that do not understand it.
-    pub const EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
 }
 
 /// Errors in the bitmap directory.
@@ -38,6 +38,15 @@ pub enum BitmapError {
         /// What is wrong.
         why: &'static str,
     },
+}
+
+impl Classify for BitmapError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            BitmapError::Read(e) => e.class(),
+            BitmapError::Invalid { .. } => ErrorClass::Corrupt,
+        }
+    }
 }
 
 /// One bitmap directory entry.
@@ -57,7 +66,7 @@ pub struct BitmapEntry {
 
 /// Reads and validates the bitmap directory.
 pub fn read_directory(
-    storage: &Storage,
+    storage: &dyn Storage,
     ext: &BitmapsExtension,
 ) -> Result<Vec<BitmapEntry>, BitmapError> {
     let invalid = |offset, why| BitmapError::Invalid { offset, why };
@@ -77,13 +86,13 @@ pub fn read_directory(
         let fixed = dir
             .get(at..at + 24)
             .ok_or(invalid(here, "entry runs past the directory"))?;
-        let table_offset = u64::from_be_bytes(fixed[0..8].try_into().expect("8"));
-        let table_size = u32::from_be_bytes(fixed[8..12].try_into().expect("4"));
-        let flag_bits = u32::from_be_bytes(fixed[12..16].try_into().expect("4"));
+        let table_offset = be64(fixed, 0);
+        let table_size = be32(fixed, 8);
+        let flag_bits = be32(fixed, 12);
         let kind = fixed[16];
         let granularity_bits = fixed[17];
-        let name_size = u16::from_be_bytes([fixed[18], fixed[19]]) as usize;
-        let extra = u32::from_be_bytes(fixed[20..24].try_into().expect("4")) as usize;
+        let name_size = usize::from(be16(fixed, 18));
+        let extra = be32(fixed, 20) as usize;
         if kind != 1 {
             return Err(invalid(here, "unknown bitmap type"));
         }

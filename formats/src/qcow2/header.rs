@@ -6,7 +6,9 @@
 //! <= 6, table offsets cluster-aligned, table sizes within QEMU's limits, and
 //! a virtual size that the L1 table can address.
 
+use super::table::{be32, be64};
 use crate::codec::CompressionType;
+use crate::error::{Classify, ErrorClass};
 use crate::units::HostOffset;
 
 /// "QFI\xfb".
@@ -52,12 +54,8 @@ pub mod ext {
     pub const END: u32 = 0;
     /// Backing file format name.
     pub const BACKING_FORMAT: u32 = 0xe279_2aca;
-    /// Feature name table.
-    pub const FEATURE_TABLE: u32 = 0x6803_f857;
     /// Bitmaps extension.
     pub const BITMAPS: u32 = 0x2385_2875;
-    /// Full disk encryption header pointer.
-    pub const CRYPTO: u32 = 0x0537_be77;
     /// External data file name.
     pub const DATA_FILE: u32 = 0x4441_5441;
 }
@@ -102,6 +100,17 @@ pub enum HeaderError {
         /// What is wrong.
         why: &'static str,
     },
+}
+
+impl Classify for HeaderError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            HeaderError::UnsupportedVersion(_) | HeaderError::UnknownFeatures(_) => {
+                ErrorClass::Unsupported
+            }
+            _ => ErrorClass::Corrupt,
+        }
+    }
 }
 
 /// The decoded fixed header plus the extensions qbackup understands.
@@ -162,14 +171,6 @@ pub struct BitmapsExtension {
     pub directory_size: u64,
     /// Where the directory is.
     pub directory_offset: HostOffset,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 fn invalid(field: &'static str, value: u64, why: &'static str) -> HeaderError {

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::codec::{self, CodecError};
+use crate::error::{Classify, ErrorClass};
 use crate::extent::{Allocation, HostFile, HostLocation, LayerExtent};
+use crate::open::{resolve_data_file, Opener, Role};
 use crate::storage::{FileExtent, Storage, StorageError};
 use crate::units::{GuestOffset, HostOffset};
 
@@ -21,6 +23,7 @@ use super::bitmaps::{self, BitmapEntry, BitmapError};
 use super::header::{autoclear, incompat, Header, HeaderError};
 use super::l2::{self, CompressedDescriptor, EntryFormat, MappingError, SubclusterKind};
 use super::refcount::{RefcountError, RefcountReader};
+use super::table;
 
 /// Bytes of L2 tables the cache may hold.
 const L2_CACHE_BYTES: usize = 32 << 20;
@@ -70,10 +73,26 @@ pub enum Qcow2Error {
     MarkedCorrupt,
 }
 
+impl Classify for Qcow2Error {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Qcow2Error::Storage(e) => e.class(),
+            Qcow2Error::Header(e) => e.class(),
+            Qcow2Error::Mapping(e) => e.class(),
+            Qcow2Error::Refcount(e) => e.class(),
+            Qcow2Error::Bitmap(e) => e.class(),
+            Qcow2Error::Decompress { source, .. } => source.class(),
+            Qcow2Error::OpenDataFile { source, .. } => source.class(),
+            Qcow2Error::MissingDataFileName | Qcow2Error::MarkedCorrupt => ErrorClass::Corrupt,
+            Qcow2Error::Encrypted => ErrorClass::Unsupported,
+        }
+    }
+}
+
 /// A read-only qcow2 image.
 pub struct Qcow2Image {
-    storage: Storage,
-    data: Option<Storage>,
+    storage: Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
     data_host_file: HostFile,
     header: Header,
     fmt: EntryFormat,
@@ -85,7 +104,7 @@ pub struct Qcow2Image {
 
 /// One run of a layer as the read path needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Piece {
+pub(crate) enum Piece {
     /// Look in the backing file.
     Unallocated,
     /// Reads as zeros.
@@ -118,14 +137,15 @@ fn host_of(kind: SubclusterKind) -> Option<HostOffset> {
 impl std::fmt::Debug for Qcow2Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Image")
-            .field("path", &self.storage.path())
+            .field("path", &self.storage.name())
             .finish()
     }
 }
 
 impl Qcow2Image {
-    /// Opens and validates `storage` as a qcow2 image.
-    pub fn open(storage: Storage) -> Result<Qcow2Image, Qcow2Error> {
+    /// Opens and validates `storage` as a qcow2 image; an external data
+    /// file is opened through `opener`.
+    pub fn open(storage: Arc<dyn Storage>, opener: &dyn Opener) -> Result<Qcow2Image, Qcow2Error> {
         let mut probe = vec![0u8; storage.len().min(112) as usize];
         storage.read_exact_at("header", &mut probe, HostOffset(0))?;
         let bits = if probe.len() >= 24 {
@@ -141,31 +161,31 @@ impl Qcow2Image {
         let mut first = vec![0u8; first_len as usize];
         storage.read_exact_at("header", &mut first, HostOffset(0))?;
         let header = Header::decode(&first, storage.len())?;
-        let l1_bytes = u64::from(header.l1_size) * 8;
-        let mut raw = vec![0u8; l1_bytes as usize];
-        storage.read_exact_at("L1 table", &mut raw, header.l1_table_offset)?;
-        let l1 = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-            .collect();
+        let l1 = table::read(
+            storage.as_ref(),
+            "L1 table",
+            header.l1_table_offset,
+            header.l1_size.into(),
+        )?;
         let data = if header.has_data_file() {
             let name = header
                 .data_file
                 .as_deref()
                 .ok_or(Qcow2Error::MissingDataFileName)?;
-            // QEMU resolves a relative data file name against the current
-            // directory, not the image's; we do the same so both read the
-            // same file.
-            let path = PathBuf::from(name);
-            Some(Storage::open(&path).map_err(|source| Qcow2Error::OpenDataFile { path, source })?)
+            let path = resolve_data_file(name);
+            Some(
+                opener
+                    .open(&path, Role::DataFile)
+                    .map_err(|source| Qcow2Error::OpenDataFile { path, source })?,
+            )
         } else {
             None
         };
-        let image_file = HostFile(Arc::from(storage.path()));
+        let image_file = HostFile(Arc::from(storage.name()));
         // Host offsets refer to the data file when there is one.
         let data_host_file = data
             .as_ref()
-            .map(|d| HostFile(Arc::from(d.path())))
+            .map(|d| HostFile(Arc::from(d.name())))
             .unwrap_or_else(|| image_file.clone());
         let fmt = EntryFormat {
             cluster_bits: header.cluster_bits,
@@ -188,17 +208,17 @@ impl Qcow2Image {
     }
 
     /// The decoded header.
-    pub fn header(&self) -> &Header {
+    pub(crate) fn header(&self) -> &Header {
         &self.header
     }
 
     /// The image file.
-    pub fn storage(&self) -> &Storage {
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }
 
     /// The external data file, if the image has one.
-    pub fn data_storage(&self) -> Option<&Storage> {
+    pub(crate) fn data_storage(&self) -> Option<&Arc<dyn Storage>> {
         self.data.as_ref()
     }
 
@@ -209,7 +229,7 @@ impl Qcow2Image {
     }
 
     /// Refuses images whose data cannot be read correctly.
-    pub fn check_readable(&self) -> Result<(), Qcow2Error> {
+    pub(crate) fn check_readable(&self) -> Result<(), Qcow2Error> {
         if self.header.crypt_method != 0 {
             return Err(Qcow2Error::Encrypted);
         }
@@ -221,17 +241,17 @@ impl Qcow2Image {
 
     /// The bitmap directory, when the extension is present and valid
     /// (autoclear bit 0 set).
-    pub fn bitmaps(&self) -> Result<Vec<BitmapEntry>, Qcow2Error> {
+    pub(crate) fn bitmaps(&self) -> Result<Vec<BitmapEntry>, Qcow2Error> {
         match &self.header.bitmaps {
             Some(ext) if self.header.autoclear_features & autoclear::BITMAPS != 0 => {
-                Ok(bitmaps::read_directory(&self.storage, ext)?)
+                Ok(bitmaps::read_directory(self.storage.as_ref(), ext)?)
             }
             _ => Ok(Vec::new()),
         }
     }
 
-    fn data_storage_or_image(&self) -> &Storage {
-        self.data.as_ref().unwrap_or(&self.storage)
+    fn data_storage_or_image(&self) -> &dyn Storage {
+        self.data.as_ref().unwrap_or(&self.storage).as_ref()
     }
 
     fn l2_table(&self, l1_index: u64) -> Result<Option<Arc<[u64]>>, Qcow2Error> {
@@ -252,13 +272,9 @@ impl Qcow2Image {
         if let Some(t) = self.l2_cache.lock().expect("l2 cache lock").get(&offset) {
             return Ok(Some(t.clone()));
         }
-        let mut raw = vec![0u8; self.header.cluster_size() as usize];
-        self.storage
-            .read_exact_at("L2 table", &mut raw, HostOffset(offset))?;
-        let table: Arc<[u64]> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-            .collect();
+        let entries = self.header.cluster_size() / 8;
+        let table: Arc<[u64]> =
+            table::read(self.storage.as_ref(), "L2 table", HostOffset(offset), entries)?.into();
         let mut cache = self.l2_cache.lock().expect("l2 cache lock");
         if cache.len() >= self.l2_cache_max {
             cache.clear();
@@ -310,7 +326,7 @@ impl Qcow2Image {
     /// to the virtual size) in which every byte has the same kind and host
     /// offsets are contiguous. Compressed runs are cut at the first cluster
     /// when `split_compressed` is set, so the read path sees one descriptor.
-    pub fn locate(
+    pub(crate) fn locate(
         &self,
         offset: GuestOffset,
         max_len: u64,
@@ -367,7 +383,7 @@ impl Qcow2Image {
     }
 
     /// What this layer alone says about the range at `offset`.
-    pub fn status(
+    pub(crate) fn status(
         &self,
         offset: GuestOffset,
         max_len: u64,
@@ -416,7 +432,16 @@ impl Qcow2Image {
         }
         let h = &self.header;
         let cluster_size = h.cluster_size();
-        let real_clusters = self.storage.allocated_size()? / cluster_size;
+        let allocated = self
+            .storage
+            .allocated_size()
+            .map_err(|source| StorageError::Stat { source })?;
+        // Without an allocation count (not a file) nothing looks preallocated.
+        let Some(allocated) = allocated else {
+            *cached = Some(false);
+            return Ok(false);
+        };
+        let real_clusters = allocated / cluster_size;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         // Past what the refcount table covers every refcount is 0, so a
         // huge sparse file cannot make this scan long.
@@ -424,7 +449,7 @@ impl Qcow2Image {
             * ((cluster_size * 8) >> h.refcount_order);
         let end_cluster = self.storage.len().div_ceil(cluster_size).min(covered);
         let mut refcounts = RefcountReader::new(
-            &self.storage,
+            self.storage.as_ref(),
             h.refcount_table_offset,
             h.refcount_table_clusters,
             h.cluster_bits,
@@ -442,7 +467,7 @@ impl Qcow2Image {
     }
 
     /// Reads one compressed cluster into `out` (exactly one cluster long).
-    pub fn read_compressed(
+    pub(crate) fn read_compressed(
         &self,
         guest: GuestOffset,
         desc: CompressedDescriptor,
@@ -456,7 +481,7 @@ impl Qcow2Image {
     /// The stored bytes of a compressed cluster: from its offset to the end
     /// of its last sector, cut at the end of the file (QEMU pads reads past
     /// EOF with zeros; the stream itself must end inside the file).
-    pub fn compressed_bytes(&self, desc: CompressedDescriptor) -> Result<Vec<u8>, Qcow2Error> {
+    pub(crate) fn compressed_bytes(&self, desc: CompressedDescriptor) -> Result<Vec<u8>, Qcow2Error> {
         let avail = self.storage.len().saturating_sub(desc.offset.0);
         if avail == 0 {
             self.storage
@@ -469,7 +494,7 @@ impl Qcow2Image {
     }
 
     /// Reads `buf.len()` bytes of stored data at `host` (a `Piece::Data`).
-    pub fn read_data(&self, host: HostOffset, buf: &mut [u8]) -> Result<(), Qcow2Error> {
+    pub(crate) fn read_data(&self, host: HostOffset, buf: &mut [u8]) -> Result<(), Qcow2Error> {
         Ok(self
             .data_storage_or_image()
             .read_exact_at("data cluster", buf, host)?)

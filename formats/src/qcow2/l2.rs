@@ -5,6 +5,7 @@
 //! relies on: with an external data file, host offset 0 is a valid
 //! allocation when the COPIED bit is set.
 
+use crate::error::{Classify, ErrorClass};
 use crate::units::{GuestOffset, HostOffset};
 
 /// Bits 9–55 of an L1 or standard L2 entry: the host cluster offset.
@@ -65,6 +66,12 @@ pub enum MappingError {
     },
 }
 
+impl Classify for MappingError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Corrupt
+    }
+}
+
 /// Where a compressed cluster's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompressedDescriptor {
@@ -87,11 +94,22 @@ pub fn decode_compressed(entry: u64, cluster_bits: u32) -> CompressedDescriptor 
 }
 
 /// Encodes a compressed cluster descriptor, compressed flag included, for a
-/// stream of `len` (> 0) bytes at `offset`.
-pub fn encode_compressed(offset: HostOffset, len: u64, cluster_bits: u32) -> u64 {
+/// stream of `len` (> 0) bytes at `offset`. Fails (saying which field) when
+/// the offset or the sector count does not fit the descriptor.
+pub fn encode_compressed(offset: HostOffset, len: u64, cluster_bits: u32) -> Result<u64, &'static str> {
     let x = 62 - (cluster_bits - 8);
-    let extra = ((offset.0 + len - 1) >> 9) - (offset.0 >> 9);
-    COMPRESSED | (extra << x) | offset.0
+    let last = len
+        .checked_sub(1)
+        .and_then(|l| offset.0.checked_add(l))
+        .ok_or("compressed stream end overflows")?;
+    let extra_sectors = (last >> 9) - (offset.0 >> 9);
+    if offset.0 >= 1u64 << x.min(56) {
+        return Err("compressed data beyond the descriptor's offset field");
+    }
+    if extra_sectors >= 1u64 << (62 - x) {
+        return Err("compressed stream longer than the descriptor's sector field");
+    }
+    Ok(COMPRESSED | (extra_sectors << x) | offset.0)
 }
 
 /// What one guest subcluster (or cluster, without extended L2) is.
@@ -216,7 +234,7 @@ mod tests {
                 if len >= 1 << bits {
                     continue;
                 }
-                let e = encode_compressed(HostOffset(off), len, bits);
+                let e = encode_compressed(HostOffset(off), len, bits).unwrap();
                 assert!(e & COMPRESSED != 0);
                 let d = decode_compressed(e, bits);
                 assert_eq!(d.offset, HostOffset(off));

@@ -1,12 +1,18 @@
-//! The qcow2 driver, split by concern like the spec: the header and its
-//! extensions, L1/L2 mapping entries, refcounts, the bitmap directory, the
-//! reader, and the writer used for backups.
+//! The qcow2 driver, split by on-disk structure like the spec
+//! (docs/interop/qcow2.rst): the header and its extensions, L1/L2 mapping
+//! entries, refcounts, the bitmap directory, big-endian table encoding, the
+//! reader and its [`crate::layer::Layer`] implementation, and the writer
+//! used for backups. Only the reader type, `info`'s facts and the writer are
+//! public; table layouts stay inside the driver.
 
-pub mod bitmaps;
-pub mod header;
-pub mod image;
-pub mod l2;
-pub mod refcount;
+pub(crate) mod bitmaps;
+pub(crate) mod header;
+mod image;
+pub(crate) mod l2;
+mod layer;
+pub(crate) mod refcount;
+pub(crate) mod table;
 pub mod writer;
 
-pub use image::{Piece, Qcow2Error, Qcow2Image};
+pub use image::{Qcow2Error, Qcow2Image};
+pub use layer::{BitmapSummary, Qcow2Info};

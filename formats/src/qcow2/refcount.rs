@@ -3,6 +3,8 @@
 //! big-endian entries. Widths below 8 bits pack entries from the least
 //! significant bit of each byte upwards, as QEMU does.
 
+use super::table;
+use crate::error::{Classify, ErrorClass};
 use crate::storage::{Storage, StorageError};
 use crate::units::HostOffset;
 
@@ -17,6 +19,15 @@ pub enum RefcountError {
     UnalignedBlock(HostOffset),
 }
 
+impl Classify for RefcountError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            RefcountError::Read(e) => e.class(),
+            RefcountError::UnalignedBlock(_) => ErrorClass::Corrupt,
+        }
+    }
+}
+
 /// Extracts entry `index` from a refcount block of `1 << order`-bit entries.
 pub fn entry(block: &[u8], order: u32, index: usize) -> u64 {
     match order {
@@ -28,17 +39,15 @@ pub fn entry(block: &[u8], order: u32, index: usize) -> u64 {
             u64::from(byte >> shift) & ((1u64 << bits) - 1)
         }
         3 => u64::from(block[index]),
-        4 => u64::from(u16::from_be_bytes([block[2 * index], block[2 * index + 1]])),
-        5 => u64::from(u32::from_be_bytes(
-            block[4 * index..4 * index + 4].try_into().expect("4"),
-        )),
-        _ => u64::from_be_bytes(block[8 * index..8 * index + 8].try_into().expect("8")),
+        4 => u64::from(table::be16(block, 2 * index)),
+        5 => u64::from(table::be32(block, 4 * index)),
+        _ => table::be64(block, 8 * index),
     }
 }
 
 /// Reads refcounts of an image, one block at a time.
 pub struct RefcountReader<'a> {
-    storage: &'a Storage,
+    storage: &'a dyn Storage,
     table: Vec<u64>,
     cluster_bits: u32,
     order: u32,
@@ -48,19 +57,14 @@ pub struct RefcountReader<'a> {
 impl<'a> RefcountReader<'a> {
     /// Loads the refcount table described by the header fields.
     pub fn new(
-        storage: &'a Storage,
+        storage: &'a dyn Storage,
         table_offset: HostOffset,
         table_clusters: u32,
         cluster_bits: u32,
         order: u32,
     ) -> Result<Self, RefcountError> {
-        let bytes = (u64::from(table_clusters) << cluster_bits) as usize;
-        let mut raw = vec![0u8; bytes];
-        storage.read_exact_at("refcount table", &mut raw, table_offset)?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-            .collect();
+        let entries = (u64::from(table_clusters) << cluster_bits) / 8;
+        let table = table::read(storage, "refcount table", table_offset, entries)?;
         Ok(RefcountReader {
             storage,
             table,

@@ -54,23 +54,22 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::codec::CompressionType;
+use crate::error::{Classify, ErrorClass};
 use crate::qcow2::header::{
     encode_extension, ext, incompat, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES, V3_HEADER_LEN,
 };
+use crate::qcow2::l2::{self, COPIED, ZERO};
+use crate::qcow2::table;
+use crate::storage::{FileStorage, Storage, StorageError};
 use crate::units::{ClusterIndex, HostOffset};
 
 mod refcount_build;
 use refcount_build::{RefcountError, Refcounts};
 
-/// L1/L2 bit 63: the referenced cluster has refcount exactly 1.
-const COPIED: u64 = 1 << 63;
-/// L2 bit 62: compressed cluster descriptor.
-const COMPRESSED: u64 = 1 << 62;
-/// Standard descriptor bit 0: the cluster reads as zeros.
-const ZERO: u64 = 1;
 /// Table entries hold host offsets in bits 9..55, so everything stays below.
 const HOST_LIMIT: u64 = 1 << 56;
 /// Spec limit on `backing_file_size`.
@@ -148,8 +147,8 @@ pub enum WriterError {
     /// Querying the output file failed.
     #[error("cannot inspect the output file: {source}")]
     InspectFile {
-        /// The I/O error.
-        source: io::Error,
+        /// Why.
+        source: StorageError,
     },
     /// The output file is not usable as given.
     #[error("output file is unusable: {why}")]
@@ -239,6 +238,32 @@ pub enum WriterError {
     Poisoned,
 }
 
+impl Classify for WriterError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            WriterError::ClusterBits(_)
+            | WriterError::UnalignedSize(_)
+            | WriterError::VirtualSize { .. }
+            | WriterError::Backing { .. }
+            | WriterError::OutputFile { .. } => ErrorClass::Usage,
+            WriterError::InspectFile { source } => source.class(),
+            WriterError::WriteData { source, .. }
+            | WriterError::WriteMetadata { source, .. }
+            | WriterError::WriteHeader { source } => ErrorClass::of_io(source),
+            WriterError::TooLarge { .. } | WriterError::RefcountOverflow { .. } => {
+                ErrorClass::Unsupported
+            }
+            // Misuse of the API or a write after a failed one: bugs in the
+            // caller, reported as I/O since the file's state is unknown.
+            WriterError::OutOfOrder { .. }
+            | WriterError::BeyondEnd { .. }
+            | WriterError::DataLength { .. }
+            | WriterError::CompressedLength { .. }
+            | WriterError::Poisoned => ErrorClass::Io,
+        }
+    }
+}
+
 /// One in-memory L2 table and the L1 slot it belongs to.
 struct L2Table {
     l1_index: u64,
@@ -254,7 +279,7 @@ enum Stage {
 
 /// Writes one qcow2 image front to back; see the module docs.
 pub struct Qcow2Writer {
-    file: File,
+    storage: Arc<dyn Storage>,
     opts: WriterOptions,
     /// Guest clusters in the virtual disk.
     guest_clusters: u64,
@@ -277,11 +302,10 @@ pub struct Qcow2Writer {
 }
 
 impl Qcow2Writer {
-    /// Prepares to write an image into `file`, which must be empty, open
-    /// for writing and not in append mode. Checks the options (cluster size,
-    /// virtual size against QEMU's L1 limit, backing name length) before
-    /// anything is written.
-    pub fn new(file: File, opts: WriterOptions) -> Result<Self, WriterError> {
+    /// Prepares to write an image into `storage`, which must be empty and
+    /// writable. Checks the options (cluster size, virtual size against
+    /// QEMU's L1 limit, backing name length) before anything is written.
+    pub fn new(storage: Arc<dyn Storage>, opts: WriterOptions) -> Result<Self, WriterError> {
         if !(9..=21).contains(&opts.cluster_bits) {
             return Err(WriterError::ClusterBits(opts.cluster_bits));
         }
@@ -304,25 +328,9 @@ impl Qcow2Writer {
         if let Some(b) = &opts.backing {
             check_backing(b, cluster_size)?;
         }
-        let len = file
-            .metadata()
-            .map_err(|source| WriterError::InspectFile { source })?
-            .len();
-        if len != 0 {
+        if !storage.is_empty() {
             return Err(WriterError::OutputFile {
                 why: "file is not empty",
-            });
-        }
-        let flags = rustix::fs::fcntl_getfl(&file)
-            .map_err(|e| WriterError::InspectFile { source: e.into() })?;
-        if flags.contains(rustix::fs::OFlags::APPEND) {
-            return Err(WriterError::OutputFile {
-                why: "file is in append mode",
-            });
-        }
-        if flags.intersection(rustix::fs::OFlags::ACCMODE) == rustix::fs::OFlags::RDONLY {
-            return Err(WriterError::OutputFile {
-                why: "file is not open for writing",
             });
         }
         let mut refcounts = Refcounts::default();
@@ -330,7 +338,7 @@ impl Qcow2Writer {
             .set_one(0)
             .map_err(|e| refcount_error(e, opts.cluster_bits))?;
         Ok(Qcow2Writer {
-            file,
+            storage,
             opts,
             guest_clusters,
             l1_size,
@@ -344,6 +352,16 @@ impl Qcow2Writer {
             last_index: None,
             poisoned: false,
         })
+    }
+
+    /// [`Qcow2Writer::new`] on a file the caller created for writing at
+    /// `path`; refuses a file in append mode or not open for writing.
+    pub fn on_file(file: File, path: &Path, opts: WriterOptions) -> Result<Self, WriterError> {
+        let storage = FileStorage::writable(file, path).map_err(|e| match e {
+            StorageError::NotWritable { why } => WriterError::OutputFile { why },
+            other => WriterError::InspectFile { source: other },
+        })?;
+        Qcow2Writer::new(Arc::new(storage), opts)
     }
 
     /// Stores guest cluster `index`. Indices must strictly increase; clusters
@@ -432,9 +450,9 @@ impl Qcow2Writer {
     }
 
     /// Writes the L2 tables, L1 table, refcount blocks and table, then the
-    /// header cluster, and returns the file. The caller syncs and renames
-    /// it; nothing here calls fsync.
-    pub fn finish(mut self) -> Result<File, WriterError> {
+    /// header cluster. The caller syncs the storage (and renames the file);
+    /// nothing here syncs.
+    pub fn finish(mut self) -> Result<(), WriterError> {
         if self.poisoned {
             return Err(WriterError::Poisoned);
         }
@@ -448,9 +466,7 @@ impl Qcow2Writer {
         for table in tables {
             let offset = self.pos();
             cluster.clear();
-            for entry in table.entries.iter() {
-                cluster.extend_from_slice(&entry.to_be_bytes());
-            }
+            table::encode_into(table.entries.iter().copied(), &mut cluster);
             self.append_metadata_cluster(&cluster)?;
             l2_offsets.push((table.l1_index, offset | COPIED));
         }
@@ -488,10 +504,10 @@ impl Qcow2Writer {
         self.flush(Stage::Metadata)?;
 
         let header = self.header_cluster(l1_offset, table_offset, layout.table_clusters)?;
-        self.file
-            .write_all_at(&header, 0)
+        self.storage
+            .write_at(&header, HostOffset(0))
             .map_err(|source| WriterError::WriteHeader { source })?;
-        Ok(self.file)
+        Ok(())
     }
 
     fn cluster_size(&self) -> u64 {
@@ -559,7 +575,7 @@ impl Qcow2Writer {
             return Ok(());
         }
         let offset = HostOffset(self.buf_start);
-        if let Err(source) = self.file.write_all_at(&self.buf[..n], self.buf_start) {
+        if let Err(source) = self.storage.write_at(&self.buf[..n], offset) {
             self.poisoned = true;
             return Err(match stage {
                 Stage::Data => WriterError::WriteData {
@@ -629,7 +645,7 @@ impl Qcow2Writer {
         let cluster_size = usize_of(self.cluster_size())?;
         let mut cluster = Vec::with_capacity(cluster_size);
         for entry in entries {
-            cluster.extend_from_slice(&entry.to_be_bytes());
+            table::encode_into([entry], &mut cluster);
             if cluster.len() == cluster_size {
                 self.append_metadata_cluster(&cluster)?;
                 cluster.clear();
@@ -648,7 +664,7 @@ impl Qcow2Writer {
         }
         let offset = HostOffset(self.buf_start);
         let len = self.buf.len();
-        if let Err(source) = self.file.write_all_at(&self.buf, self.buf_start) {
+        if let Err(source) = self.storage.write_at(&self.buf, offset) {
             self.poisoned = true;
             return Err(match stage {
                 Stage::Data => WriterError::WriteData {
@@ -752,29 +768,11 @@ fn check_backing(b: &BackingRef, cluster_size: u64) -> Result<(), WriterError> {
     Ok(())
 }
 
-/// Encodes a compressed cluster descriptor (L2 entry with bit 62) for a
-/// stream of `len` bytes at host byte `offset` (spec "Compressed Clusters
-/// Descriptor").
+/// Encodes a compressed cluster descriptor (spec "Compressed Clusters
+/// Descriptor") for a stream of `len` bytes at host byte `offset`.
 fn compressed_descriptor(cluster_bits: u32, offset: u64, len: u64) -> Result<u64, WriterError> {
-    let x = 62 - (cluster_bits - 8);
-    let last = len
-        .checked_sub(1)
-        .and_then(|l| offset.checked_add(l))
-        .ok_or(WriterError::TooLarge {
-            why: "compressed stream end overflows",
-        })?;
-    let extra_sectors = (last >> 9) - (offset >> 9);
-    if offset >= 1u64 << x.min(56) {
-        return Err(WriterError::TooLarge {
-            why: "compressed data beyond the descriptor's offset field",
-        });
-    }
-    if extra_sectors >= 1u64 << (62 - x) {
-        return Err(WriterError::TooLarge {
-            why: "compressed stream longer than the descriptor's sector field",
-        });
-    }
-    Ok(COMPRESSED | (extra_sectors << x) | offset)
+    l2::encode_compressed(HostOffset(offset), len, cluster_bits)
+        .map_err(|why| WriterError::TooLarge { why })
 }
 
 /// Fails unless `len` bytes at `offset` stay below the 2^56 limit of host
@@ -807,3 +805,5 @@ fn usize_of(n: u64) -> Result<usize, WriterError> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod qemu_tests;

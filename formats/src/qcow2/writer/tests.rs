@@ -2,8 +2,8 @@
 //! descriptors, header fields and error paths.
 
 use super::*;
+use crate::storage::fault::{Fault, FaultKind, FaultyStorage};
 use std::fs::OpenOptions;
-use std::io::{Read, Seek};
 
 fn opts(cluster_bits: u32, virtual_size: u64) -> WriterOptions {
     WriterOptions {
@@ -21,9 +21,9 @@ fn new_writer(dir: &tempfile::TempDir, o: WriterOptions) -> Result<Qcow2Writer, 
         .read(true)
         .write(true)
         .create_new(true)
-        .open(path)
+        .open(&path)
         .unwrap();
-    Qcow2Writer::new(file, o)
+    Qcow2Writer::on_file(file, &path, o)
 }
 
 /// Writes an image and returns its bytes.
@@ -33,11 +33,8 @@ fn image(o: WriterOptions, writes: &[(u64, ClusterWrite<'_>)]) -> Vec<u8> {
     for (i, cw) in writes {
         w.write_cluster(ClusterIndex(*i), *cw).unwrap();
     }
-    let mut file = w.finish().unwrap();
-    let mut bytes = Vec::new();
-    file.rewind().unwrap();
-    file.read_to_end(&mut bytes).unwrap();
-    bytes
+    w.finish().unwrap();
+    std::fs::read(dir.path().join("img")).unwrap()
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -271,18 +268,18 @@ fn rejects_unusable_files() {
     std::fs::write(&path, b"x").unwrap();
     let file = OpenOptions::new().write(true).open(&path).unwrap();
     assert!(matches!(
-        Qcow2Writer::new(file, opts(16, 0)),
+        Qcow2Writer::on_file(file, &path, opts(16, 0)),
         Err(WriterError::OutputFile { .. })
     ));
     std::fs::write(&path, b"").unwrap();
     let file = OpenOptions::new().append(true).open(&path).unwrap();
     assert!(matches!(
-        Qcow2Writer::new(file, opts(16, 0)),
+        Qcow2Writer::on_file(file, &path, opts(16, 0)),
         Err(WriterError::OutputFile { .. })
     ));
     let file = File::open(&path).unwrap();
     assert!(matches!(
-        Qcow2Writer::new(file, opts(16, 0)),
+        Qcow2Writer::on_file(file, &path, opts(16, 0)),
         Err(WriterError::OutputFile { .. })
     ));
 }
@@ -329,7 +326,8 @@ fn rejects_bad_writes_without_changing_state() {
     w.write_cluster(ClusterIndex(9), ClusterWrite::Data(&data))
         .unwrap();
     assert_eq!(w.bytes_written(), 5 * 4096);
-    let img = w.finish().unwrap();
+    w.finish().unwrap();
+    let img = std::fs::File::open(dir.path().join("img")).unwrap();
     // Data, compressed stream spilling into the next cluster, padding,
     // data, then L2, L1, refcount block and table.
     assert_eq!(img.metadata().unwrap().len(), 9 * 4096);
@@ -356,12 +354,22 @@ fn refcount_overflow_is_an_error() {
 
 #[test]
 fn io_errors_poison_the_writer() {
-    // /dev/full accepts the open and fails every write with ENOSPC.
-    let full = || OpenOptions::new().write(true).open("/dev/full");
-    let Ok(file) = full() else {
-        return;
+    // A storage that fails every write with ENOSPC, like /dev/full.
+    let dir = tempfile::tempdir().unwrap();
+    let full = || {
+        let path = dir.path().join("full");
+        let _ = std::fs::remove_file(&path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let inner = Arc::new(FileStorage::writable(file, &path).unwrap());
+        let faults = vec![Fault::new(FaultKind::WriteNoSpace, 0..u64::MAX)];
+        Ok::<_, ()>(Arc::new(FaultyStorage::new(inner, faults)) as Arc<dyn Storage>)
     };
-    let mut w = Qcow2Writer::new(file, opts(16, 1 << 30)).unwrap();
+    let mut w = Qcow2Writer::new(full().unwrap(), opts(16, 1 << 30)).unwrap();
     let data = vec![1u8; 1 << 16];
     // The buffer holds 4 MiB: the 64th cluster fills it.
     for i in 0..63 {
@@ -439,10 +447,8 @@ fn random_calls_never_panic() {
                 assert_eq!(w.bytes_written(), before);
             }
         }
-        let mut file = w.finish().unwrap();
-        let mut bytes = Vec::new();
-        file.rewind().unwrap();
-        file.read_to_end(&mut bytes).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(dir.path().join("img")).unwrap();
         assert_eq!(bytes.len() as u64 % cluster_size, 0);
         let h = Header::decode(&bytes[..cluster_size as usize], bytes.len() as u64).unwrap();
         assert_eq!(h.size, size);

@@ -10,9 +10,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use qbackup_formats::codec::{CompressionType, Compressor};
-use qbackup_formats::qcow2::writer::{BackingRef, ClusterWrite, Qcow2Writer, WriterOptions};
-use qbackup_formats::units::ClusterIndex;
+use crate::codec::{CompressionType, Compressor};
+use crate::qcow2::writer::{BackingRef, ClusterWrite, Qcow2Writer, WriterOptions};
+use crate::units::ClusterIndex;
 
 /// Byte every cluster of the backing file holds.
 const BASE_PATTERN: u8 = 0x55;
@@ -142,8 +142,9 @@ fn write_case(case: &Case) -> (PathBuf, PathBuf, usize) {
         .create_new(true)
         .open(&image)
         .unwrap();
-    let mut writer = Qcow2Writer::new(
+    let mut writer = Qcow2Writer::on_file(
         file,
+        &image,
         WriterOptions {
             virtual_size: case.virtual_size,
             cluster_bits: case.cluster_bits,
@@ -193,7 +194,8 @@ fn write_case(case: &Case) -> (PathBuf, PathBuf, usize) {
         raw.write_all(&shown[..len]).unwrap();
     }
     raw.set_len(case.virtual_size).unwrap();
-    let len = writer.finish().unwrap().metadata().unwrap().len();
+    writer.finish().unwrap();
+    let len = std::fs::metadata(&image).unwrap().len();
     assert_eq!(
         len % cluster_size as u64,
         0,
@@ -209,10 +211,11 @@ fn write_case(case: &Case) -> (PathBuf, PathBuf, usize) {
 /// the compressed region, in which case it starts a fresh cluster. Returns how
 /// many streams cross a host cluster boundary.
 fn check_packing(image: &Path, cluster_bits: u32, streams: &[(u64, u64, bool)]) -> usize {
-    use qbackup_formats::qcow2::{Piece, Qcow2Image};
-    use qbackup_formats::storage::Storage;
-    use qbackup_formats::GuestOffset;
-    let q = Qcow2Image::open(Storage::open(image).unwrap()).unwrap();
+    use crate::open::{FileOpener, Opener, Role};
+    use crate::qcow2::image::{Piece, Qcow2Image};
+    use crate::GuestOffset;
+    let storage = FileOpener.open(image, Role::Image).unwrap();
+    let q = Qcow2Image::open(storage, &FileOpener).unwrap();
     let cluster = 1u64 << cluster_bits;
     let mut prev_end: Option<u64> = None;
     let mut crossings = 0;

@@ -1,0 +1,66 @@
+//! Error classes: what kind of failure an error is, so that callers (exit
+//! statuses, error policies, retries) can act on it without parsing text.
+//!
+//! Every error type of this workspace implements [`Classify`]. The class is
+//! a property of the failure, not of where it surfaced: an EIO is `Io`
+//! whether it hit an L2 table or a data cluster.
+
+use std::fmt;
+use std::io;
+
+/// What kind of failure an error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The operating system or a device failed (EIO, ENOSPC, a file that
+    /// shrank); retrying or another disk may help.
+    Io,
+    /// The image is damaged: its content contradicts the format.
+    Corrupt,
+    /// A valid image or request that qbackup does not handle (a foreign
+    /// format, an unknown feature bit, encryption, a FIFO).
+    Unsupported,
+    /// The request itself is wrong (bad option values, a missing file, a
+    /// target that exists).
+    Usage,
+    /// Ctrl-C or SIGTERM.
+    Interrupted,
+}
+
+impl ErrorClass {
+    /// The class of an OS error: missing files and permissions are the
+    /// user's to fix, the rest is I/O.
+    pub fn of_io(e: &io::Error) -> ErrorClass {
+        match e.kind() {
+            io::ErrorKind::NotFound
+            | io::ErrorKind::PermissionDenied
+            | io::ErrorKind::IsADirectory
+            | io::ErrorKind::NotADirectory
+            | io::ErrorKind::AlreadyExists => ErrorClass::Usage,
+            io::ErrorKind::Interrupted => ErrorClass::Interrupted,
+            _ => ErrorClass::Io,
+        }
+    }
+
+    /// A lower-case name for logs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Io => "io",
+            ErrorClass::Corrupt => "corrupt",
+            ErrorClass::Unsupported => "unsupported",
+            ErrorClass::Usage => "usage",
+            ErrorClass::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An error that can say its class.
+pub trait Classify {
+    /// The kind of failure.
+    fn class(&self) -> ErrorClass;
+}

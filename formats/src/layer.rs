@@ -1,0 +1,123 @@
+//! The layer seam: what every format driver answers about one image, so
+//! that a backing chain (and everything above it) never looks inside a
+//! format.
+//!
+//! A driver owns its format's knowledge: it maps guest ranges
+//! ([`Layer::status`]), reads and decodes what it stores ([`Layer::read`],
+//! compressed clusters included), hands out a stored compressed cluster that
+//! can be copied as it is ([`Layer::stored_compressed`], validated by the
+//! driver), names its backing file and describes itself for `info`.
+//! A new format goes behind this trait and into [`crate::image::open`].
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::codec::CompressionType;
+use crate::extent::LayerExtent;
+use crate::image::{Format, ImageError};
+use crate::storage::Storage;
+use crate::units::{ClusterSize, GuestOffset};
+
+/// The backing file an image names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingSpec {
+    /// The name as recorded (relative names resolve from the image's
+    /// directory, see [`crate::open::resolve_backing`]).
+    pub name: String,
+    /// The recorded format name, if any.
+    pub format: Option<String>,
+}
+
+/// What one layer did for a [`Layer::read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRead {
+    /// The first `n` bytes of the buffer are filled.
+    Filled(u64),
+    /// The layer does not allocate the first `n` bytes: they come from the
+    /// backing file (or read as zeros without one). The buffer is untouched.
+    Unallocated(u64),
+}
+
+/// What `info` reports about a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// The format.
+    pub format: Format,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size, where the format has one.
+    pub cluster_size: Option<ClusterSize>,
+    /// Bytes the image file occupies on disk, when known.
+    pub actual_size: u64,
+    /// The backing file, if any.
+    pub backing: Option<BackingSpec>,
+    /// The image was not closed cleanly (qcow2's dirty bit).
+    pub dirty: bool,
+    /// qcow2 specifics.
+    pub qcow2: Option<crate::qcow2::Qcow2Info>,
+}
+
+/// One opened image of a chain.
+pub trait Layer: Send + Sync + fmt::Debug {
+    /// Its format.
+    fn format(&self) -> Format;
+
+    /// The image file.
+    fn storage(&self) -> &Arc<dyn Storage>;
+
+    /// The name the image was opened by.
+    fn path(&self) -> &Path {
+        self.storage().name()
+    }
+
+    /// Every storage it reads (the image file, an external data file).
+    fn files(&self) -> Vec<Arc<dyn Storage>> {
+        vec![Arc::clone(self.storage())]
+    }
+
+    /// Virtual disk size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Cluster size, where the format has one.
+    fn cluster_size(&self) -> Option<ClusterSize>;
+
+    /// The backing file the image names.
+    fn backing(&self) -> Option<BackingSpec> {
+        None
+    }
+
+    /// Refuses images whose data cannot be read correctly (encrypted,
+    /// marked corrupt). `info` works on them; reading does not.
+    fn check_readable(&self) -> Result<(), ImageError> {
+        Ok(())
+    }
+
+    /// What this layer alone stores over the range at `offset` (below the
+    /// virtual size): the answer and how many bytes (at most `max_len`, > 0)
+    /// it covers.
+    fn status(&self, offset: GuestOffset, max_len: u64)
+        -> Result<(LayerExtent, u64), ImageError>;
+
+    /// Reads guest bytes at `offset` (below the virtual size) into the start
+    /// of `buf`, as far as this layer can answer without its backing file.
+    fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<LayerRead, ImageError>;
+
+    /// The cluster size and codec of the compressed clusters it stores, if
+    /// it stores any kind.
+    fn compressed_format(&self) -> Option<(ClusterSize, CompressionType)> {
+        None
+    }
+
+    /// The stored stream of the compressed cluster starting at `cluster`,
+    /// cut to its exact end and validated by decoding, when it can be copied
+    /// as it is; `None` when the cluster is not one compressed cluster or
+    /// its end cannot be proven.
+    fn stored_compressed(&self, cluster: GuestOffset) -> Result<Option<Vec<u8>>, ImageError> {
+        let _ = cluster;
+        Ok(None)
+    }
+
+    /// What `info` reports.
+    fn info(&self) -> Result<LayerInfo, ImageError>;
+}

@@ -1,0 +1,221 @@
+//! A fault-injecting [`Storage`] wrapper for tests.
+//!
+//! Put it under any layer (through an `Opener` wrapper) or under a backup
+//! target to see how the code above copes with the failures real disks and
+//! networks produce: EIO on a read, a read that stops short, ENOSPC on a
+//! write, EIO on sync, or a slow request. Each fault applies to the
+//! operations whose byte range overlaps its range; everything else is passed
+//! to the wrapped storage unchanged. It is part of the library (not
+//! `cfg(test)`) so that integration tests can use it.
+
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{FileExtent, Identity, Storage};
+use crate::units::HostOffset;
+
+/// What goes wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultKind {
+    /// A read fails with EIO.
+    ReadEio,
+    /// A read returns the bytes before the fault's range and then
+    /// end-of-file, as if the storage ended there.
+    ShortRead,
+    /// A write fails with ENOSPC.
+    WriteNoSpace,
+    /// A sync fails with EIO (the range is ignored).
+    SyncEio,
+    /// Reads in the range take this long first.
+    ReadDelay(Duration),
+}
+
+/// One fault: a kind and the bytes it applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    /// What goes wrong.
+    pub kind: FaultKind,
+    /// Host bytes whose access triggers it.
+    pub range: Range<u64>,
+}
+
+impl Fault {
+    /// A fault of `kind` over `range`.
+    pub fn new(kind: FaultKind, range: Range<u64>) -> Fault {
+        Fault { kind, range }
+    }
+
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        offset < self.range.end && self.range.start < offset.saturating_add(len)
+    }
+}
+
+/// A storage that fails as told; see the module docs.
+#[derive(Debug)]
+pub struct FaultyStorage {
+    inner: Arc<dyn Storage>,
+    faults: Vec<Fault>,
+    triggered: AtomicU64,
+}
+
+impl FaultyStorage {
+    /// Wraps `inner` with `faults`.
+    pub fn new(inner: Arc<dyn Storage>, faults: Vec<Fault>) -> FaultyStorage {
+        FaultyStorage {
+            inner,
+            faults,
+            triggered: AtomicU64::new(0),
+        }
+    }
+
+    /// How many operations a fault has hit so far.
+    pub fn triggered(&self) -> u64 {
+        self.triggered.load(Ordering::Relaxed)
+    }
+
+    fn hit(&self) {
+        self.triggered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn name(&self) -> &Path {
+        self.inner.name()
+    }
+
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {
+        let len = buf.len() as u64;
+        let mut limit = buf.len();
+        for f in self.faults.iter().filter(|f| f.overlaps(offset.0, len)) {
+            match &f.kind {
+                FaultKind::ReadEio => {
+                    self.hit();
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                FaultKind::ShortRead => {
+                    self.hit();
+                    limit = limit.min(f.range.start.saturating_sub(offset.0) as usize);
+                }
+                FaultKind::ReadDelay(d) => {
+                    self.hit();
+                    std::thread::sleep(*d);
+                }
+                FaultKind::WriteNoSpace | FaultKind::SyncEio => {}
+            }
+        }
+        if limit == 0 {
+            return Ok(0);
+        }
+        self.inner.read_at(&mut buf[..limit], offset)
+    }
+
+    fn data_or_hole(&self, offset: HostOffset, max_len: u64) -> io::Result<(FileExtent, u64)> {
+        self.inner.data_or_hole(offset, max_len)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: HostOffset) -> io::Result<()> {
+        let hit = self.faults.iter().any(|f| {
+            f.kind == FaultKind::WriteNoSpace && f.overlaps(offset.0, buf.len() as u64)
+        });
+        if hit {
+            self.hit();
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.inner.write_at(buf, offset)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        if self.faults.iter().any(|f| f.kind == FaultKind::SyncEio) {
+            self.hit();
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.sync()
+    }
+
+    fn start_writeback(&self) {
+        self.inner.start_writeback()
+    }
+
+    fn identity(&self) -> Option<Identity> {
+        self.inner.identity()
+    }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.inner.allocated_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{FileStorage, StorageError};
+
+    fn storage(dir: &tempfile::TempDir, faults: Vec<Fault>) -> Arc<dyn Storage> {
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![7u8; 8192]).unwrap();
+        let inner = Arc::new(FileStorage::open_read_only(&p).unwrap());
+        Arc::new(FaultyStorage::new(inner, faults))
+    }
+
+    #[test]
+    fn eio_only_inside_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage(&dir, vec![Fault::new(FaultKind::ReadEio, 4096..4097)]);
+        let mut buf = [0u8; 4096];
+        s.read_exact_at("data", &mut buf, HostOffset(0)).unwrap();
+        assert_eq!(buf[0], 7);
+        let err = s.read_exact_at("data", &mut buf, HostOffset(2048)).unwrap_err();
+        assert!(matches!(err, StorageError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("Input/output error"), "{err}");
+    }
+
+    #[test]
+    fn short_read_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage(&dir, vec![Fault::new(FaultKind::ShortRead, 6000..8192)]);
+        let mut buf = [0u8; 4096];
+        let err = s.read_exact_at("L2 table", &mut buf, HostOffset(4096)).unwrap_err();
+        assert!(
+            matches!(err, StorageError::EndedEarly { at: HostOffset(6000), .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sync_and_write_faults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        let inner = Arc::new(FileStorage::writable(f, &p).unwrap());
+        let s = FaultyStorage::new(
+            inner,
+            vec![
+                Fault::new(FaultKind::WriteNoSpace, 1 << 20..u64::MAX),
+                Fault::new(FaultKind::SyncEio, 0..0),
+            ],
+        );
+        s.write_at(b"ok", HostOffset(0)).unwrap();
+        let e = s.write_at(b"no", HostOffset(1 << 20)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(s.sync().unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(s.triggered(), 2);
+    }
+}

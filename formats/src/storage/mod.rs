@@ -1,0 +1,308 @@
+//! The storage seam: where an image's bytes come from and go to.
+//!
+//! Everything above this module (format drivers, the writer, the tool) does
+//! I/O through [`Storage`], never through a `File`, so that an NBD export, an
+//! in-memory buffer or a fault-injecting test double ([`fault`]) can stand
+//! anywhere a file does. Implementations supply a few primitives; the
+//! bounds-checked helpers every caller uses live on `dyn Storage` here, once:
+//!
+//! - A read that would run past the end is reported as such, never padded
+//!   with zeros: for an image, a table or cluster past EOF means the image is
+//!   damaged, and backing up zeros in place of data would be the worst
+//!   possible outcome. A read that ends early inside the length known at open
+//!   time (the file shrank, a short read) is an error too.
+//! - Storage is read-only unless the implementation says otherwise: the
+//!   default write, resize and sync refuse.
+//! - All calls take `&self`, so many threads can share one storage.
+
+pub mod fault;
+pub mod file;
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+use crate::error::{Classify, ErrorClass};
+use crate::units::HostOffset;
+
+pub use file::FileStorage;
+
+/// What a storage says about a byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileExtent {
+    /// Bytes that are stored.
+    Data,
+    /// A hole: the bytes read as zero.
+    Hole,
+}
+
+/// What identifies the object behind a storage, whatever name opened it
+/// (device and inode for files), so that loops and "target is the source"
+/// can be caught across paths and hard links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+/// A byte container: a file, a block device, an export.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// The name messages use for it (a path, or a URI).
+    fn name(&self) -> &Path;
+
+    /// Its length in bytes (for read-only storage: as it was at open time).
+    fn len(&self) -> u64;
+
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were
+    /// read, 0 at the end. May read less than asked.
+    fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize>;
+
+    /// Whether `offset` (inside the storage) starts data or a hole, and for
+    /// how many bytes (at most `max_len`, which the caller has clamped to
+    /// the end). The default knows no holes.
+    fn data_or_hole(&self, offset: HostOffset, max_len: u64) -> io::Result<(FileExtent, u64)> {
+        let _ = offset;
+        Ok((FileExtent::Data, max_len))
+    }
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: HostOffset) -> io::Result<()> {
+        let _ = (buf, offset);
+        Err(read_only())
+    }
+
+    /// Sets the length.
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let _ = len;
+        Err(read_only())
+    }
+
+    /// Makes everything written durable.
+    fn sync(&self) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    /// A hint that what was written so far may start going to disk now, so
+    /// that a later [`Storage::sync`] finds little left. Default: nothing.
+    fn start_writeback(&self) {}
+
+    /// The identity of the object behind the storage, when it has one.
+    fn identity(&self) -> Option<Identity> {
+        None
+    }
+
+    /// Bytes it occupies on disk (as `du` counts), when that is known.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+}
+
+fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "storage is read-only")
+}
+
+/// Errors from storage I/O. Variants are named after the failed action; the
+/// image layer adds the file's name.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The file could not be opened.
+    #[error("cannot open: {source}")]
+    Open {
+        /// Why.
+        source: io::Error,
+    },
+    /// The file is a kind that cannot hold an image (a FIFO, a socket, a
+    /// character device): opening or reading it could block forever.
+    #[error("cannot open: not a regular file or block device ({kind})")]
+    UnsupportedKind {
+        /// What it is.
+        kind: &'static str,
+    },
+    /// The file's metadata could not be read.
+    #[error("cannot stat: {source}")]
+    Stat {
+        /// Why.
+        source: io::Error,
+    },
+    /// A read failed in the operating system.
+    #[error("read of {len} bytes at offset {offset} failed: {source}")]
+    Read {
+        /// Where the read started.
+        offset: HostOffset,
+        /// How much was asked for.
+        len: u64,
+        /// Why.
+        source: io::Error,
+    },
+    /// A read would run past the end of the file.
+    #[error(
+        "{what} at offset {offset} (+{len} bytes) lies past the end of the file ({file_len} bytes)"
+    )]
+    PastEof {
+        /// What was being read (e.g. "L2 table").
+        what: &'static str,
+        /// Where the read started.
+        offset: HostOffset,
+        /// How much was asked for.
+        len: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// A read inside the known length returned end-of-file early: the file
+    /// shrank since it was opened, or the storage failed to deliver.
+    #[error("read of {what} at offset {offset} (+{len} bytes) ended early at offset {at}: the file is shorter than when it was opened")]
+    EndedEarly {
+        /// What was being read.
+        what: &'static str,
+        /// Where the read started.
+        offset: HostOffset,
+        /// How much was asked for.
+        len: u64,
+        /// Where the data ended.
+        at: HostOffset,
+    },
+    /// Looking for data or holes failed.
+    #[error("looking for data/holes at offset {offset} failed: {source}")]
+    Seek {
+        /// Where the search started.
+        offset: HostOffset,
+        /// Why.
+        source: io::Error,
+    },
+    /// A write failed.
+    #[error("write of {len} bytes at offset {offset} failed: {source}")]
+    Write {
+        /// Where the write started.
+        offset: HostOffset,
+        /// Its length.
+        len: u64,
+        /// Why.
+        source: io::Error,
+    },
+    /// The storage cannot be written as asked.
+    #[error("cannot write: {why}")]
+    NotWritable {
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+impl Classify for StorageError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            StorageError::Open { source } | StorageError::Stat { source } => {
+                ErrorClass::of_io(source)
+            }
+            StorageError::UnsupportedKind { .. } => ErrorClass::Unsupported,
+            StorageError::PastEof { .. } => ErrorClass::Corrupt,
+            StorageError::NotWritable { .. } => ErrorClass::Usage,
+            StorageError::Read { source, .. }
+            | StorageError::Seek { source, .. }
+            | StorageError::Write { source, .. } => ErrorClass::of_io(source),
+            StorageError::EndedEarly { .. } => ErrorClass::Io,
+        }
+    }
+}
+
+impl dyn Storage + '_ {
+    /// Checks that `len` bytes at `offset` lie inside the storage.
+    pub fn check_range(
+        &self,
+        what: &'static str,
+        offset: HostOffset,
+        len: u64,
+    ) -> Result<(), StorageError> {
+        match offset.0.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(StorageError::PastEof {
+                what,
+                offset,
+                len,
+                file_len: self.len(),
+            }),
+        }
+    }
+
+    /// Fills `buf` from `offset`; the whole range must lie inside.
+    pub fn read_exact_at(
+        &self,
+        what: &'static str,
+        buf: &mut [u8],
+        offset: HostOffset,
+    ) -> Result<(), StorageError> {
+        let len = buf.len() as u64;
+        self.check_range(what, offset, len)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = HostOffset(offset.0 + done as u64);
+            match self.read_at(&mut buf[done..], at) {
+                Ok(0) => {
+                    return Err(StorageError::EndedEarly {
+                        what,
+                        offset,
+                        len,
+                        at,
+                    })
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(StorageError::Read {
+                        offset,
+                        len,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the storage holds of `buf.len()` bytes at `offset` and
+    /// fills the rest with zeros. Only for raw images, whose tail past EOF
+    /// is defined to read as zeros (the virtual size is rounded up to 512).
+    pub fn read_zero_padded(&self, buf: &mut [u8], offset: HostOffset) -> Result<(), StorageError> {
+        let avail = self.len().saturating_sub(offset.0).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        if !head.is_empty() {
+            self.read_exact_at("data", head, offset)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    /// Says whether `offset` is in data or in a hole and how many bytes (at
+    /// most `max_len`, > 0) share that state. Past the end everything is a
+    /// hole.
+    pub fn extent_at(
+        &self,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> Result<(FileExtent, u64), StorageError> {
+        if offset.0 >= self.len() {
+            return Ok((FileExtent::Hole, max_len));
+        }
+        let to_end = (self.len() - offset.0).min(max_len);
+        let (kind, n) = self
+            .data_or_hole(offset, to_end)
+            .map_err(|source| StorageError::Seek { offset, source })?;
+        Ok((kind, n.clamp(1, to_end)))
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_all_at(&self, buf: &[u8], offset: HostOffset) -> Result<(), StorageError> {
+        self.write_at(buf, offset)
+            .map_err(|source| StorageError::Write {
+                offset,
+                len: buf.len() as u64,
+                source,
+            })
+    }
+}

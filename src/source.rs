@@ -1,0 +1,137 @@
+//! The source seam: what `map` and the backup planner and copier need from
+//! whatever they read, so that they never depend on how it is stored.
+//!
+//! A local image and its backing chain ([`Chain`]) is one source; an NBD
+//! export of a running VM's disk will be another, behind the same trait
+//! (with dirty ranges from a bitmap added for incremental backups). Every
+//! method is safe to call from many threads at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qbackup_formats::extent::LayerExtent;
+use qbackup_formats::open::{resolve_backing, Opener};
+use qbackup_formats::storage::Storage;
+use qbackup_formats::{
+    Chain, ClusterSize, CompressionType, Extent, Format, GuestOffset, ImageError,
+};
+
+/// Errors from a source name the file (or export) concerned.
+pub type SourceError = ImageError;
+
+/// The image a top-layer backup is an overlay on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingFile {
+    /// Where it is, resolved.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: Format,
+}
+
+/// Something a backup reads; see the module docs.
+pub trait Source: Sync {
+    /// The name messages use (the image path, or an export's URI).
+    fn name(&self) -> &Path;
+
+    /// Guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// The source's own cluster size, where it has one.
+    fn cluster_size(&self) -> Option<ClusterSize>;
+
+    /// What the guest sees over the range at `offset` (below the virtual
+    /// size): the answer and how many bytes (at most `max_len`, > 0) it
+    /// covers, as `qemu-img map` reports it.
+    fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(Extent, u64), SourceError>;
+
+    /// What the top layer alone allocates over the range at `offset`.
+    fn top_status(
+        &self,
+        offset: GuestOffset,
+        max_len: u64,
+    ) -> Result<(LayerExtent, u64), SourceError>;
+
+    /// Reads guest bytes; the range lies inside the virtual size.
+    fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// The stored compressed stream of the `len` guest bytes at `offset`
+    /// when it can be copied as it is into an image of `cluster_size` and
+    /// `codec` (validated by the driver); `None` otherwise.
+    fn stored_compressed(
+        &self,
+        offset: GuestOffset,
+        len: u64,
+        cluster_size: ClusterSize,
+        codec: CompressionType,
+    ) -> Result<Option<Vec<u8>>, SourceError>;
+
+    /// The image below the top layer, for `--sync top` overlays.
+    fn top_backing(&self) -> Option<BackingFile>;
+
+    /// Every storage the source reads (so a target can be refused when it
+    /// is one of them).
+    fn files(&self) -> Vec<Arc<dyn Storage>>;
+}
+
+/// Opens the source named `name` through `opener` (a local image and its
+/// backing chain).
+pub fn open(
+    opener: &dyn Opener,
+    name: &Path,
+    format: Option<Format>,
+) -> Result<Box<dyn Source + Send>, SourceError> {
+    Ok(Box::new(Chain::open_with(opener, name, format)?))
+}
+
+impl Source for Chain {
+    fn name(&self) -> &Path {
+        self.top().path()
+    }
+
+    fn virtual_size(&self) -> u64 {
+        Chain::virtual_size(self)
+    }
+
+    fn cluster_size(&self) -> Option<ClusterSize> {
+        self.top().cluster_size()
+    }
+
+    fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(Extent, u64), SourceError> {
+        Chain::status(self, offset, max_len)
+    }
+
+    fn top_status(
+        &self,
+        offset: GuestOffset,
+        max_len: u64,
+    ) -> Result<(LayerExtent, u64), SourceError> {
+        self.top().status(offset, max_len)
+    }
+
+    fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<(), SourceError> {
+        Chain::read(self, offset, buf)
+    }
+
+    fn stored_compressed(
+        &self,
+        offset: GuestOffset,
+        len: u64,
+        cluster_size: ClusterSize,
+        codec: CompressionType,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
+        Chain::stored_compressed(self, offset, len, cluster_size, codec)
+    }
+
+    fn top_backing(&self) -> Option<BackingFile> {
+        let below = self.layers().get(1)?;
+        let spec = self.top().backing()?;
+        Some(BackingFile {
+            path: resolve_backing(self.top().path(), &spec.name),
+            format: below.format(),
+        })
+    }
+
+    fn files(&self) -> Vec<Arc<dyn Storage>> {
+        self.layers().iter().flat_map(|l| l.files()).collect()
+    }
+}

@@ -1,0 +1,293 @@
+//! Injected storage faults during a backup: an EIO while reading a data
+//! cluster, a short read inside an L2 table, ENOSPC while writing the target
+//! and EIO on the final sync. Each must fail the backup with one line that
+//! names the file and says the cause once, the right error class, nothing at
+//! TARGET and no temporary file left behind.
+//!
+//! The faults are put under the source layers and the target through the
+//! opener seam (`WrappingOpener`, `FaultyStorage`), exactly where a failing
+//! disk or network would act; the backup itself is the real `backup::run`
+//! the command line calls. FIFOs (which would block an `open()` forever) are
+//! tested through the binary.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use qbackup::backup::{self, BackupConfig, BackupError, Progress, SyncMode};
+use qbackup_formats::open::{FileOpener, Role, WrappingOpener};
+use qbackup_formats::storage::fault::{Fault, FaultKind, FaultyStorage};
+use qbackup_formats::storage::Storage;
+use qbackup_formats::{Classify, CompressionType, ErrorClass, Format};
+
+struct NoProgress;
+
+impl Progress for NoProgress {
+    fn advance(&self, _bytes: u64) {}
+}
+
+fn config(source: &Path, target: &Path) -> BackupConfig {
+    BackupConfig {
+        source: source.to_path_buf(),
+        source_format: None,
+        target: target.to_path_buf(),
+        target_format: Format::Qcow2,
+        sync: SyncMode::Full,
+        compression: Some((CompressionType::Zstd, 3)),
+        cluster_size: None,
+        threads: 2,
+        speed: None,
+        force: false,
+        recompress: false,
+        backing: None,
+    }
+}
+
+/// Runs a backup whose storage opened for `role` (and named `name`, when
+/// given) gets `faults`.
+fn backup_with_faults(
+    cfg: &BackupConfig,
+    role: Role,
+    name: Option<PathBuf>,
+    faults: Vec<Fault>,
+) -> Result<(), BackupError> {
+    let opener = WrappingOpener::new(FileOpener, move |n, r, s| {
+        if r == role && name.as_deref().is_none_or(|want| want == n) {
+            Arc::new(FaultyStorage::new(s, faults.clone())) as Arc<dyn Storage>
+        } else {
+            s
+        }
+    });
+    let cancel = AtomicBool::new(false);
+    backup::run(cfg, &opener, &NoProgress, &mut |_| {}, &cancel).map(|_| ())
+}
+
+/// The error contract: one line, naming `file`, saying `cause` once.
+fn assert_one_line(err: &BackupError, file: &Path, cause: &str) {
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    assert!(
+        msg.contains(&file.display().to_string()),
+        "names {}: {msg}",
+        file.display()
+    );
+    assert_eq!(msg.matches(cause).count(), 1, "says {cause:?} once: {msg}");
+}
+
+fn assert_nothing_written(s: &Scratch, target: &Path) {
+    assert!(!target.exists(), "{} must not exist", target.display());
+    assert_no_leftovers(s.dir());
+}
+
+/// A 4 MiB qcow2 with data in its first 2 MiB.
+fn source(s: &Scratch) -> PathBuf {
+    s.create("src.qcow2", "qcow2", 4 * MIB, "");
+    s.io("src.qcow2", "qcow2", &[&s.text_cmd("", 0, 2 * MIB)]);
+    s.path("src.qcow2")
+}
+
+#[test]
+fn eio_reading_a_data_cluster() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let layout = Layout::read(&src);
+    let entry = layout.l2_entry(&src, MIB);
+    let host = entry & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(host, 0, "guest 1 MiB is allocated");
+    let target = s.path("out.qcow2");
+    let err = backup_with_faults(
+        &config(&src, &target),
+        Role::Image,
+        None,
+        vec![Fault::new(FaultKind::ReadEio, host + 100..host + 101)],
+    )
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+    assert!(
+        matches!(err, BackupError::ReadCluster { .. }),
+        "a per-cluster failure carries its cluster: {err:?}"
+    );
+    assert_one_line(&err, &src, "Input/output error");
+    assert_nothing_written(&s, &target);
+}
+
+#[test]
+fn short_read_inside_an_l2_table() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let layout = Layout::read(&src);
+    let l2 = layout.l2_table(&src, 0).expect("an L2 table");
+    let target = s.path("out.qcow2");
+    let err = backup_with_faults(
+        &config(&src, &target),
+        Role::Image,
+        None,
+        vec![Fault::new(
+            FaultKind::ShortRead,
+            l2 + 512..l2 + layout.cluster_size(),
+        )],
+    )
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+    assert_one_line(&err, &src, "ended early");
+    assert!(err.to_string().contains("L2 table"), "{err}");
+    assert_nothing_written(&s, &target);
+}
+
+#[test]
+fn eio_in_a_backing_file() {
+    let s = Scratch::new();
+    let base = source(&s);
+    s.overlay("top.qcow2", "src.qcow2", "qcow2");
+    let top = s.path("top.qcow2");
+    let target = s.path("out.qcow2");
+    let err = backup_with_faults(
+        &config(&top, &target),
+        Role::Backing,
+        Some(base.clone()),
+        vec![Fault::new(FaultKind::ReadEio, 0x50000..u64::MAX)],
+    )
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+    assert_one_line(&err, &base, "Input/output error");
+    assert_nothing_written(&s, &target);
+}
+
+#[test]
+fn enospc_writing_the_target() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let target = s.path("out.qcow2");
+    let mut cfg = config(&src, &target);
+    cfg.compression = None;
+    let err = backup_with_faults(
+        &cfg,
+        Role::Target,
+        None,
+        vec![Fault::new(FaultKind::WriteNoSpace, MIB..u64::MAX)],
+    )
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+    assert_one_line(&err, &target, "No space left on device");
+    assert_nothing_written(&s, &target);
+}
+
+#[test]
+fn enospc_writing_a_raw_target() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let target = s.path("out.raw");
+    let mut cfg = config(&src, &target);
+    cfg.target_format = Format::Raw;
+    let err = backup_with_faults(
+        &cfg,
+        Role::Target,
+        None,
+        vec![Fault::new(FaultKind::WriteNoSpace, MIB..u64::MAX)],
+    )
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+    assert_one_line(&err, &target, "No space left on device");
+    assert_nothing_written(&s, &target);
+}
+
+#[test]
+fn eio_on_the_final_sync() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let target = s.path("out.qcow2");
+    let err = backup_with_faults(
+        &config(&src, &target),
+        Role::Target,
+        None,
+        vec![Fault::new(FaultKind::SyncEio, 0..0)],
+    )
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+    assert_one_line(&err, &target, "Input/output error");
+    assert!(err.to_string().contains("cannot sync"), "{err}");
+    assert_nothing_written(&s, &target);
+}
+
+/// A slow source still produces an exact backup (delays change timing, never
+/// content).
+#[test]
+fn slow_reads_still_give_an_identical_backup() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let target = s.path("out.qcow2");
+    backup_with_faults(
+        &config(&src, &target),
+        Role::Image,
+        None,
+        vec![Fault::new(
+            FaultKind::ReadDelay(Duration::from_millis(2)),
+            0..u64::MAX,
+        )],
+    )
+    .unwrap();
+    assert_check_clean(s.dir(), "out.qcow2");
+    assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
+}
+
+/// Without faults the same path works: the wrapper itself changes nothing.
+#[test]
+fn pass_through_wrapper_changes_nothing() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let target = s.path("out.qcow2");
+    backup_with_faults(&config(&src, &target), Role::Image, None, vec![]).unwrap();
+    assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
+}
+
+fn mkfifo(path: &Path) {
+    rustix::fs::mkfifoat(rustix::fs::CWD, path, rustix::fs::Mode::from_raw_mode(0o600))
+        .expect("mkfifo");
+}
+
+#[test]
+fn fifo_as_source_fails_at_once() {
+    let s = Scratch::new();
+    mkfifo(&s.path("fifo"));
+    let fifo = s.p("fifo");
+    let out = s.p("out.qcow2");
+    for args in [
+        vec!["info", fifo.as_str()],
+        vec!["map", "--output=json", fifo.as_str()],
+        vec!["backup", fifo.as_str(), out.as_str()],
+    ] {
+        let run = qbackup_within(s.dir(), &args, Duration::from_secs(5));
+        assert!(run.elapsed < Duration::from_secs(1), "{}", run.describe());
+        run.assert_clean_failure(&[&fifo])
+            .assert_clean_failure_mentioning(&["FIFO"]);
+    }
+    assert!(!s.path("out.qcow2").exists());
+    assert_no_leftovers(s.dir());
+}
+
+#[test]
+fn fifo_as_backing_file_fails_at_once() {
+    let s = Scratch::new();
+    mkfifo(&s.path("fifo"));
+    // -u: qemu-img must not open the FIFO either.
+    s.img(&[
+        "create", "-q", "-f", "qcow2", "-u", "-b", "fifo", "-F", "raw", "top.qcow2", "1M",
+    ]);
+    let top = s.p("top.qcow2");
+    let out = s.p("out.qcow2");
+    for args in [
+        vec!["map", "--output=json", top.as_str()],
+        vec!["backup", top.as_str(), out.as_str()],
+    ] {
+        let run = qbackup_within(s.dir(), &args, Duration::from_secs(5));
+        assert!(run.elapsed < Duration::from_secs(1), "{}", run.describe());
+        run.assert_clean_failure(&["fifo"])
+            .assert_clean_failure_mentioning(&["FIFO"]);
+    }
+    assert!(!s.path("out.qcow2").exists());
+    assert_no_leftovers(s.dir());
+}
