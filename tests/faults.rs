@@ -69,6 +69,7 @@ fn backup_with_faults(
 /// The error contract: one line, naming `file`, saying `cause` once.
 fn assert_one_line(err: &BackupError, file: &Path, cause: &str) {
     let msg = err.to_string();
+    eprintln!("MSG [{}] {msg}", err.class());
     assert!(!msg.contains('\n'), "one line: {msg}");
     assert!(
         msg.contains(&file.display().to_string()),
@@ -142,7 +143,7 @@ fn short_read_inside_an_l2_table() {
 fn eio_in_a_backing_file() {
     let s = Scratch::new();
     let base = source(&s);
-    s.overlay("top.qcow2", "src.qcow2", "qcow2");
+    s.overlay("top.qcow2", "src.qcow2", "qcow2", None, "");
     let top = s.path("top.qcow2");
     let target = s.path("out.qcow2");
     let err = backup_with_faults(
@@ -245,8 +246,12 @@ fn pass_through_wrapper_changes_nothing() {
 }
 
 fn mkfifo(path: &Path) {
-    rustix::fs::mkfifoat(rustix::fs::CWD, path, rustix::fs::Mode::from_raw_mode(0o600))
-        .expect("mkfifo");
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .expect("mkfifo");
 }
 
 #[test]
@@ -275,7 +280,17 @@ fn fifo_as_backing_file_fails_at_once() {
     mkfifo(&s.path("fifo"));
     // -u: qemu-img must not open the FIFO either.
     s.img(&[
-        "create", "-q", "-f", "qcow2", "-u", "-b", "fifo", "-F", "raw", "top.qcow2", "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "fifo",
+        "-F",
+        "raw",
+        "top.qcow2",
+        "1M",
     ]);
     let top = s.p("top.qcow2");
     let out = s.p("out.qcow2");

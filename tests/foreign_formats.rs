@@ -16,9 +16,11 @@
 //! `{fmt}` is qemu-img's format name; `backup` leaves nothing at its target.
 //! With `-f raw` the same file is backed up as the plain bytes it is.
 //!
-//! The samples from QEMU's test suite are used when present: in the
-//! directory named by `QBACKUP_QEMU_SAMPLES`, or else `testdata/foreign/`
-//! (`*.bz2`, decompressed here with `bzip2 -dc`).
+//! The samples from QEMU's test suite are read in place, never copied into
+//! the project (they are GPL reference data): from the directory named by
+//! `QBACKUP_QEMU_SAMPLES`, or else `../shared/qemu-sample-images` beside the
+//! checkout, as on the development machines and in CI (`*.bz2`, decompressed
+//! here with `bzip2 -dc`).
 
 mod common;
 
@@ -423,7 +425,7 @@ const SAMPLE_PREFIX: usize = MIB as usize;
 fn samples_dir() -> Option<PathBuf> {
     let dir = match std::env::var_os("QBACKUP_QEMU_SAMPLES") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/foreign"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/qemu-sample-images"),
     };
     dir.is_dir().then_some(dir)
 }
@@ -459,7 +461,9 @@ fn decompress(bz2: &Path, out: &Path) {
 #[test]
 fn qemu_sample_images() {
     let Some(dir) = samples_dir() else {
-        eprintln!("qemu_sample_images: skipped, no testdata/foreign and no QBACKUP_QEMU_SAMPLES");
+        eprintln!(
+            "qemu_sample_images: skipped, no ../shared/qemu-sample-images and no QBACKUP_QEMU_SAMPLES"
+        );
         return;
     };
     let s = Scratch::new();

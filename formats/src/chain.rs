@@ -75,9 +75,10 @@ impl Chain {
             let backing = resolve_backing(&last_path, &spec.name);
             let fmt = match spec.format.as_deref() {
                 None => None,
-                Some(f) => Some(Format::from_name(f).ok_or_else(|| {
-                    err(ImageErrorKind::UnsupportedBackingFormat(f.into()))
-                })?),
+                Some(f) => Some(
+                    Format::from_name(f)
+                        .ok_or_else(|| err(ImageErrorKind::UnsupportedBackingFormat(f.into())))?,
+                ),
             };
             if layers.len() >= MAX_DEPTH {
                 return Err(ImageError::new(
@@ -163,12 +164,17 @@ impl Chain {
     }
 
     /// Like [`Chain::read`], but as seen from layer `depth` downwards.
-    fn read_from(&self, depth: usize, offset: GuestOffset, buf: &mut [u8]) -> Result<(), ChainError> {
+    fn read_from(
+        &self,
+        depth: usize,
+        offset: GuestOffset,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
         let layer = &self.layers[depth];
         let size = layer.virtual_size();
         let mut pos = 0usize;
         while pos < buf.len() {
-            let off = offset.add(pos as u64);
+            let off = offset + pos as u64;
             if off.0 >= size {
                 // A backing file shorter than its overlay reads as zeros.
                 buf[pos..].fill(0);

@@ -96,8 +96,7 @@ pub trait Layer: Send + Sync + fmt::Debug {
     /// What this layer alone stores over the range at `offset` (below the
     /// virtual size): the answer and how many bytes (at most `max_len`, > 0)
     /// it covers.
-    fn status(&self, offset: GuestOffset, max_len: u64)
-        -> Result<(LayerExtent, u64), ImageError>;
+    fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(LayerExtent, u64), ImageError>;
 
     /// Reads guest bytes at `offset` (below the virtual size) into the start
     /// of `buf`, as far as this layer can answer without its backing file.

@@ -51,11 +51,7 @@ impl Layer for RawImage {
         None
     }
 
-    fn status(
-        &self,
-        offset: GuestOffset,
-        max_len: u64,
-    ) -> Result<(LayerExtent, u64), ImageError> {
+    fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(LayerExtent, u64), ImageError> {
         let max_len = max_len.min(self.size.saturating_sub(offset.0));
         let (kind, len) = self
             .storage
@@ -87,9 +83,10 @@ impl Layer for RawImage {
     }
 
     fn info(&self) -> Result<LayerInfo, ImageError> {
-        let actual = self.storage.allocated_size().map_err(|source| {
-            self.err(crate::storage::StorageError::Stat { source })
-        })?;
+        let actual = self
+            .storage
+            .allocated_size()
+            .map_err(|source| self.err(crate::storage::StorageError::Stat { source }))?;
         Ok(LayerInfo {
             format: Format::Raw,
             virtual_size: self.size,

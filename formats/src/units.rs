@@ -32,12 +32,6 @@ impl GuestOffset {
         self.0.checked_add(len).map(GuestOffset)
     }
 
-    /// The offset `len` bytes further on; the caller knows it cannot
-    /// overflow (it stays inside a virtual size).
-    pub fn add(self, len: u64) -> GuestOffset {
-        GuestOffset(self.0 + len)
-    }
-
     /// Bytes from `self` up to `end` (0 when `end` is not after `self`).
     pub fn until(self, end: GuestOffset) -> u64 {
         end.0.saturating_sub(self.0)
@@ -51,9 +45,19 @@ impl HostOffset {
     }
 }
 
-impl ClusterIndex {
-    /// The index `n` clusters further on.
-    pub fn add(self, n: u64) -> ClusterIndex {
+/// The offset `len` bytes further on; for offsets inside a virtual size,
+/// which cannot overflow.
+impl std::ops::Add<u64> for GuestOffset {
+    type Output = GuestOffset;
+    fn add(self, len: u64) -> GuestOffset {
+        GuestOffset(self.0 + len)
+    }
+}
+
+/// The index `n` clusters further on.
+impl std::ops::Add<u64> for ClusterIndex {
+    type Output = ClusterIndex;
+    fn add(self, n: u64) -> ClusterIndex {
         ClusterIndex(self.0 + n)
     }
 }
@@ -103,7 +107,8 @@ impl ClusterSize {
     /// The guest bytes of cluster `index` that lie below `size`: one
     /// cluster, or less for a partial last cluster, or 0 past the end.
     pub fn bytes_below(self, index: ClusterIndex, size: u64) -> u64 {
-        size.saturating_sub(self.start_of(index).0).min(self.bytes())
+        size.saturating_sub(self.start_of(index).0)
+            .min(self.bytes())
     }
 
     /// Clusters needed to cover `size` bytes.

@@ -72,7 +72,7 @@ pub fn copy(
         (IN_FLIGHT_BYTES / params.cluster_size.bytes()).max(params.threads as u64 * 4) as usize;
     let clusters = plan
         .iter()
-        .flat_map(|r| (0..r.count).map(move |i| (r.first.add(i), r.action)));
+        .flat_map(|r| (0..r.count).map(move |i| (r.first + i, r.action)));
     let queue = Ordered::new(clusters, in_flight);
 
     let written = pool.in_place_scope(|scope| {
@@ -87,7 +87,7 @@ pub fn copy(
                         std::panic::catch_unwind(AssertUnwindSafe(|| {
                             process(source, &params, idx, action)
                         }))
-                        .unwrap_or_else(|_| Err(BackupError::WorkerPanicked { index: idx }))
+                        .unwrap_or(Err(BackupError::WorkerPanicked { index: idx }))
                         .map(|out| (idx, out))
                     };
                     queue.put(seq, result);
@@ -100,7 +100,7 @@ pub fn copy(
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             write_in_order(&queue, target.as_mut(), &params, progress, cancel)
         }))
-        .unwrap_or_else(|_| Err(BackupError::WriterPanicked));
+        .unwrap_or(Err(BackupError::WriterPanicked));
         queue.stop();
         result
     });

@@ -236,6 +236,9 @@ pub fn run(
     on_plan(planned);
 
     let dir = target_dir(&cfg.target);
+    // Say what is wrong with the directory itself, not with a temporary
+    // name inside it.
+    std::fs::read_dir(&dir).map_err(|e| commit_err("use its directory", e))?;
     let tmp = tempfile::Builder::new()
         .prefix(".qbackup-")
         .suffix(".tmp")

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use qbackup_formats::qcow2::writer::{ClusterWrite, Qcow2Writer, WriterError};
 use qbackup_formats::storage::{Storage, StorageError};
-use qbackup_formats::{ClusterIndex, ClusterSize, HostOffset};
 use qbackup_formats::{Classify, ErrorClass};
+use qbackup_formats::{ClusterIndex, ClusterSize, HostOffset};
 
 /// A finished cluster, ready to be stored.
 #[derive(Debug)]

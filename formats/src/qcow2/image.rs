@@ -273,8 +273,13 @@ impl Qcow2Image {
             return Ok(Some(t.clone()));
         }
         let entries = self.header.cluster_size() / 8;
-        let table: Arc<[u64]> =
-            table::read(self.storage.as_ref(), "L2 table", HostOffset(offset), entries)?.into();
+        let table: Arc<[u64]> = table::read(
+            self.storage.as_ref(),
+            "L2 table",
+            HostOffset(offset),
+            entries,
+        )?
+        .into();
         let mut cache = self.l2_cache.lock().expect("l2 cache lock");
         if cache.len() >= self.l2_cache_max {
             cache.clear();
@@ -481,7 +486,10 @@ impl Qcow2Image {
     /// The stored bytes of a compressed cluster: from its offset to the end
     /// of its last sector, cut at the end of the file (QEMU pads reads past
     /// EOF with zeros; the stream itself must end inside the file).
-    pub(crate) fn compressed_bytes(&self, desc: CompressedDescriptor) -> Result<Vec<u8>, Qcow2Error> {
+    pub(crate) fn compressed_bytes(
+        &self,
+        desc: CompressedDescriptor,
+    ) -> Result<Vec<u8>, Qcow2Error> {
         let avail = self.storage.len().saturating_sub(desc.offset.0);
         if avail == 0 {
             self.storage

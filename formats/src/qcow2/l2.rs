@@ -96,7 +96,11 @@ pub fn decode_compressed(entry: u64, cluster_bits: u32) -> CompressedDescriptor 
 /// Encodes a compressed cluster descriptor, compressed flag included, for a
 /// stream of `len` (> 0) bytes at `offset`. Fails (saying which field) when
 /// the offset or the sector count does not fit the descriptor.
-pub fn encode_compressed(offset: HostOffset, len: u64, cluster_bits: u32) -> Result<u64, &'static str> {
+pub fn encode_compressed(
+    offset: HostOffset,
+    len: u64,
+    cluster_bits: u32,
+) -> Result<u64, &'static str> {
     let x = 62 - (cluster_bits - 8);
     let last = len
         .checked_sub(1)

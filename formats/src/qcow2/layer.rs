@@ -100,19 +100,13 @@ impl Layer for Qcow2Image {
         Qcow2Image::check_readable(self).map_err(|e| self.err(e))
     }
 
-    fn status(
-        &self,
-        offset: GuestOffset,
-        max_len: u64,
-    ) -> Result<(LayerExtent, u64), ImageError> {
+    fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(LayerExtent, u64), ImageError> {
         Qcow2Image::status(self, offset, max_len).map_err(|e| self.err(e))
     }
 
     fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<LayerRead, ImageError> {
         let want = (buf.len() as u64).min(self.virtual_size().saturating_sub(offset.0));
-        let (piece, n) = self
-            .locate(offset, want, true)
-            .map_err(|e| self.err(e))?;
+        let (piece, n) = self.locate(offset, want, true).map_err(|e| self.err(e))?;
         let dst = &mut buf[..n as usize];
         match piece {
             Piece::Unallocated => return Ok(LayerRead::Unallocated(n)),
@@ -144,9 +138,7 @@ impl Layer for Qcow2Image {
         if cluster.0 % cs != 0 || cluster.0 >= self.virtual_size() {
             return Ok(None);
         }
-        let (piece, _) = self
-            .locate(cluster, cs, true)
-            .map_err(|e| self.err(e))?;
+        let (piece, _) = self.locate(cluster, cs, true).map_err(|e| self.err(e))?;
         let Piece::Compressed(start, desc) = piece else {
             return Ok(None);
         };

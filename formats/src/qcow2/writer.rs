@@ -804,6 +804,6 @@ fn usize_of(n: u64) -> Result<usize, WriterError> {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod qemu_tests;
+#[cfg(test)]
+mod tests;

@@ -122,9 +122,10 @@ impl Storage for FaultyStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: HostOffset) -> io::Result<()> {
-        let hit = self.faults.iter().any(|f| {
-            f.kind == FaultKind::WriteNoSpace && f.overlaps(offset.0, buf.len() as u64)
-        });
+        let hit = self
+            .faults
+            .iter()
+            .any(|f| f.kind == FaultKind::WriteNoSpace && f.overlaps(offset.0, buf.len() as u64));
         if hit {
             self.hit();
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
@@ -176,7 +177,9 @@ mod tests {
         let mut buf = [0u8; 4096];
         s.read_exact_at("data", &mut buf, HostOffset(0)).unwrap();
         assert_eq!(buf[0], 7);
-        let err = s.read_exact_at("data", &mut buf, HostOffset(2048)).unwrap_err();
+        let err = s
+            .read_exact_at("data", &mut buf, HostOffset(2048))
+            .unwrap_err();
         assert!(matches!(err, StorageError::Read { .. }), "{err}");
         assert!(err.to_string().contains("Input/output error"), "{err}");
     }
@@ -186,9 +189,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = storage(&dir, vec![Fault::new(FaultKind::ShortRead, 6000..8192)]);
         let mut buf = [0u8; 4096];
-        let err = s.read_exact_at("L2 table", &mut buf, HostOffset(4096)).unwrap_err();
+        let err = s
+            .read_exact_at("L2 table", &mut buf, HostOffset(4096))
+            .unwrap_err();
         assert!(
-            matches!(err, StorageError::EndedEarly { at: HostOffset(6000), .. }),
+            matches!(
+                err,
+                StorageError::EndedEarly {
+                    at: HostOffset(6000),
+                    ..
+                }
+            ),
             "{err}"
         );
     }

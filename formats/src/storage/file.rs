@@ -89,8 +89,8 @@ impl FileStorage {
     /// Refuses a file that is not open for writing or is in append mode
     /// (positioned writes would land at the end).
     pub fn writable(file: File, path: &Path) -> Result<FileStorage, StorageError> {
-        let flags = rustix::fs::fcntl_getfl(&file)
-            .map_err(|e| StorageError::Stat { source: e.into() })?;
+        let flags =
+            rustix::fs::fcntl_getfl(&file).map_err(|e| StorageError::Stat { source: e.into() })?;
         if flags.contains(OFlags::APPEND) {
             return Err(StorageError::NotWritable {
                 why: "file is in append mode",
@@ -211,8 +211,12 @@ mod tests {
     fn fifo_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
-        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600))
-            .unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
         let started = Instant::now();
         let err = FileStorage::open_read_only(&fifo).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -259,8 +263,12 @@ mod tests {
         s.sync().unwrap();
         let dynamic: &dyn Storage = &s;
         let mut buf = [0u8; 5];
-        dynamic.read_exact_at("data", &mut buf, HostOffset(10)).unwrap();
+        dynamic
+            .read_exact_at("data", &mut buf, HostOffset(10))
+            .unwrap();
         assert_eq!(&buf, b"hello");
-        assert!(dynamic.read_exact_at("data", &mut buf, HostOffset(4094)).is_err());
+        assert!(dynamic
+            .read_exact_at("data", &mut buf, HostOffset(4094))
+            .is_err());
     }
 }
