@@ -34,12 +34,11 @@ pub fn info_json(
             m.insert("encrypted".into(), json!(true));
         }
         let mut data = Map::new();
+        data.insert("compat".into(), json!(q.compat()));
         if q.version == 2 {
-            data.insert("compat".into(), json!("0.10"));
             data.insert("compression-type".into(), json!(q.compression.name()));
             data.insert("refcount-bits".into(), json!(q.refcount_bits));
         } else {
-            data.insert("compat".into(), json!("1.1"));
             data.insert("compression-type".into(), json!(q.compression.name()));
             data.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
             if !q.bitmaps.is_empty() {

@@ -271,3 +271,45 @@ fn chain_absolute_backing_name() {
     check(&s, "b/top.qcow2", None);
     assert_image_matches(&s.path("b"), "top.qcow2", None);
 }
+
+/// Regression: the same file reached by two paths (hard links) is not a
+/// loop when its relative backing name resolves differently from each path.
+/// `b/mid` → `b/base` → `a/mid` (a hard link of `b/mid`) → `a/base`;
+/// qemu-img reads this chain, and so must qbackup (a loop check by inode
+/// instead of by canonical name refused it).
+#[test]
+fn hard_linked_image_twice_in_a_chain_is_not_a_loop() {
+    let s = Scratch::new();
+    s.mkdir("a");
+    s.mkdir("b");
+    s.create("a/base.qcow2", "qcow2", MIB, "");
+    s.io("a/base.qcow2", "qcow2", &["write -P 0x11 0 64k"]);
+    s.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "a/mid.qcow2",
+    ]);
+    s.io("a/mid.qcow2", "qcow2", &["write -P 0x22 64k 64k"]);
+    std::fs::hard_link(s.path("a/mid.qcow2"), s.path("b/mid.qcow2")).unwrap();
+    let a_mid = s.p("a/mid.qcow2");
+    s.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &a_mid,
+        "-F",
+        "qcow2",
+        "b/base.qcow2",
+    ]);
+    s.io("b/base.qcow2", "qcow2", &["write -P 0x33 128k 64k"]);
+    check(&s, "b/mid.qcow2", None);
+    backup_checked(&s, &[], "b/mid.qcow2", "out.qcow2");
+}

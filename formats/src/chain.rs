@@ -10,18 +10,17 @@
 //! decoded is each driver's business ([`Layer`]).
 //!
 //! Invariants: at most [`MAX_DEPTH`] images, no image appears twice (loops
-//! are refused at open, by storage identity), every layer's data is readable
+//! are refused at open, by canonical name as QEMU does), every layer's data is readable
 //! (not encrypted, not marked corrupt).
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::codec::CompressionType;
 use crate::extent::{Allocation, Extent};
 use crate::image::{self, Format, ImageError, ImageErrorKind};
 use crate::layer::{Layer, LayerRead};
 use crate::open::{resolve_backing, FileOpener, Opener, Role};
-use crate::storage::{Identity, Storage};
 use crate::units::{ClusterSize, GuestOffset};
 
 /// The deepest chain qbackup opens.
@@ -34,20 +33,9 @@ pub type ChainError = ImageError;
 #[derive(Debug)]
 pub struct Chain {
     layers: Vec<Box<dyn Layer>>,
-}
-
-/// What makes two opened images the same one, for loop detection.
-#[derive(Debug, PartialEq, Eq, Hash)]
-enum SameImage {
-    Identity(Identity),
-    Name(PathBuf),
-}
-
-fn same_image(storage: &dyn Storage) -> SameImage {
-    match storage.identity() {
-        Some(id) => SameImage::Identity(id),
-        None => SameImage::Name(storage.name().to_path_buf()),
-    }
+    /// The distinct (cluster size, codec) pairs of the layers' compressed
+    /// clusters, so pass-through is ruled out without a walk per cluster.
+    compressed_formats: Vec<(ClusterSize, CompressionType)>,
 }
 
 impl Chain {
@@ -64,7 +52,11 @@ impl Chain {
     ) -> Result<Chain, ChainError> {
         let top = image::open(opener, path, Role::Image, format)?;
         let mut seen = HashSet::new();
-        seen.insert(same_image(top.storage().as_ref()));
+        seen.insert(
+            opener
+                .canonical(path)
+                .map_err(|e| ImageError::new(path, e))?,
+        );
         let mut layers = vec![top];
         loop {
             let last = layers.last().expect("non-empty");
@@ -86,18 +78,27 @@ impl Chain {
                     ImageErrorKind::ChainTooDeep(MAX_DEPTH),
                 ));
             }
-            let storage = opener.open(&backing, Role::Backing).map_err(|source| {
+            let canon = opener.canonical(&backing).map_err(|source| {
                 err(ImageErrorKind::OpenBacking {
                     path: backing.clone(),
                     source,
                 })
             })?;
-            if !seen.insert(same_image(storage.as_ref())) {
+            if !seen.insert(canon) {
                 return Err(err(ImageErrorKind::BackingLoop(backing)));
             }
-            layers.push(image::open_storage(opener, storage, fmt)?);
+            layers.push(image::open(opener, &backing, Role::Backing, fmt)?);
         }
-        Ok(Chain { layers })
+        let mut compressed_formats = Vec::new();
+        for f in layers.iter().filter_map(|l| l.compressed_format()) {
+            if !compressed_formats.contains(&f) {
+                compressed_formats.push(f);
+            }
+        }
+        Ok(Chain {
+            layers,
+            compressed_formats,
+        })
     }
 
     /// The layers, top first.
@@ -181,7 +182,21 @@ impl Chain {
                 break;
             }
             let dst = &mut buf[pos..];
-            let n = match layer.read(off, dst)? {
+            let asked = dst.len() as u64;
+            let answer = layer.read(off, dst)?;
+            let (LayerRead::Filled(n) | LayerRead::Unallocated(n)) = answer;
+            if n == 0 || n > asked {
+                // Would spin forever or slice out of bounds.
+                return Err(ImageError::new(
+                    layer.path(),
+                    ImageErrorKind::BrokenRead {
+                        format: layer.format(),
+                        asked,
+                        answered: n,
+                    },
+                ));
+            }
+            let n = match answer {
                 LayerRead::Filled(n) => n,
                 LayerRead::Unallocated(n) => {
                     let dst = &mut dst[..n as usize];
@@ -211,7 +226,7 @@ impl Chain {
         codec: CompressionType,
     ) -> Result<Option<Vec<u8>>, ChainError> {
         let wanted = Some((cluster_size, codec));
-        if !self.layers.iter().any(|l| l.compressed_format() == wanted) {
+        if !self.compressed_formats.contains(&(cluster_size, codec)) {
             return Ok(None);
         }
         let (ext, n) = self.status(offset, len)?;

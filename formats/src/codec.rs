@@ -66,7 +66,7 @@ impl crate::error::Classify for CodecError {
     fn class(&self) -> crate::error::ErrorClass {
         match self {
             CodecError::Decompress { .. } => crate::error::ErrorClass::Corrupt,
-            CodecError::Compress { .. } => crate::error::ErrorClass::Io,
+            CodecError::Compress { .. } => crate::error::ErrorClass::Internal,
         }
     }
 }

@@ -24,6 +24,8 @@ pub enum ErrorClass {
     Usage,
     /// Ctrl-C or SIGTERM.
     Interrupted,
+    /// A bug in qbackup (a broken internal invariant, a panic): report it.
+    Internal,
 }
 
 impl ErrorClass {
@@ -49,6 +51,7 @@ impl ErrorClass {
             ErrorClass::Unsupported => "unsupported",
             ErrorClass::Usage => "usage",
             ErrorClass::Interrupted => "interrupted",
+            ErrorClass::Internal => "internal",
         }
     }
 }

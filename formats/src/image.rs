@@ -82,6 +82,18 @@ pub enum ImageErrorKind {
     /// The chain is deeper than qbackup accepts.
     #[error("backing chain deeper than {0} images")]
     ChainTooDeep(usize),
+    /// A driver broke the [`Layer`] contract (a bug).
+    #[error(
+        "internal error: the {format} driver answered a read of {asked} bytes with {answered}"
+    )]
+    BrokenRead {
+        /// The driver's format.
+        format: Format,
+        /// Bytes asked for.
+        asked: u64,
+        /// Bytes it claimed to handle.
+        answered: u64,
+    },
 }
 
 impl Classify for ImageErrorKind {
@@ -94,6 +106,7 @@ impl Classify for ImageErrorKind {
             ImageErrorKind::ForeignFormat(_)
             | ImageErrorKind::UnsupportedBackingFormat(_)
             | ImageErrorKind::ChainTooDeep(_) => ErrorClass::Unsupported,
+            ImageErrorKind::BrokenRead { .. } => ErrorClass::Internal,
         }
     }
 }

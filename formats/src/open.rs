@@ -33,6 +33,13 @@ pub trait Opener: Send + Sync {
     /// Opens `name` read-only.
     fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError>;
 
+    /// The canonical form of `name`, which a backing chain compares to find
+    /// loops (as QEMU compares file names), or why `name` cannot be
+    /// resolved. The default takes names as they are.
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        Ok(name.to_path_buf())
+    }
+
     /// The storage a backup target is written through, given the file the
     /// backup created. Wrappers put themselves in here; the default passes
     /// it through.
@@ -48,6 +55,12 @@ pub struct FileOpener;
 impl Opener for FileOpener {
     fn open(&self, name: &Path, _role: Role) -> Result<Arc<dyn Storage>, StorageError> {
         Ok(Arc::new(FileStorage::open_read_only(name)?))
+    }
+
+    /// Symlinks and `..` resolved; hard links stay distinct, because a
+    /// relative backing name resolves from the path an image is reached by.
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        std::fs::canonicalize(name).map_err(|source| StorageError::Open { source })
     }
 }
 
@@ -85,6 +98,10 @@ impl<O: Opener> Opener for WrappingOpener<O> {
     fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
         let s = self.inner.open(name, role)?;
         Ok((self.wrap)(name, role, s))
+    }
+
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        self.inner.canonical(name)
     }
 
     fn target(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {

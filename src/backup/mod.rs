@@ -126,7 +126,7 @@ pub enum BackupError {
         source: rayon::ThreadPoolBuildError,
     },
     /// Compressing a cluster failed.
-    #[error("cannot compress cluster {index}: {source}")]
+    #[error("cluster {index}: {source}")]
     Compress {
         /// The target cluster.
         index: ClusterIndex,
@@ -158,10 +158,11 @@ impl Classify for BackupError {
             | BackupError::TargetIsSource { .. }
             | BackupError::ClusterSize(_)
             | BackupError::TopNeedsQcow2 => ErrorClass::Usage,
-            BackupError::StartThreads { .. }
-            | BackupError::Compress { .. }
-            | BackupError::WorkerPanicked { .. }
-            | BackupError::WriterPanicked => ErrorClass::Io,
+            BackupError::StartThreads { .. } => ErrorClass::Io,
+            BackupError::Compress { source, .. } => source.class(),
+            BackupError::WorkerPanicked { .. } | BackupError::WriterPanicked => {
+                ErrorClass::Internal
+            }
             BackupError::Interrupted => ErrorClass::Interrupted,
         }
     }
@@ -237,8 +238,15 @@ pub fn run(
 
     let dir = target_dir(&cfg.target);
     // Say what is wrong with the directory itself, not with a temporary
-    // name inside it.
-    std::fs::read_dir(&dir).map_err(|e| commit_err("use its directory", e))?;
+    // name inside it (only its existence: writing needs no read permission).
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            let e = std::io::Error::from(std::io::ErrorKind::NotADirectory);
+            return Err(commit_err("use its directory", e));
+        }
+        Err(e) => return Err(commit_err("use its directory", e)),
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".qbackup-")
         .suffix(".tmp")

@@ -114,9 +114,8 @@ impl Target for RawTarget {
     fn finish(self: Box<Self>) -> Result<(), TargetError> {
         self.storage
             .set_len(self.size)
-            .map_err(|source| StorageError::Write {
-                offset: HostOffset(self.size),
-                len: 0,
+            .map_err(|source| StorageError::Resize {
+                len: self.size,
                 source,
             })?;
         Ok(())

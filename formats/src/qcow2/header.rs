@@ -108,6 +108,12 @@ impl Classify for HeaderError {
             HeaderError::UnsupportedVersion(_) | HeaderError::UnknownFeatures(_) => {
                 ErrorClass::Unsupported
             }
+            // Values that a newer QEMU may define.
+            HeaderError::InvalidField {
+                field: "compression_type" | "crypt_method",
+                why: "unknown codec" | "unknown method",
+                ..
+            } => ErrorClass::Unsupported,
             _ => ErrorClass::Corrupt,
         }
     }

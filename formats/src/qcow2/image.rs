@@ -149,7 +149,7 @@ impl Qcow2Image {
         let mut probe = vec![0u8; storage.len().min(112) as usize];
         storage.read_exact_at("header", &mut probe, HostOffset(0))?;
         let bits = if probe.len() >= 24 {
-            u32::from_be_bytes(probe[20..24].try_into().expect("4"))
+            table::be32(&probe, 20)
         } else {
             16
         };
@@ -272,14 +272,10 @@ impl Qcow2Image {
         if let Some(t) = self.l2_cache.lock().expect("l2 cache lock").get(&offset) {
             return Ok(Some(t.clone()));
         }
-        let entries = self.header.cluster_size() / 8;
-        let table: Arc<[u64]> = table::read(
-            self.storage.as_ref(),
-            "L2 table",
-            HostOffset(offset),
-            entries,
-        )?
-        .into();
+        let mut raw = vec![0u8; self.header.cluster_size() as usize];
+        self.storage
+            .read_exact_at("L2 table", &mut raw, HostOffset(offset))?;
+        let table: Arc<[u64]> = table::entries(&raw).collect();
         let mut cache = self.l2_cache.lock().expect("l2 cache lock");
         if cache.len() >= self.l2_cache_max {
             cache.clear();

@@ -59,6 +59,18 @@ pub struct Qcow2Info {
     pub encrypted: bool,
 }
 
+impl Qcow2Info {
+    /// The `compat` level qemu-img reports: "0.10" for version 2, "1.1"
+    /// for version 3.
+    pub fn compat(&self) -> &'static str {
+        if self.version == 2 {
+            "0.10"
+        } else {
+            "1.1"
+        }
+    }
+}
+
 impl Qcow2Image {
     fn err(&self, e: impl Into<Qcow2Error>) -> ImageError {
         ImageError::new(self.storage().name(), e.into())

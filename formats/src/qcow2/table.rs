@@ -25,11 +25,15 @@ pub fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Decodes a table of 64-bit entries (a trailing partial entry is ignored).
-pub fn decode(raw: &[u8]) -> Vec<u64> {
+/// The 64-bit entries of a table (a trailing partial entry is ignored).
+pub fn entries(raw: &[u8]) -> impl Iterator<Item = u64> + '_ {
     raw.chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-        .collect()
+}
+
+/// Decodes a table of 64-bit entries (a trailing partial entry is ignored).
+pub fn decode(raw: &[u8]) -> Vec<u64> {
+    entries(raw).collect()
 }
 
 /// Appends `entries` to `out`, big-endian.

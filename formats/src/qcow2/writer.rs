@@ -253,13 +253,13 @@ impl Classify for WriterError {
             WriterError::TooLarge { .. } | WriterError::RefcountOverflow { .. } => {
                 ErrorClass::Unsupported
             }
-            // Misuse of the API or a write after a failed one: bugs in the
-            // caller, reported as I/O since the file's state is unknown.
+            // Misuse of the API, or a write after a failed one: bugs in
+            // the caller.
             WriterError::OutOfOrder { .. }
             | WriterError::BeyondEnd { .. }
             | WriterError::DataLength { .. }
             | WriterError::CompressedLength { .. }
-            | WriterError::Poisoned => ErrorClass::Io,
+            | WriterError::Poisoned => ErrorClass::Internal,
         }
     }
 }

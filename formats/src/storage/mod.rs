@@ -157,7 +157,7 @@ pub enum StorageError {
     },
     /// A read inside the known length returned end-of-file early: the file
     /// shrank since it was opened, or the storage failed to deliver.
-    #[error("read of {what} at offset {offset} (+{len} bytes) ended early at offset {at}: the file is shorter than when it was opened")]
+    #[error("read of {what} at offset {offset} (+{len} bytes) ended early at offset {at} (the file shrank since it was opened, or its storage failed)")]
     EndedEarly {
         /// What was being read.
         what: &'static str,
@@ -186,6 +186,14 @@ pub enum StorageError {
         /// Why.
         source: io::Error,
     },
+    /// Setting the length failed.
+    #[error("cannot set the length to {len} bytes: {source}")]
+    Resize {
+        /// The length asked for.
+        len: u64,
+        /// Why.
+        source: io::Error,
+    },
     /// The storage cannot be written as asked.
     #[error("cannot write: {why}")]
     NotWritable {
@@ -200,12 +208,16 @@ impl Classify for StorageError {
             StorageError::Open { source } | StorageError::Stat { source } => {
                 ErrorClass::of_io(source)
             }
+            StorageError::UnsupportedKind { kind } if kind.ends_with("directory") => {
+                ErrorClass::Usage
+            }
             StorageError::UnsupportedKind { .. } => ErrorClass::Unsupported,
             StorageError::PastEof { .. } => ErrorClass::Corrupt,
             StorageError::NotWritable { .. } => ErrorClass::Usage,
             StorageError::Read { source, .. }
             | StorageError::Seek { source, .. }
-            | StorageError::Write { source, .. } => ErrorClass::of_io(source),
+            | StorageError::Write { source, .. }
+            | StorageError::Resize { source, .. } => ErrorClass::of_io(source),
             StorageError::EndedEarly { .. } => ErrorClass::Io,
         }
     }
