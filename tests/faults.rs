@@ -84,6 +84,23 @@ fn assert_nothing_written(s: &Scratch, target: &Path) {
     assert_no_leftovers(s.dir());
 }
 
+/// Runs the backup with `faults` under `role`, expects an I/O failure that
+/// names `file` and says `cause` once, and nothing written; returns it.
+fn expect_io_failure(
+    s: &Scratch,
+    cfg: &BackupConfig,
+    (role, name): (Role, Option<PathBuf>),
+    faults: Vec<Fault>,
+    file: &Path,
+    cause: &str,
+) -> BackupError {
+    let err = backup_with_faults(cfg, role, name, faults).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+    assert_one_line(&err, file, cause);
+    assert_nothing_written(s, &cfg.target);
+    err
+}
+
 /// A 4 MiB qcow2 with data in its first 2 MiB.
 fn source(s: &Scratch) -> PathBuf {
     s.create("src.qcow2", "qcow2", 4 * MIB, "");
@@ -100,20 +117,18 @@ fn eio_reading_a_data_cluster() {
     let host = entry & 0x00ff_ffff_ffff_fe00;
     assert_ne!(host, 0, "guest 1 MiB is allocated");
     let target = s.path("out.qcow2");
-    let err = backup_with_faults(
+    let err = expect_io_failure(
+        &s,
         &config(&src, &target),
-        Role::Image,
-        None,
+        (Role::Image, None),
         vec![Fault::new(FaultKind::ReadEio, host + 100..host + 101)],
-    )
-    .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+        &src,
+        "Input/output error",
+    );
     assert!(
         matches!(err, BackupError::ReadCluster { .. }),
         "a per-cluster failure carries its cluster: {err:?}"
     );
-    assert_one_line(&err, &src, "Input/output error");
-    assert_nothing_written(&s, &target);
 }
 
 #[test]
@@ -123,20 +138,18 @@ fn short_read_inside_an_l2_table() {
     let layout = Layout::read(&src);
     let l2 = layout.l2_table(&src, 0).expect("an L2 table");
     let target = s.path("out.qcow2");
-    let err = backup_with_faults(
+    let err = expect_io_failure(
+        &s,
         &config(&src, &target),
-        Role::Image,
-        None,
+        (Role::Image, None),
         vec![Fault::new(
             FaultKind::ShortRead,
             l2 + 512..l2 + layout.cluster_size(),
         )],
-    )
-    .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Io, "{err}");
-    assert_one_line(&err, &src, "ended early");
+        &src,
+        "ended early",
+    );
     assert!(err.to_string().contains("L2 table"), "{err}");
-    assert_nothing_written(&s, &target);
 }
 
 #[test]
@@ -146,16 +159,14 @@ fn eio_in_a_backing_file() {
     s.overlay("top.qcow2", "src.qcow2", "qcow2", None, "");
     let top = s.path("top.qcow2");
     let target = s.path("out.qcow2");
-    let err = backup_with_faults(
+    expect_io_failure(
+        &s,
         &config(&top, &target),
-        Role::Backing,
-        Some(base.clone()),
+        (Role::Backing, Some(base.clone())),
         vec![Fault::new(FaultKind::ReadEio, 0x50000..u64::MAX)],
-    )
-    .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Io, "{err}");
-    assert_one_line(&err, &base, "Input/output error");
-    assert_nothing_written(&s, &target);
+        &base,
+        "Input/output error",
+    );
 }
 
 #[test]
@@ -165,16 +176,14 @@ fn enospc_writing_the_target() {
     let target = s.path("out.qcow2");
     let mut cfg = config(&src, &target);
     cfg.compression = None;
-    let err = backup_with_faults(
+    expect_io_failure(
+        &s,
         &cfg,
-        Role::Target,
-        None,
+        (Role::Target, None),
         vec![Fault::new(FaultKind::WriteNoSpace, MIB..u64::MAX)],
-    )
-    .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Io, "{err}");
-    assert_one_line(&err, &target, "No space left on device");
-    assert_nothing_written(&s, &target);
+        &target,
+        "No space left on device",
+    );
 }
 
 #[test]
@@ -184,16 +193,14 @@ fn enospc_writing_a_raw_target() {
     let target = s.path("out.raw");
     let mut cfg = config(&src, &target);
     cfg.target_format = Format::Raw;
-    let err = backup_with_faults(
+    expect_io_failure(
+        &s,
         &cfg,
-        Role::Target,
-        None,
+        (Role::Target, None),
         vec![Fault::new(FaultKind::WriteNoSpace, MIB..u64::MAX)],
-    )
-    .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Io, "{err}");
-    assert_one_line(&err, &target, "No space left on device");
-    assert_nothing_written(&s, &target);
+        &target,
+        "No space left on device",
+    );
 }
 
 #[test]
@@ -201,17 +208,15 @@ fn eio_on_the_final_sync() {
     let s = Scratch::new();
     let src = source(&s);
     let target = s.path("out.qcow2");
-    let err = backup_with_faults(
+    let err = expect_io_failure(
+        &s,
         &config(&src, &target),
-        Role::Target,
-        None,
+        (Role::Target, None),
         vec![Fault::new(FaultKind::SyncEio, 0..0)],
-    )
-    .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Io, "{err}");
-    assert_one_line(&err, &target, "Input/output error");
+        &target,
+        "Input/output error",
+    );
     assert!(err.to_string().contains("cannot sync"), "{err}");
-    assert_nothing_written(&s, &target);
 }
 
 /// A slow source still produces an exact backup (delays change timing, never

@@ -14,8 +14,9 @@ fn opts(cluster_bits: u32, virtual_size: u64) -> WriterOptions {
     }
 }
 
-fn new_writer(dir: &tempfile::TempDir, o: WriterOptions) -> Result<Qcow2Writer, WriterError> {
-    let path = dir.path().join("img");
+/// A new, empty file `name` in `dir`, open for reading and writing.
+fn new_file(dir: &tempfile::TempDir, name: &str) -> (std::fs::File, std::path::PathBuf) {
+    let path = dir.path().join(name);
     let _ = std::fs::remove_file(&path);
     let file = OpenOptions::new()
         .read(true)
@@ -23,6 +24,11 @@ fn new_writer(dir: &tempfile::TempDir, o: WriterOptions) -> Result<Qcow2Writer, 
         .create_new(true)
         .open(&path)
         .unwrap();
+    (file, path)
+}
+
+fn new_writer(dir: &tempfile::TempDir, o: WriterOptions) -> Result<Qcow2Writer, WriterError> {
+    let (file, path) = new_file(dir, "img");
     Qcow2Writer::on_file(file, &path, o)
 }
 
@@ -357,14 +363,7 @@ fn io_errors_poison_the_writer() {
     // A storage that fails every write with ENOSPC, like /dev/full.
     let dir = tempfile::tempdir().unwrap();
     let full = || {
-        let path = dir.path().join("full");
-        let _ = std::fs::remove_file(&path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
+        let (file, path) = new_file(&dir, "full");
         let inner = Arc::new(FileStorage::writable(file, &path).unwrap());
         let faults = vec![Fault::new(FaultKind::WriteNoSpace, 0..u64::MAX)];
         Ok::<_, ()>(Arc::new(FaultyStorage::new(inner, faults)) as Arc<dyn Storage>)
