@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use qbackup::{backup, info, map, source};
 use qbackup_formats::codec::CompressionType;
-use qbackup_formats::open::FileOpener;
+use qbackup_formats::open::{FileOpener, ForceShareOpener, Opener};
 use qbackup_formats::Format;
 
 /// Back up qcow2 and raw disk images like QEMU's backup job.
@@ -51,6 +51,10 @@ enum Command {
         /// Image format (probed when omitted).
         #[arg(short = 'f', long = "format")]
         format: Option<FormatArg>,
+        /// Read even if another process writes the image (ignores QEMU's
+        /// image locks; the result may be inconsistent).
+        #[arg(short = 'U', long)]
+        force_share: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         output: OutputArg,
@@ -64,6 +68,10 @@ enum Command {
         /// Image format (probed when omitted).
         #[arg(short = 'f', long = "format")]
         format: Option<FormatArg>,
+        /// Read even if another process writes the image (ignores QEMU's
+        /// image locks; the result may be inconsistent).
+        #[arg(short = 'U', long)]
+        force_share: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         output: OutputArg,
@@ -123,6 +131,11 @@ struct BackupArgs {
     /// Backing file name to record with --sync top.
     #[arg(long)]
     backing: Option<String>,
+    /// Read even if another process writes the image (ignores QEMU's image
+    /// locks; the backup may be inconsistent). Back up a running VM through
+    /// an NBD export instead.
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// The image to back up.
     source: PathBuf,
     /// Where to write the backup.
@@ -215,8 +228,46 @@ impl backup::Progress for Bar {
     }
 }
 
+/// The opener for a command: QEMU's image locks honoured, or ignored with
+/// `-U`.
+enum Files {
+    Locked(FileOpener),
+    Shared(ForceShareOpener),
+}
+
+impl Files {
+    fn new(force_share: bool) -> Files {
+        if force_share {
+            Files::Shared(ForceShareOpener::default())
+        } else {
+            Files::Locked(FileOpener)
+        }
+    }
+
+    fn opener(&self) -> &dyn Opener {
+        match self {
+            Files::Locked(o) => o,
+            Files::Shared(o) => o,
+        }
+    }
+
+    /// After a command that read files with `-U`: warns about each one
+    /// another process was writing.
+    fn warn_in_use(&self) {
+        if let Files::Shared(o) = self {
+            for p in o.in_use() {
+                eprintln!(
+                    "qbackup: warning: {}: another process held it for writing (--force-share); what was read may be inconsistent",
+                    p.display()
+                );
+            }
+        }
+    }
+}
+
 fn run_backup(args: BackupArgs) -> Result<()> {
     let show = args.progress;
+    let files = Files::new(args.force_share);
     let cfg = args.into_config()?;
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -237,10 +288,11 @@ fn run_backup(args: BackupArgs) -> Result<()> {
             b.set_length(total);
         }
     };
-    backup::run(&cfg, &FileOpener, &bar, &mut on_plan, &cancel)?;
+    backup::run(&cfg, files.opener(), &bar, &mut on_plan, &cancel)?;
     if let Some(b) = &bar.0 {
         b.finish();
     }
+    files.warn_in_use();
     Ok(())
 }
 
@@ -250,10 +302,13 @@ pub fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Info {
             format,
+            force_share,
             output,
             image,
         } => {
-            let v = info::info_json(&FileOpener, &image, format.map(Into::into))?;
+            let files = Files::new(force_share);
+            let v = info::info_json(files.opener(), &image, format.map(Into::into))?;
+            files.warn_in_use();
             let text = match output {
                 OutputArg::Json => serde_json::to_string_pretty(&v)? + "\n",
                 OutputArg::Human => info::info_human(&v),
@@ -263,16 +318,19 @@ pub fn run(args: Args) -> Result<()> {
         Command::Backup(b) => run_backup(b)?,
         Command::Map {
             format,
+            force_share,
             output,
             image,
         } => {
-            let src = source::open(&FileOpener, &image, format.map(Into::into))?;
+            let files = Files::new(force_share);
+            let src = source::open(files.opener(), &image, format.map(Into::into))?;
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
             match output {
                 OutputArg::Json => map::write_json(src.as_ref(), &mut out)?,
                 OutputArg::Human => map::write_human(src.as_ref(), &mut out)?,
             }
             out.flush()?;
+            files.warn_in_use();
         }
     }
     Ok(())

@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::storage::{FileStorage, Storage, StorageError};
 
@@ -48,19 +48,55 @@ pub trait Opener: Send + Sync {
     }
 }
 
-/// Opens local files and block devices.
+/// Opens local files and block devices as a consistent reader: takes
+/// QEMU's image locks and refuses a file another process writes
+/// ([`crate::storage::lock`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FileOpener;
 
 impl Opener for FileOpener {
     fn open(&self, name: &Path, _role: Role) -> Result<Arc<dyn Storage>, StorageError> {
-        Ok(Arc::new(FileStorage::open_read_only(name)?))
+        let storage = FileStorage::open_read_only(name)?;
+        storage.lock_for_consistent_read()?;
+        Ok(Arc::new(storage))
     }
 
     /// Symlinks and `..` resolved; hard links stay distinct, because a
     /// relative backing name resolves from the path an image is reached by.
     fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
         std::fs::canonicalize(name).map_err(|source| StorageError::Open { source })
+    }
+}
+
+/// Opens local files like [`FileOpener`] but ignores QEMU's image locks
+/// (qemu-img's `-U`/`--force-share`): takes none, and records the files
+/// another process was writing so the caller can warn that what it read
+/// may be inconsistent.
+#[derive(Debug, Default)]
+pub struct ForceShareOpener {
+    in_use: Mutex<Vec<PathBuf>>,
+}
+
+impl ForceShareOpener {
+    /// The files that were in use by a writer when they were opened.
+    pub fn in_use(&self) -> Vec<PathBuf> {
+        self.in_use.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl Opener for ForceShareOpener {
+    fn open(&self, name: &Path, _role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        let storage = FileStorage::open_read_only(name)?;
+        if storage.lock_conflict()?.is_some() {
+            if let Ok(mut v) = self.in_use.lock() {
+                v.push(name.to_path_buf());
+            }
+        }
+        Ok(Arc::new(storage))
+    }
+
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        FileOpener.canonical(name)
     }
 }
 

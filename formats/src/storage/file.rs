@@ -85,6 +85,22 @@ impl FileStorage {
         })
     }
 
+    /// Takes QEMU's locks of a consistent reader ([`super::lock`]); fails
+    /// when another process writes the image or does not share reads.
+    pub fn lock_for_consistent_read(&self) -> Result<(), StorageError> {
+        match super::lock::lock_for_consistent_read(&self.file) {
+            Ok(None) => Ok(()),
+            Ok(Some(conflict)) => Err(StorageError::InUse { conflict }),
+            Err(source) => Err(StorageError::Open { source }),
+        }
+    }
+
+    /// What another process holds that would rule out a consistent read,
+    /// without taking any lock (for `--force-share`).
+    pub fn lock_conflict(&self) -> Result<Option<super::lock::Conflict>, StorageError> {
+        super::lock::check_conflicts(&self.file).map_err(|source| StorageError::Open { source })
+    }
+
     /// Wraps a file the caller created for writing (a temporary target).
     /// Refuses a file that is not open for writing or is in append mode
     /// (positioned writes would land at the end).

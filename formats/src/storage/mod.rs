@@ -17,6 +17,7 @@
 
 pub mod fault;
 pub mod file;
+pub mod lock;
 
 use std::fmt;
 use std::io;
@@ -194,6 +195,13 @@ pub enum StorageError {
         /// Why.
         source: io::Error,
     },
+    /// Another process holds the image in a way that rules out a
+    /// consistent read (QEMU's image locks).
+    #[error("{}; back up a running VM through an NBD export of its disk, or pass -U/--force-share to read it anyway (the copy may be inconsistent)", in_use_text(*.conflict))]
+    InUse {
+        /// What the other process holds.
+        conflict: lock::Conflict,
+    },
     /// The storage cannot be written as asked.
     #[error("cannot write: {why}")]
     NotWritable {
@@ -213,13 +221,22 @@ impl Classify for StorageError {
             }
             StorageError::UnsupportedKind { .. } => ErrorClass::Unsupported,
             StorageError::PastEof { .. } => ErrorClass::Corrupt,
-            StorageError::NotWritable { .. } => ErrorClass::Usage,
+            StorageError::NotWritable { .. } | StorageError::InUse { .. } => ErrorClass::Usage,
             StorageError::Read { source, .. }
             | StorageError::Seek { source, .. }
             | StorageError::Write { source, .. }
             | StorageError::Resize { source, .. } => ErrorClass::of_io(source),
             StorageError::EndedEarly { .. } => ErrorClass::Io,
         }
+    }
+}
+
+fn in_use_text(c: lock::Conflict) -> String {
+    match c {
+        lock::Conflict::Writer(perm) => format!(
+            "in use: another process (a running VM, qemu-nbd, qemu-img) holds QEMU's \"{perm}\" lock on it"
+        ),
+        lock::Conflict::NoSharedReads => "in use: another process holds it without letting others read it consistently (QEMU's \"consistent read\" lock)".to_string(),
     }
 }
 

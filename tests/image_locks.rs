@@ -1,0 +1,228 @@
+//! QEMU's image locks, against the real holders: `qemu-nbd` serving an image
+//! read-write, `qemu-nbd -r`, and a running `qemu-system-x86_64` with the
+//! image as its disk. qbackup must refuse an image (or any layer of its
+//! chain) that another process writes, with one line that names the file,
+//! the cause and the ways out; read it with `-U`/`--force-share` and warn;
+//! coexist with read-only holders; and hold its own locks while it reads,
+//! so that no QEMU can start writing the image under a running backup.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A background process killed when dropped.
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` and waits (bounded) until `socket` exists.
+fn hold(cmd: &mut Command, socket: &Path) -> Holder {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let holder = Holder(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{cmd:?} did not create {socket:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    holder
+}
+
+/// `qemu-nbd` serving `image` (read-write unless `read_only`).
+fn qemu_nbd(s: &Scratch, image: &str, read_only: bool) -> Holder {
+    let sock = s.path(&format!("{image}.sock"));
+    let mut cmd = Command::new("qemu-nbd");
+    if read_only {
+        cmd.arg("-r");
+    }
+    cmd.args(["-f", "qcow2", "-k"])
+        .arg(&sock)
+        .arg(s.path(image));
+    hold(&mut cmd, &sock)
+}
+
+/// A running QEMU (no guest) with `image` as a read-write disk, and the
+/// time its locks are known to be taken (QMP answers after the block
+/// devices are open).
+fn qemu_vm(s: &Scratch, image: &str) -> Holder {
+    let qmp = s.path("qmp.sock");
+    let blockdev = format!(
+        "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+        s.p(image)
+    );
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-qmp",
+    ])
+    .arg(format!("unix:{},server,wait=off", qmp.display()))
+    .args(["-blockdev", &blockdev]);
+    let h = hold(&mut cmd, &qmp);
+    // The QMP socket is created before the disk is opened: wait until the
+    // lock is visible to qemu-img, which checks the same bytes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while qemu_img_status(s.dir(), &["info", image]).0 == Some(0) {
+        assert!(Instant::now() < deadline, "QEMU never locked {image}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h
+}
+
+fn image(s: &Scratch, name: &str) {
+    s.create(name, "qcow2", 4 * MIB, "");
+    s.io(
+        name,
+        "qcow2",
+        &["write -P 0x5a 0 1M", "write -P 0xa5 2M 64k"],
+    );
+}
+
+/// `map` and `backup` of `top` (and `info`, which opens only `top`, when
+/// `top` is the held file) refuse with one line naming `held`, and leave
+/// nothing behind.
+fn assert_refused(s: &Scratch, top: &str, held: &str) {
+    let out = s.p("out.qcow2");
+    let mut commands = vec![
+        vec!["map", "--output=json", top],
+        vec!["backup", top, out.as_str()],
+    ];
+    if top == held {
+        commands.push(vec!["info", top]);
+    }
+    for args in commands {
+        qbackup_in(s.dir(), &args)
+            .assert_clean_failure(&[held])
+            .assert_clean_failure_mentioning(&["--force-share"])
+            .assert_clean_failure_mentioning(&["NBD export"])
+            .assert_clean_failure_mentioning(&["\"write\" lock"]);
+    }
+    assert!(!s.path("out.qcow2").exists());
+    assert_no_leftovers(s.dir());
+}
+
+/// With `-U` the backup succeeds, equals the image, and warns once.
+fn assert_force_share_reads(s: &Scratch, top: &str, held: &str) {
+    let run = qbackup_in(s.dir(), &["backup", "-U", top, "out.qcow2"]);
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("warning") && run.stderr.contains(held),
+        "a warning naming {held}\n{}",
+        run.describe()
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.describe());
+    // The oracle needs -U too while the image is held.
+    let (code, text) = qemu_img_status(
+        s.dir(),
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            top,
+            "out.qcow2",
+        ],
+    );
+    assert_eq!(code, Some(0), "backup differs from {top}: {text}");
+    std::fs::remove_file(s.path("out.qcow2")).unwrap();
+}
+
+#[test]
+fn refuses_an_image_qemu_nbd_writes() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    let _nbd = qemu_nbd(&s, "d.qcow2", false);
+    assert_refused(&s, "d.qcow2", "d.qcow2");
+    assert_force_share_reads(&s, "d.qcow2", "d.qcow2");
+}
+
+#[test]
+fn coexists_with_a_read_only_holder() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    let _nbd = qemu_nbd(&s, "d.qcow2", true);
+    backup_checked(&s, &[], "d.qcow2", "out.qcow2");
+    let run = qbackup_in(s.dir(), &["map", "-U", "--output=json", "d.qcow2"]);
+    run.assert_ok();
+    assert!(run.stderr.is_empty(), "no warning: {}", run.describe());
+}
+
+#[test]
+fn refuses_a_backing_file_a_vm_writes() {
+    let s = Scratch::new();
+    image(&s, "base.qcow2");
+    s.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    let _nbd = qemu_nbd(&s, "base.qcow2", false);
+    assert_refused(&s, "top.qcow2", "base.qcow2");
+    assert_force_share_reads(&s, "top.qcow2", "base.qcow2");
+}
+
+#[test]
+fn refuses_the_disk_of_a_running_qemu() {
+    let s = Scratch::new();
+    image(&s, "vm.qcow2");
+    let _vm = qemu_vm(&s, "vm.qcow2");
+    assert_refused(&s, "vm.qcow2", "vm.qcow2");
+    assert_force_share_reads(&s, "vm.qcow2", "vm.qcow2");
+}
+
+/// While qbackup reads an image, QEMU cannot open it for writing.
+#[test]
+fn a_running_backup_keeps_writers_out() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    let (mut backup, _) = spawn_qbackup(
+        s.dir(),
+        &["backup", "--speed", "256k", "d.qcow2", "out.qcow2"],
+    );
+    // Wait until qbackup holds its lock on byte 201 (QEMU's "write not
+    // shared"), which makes qemu-io's read-write open fail.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        let out = run_unchecked(
+            Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", "write -P 0x11 0 4k", "d.qcow2"])
+                .current_dir(s.dir()),
+        );
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        if text.contains("lock") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qemu-io was never refused: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(err.contains("\"write\" lock"), "{err}");
+    // SIGTERM: qbackup stops and cleans up (SIGKILL would leave its
+    // temporary file behind).
+    let pid = rustix::process::Pid::from_raw(backup.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
+    let status = backup.wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "interrupted backup exits 1");
+    assert!(!s.path("out.qcow2").exists());
+    assert_no_leftovers(s.dir());
+}
