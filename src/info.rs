@@ -28,7 +28,9 @@ pub fn info_json(
         m.insert("cluster-size".into(), json!(cs.bytes()));
     }
     m.insert("format".into(), json!(info.format.name()));
-    m.insert("actual-size".into(), json!(info.actual_size));
+    if let Some(actual) = info.actual_size {
+        m.insert("actual-size".into(), json!(actual));
+    }
     if let Some(q) = &info.qcow2 {
         if q.encrypted {
             m.insert("encrypted".into(), json!(true));
@@ -129,8 +131,14 @@ pub fn info_human(v: &Value) -> String {
     );
     let vs = get("virtual-size").and_then(Value::as_u64).unwrap_or(0);
     let _ = writeln!(s, "virtual size: {} ({vs} bytes)", size_str(vs));
-    let actual = get("actual-size").and_then(Value::as_u64).unwrap_or(0);
-    let _ = writeln!(s, "disk size: {}", size_str(actual));
+    match get("actual-size").and_then(Value::as_u64) {
+        Some(actual) => {
+            let _ = writeln!(s, "disk size: {}", size_str(actual));
+        }
+        None => {
+            let _ = writeln!(s, "disk size: unavailable");
+        }
+    }
     if let Some(cs) = get("cluster-size").and_then(Value::as_u64) {
         let _ = writeln!(s, "cluster_size: {cs}");
     }

@@ -48,8 +48,9 @@ pub struct LayerInfo {
     pub virtual_size: u64,
     /// Cluster size, where the format has one.
     pub cluster_size: Option<ClusterSize>,
-    /// Bytes the image file occupies on disk, when known.
-    pub actual_size: u64,
+    /// Bytes the image file occupies on disk, when known (not for an NBD
+    /// export).
+    pub actual_size: Option<u64>,
     /// The backing file, if any.
     pub backing: Option<BackingSpec>,
     /// The image was not closed cleanly (qcow2's dirty bit).

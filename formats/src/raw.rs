@@ -58,7 +58,7 @@ impl Layer for RawImage {
             .extent_at(HostOffset(offset.0), max_len)
             .map_err(|e| self.err(e))?;
         let allocation = match kind {
-            FileExtent::Data => Allocation::Data,
+            FileExtent::Data | FileExtent::ZeroData => Allocation::Data,
             FileExtent::Hole => Allocation::Zero,
         };
         Ok((
@@ -68,7 +68,7 @@ impl Layer for RawImage {
                     file: self.file.clone(),
                     offset: HostOffset(offset.0),
                 }),
-                data_reads_zero: false,
+                data_reads_zero: kind == FileExtent::ZeroData,
             },
             len,
         ))
@@ -91,7 +91,7 @@ impl Layer for RawImage {
             format: Format::Raw,
             virtual_size: self.size,
             cluster_size: None,
-            actual_size: actual.unwrap_or(0),
+            actual_size: actual,
             backing: None,
             dirty: false,
             qcow2: None,

@@ -408,7 +408,7 @@ impl Qcow2Image {
                     // Like QEMU: data clusters of a preallocated image are
                     // refined by the host file's holes, which read as zeros.
                     let (e, n) = self.data_storage_or_image().extent_at(h, len)?;
-                    zero = e == FileExtent::Hole;
+                    zero = e != FileExtent::Data;
                     len = n.min(len);
                 }
                 Allocation::Data

@@ -192,7 +192,7 @@ impl Layer for Qcow2Image {
             format: Format::Qcow2,
             virtual_size: self.virtual_size(),
             cluster_size: Layer::cluster_size(self),
-            actual_size: actual.unwrap_or(0),
+            actual_size: actual,
             backing: self.backing(),
             dirty: h.incompatible_features & incompat::DIRTY != 0,
             qcow2: Some(Qcow2Info {

@@ -35,6 +35,9 @@ pub enum FileExtent {
     Data,
     /// A hole: the bytes read as zero.
     Hole,
+    /// Stored, but known to read as zeros (an NBD server's "zero" flag
+    /// without "hole").
+    ZeroData,
 }
 
 /// What identifies the object behind a storage, whatever name opened it
