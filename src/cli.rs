@@ -84,6 +84,7 @@ enum Command {
 enum SyncArg {
     Full,
     Top,
+    Incremental,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,9 +99,14 @@ struct BackupArgs {
     /// Source image format (probed when omitted).
     #[arg(short = 'f', long = "format")]
     format: Option<FormatArg>,
-    /// What to copy: everything, or only the top layer of the chain.
+    /// What to copy: everything, only the top layer of the chain, or only
+    /// what the source's dirty bitmap marks (--bitmap, --backing PREV).
     #[arg(long, value_enum, default_value = "full")]
     sync: SyncArg,
+    /// With --sync incremental: the dirty bitmap to copy (an NBD export's
+    /// qemu:dirty-bitmap:NAME context).
+    #[arg(long)]
+    bitmap: Option<String>,
     /// Cluster compression for a qcow2 target.
     #[arg(long, value_enum, default_value = "zstd")]
     compress: CompressArg,
@@ -128,7 +134,8 @@ struct BackupArgs {
     /// Recompress source clusters that could be copied as they are.
     #[arg(long)]
     recompress: bool,
-    /// Backing file name to record with --sync top.
+    /// With --sync top: the backing file name to record. With --sync
+    /// incremental: the previous backup, which the new one is an overlay on.
     #[arg(long)]
     backing: Option<String>,
     /// Read even if another process writes the image (ignores QEMU's image
@@ -189,8 +196,18 @@ impl BackupArgs {
         if self.speed == Some(0) {
             bail!("--speed must be positive");
         }
-        if self.backing.is_some() && self.sync != SyncArg::Top {
-            bail!("--backing only applies to --sync top");
+        if self.backing.is_some() && self.sync == SyncArg::Full {
+            bail!("--backing only applies to --sync top and incremental");
+        }
+        match (self.sync, &self.bitmap, &self.backing) {
+            (SyncArg::Incremental, None, _) => bail!("--sync incremental needs --bitmap NAME"),
+            (SyncArg::Incremental, _, None) => {
+                bail!("--sync incremental needs --backing PREV (the previous backup)")
+            }
+            (SyncArg::Full | SyncArg::Top, Some(_), _) => {
+                bail!("--bitmap only applies to --sync incremental")
+            }
+            _ => {}
         }
         let threads = self.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -205,7 +222,9 @@ impl BackupArgs {
             sync: match self.sync {
                 SyncArg::Full => backup::SyncMode::Full,
                 SyncArg::Top => backup::SyncMode::Top,
+                SyncArg::Incremental => backup::SyncMode::Incremental,
             },
+            bitmap: self.bitmap,
             compression,
             cluster_size: self.cluster_size,
             threads,
@@ -323,7 +342,7 @@ pub fn run(args: Args) -> Result<()> {
             image,
         } => {
             let files = Files::new(force_share);
-            let src = source::open(files.opener(), &image, format.map(Into::into))?;
+            let src = source::open(files.opener(), &image, format.map(Into::into), None)?;
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
             match output {
                 OutputArg::Json => map::write_json(src.as_ref(), &mut out)?,

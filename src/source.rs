@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qbackup_formats::extent::LayerExtent;
+use qbackup_formats::image::ImageErrorKind;
 use qbackup_formats::open::{resolve_backing, Opener};
 use qbackup_formats::storage::Storage;
 use qbackup_formats::{
@@ -65,6 +66,15 @@ pub trait Source: Sync {
         codec: CompressionType,
     ) -> Result<Option<Vec<u8>>, SourceError>;
 
+    /// Whether the range at `offset` (below the virtual size) is marked in
+    /// the dirty bitmap the source was opened with, and for how many bytes
+    /// (at most `max_len`, > 0) that holds. Sources without a dirty bitmap
+    /// refuse.
+    fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), SourceError> {
+        let _ = (offset, max_len);
+        Err(ImageError::new(self.name(), ImageErrorKind::NoDirtyBitmap))
+    }
+
     /// The image below the top layer, for `--sync top` overlays.
     fn top_backing(&self) -> Option<BackingFile>;
 
@@ -74,12 +84,14 @@ pub trait Source: Sync {
 }
 
 /// Opens the source named `name` through `opener` (a local image and its
-/// backing chain).
+/// backing chain), with the dirty bitmap `bitmap` when given.
 pub fn open(
     opener: &dyn Opener,
     name: &Path,
     format: Option<Format>,
+    bitmap: Option<&str>,
 ) -> Result<Box<dyn Source + Send>, SourceError> {
+    let _ = bitmap;
     Ok(Box::new(Chain::open_with(opener, name, format)?))
 }
 

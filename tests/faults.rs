@@ -37,6 +37,7 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         target: target.to_path_buf(),
         target_format: Format::Qcow2,
         sync: SyncMode::Full,
+        bitmap: None,
         compression: Some((CompressionType::Zstd, 3)),
         cluster_size: None,
         threads: 2,

@@ -82,6 +82,9 @@ pub enum ImageErrorKind {
     /// The chain is deeper than qbackup accepts.
     #[error("backing chain deeper than {0} images")]
     ChainTooDeep(usize),
+    /// An incremental backup asked a source without a dirty bitmap.
+    #[error("no dirty bitmap to back up from: incremental backups read the dirty set from an NBD export's qemu:dirty-bitmap context (use an nbd:// or nbd+unix:// source with --bitmap)")]
+    NoDirtyBitmap,
     /// A driver broke the [`Layer`] contract (a bug).
     #[error(
         "internal error: the {format} driver answered a read of {asked} bytes with {answered}"
@@ -105,7 +108,8 @@ impl Classify for ImageErrorKind {
             ImageErrorKind::BackingLoop(_) => ErrorClass::Corrupt,
             ImageErrorKind::ForeignFormat(_)
             | ImageErrorKind::UnsupportedBackingFormat(_)
-            | ImageErrorKind::ChainTooDeep(_) => ErrorClass::Unsupported,
+            | ImageErrorKind::ChainTooDeep(_)
+            | ImageErrorKind::NoDirtyBitmap => ErrorClass::Unsupported,
             ImageErrorKind::BrokenRead { .. } => ErrorClass::Internal,
         }
     }

@@ -38,8 +38,10 @@ pub struct BackupConfig {
     pub target: PathBuf,
     /// qcow2 or raw.
     pub target_format: Format,
-    /// full or top.
+    /// full, top or incremental.
     pub sync: SyncMode,
+    /// The dirty bitmap an incremental backup copies (the source's).
+    pub bitmap: Option<String>,
     /// Codec and level, or no compression.
     pub compression: Option<(CompressionType, i32)>,
     /// Target cluster size; `None` for QEMU's rule.
@@ -52,7 +54,9 @@ pub struct BackupConfig {
     pub force: bool,
     /// Recompress clusters that could be copied as they are.
     pub recompress: bool,
-    /// Backing file name to record for `--sync top` (overrides the default).
+    /// `--sync top`: the backing file name to record (overrides the
+    /// default). `--sync incremental`: the previous backup, which becomes
+    /// the target's backing file.
     pub backing: Option<String>,
 }
 
@@ -116,9 +120,19 @@ pub enum BackupError {
     /// The requested cluster size is not one qcow2 allows.
     #[error("cluster size {0} must be a power of two from 512 to 2M")]
     ClusterSize(u64),
-    /// `--sync top` with a raw target.
-    #[error("--sync top needs a qcow2 target: a raw file cannot refer to a backing file")]
+    /// `--sync top` or `incremental` with a raw target.
+    #[error(
+        "--sync top and incremental need a qcow2 target: a raw file cannot refer to a backing file"
+    )]
     TopNeedsQcow2,
+    /// `--sync incremental` without the previous backup.
+    #[error(
+        "--sync incremental needs --backing PREV, the previous backup the new one is an overlay on"
+    )]
+    IncrementalNeedsBacking,
+    /// The previous backup of an incremental backup cannot be used.
+    #[error(transparent)]
+    PreviousBackup(SourceError),
     /// The worker pool could not be started.
     #[error("cannot start worker threads: {source}")]
     StartThreads {
@@ -157,7 +171,9 @@ impl Classify for BackupError {
             BackupError::TargetExists(_)
             | BackupError::TargetIsSource { .. }
             | BackupError::ClusterSize(_)
-            | BackupError::TopNeedsQcow2 => ErrorClass::Usage,
+            | BackupError::TopNeedsQcow2
+            | BackupError::IncrementalNeedsBacking => ErrorClass::Usage,
+            BackupError::PreviousBackup(e) => e.class(),
             BackupError::StartThreads { .. } => ErrorClass::Io,
             BackupError::Compress { source, .. } => source.class(),
             BackupError::WorkerPanicked { .. } | BackupError::WriterPanicked => {
@@ -203,7 +219,12 @@ pub fn run(
     on_plan: &mut dyn FnMut(u64),
     cancel: &AtomicBool,
 ) -> Result<BackupReport, BackupError> {
-    let source = source::open(opener, &cfg.source, cfg.source_format)?;
+    let source = source::open(
+        opener,
+        &cfg.source,
+        cfg.source_format,
+        cfg.bitmap.as_deref(),
+    )?;
     let source: &dyn Source = source.as_ref();
     let target_err = |e: BackupError| BackupError::Target {
         path: cfg.target.clone(),
@@ -224,10 +245,11 @@ pub fn run(
     };
     let size = source.virtual_size();
     let backing = match cfg.sync {
-        SyncMode::Top if cfg.target_format == Format::Raw => {
+        SyncMode::Top | SyncMode::Incremental if cfg.target_format == Format::Raw => {
             return Err(BackupError::TopNeedsQcow2);
         }
         SyncMode::Top => backing_ref(cfg, source)?,
+        SyncMode::Incremental => Some(previous_backup(cfg, opener)?),
         SyncMode::Full => None,
     };
 
@@ -351,6 +373,27 @@ fn current_umask() -> u32 {
     let old = rustix::process::umask(Mode::from_raw_mode(0o022));
     rustix::process::umask(old);
     old.as_raw_mode()
+}
+
+/// The previous backup an incremental one is an overlay on: it must open
+/// (with its whole chain), and is recorded by a name that resolves from
+/// the target's directory.
+fn previous_backup(cfg: &BackupConfig, opener: &dyn Opener) -> Result<BackingRef, BackupError> {
+    let prev = cfg
+        .backing
+        .as_deref()
+        .ok_or(BackupError::IncrementalNeedsBacking)?;
+    let chain = qbackup_formats::Chain::open_with(opener, Path::new(prev), None)
+        .map_err(BackupError::PreviousBackup)?;
+    let name = backing_name_for(&cfg.target, Path::new(prev)).map_err(|e| BackupError::Commit {
+        path: cfg.target.clone(),
+        action: "resolve the previous backup's name",
+        source: e,
+    })?;
+    Ok(BackingRef {
+        name,
+        format: chain.top().format().name().to_string(),
+    })
 }
 
 fn backing_ref(cfg: &BackupConfig, source: &dyn Source) -> Result<Option<BackingRef>, BackupError> {

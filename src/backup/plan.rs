@@ -4,6 +4,11 @@
 //! - `full`: a target cluster is copied when any of its bytes is stored data
 //!   anywhere in the chain; clusters that read as zeros are left
 //!   unallocated (the target has no backing file).
+//! - `incremental`: the clusters the source's dirty bitmap marks (any dirty
+//!   byte makes its whole target cluster dirty), read through the source;
+//!   the rest stays unallocated and reads from the previous backup, the
+//!   target's backing file. A dirty cluster that now reads as zeros becomes
+//!   a zero cluster (the copier's zero detection), hiding the old data.
 //! - `top`: only what the top layer allocates. A cluster the top layer
 //!   allocates only partly is copied whole, read through the chain; a
 //!   cluster that is entirely a top-layer zero range stays a zero cluster,
@@ -23,6 +28,8 @@ pub enum SyncMode {
     Full,
     /// Only what the top layer of the chain allocates.
     Top,
+    /// Only what the source's dirty bitmap marks.
+    Incremental,
 }
 
 /// What happens to a run of target clusters.
@@ -165,6 +172,10 @@ fn classify(
                 },
                 len,
             ))
+        }
+        SyncMode::Incremental => {
+            let (dirty, len) = source.dirty(pos, max)?;
+            Ok((if dirty { Class::Data } else { Class::Below }, len))
         }
         SyncMode::Top => {
             let (e, len) = source.top_status(pos, max)?;
