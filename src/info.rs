@@ -16,14 +16,17 @@ pub fn info_json(
     path: &Path,
     format: Option<Format>,
 ) -> Result<Value, ImageError> {
-    let info = image::open(opener, path, Role::Image, format)?.info()?;
+    let layer = image::open(opener, path, Role::Image, format)?;
+    let info = layer.info()?;
     let mut m = Map::new();
     let backing = info.backing.as_ref();
     if let Some(fmt) = backing.and_then(|b| b.format.as_ref()) {
         m.insert("backing-filename-format".into(), json!(fmt));
     }
     m.insert("virtual-size".into(), json!(info.virtual_size));
-    m.insert("filename".into(), json!(path.display().to_string()));
+    // The name the storage goes by: the path as given, or an NBD export's
+    // URI as QEMU normalises it.
+    m.insert("filename".into(), json!(layer.path().display().to_string()));
     if let Some(cs) = info.cluster_size {
         m.insert("cluster-size".into(), json!(cs.bytes()));
     }

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qbackup_formats::extent::LayerExtent;
-use qbackup_formats::image::ImageErrorKind;
-use qbackup_formats::open::{resolve_backing, Opener};
-use qbackup_formats::storage::Storage;
+use qbackup_formats::image::{self, ImageErrorKind};
+use qbackup_formats::open::{nbd_uri, resolve_backing, Opener};
+use qbackup_formats::storage::nbd::{dirty_bitmap_context, NbdStorage};
+use qbackup_formats::storage::{Storage, StorageError};
 use qbackup_formats::{
     Chain, ClusterSize, CompressionType, Extent, Format, GuestOffset, ImageError,
 };
@@ -91,8 +92,90 @@ pub fn open(
     format: Option<Format>,
     bitmap: Option<&str>,
 ) -> Result<Box<dyn Source + Send>, SourceError> {
-    let _ = bitmap;
-    Ok(Box::new(Chain::open_with(opener, name, format)?))
+    let Some(bitmap) = bitmap else {
+        return Ok(Box::new(Chain::open_with(opener, name, format)?));
+    };
+    let Some(uri) = nbd_uri(name) else {
+        return Err(ImageError::new(name, ImageErrorKind::NoDirtyBitmap));
+    };
+    let context = dirty_bitmap_context(bitmap);
+    let export = Arc::new(
+        NbdStorage::connect(uri, std::slice::from_ref(&context))
+            .map_err(|e| ImageError::new(name, StorageError::from(e)))?,
+    );
+    let top = image::open_storage(opener, export.clone(), format)?;
+    Ok(Box::new(NbdSource {
+        chain: Chain::with_top(opener, top)?,
+        export,
+        context,
+    }))
+}
+
+/// An NBD export opened with a dirty bitmap: the export's guest view (a
+/// chain whose top storage is the export) plus the bitmap's dirty set.
+struct NbdSource {
+    chain: Chain,
+    export: Arc<NbdStorage>,
+    context: String,
+}
+
+impl Source for NbdSource {
+    fn name(&self) -> &Path {
+        Source::name(&self.chain)
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.chain.virtual_size()
+    }
+
+    fn cluster_size(&self) -> Option<ClusterSize> {
+        Source::cluster_size(&self.chain)
+    }
+
+    fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(Extent, u64), SourceError> {
+        self.chain.status(offset, max_len)
+    }
+
+    fn top_status(
+        &self,
+        offset: GuestOffset,
+        max_len: u64,
+    ) -> Result<(LayerExtent, u64), SourceError> {
+        self.chain.top_status(offset, max_len)
+    }
+
+    fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.chain.read(offset, buf)
+    }
+
+    fn stored_compressed(
+        &self,
+        offset: GuestOffset,
+        len: u64,
+        cluster_size: ClusterSize,
+        codec: CompressionType,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
+        self.chain
+            .stored_compressed(offset, len, cluster_size, codec)
+    }
+
+    /// Dirty: bit 0 of the bitmap context's flags (proto.md, QEMU's
+    /// `qemu:dirty-bitmap:` contexts).
+    fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), SourceError> {
+        let (flags, len) = self
+            .export
+            .block_status(&self.context, offset.0, max_len)
+            .map_err(|e| ImageError::new(self.name(), StorageError::from(e)))?;
+        Ok((flags & 1 != 0, len))
+    }
+
+    fn top_backing(&self) -> Option<BackingFile> {
+        self.chain.top_backing()
+    }
+
+    fn files(&self) -> Vec<Arc<dyn Storage>> {
+        self.chain.files()
+    }
 }
 
 impl Source for Chain {

@@ -8,83 +8,25 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A background process killed when dropped.
-struct Holder(Child);
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `cmd` and waits (bounded) until `socket` exists.
-fn hold(cmd: &mut Command, socket: &Path) -> Holder {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let holder = Holder(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{cmd:?} did not create {socket:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    holder
-}
-
 /// `qemu-nbd` serving `image` (read-write unless `read_only`).
 fn qemu_nbd(s: &Scratch, image: &str, read_only: bool) -> Holder {
-    let sock = s.path(&format!("{image}.sock"));
-    let mut cmd = Command::new("qemu-nbd");
-    if read_only {
-        cmd.arg("-r");
-    }
-    cmd.args(["-f", "qcow2", "-k"])
-        .arg(&sock)
-        .arg(s.path(image));
-    hold(&mut cmd, &sock)
+    let args: &[&str] = if read_only {
+        &["-r", "-f", "qcow2"]
+    } else {
+        &["-f", "qcow2"]
+    };
+    qemu_nbd_with(s, image, args).0
 }
 
-/// A running QEMU (no guest) with `image` as a read-write disk, and the
-/// time its locks are known to be taken (QMP answers after the block
-/// devices are open).
-fn qemu_vm(s: &Scratch, image: &str) -> Holder {
-    let qmp = s.path("qmp.sock");
-    let blockdev = format!(
-        "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
-        s.p(image)
-    );
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-machine",
-        "none",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-qmp",
-    ])
-    .arg(format!("unix:{},server,wait=off", qmp.display()))
-    .args(["-blockdev", &blockdev]);
-    let h = hold(&mut cmd, &qmp);
-    // The QMP socket is created before the disk is opened: wait until the
-    // lock is visible to qemu-img, which checks the same bytes.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while qemu_img_status(s.dir(), &["info", image]).0 == Some(0) {
-        assert!(Instant::now() < deadline, "QEMU never locked {image}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// A running QEMU with `image` as its disk, once its locks are taken.
+fn vm_holding(s: &Scratch, image: &str) -> Holder {
+    // QMP answers once the block devices are open, so the locks are held.
+    let (h, _qmp) = qemu_vm(s, image);
     h
 }
 
@@ -182,7 +124,7 @@ fn refuses_a_backing_file_a_vm_writes() {
 fn refuses_the_disk_of_a_running_qemu() {
     let s = Scratch::new();
     image(&s, "vm.qcow2");
-    let _vm = qemu_vm(&s, "vm.qcow2");
+    let _vm = vm_holding(&s, "vm.qcow2");
     assert_refused(&s, "vm.qcow2", "vm.qcow2");
     assert_force_share_reads(&s, "vm.qcow2", "vm.qcow2");
 }

@@ -51,6 +51,13 @@ impl Chain {
         format: Option<Format>,
     ) -> Result<Chain, ChainError> {
         let top = image::open(opener, path, Role::Image, format)?;
+        Chain::with_top(opener, top)
+    }
+
+    /// Builds the chain under an opened top image, opening its backing
+    /// files through `opener`.
+    pub fn with_top(opener: &dyn Opener, top: Box<dyn Layer>) -> Result<Chain, ChainError> {
+        let path = &top.path().to_path_buf();
         let mut seen = HashSet::new();
         seen.insert(
             opener

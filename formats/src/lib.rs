@@ -23,6 +23,7 @@ pub mod error;
 pub mod extent;
 pub mod image;
 pub mod layer;
+pub mod nbd;
 pub mod open;
 pub mod probe;
 pub mod qcow2;

@@ -54,8 +54,18 @@ pub trait Opener: Send + Sync {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FileOpener;
 
+/// The NBD URI `name` is, if it is one (`nbd://…`, `nbd+unix://…`).
+pub fn nbd_uri(name: &Path) -> Option<&str> {
+    name.to_str().filter(|s| crate::nbd::is_nbd_uri(s))
+}
+
 impl Opener for FileOpener {
     fn open(&self, name: &Path, _role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        if let Some(uri) = nbd_uri(name) {
+            // The server owns the image and its consistency (QEMU's locks
+            // are on its side).
+            return Ok(Arc::new(crate::storage::nbd::open(uri)?));
+        }
         let storage = FileStorage::open_read_only(name)?;
         storage.lock_for_consistent_read()?;
         Ok(Arc::new(storage))
@@ -64,6 +74,9 @@ impl Opener for FileOpener {
     /// Symlinks and `..` resolved; hard links stay distinct, because a
     /// relative backing name resolves from the path an image is reached by.
     fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        if nbd_uri(name).is_some() {
+            return Ok(name.to_path_buf());
+        }
         std::fs::canonicalize(name).map_err(|source| StorageError::Open { source })
     }
 }
@@ -85,7 +98,10 @@ impl ForceShareOpener {
 }
 
 impl Opener for ForceShareOpener {
-    fn open(&self, name: &Path, _role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+    fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        if nbd_uri(name).is_some() {
+            return FileOpener.open(name, role);
+        }
         let storage = FileStorage::open_read_only(name)?;
         if storage.lock_conflict()?.is_some() {
             if let Ok(mut v) = self.in_use.lock() {

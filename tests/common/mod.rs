@@ -10,6 +10,7 @@
 //! - [`content`]: deterministic compressible and random test content.
 //! - [`backup`]: checks and source images shared by the backup tests.
 //! - [`map_info`]: fixtures shared by the `map` and `info` tests.
+//! - [`process`]: qemu-nbd and QEMU started by tests, and a QMP client.
 
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
@@ -18,11 +19,12 @@ mod backup;
 mod compare;
 mod content;
 mod map_info;
+mod process;
 mod qcow2;
 
 // Not every test crate uses every part.
 #[allow(unused_imports)]
-pub use {backup::*, compare::*, content::*, map_info::*, qcow2::*};
+pub use {backup::*, compare::*, content::*, map_info::*, process::*, qcow2::*};
 
 use std::fmt::Write as _;
 use std::io::Read;

@@ -18,6 +18,7 @@
 pub mod fault;
 pub mod file;
 pub mod lock;
+pub mod nbd;
 
 use std::fmt;
 use std::io;
@@ -205,6 +206,10 @@ pub enum StorageError {
         /// What the other process holds.
         conflict: lock::Conflict,
     },
+    /// Connecting to an NBD export failed (boxed: the NBD error is large
+    /// and rare).
+    #[error(transparent)]
+    Nbd(Box<crate::nbd::NbdError>),
     /// The storage cannot be written as asked.
     #[error("cannot write: {why}")]
     NotWritable {
@@ -230,7 +235,14 @@ impl Classify for StorageError {
             | StorageError::Write { source, .. }
             | StorageError::Resize { source, .. } => ErrorClass::of_io(source),
             StorageError::EndedEarly { .. } => ErrorClass::Io,
+            StorageError::Nbd(e) => e.class(),
         }
+    }
+}
+
+impl From<crate::nbd::NbdError> for StorageError {
+    fn from(e: crate::nbd::NbdError) -> StorageError {
+        StorageError::Nbd(Box::new(e))
     }
 }
 

@@ -1,0 +1,251 @@
+//! The handshake: fixed newstyle negotiation up to `NBD_OPT_GO` (proto.md
+//! "Handshake").
+
+use crate::nbd::client::{ConnectOptions, Connection};
+use crate::nbd::error::NbdError;
+use crate::nbd::proto::{self, Info, OptionReplyHeader};
+
+impl Connection {
+    /// Checks what the client will send, before connecting.
+    pub(super) fn check_request(export: &str, opts: &ConnectOptions) -> Result<(), NbdError> {
+        if opts.timeout.is_zero() {
+            return Err(NbdError::InvalidRequest {
+                what: "the connection timeout must be nonzero".into(),
+            });
+        }
+        if export.len() > proto::MAX_STRING {
+            return Err(NbdError::InvalidRequest {
+                what: "export name longer than 4096 bytes".into(),
+            });
+        }
+        for c in &opts.meta_contexts {
+            if c.is_empty() || c.len() > proto::MAX_STRING || !c.contains(':') {
+                return Err(NbdError::InvalidRequest {
+                    what: format!("bad metadata context name {c:?} (expected NAMESPACE:NAME)"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the handshake on a fresh connection, up to the transmission
+    /// phase: greeting, client flags, then the options.
+    pub(super) fn negotiate(
+        &mut self,
+        export: &str,
+        opts: &ConnectOptions,
+    ) -> Result<(), NbdError> {
+        let mut b8 = [0u8; 8];
+        self.recv(&mut b8, "reading the server's greeting")?;
+        if u64::from_be_bytes(b8) != proto::INIT_MAGIC {
+            return Err(NbdError::protocol(format!(
+                "greeting {b8:02x?} is not NBDMAGIC (not an NBD server?)"
+            )));
+        }
+        self.recv(&mut b8, "reading the server's greeting")?;
+        match u64::from_be_bytes(b8) {
+            proto::OPTS_MAGIC => {}
+            proto::CLISERV_MAGIC => {
+                return Err(NbdError::Handshake {
+                    what: "the server uses oldstyle negotiation, which is not supported".into(),
+                })
+            }
+            m => {
+                return Err(NbdError::protocol(format!(
+                    "second greeting magic {m:#x} is not IHAVEOPT"
+                )))
+            }
+        }
+        let mut b2 = [0u8; 2];
+        self.recv(&mut b2, "reading the server's greeting")?;
+        let hs_flags = u16::from_be_bytes(b2);
+        if hs_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(NbdError::Handshake {
+                what: "the server does not support fixed newstyle negotiation".into(),
+            });
+        }
+        let no_zeroes = hs_flags & proto::FLAG_NO_ZEROES != 0;
+        let mut client_flags = proto::FLAG_C_FIXED_NEWSTYLE;
+        if no_zeroes {
+            client_flags |= proto::FLAG_C_NO_ZEROES;
+        }
+        self.send(&client_flags.to_be_bytes(), "sending client flags")?;
+
+        let r = self.negotiate_options(export, opts, no_zeroes);
+        if let Err(e) = &r {
+            if matches!(
+                e,
+                NbdError::OptionRefused { .. } | NbdError::ContextRefused { .. }
+            ) {
+                // The stream is in step: end it with a soft disconnect
+                // (proto.md "Termination of the session during option
+                // haggling"). No need to wait for the server's ACK.
+                let abort = proto::encode_option(proto::OPT_ABORT, &[]);
+                let _ = self.send(&abort, "aborting negotiation");
+            }
+        }
+        r
+    }
+
+    fn negotiate_options(
+        &mut self,
+        export: &str,
+        opts: &ConnectOptions,
+        no_zeroes: bool,
+    ) -> Result<(), NbdError> {
+        if opts.extended_headers {
+            let (h, payload) = self.option(proto::OPT_EXTENDED_HEADERS, &[])?;
+            match h.reply {
+                proto::REP_ACK => {
+                    self.extended = true;
+                    self.structured = true;
+                }
+                proto::REP_ERR_SHUTDOWN => {
+                    return Err(refused(proto::OPT_EXTENDED_HEADERS, h, &payload))
+                }
+                r if r & proto::REP_FLAG_ERROR != 0 => {}
+                _ => return Err(unexpected(proto::OPT_EXTENDED_HEADERS, h)),
+            }
+        }
+        let mut structured_refusal = None;
+        if !self.extended {
+            let (h, payload) = self.option(proto::OPT_STRUCTURED_REPLY, &[])?;
+            match h.reply {
+                proto::REP_ACK => self.structured = true,
+                proto::REP_ERR_SHUTDOWN => {
+                    return Err(refused(proto::OPT_STRUCTURED_REPLY, h, &payload))
+                }
+                r if r & proto::REP_FLAG_ERROR != 0 => {
+                    structured_refusal = Some(refused(proto::OPT_STRUCTURED_REPLY, h, &payload));
+                }
+                _ => return Err(unexpected(proto::OPT_STRUCTURED_REPLY, h)),
+            }
+        }
+        if !opts.meta_contexts.is_empty() {
+            if let Some(refusal) = structured_refusal {
+                // Block status needs structured replies.
+                return Err(refusal);
+            }
+            self.set_meta_contexts(export, &opts.meta_contexts)?;
+        }
+        self.go(export, no_zeroes)
+    }
+
+    /// Sends option `opt` and reads one reply to it.
+    fn option(&mut self, opt: u32, data: &[u8]) -> Result<(OptionReplyHeader, Vec<u8>), NbdError> {
+        self.send(&proto::encode_option(opt, data), "sending an option")?;
+        self.option_reply(opt)
+    }
+
+    fn option_reply(&mut self, opt: u32) -> Result<(OptionReplyHeader, Vec<u8>), NbdError> {
+        let mut b = [0u8; OptionReplyHeader::SIZE];
+        self.recv(&mut b, "reading an option reply")?;
+        let h = OptionReplyHeader::decode(&b)?;
+        if h.option != opt {
+            return Err(NbdError::protocol(format!(
+                "reply to option {} while {} was asked",
+                h.option,
+                proto::opt_name(opt)
+            )));
+        }
+        let payload = self.recv_vec(
+            u64::from(h.len),
+            u64::from(proto::MAX_OPTION_REPLY),
+            "option reply",
+        )?;
+        if h.reply == proto::REP_ACK && !payload.is_empty() {
+            return Err(NbdError::protocol("NBD_REP_ACK with a payload"));
+        }
+        Ok((h, payload))
+    }
+
+    fn set_meta_contexts(&mut self, export: &str, names: &[String]) -> Result<(), NbdError> {
+        let opt = proto::OPT_SET_META_CONTEXT;
+        let (mut h, mut payload) = self.option(opt, &proto::meta_context_data(export, names))?;
+        loop {
+            match h.reply {
+                proto::REP_META_CONTEXT => {
+                    let (id, name) = proto::decode_meta_context(&payload)?;
+                    if self.contexts.iter().any(|(i, _)| *i == id) {
+                        return Err(NbdError::protocol(format!(
+                            "metadata context id {id} given twice"
+                        )));
+                    }
+                    self.contexts.push((id, name));
+                }
+                proto::REP_ACK => break,
+                r if r & proto::REP_FLAG_ERROR != 0 => return Err(refused(opt, h, &payload)),
+                _ => return Err(unexpected(opt, h)),
+            }
+            (h, payload) = self.option_reply(opt)?;
+        }
+        for name in names {
+            if !self.has_context(name) {
+                return Err(NbdError::ContextRefused { name: name.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    fn go(&mut self, export: &str, no_zeroes: bool) -> Result<(), NbdError> {
+        let opt = proto::OPT_GO;
+        let data = proto::go_data(export, &[proto::INFO_BLOCK_SIZE]);
+        let (mut h, mut payload) = self.option(opt, &data)?;
+        let mut export_info = None;
+        loop {
+            match h.reply {
+                proto::REP_INFO => match proto::decode_info(&payload)? {
+                    Info::Export { size, flags } => export_info = Some((size, flags)),
+                    Info::BlockSize {
+                        min,
+                        preferred,
+                        max,
+                    } => {
+                        proto::check_block_sizes(min, preferred, max)?;
+                        (self.min_block, self.preferred_block, self.max_block) =
+                            (min, preferred, max);
+                    }
+                    Info::Other(_) => {}
+                },
+                proto::REP_ACK => break,
+                proto::REP_ERR_UNSUP => return self.export_name(export, no_zeroes),
+                r if r & proto::REP_FLAG_ERROR != 0 => return Err(refused(opt, h, &payload)),
+                _ => return Err(unexpected(opt, h)),
+            }
+            (h, payload) = self.option_reply(opt)?;
+        }
+        let (size, flags) = export_info
+            .ok_or_else(|| NbdError::protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT"))?;
+        (self.size, self.flags) = (size, flags);
+        Ok(())
+    }
+
+    /// The fallback for servers without `NBD_OPT_GO` (proto.md "Option
+    /// types", `NBD_OPT_EXPORT_NAME`): no errors, no block sizes.
+    fn export_name(&mut self, export: &str, no_zeroes: bool) -> Result<(), NbdError> {
+        let msg = proto::encode_option(proto::OPT_EXPORT_NAME, export.as_bytes());
+        self.send(&msg, "sending an option")?;
+        let mut b = [0u8; 10 + 124];
+        let len = if no_zeroes { 10 } else { b.len() };
+        self.recv(&mut b[..len], "reading export information")?;
+        self.size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+        self.flags = u16::from_be_bytes([b[8], b[9]]);
+        Ok(())
+    }
+}
+
+fn refused(opt: u32, h: OptionReplyHeader, payload: &[u8]) -> NbdError {
+    NbdError::OptionRefused {
+        option: proto::opt_name(opt),
+        reply: h.reply,
+        message: proto::sanitize(payload),
+    }
+}
+
+fn unexpected(opt: u32, h: OptionReplyHeader) -> NbdError {
+    NbdError::protocol(format!(
+        "{} in reply to {}",
+        proto::rep_name(h.reply),
+        proto::opt_name(opt)
+    ))
+}

@@ -1,0 +1,258 @@
+//! [`NbdError`]: everything that can go wrong talking to an NBD server, and
+//! its [`ErrorClass`].
+
+use std::io;
+use std::time::Duration;
+
+use crate::error::{Classify, ErrorClass};
+use crate::nbd::proto;
+
+/// An NBD failure. Each variant is named after what failed; its message is
+/// one line and says the cause once.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// The string is not an NBD URI qbackup can use.
+    #[error("invalid NBD URI {uri:?}: {reason}")]
+    Uri {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The socket could not be connected.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// The server, as a URI.
+        target: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The server does not speak the part of the protocol qbackup needs
+    /// (an oldstyle server, no fixed newstyle negotiation).
+    #[error("NBD handshake failed: {what}")]
+    Handshake {
+        /// What the server lacks.
+        what: String,
+    },
+    /// The server answered an option with an error reply.
+    #[error("NBD server refused {option}: {}{}", proto::rep_name(*.reply), message_suffix(.message))]
+    OptionRefused {
+        /// The option (`NBD_OPT_GO`, ...).
+        option: &'static str,
+        /// The error reply type (`NBD_REP_ERR_*`).
+        reply: u32,
+        /// The server's message, possibly empty.
+        message: String,
+    },
+    /// A metadata context asked for in [`crate::nbd::ConnectOptions`] is not
+    /// offered by the server (for `qemu:dirty-bitmap:NAME`: no such bitmap
+    /// is exported).
+    #[error("NBD server does not offer metadata context {name:?}")]
+    ContextRefused {
+        /// The context's name.
+        name: String,
+    },
+    /// The server reported an error for one request.
+    #[error("NBD server failed {command} of {len} bytes at offset {offset}: {}{}", proto::errno_name(*.errno), message_suffix(.message))]
+    Request {
+        /// `read` or `block status`.
+        command: &'static str,
+        /// Where the request started.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The NBD error value (errno-like, `NBD_EIO` = 5).
+        errno: u32,
+        /// The server's message, possibly empty.
+        message: String,
+    },
+    /// The server broke the protocol; the connection is closed.
+    #[error("NBD protocol violation by the server: {what}")]
+    Protocol {
+        /// What it sent.
+        what: String,
+    },
+    /// The server did not answer in time; the connection is closed.
+    #[error("NBD server did not answer within {}ms while {doing}", .after.as_millis())]
+    Timeout {
+        /// What the client was waiting for.
+        doing: &'static str,
+        /// The configured timeout.
+        after: Duration,
+    },
+    /// The server closed the connection.
+    #[error("NBD server closed the connection while {doing}")]
+    Disconnected {
+        /// What the client was doing.
+        doing: &'static str,
+    },
+    /// A socket read or write failed.
+    #[error("NBD socket error while {doing}: {source}")]
+    Io {
+        /// What the client was doing.
+        doing: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// The caller asked for something the connection cannot do (a range
+    /// past the end of the export, a context that was not negotiated).
+    #[error("invalid NBD request: {what}")]
+    InvalidRequest {
+        /// What is wrong.
+        what: String,
+    },
+    /// An earlier timeout, disconnection or protocol violation left the
+    /// connection unusable.
+    #[error("NBD connection is unusable after an earlier error")]
+    Unusable,
+}
+
+fn message_suffix(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(" ({message})")
+    }
+}
+
+impl Classify for NbdError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            NbdError::Uri { .. } | NbdError::InvalidRequest { .. } => ErrorClass::Usage,
+            // A missing socket or a refused permission is the user's to fix.
+            NbdError::Connect { source, .. } => ErrorClass::of_io(source),
+            NbdError::Handshake { .. } | NbdError::ContextRefused { .. } => ErrorClass::Unsupported,
+            NbdError::OptionRefused { option, reply, .. } => match *reply {
+                // No such export: the URI names something that is not there.
+                proto::REP_ERR_UNKNOWN => ErrorClass::Usage,
+                proto::REP_ERR_SHUTDOWN => ErrorClass::Io,
+                _ if *option == proto::opt_name(proto::OPT_STRUCTURED_REPLY)
+                    || *option == proto::opt_name(proto::OPT_SET_META_CONTEXT) =>
+                {
+                    ErrorClass::Unsupported
+                }
+                proto::REP_ERR_INVALID => ErrorClass::Io,
+                _ => ErrorClass::Unsupported,
+            },
+            NbdError::Request { .. }
+            | NbdError::Protocol { .. }
+            | NbdError::Timeout { .. }
+            | NbdError::Disconnected { .. }
+            | NbdError::Io { .. }
+            | NbdError::Unusable => ErrorClass::Io,
+        }
+    }
+}
+
+impl NbdError {
+    /// A protocol violation described by `what`.
+    pub(crate) fn protocol(what: impl Into<String>) -> NbdError {
+        NbdError::Protocol { what: what.into() }
+    }
+
+    /// Whether the connection can go on after this error (the server
+    /// answered; the stream is still in step).
+    pub(crate) fn keeps_connection(&self) -> bool {
+        matches!(
+            self,
+            NbdError::Request { .. } | NbdError::InvalidRequest { .. }
+        )
+    }
+
+    /// Maps a socket error met while `doing` something.
+    pub(crate) fn from_io(e: io::Error, doing: &'static str, timeout: Duration) -> NbdError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => NbdError::Timeout {
+                doing,
+                after: timeout,
+            },
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => NbdError::Disconnected { doing },
+            _ => NbdError::Io { doing, source: e },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        let uri = NbdError::Uri {
+            uri: "nbds://x".into(),
+            reason: "TLS".into(),
+        };
+        assert_eq!(uri.class(), ErrorClass::Usage);
+        let missing = NbdError::Connect {
+            target: "nbd+unix:///?socket=/nope".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        assert_eq!(missing.class(), ErrorClass::Usage);
+        let refused = NbdError::Connect {
+            target: "nbd://localhost".into(),
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        assert_eq!(refused.class(), ErrorClass::Io);
+        let ctx = NbdError::ContextRefused {
+            name: "qemu:dirty-bitmap:x".into(),
+        };
+        assert_eq!(ctx.class(), ErrorClass::Unsupported);
+        let sr = NbdError::OptionRefused {
+            option: proto::opt_name(proto::OPT_STRUCTURED_REPLY),
+            reply: proto::REP_ERR_INVALID,
+            message: String::new(),
+        };
+        assert_eq!(sr.class(), ErrorClass::Unsupported);
+        let unknown = NbdError::OptionRefused {
+            option: proto::opt_name(proto::OPT_GO),
+            reply: proto::REP_ERR_UNKNOWN,
+            message: "export 'x' not present".into(),
+        };
+        assert_eq!(unknown.class(), ErrorClass::Usage);
+        assert_eq!(
+            unknown.to_string(),
+            "NBD server refused NBD_OPT_GO: NBD_REP_ERR_UNKNOWN (export 'x' not present)"
+        );
+        let t = NbdError::Timeout {
+            doing: "reading a reply",
+            after: Duration::from_millis(200),
+        };
+        assert_eq!(t.class(), ErrorClass::Io);
+        assert_eq!(
+            t.to_string(),
+            "NBD server did not answer within 200ms while reading a reply"
+        );
+        let r = NbdError::Request {
+            command: "read",
+            offset: 4096,
+            len: 512,
+            errno: proto::EIO,
+            message: String::new(),
+        };
+        assert_eq!(
+            r.to_string(),
+            "NBD server failed read of 512 bytes at offset 4096: EIO (input/output error)"
+        );
+        assert_eq!(r.class(), ErrorClass::Io);
+    }
+
+    #[test]
+    fn io_mapping() {
+        let d = Duration::from_secs(1);
+        assert!(matches!(
+            NbdError::from_io(io::ErrorKind::WouldBlock.into(), "x", d),
+            NbdError::Timeout { .. }
+        ));
+        assert!(matches!(
+            NbdError::from_io(io::ErrorKind::UnexpectedEof.into(), "x", d),
+            NbdError::Disconnected { .. }
+        ));
+        assert!(matches!(
+            NbdError::from_io(io::ErrorKind::Other.into(), "x", d),
+            NbdError::Io { .. }
+        ));
+    }
+}

@@ -1,0 +1,237 @@
+//! [`Storage`] on an NBD export: a live VM's disk served by QEMU (a
+//! fleecing snapshot) or an image served by qemu-nbd.
+//!
+//! Reads go through a pool of connections: as many as the workers need when
+//! the server advertises multi-conn (each connection then sees the same
+//! data), one shared connection otherwise. Allocation comes from the
+//! `base:allocation` meta context; other contexts (a dirty bitmap,
+//! `qemu:dirty-bitmap:NAME`) are negotiated at connect time and queried with
+//! [`NbdStorage::block_status`]. Each reply's extents are cached, so walking
+//! a map costs one request per reply rather than one per extent.
+//!
+//! Invariants: the export's size is fixed at connect time; a connection
+//! that failed (timeout, disconnect, protocol violation) is dropped, never
+//! reused; every failure surfaces as an error, never as zeros.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use super::{FileExtent, Storage, StorageError};
+use crate::nbd::{ConnectOptions, Connection, NbdError, NbdUri};
+use crate::units::HostOffset;
+
+/// The allocation context every NBD server with structured replies offers.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// `base:allocation` flags (proto.md "`base:` meta context").
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+
+/// Connections opened at most when the server allows several.
+const MAX_CONNECTIONS: usize = 16;
+
+/// The meta context of QEMU's dirty bitmap `name`.
+pub fn dirty_bitmap_context(name: &str) -> String {
+    format!("qemu:dirty-bitmap:{name}")
+}
+
+struct Pool {
+    idle: Vec<Connection>,
+    open: usize,
+}
+
+/// One extent of a cached block-status reply: start, end, flags.
+type CachedExtent = (u64, u64, u32);
+
+/// An NBD export; see the module docs.
+pub struct NbdStorage {
+    uri: NbdUri,
+    name: PathBuf,
+    opts: ConnectOptions,
+    size: u64,
+    max_connections: usize,
+    pool: Mutex<Pool>,
+    returned: Condvar,
+    status: Mutex<HashMap<String, Vec<CachedExtent>>>,
+}
+
+impl std::fmt::Debug for NbdStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdStorage")
+            .field("uri", &self.name)
+            .finish()
+    }
+}
+
+fn to_io(e: NbdError) -> io::Error {
+    io::Error::other(e)
+}
+
+impl NbdStorage {
+    /// Connects to the export at `uri` with `base:allocation` and the
+    /// `extra_contexts` (refused contexts fail the connection).
+    pub fn connect(uri: &str, extra_contexts: &[String]) -> Result<NbdStorage, NbdError> {
+        let parsed = NbdUri::parse(uri)?;
+        let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
+        meta_contexts.extend(extra_contexts.iter().cloned());
+        let opts = ConnectOptions {
+            meta_contexts,
+            ..Default::default()
+        };
+        let first = Connection::connect(&parsed, &opts)?;
+        let max_connections = if first.can_multi_conn() {
+            MAX_CONNECTIONS
+        } else {
+            1
+        };
+        Ok(NbdStorage {
+            name: PathBuf::from(qemu_name(&parsed)),
+            uri: parsed,
+            size: first.size(),
+            max_connections,
+            pool: Mutex::new(Pool {
+                idle: vec![first],
+                open: 1,
+            }),
+            returned: Condvar::new(),
+            opts,
+            status: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock_pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on an idle connection, opening one when the server allows
+    /// more and waiting for one otherwise. A connection whose request
+    /// failed at the transport level is closed, not returned.
+    fn with_connection<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, NbdError>,
+    ) -> Result<R, NbdError> {
+        let mut conn = {
+            let mut pool = self.lock_pool();
+            loop {
+                if let Some(c) = pool.idle.pop() {
+                    break c;
+                }
+                if pool.open < self.max_connections {
+                    pool.open += 1;
+                    drop(pool);
+                    match Connection::connect(&self.uri, &self.opts) {
+                        Ok(c) => break c,
+                        Err(e) => {
+                            self.lock_pool().open -= 1;
+                            self.returned.notify_one();
+                            return Err(e);
+                        }
+                    }
+                }
+                pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let result = f(&mut conn);
+        let mut pool = self.lock_pool();
+        match &result {
+            // A server error for one request leaves the connection usable.
+            Ok(_) | Err(NbdError::Request { .. }) => pool.idle.push(conn),
+            Err(_) => pool.open -= 1,
+        }
+        drop(pool);
+        self.returned.notify_one();
+        result
+    }
+
+    /// The extent of `context` at `offset`: its flags and length (at most
+    /// `max_len`, > 0), from the cache or one block-status request.
+    pub fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<(u32, u64), NbdError> {
+        let cached = |map: &HashMap<String, Vec<CachedExtent>>| {
+            let v = map.get(context)?;
+            let i = v.partition_point(|e| e.1 <= offset);
+            let &(start, end, flags) = v.get(i)?;
+            (start <= offset).then(|| (flags, (end - offset).min(max_len)))
+        };
+        if let Some(hit) = cached(&self.status.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(hit);
+        }
+        // Ask for more than needed: servers answer with the extents they
+        // have, and the rest of the reply serves the next calls.
+        let ask = max_len.max(64 << 20).min(self.size.saturating_sub(offset));
+        let extents = self.with_connection(|c| c.block_status(context, offset, ask))?;
+        let mut entries = Vec::with_capacity(extents.len());
+        let mut pos = offset;
+        for (len, flags) in extents {
+            if len == 0 {
+                continue;
+            }
+            entries.push((pos, pos + len, flags));
+            pos += len;
+        }
+        if entries.is_empty() {
+            return Err(NbdError::Protocol {
+                what: "block status reply without extents".into(),
+            });
+        }
+        let mut map = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(context.to_string(), entries);
+        Ok(cached(&map).expect("the reply starts at offset"))
+    }
+}
+
+impl Storage for NbdStorage {
+    fn name(&self) -> &Path {
+        &self.name
+    }
+
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.size.saturating_sub(offset.0)) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.with_connection(|c| c.read(offset.0, &mut buf[..n]))
+            .map_err(to_io)?;
+        Ok(n)
+    }
+
+    fn data_or_hole(&self, offset: HostOffset, max_len: u64) -> io::Result<(FileExtent, u64)> {
+        let (flags, len) = self
+            .block_status(BASE_ALLOCATION, offset.0, max_len)
+            .map_err(to_io)?;
+        // A hole that is not known to read as zeros must be read.
+        let kind = match (flags & STATE_HOLE != 0, flags & STATE_ZERO != 0) {
+            (true, true) => FileExtent::Hole,
+            (false, true) => FileExtent::ZeroData,
+            _ => FileExtent::Data,
+        };
+        Ok((kind, len))
+    }
+}
+
+/// The export's name as QEMU prints it (`qemu-img info`, `map`): the
+/// canonical URI, except that a Unix socket's default export has no path
+/// at all (`nbd+unix://?socket=…`).
+fn qemu_name(uri: &NbdUri) -> String {
+    let canonical = uri.to_string();
+    match (&uri.transport, uri.export.is_empty()) {
+        (crate::nbd::NbdTransport::Unix { .. }, true) => {
+            canonical.replacen("nbd+unix:///?", "nbd+unix://?", 1)
+        }
+        _ => canonical,
+    }
+}
+
+/// Opens an NBD URI as storage, with only `base:allocation`.
+pub fn open(uri: &str) -> Result<NbdStorage, StorageError> {
+    Ok(NbdStorage::connect(uri, &[])?)
+}

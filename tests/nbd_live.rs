@@ -1,0 +1,271 @@
+//! Backups pulled over NBD, against real servers started by the tests:
+//! `qemu-nbd` exports (map and info against `qemu-img` on the same export,
+//! full backups over several connections, incremental backups from a dirty
+//! bitmap, a refused bitmap, a server killed mid-backup, no server) and a
+//! running QEMU with a fleecing export, backed up while its disk keeps
+//! being written: the backup must equal the disk as it was when fleecing
+//! started, not as it is after the later writes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// An 8 MiB image with data, a zero range and a small write.
+fn image(s: &Scratch, name: &str) {
+    s.create(name, "qcow2", 8 * MIB, "");
+    s.io(
+        name,
+        "qcow2",
+        &[
+            "write -P 0x5a 0 1M",
+            "write -z 2M 1M",
+            "write -P 0x01 4M 64k",
+        ],
+    );
+}
+
+#[test]
+fn map_and_info_match_qemu_img_on_the_same_export() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    // 4 KiB allocation granularity inside a 64 KiB cluster (zero+data).
+    s.io("d.qcow2", "qcow2", &["write -P 0x07 300k 8k"]);
+    let (_nbd, uri) = qemu_nbd_with(&s, "d.qcow2", &["-r", "-t", "-f", "qcow2"]);
+    assert_map_json_matches(s.dir(), &uri, None);
+    assert_map_human_matches(s.dir(), &uri, None);
+    let ours = qbackup_info_ok(s.dir(), &uri, None);
+    let theirs = qemu_info_json(s.dir(), &uri, None);
+    for key in ["virtual-size", "filename", "format"] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    assert!(ours.get("actual-size").is_none(), "no disk size for NBD");
+}
+
+#[test]
+fn full_backup_over_several_connections() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    let (_nbd, uri) = qemu_nbd_with(&s, "d.qcow2", &["-r", "-t", "-e", "8", "-f", "qcow2"]);
+    s.backup(&["--threads", "4", &uri, "out.qcow2"]).assert_ok();
+    assert_check_clean(s.dir(), "out.qcow2");
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "out.qcow2", "qcow2");
+    // Raw targets too, and compression makes no difference to the content.
+    s.backup(&["-O", "raw", &uri, "out.raw"]).assert_ok();
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "out.raw", "raw");
+}
+
+#[test]
+fn incremental_backup_from_a_dirty_bitmap() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    // The previous backup, then a bitmap that records what changes after it.
+    s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
+    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
+    s.io(
+        "d.qcow2",
+        "qcow2",
+        &[
+            "write -P 0x07 300k 8k",
+            "write -P 0x08 6M 1M",
+            // A cluster that now reads as zeros must hide the old data.
+            "write -z 0 64k",
+        ],
+    );
+    let (_nbd, uri) = qemu_nbd_with(&s, "d.qcow2", &["-r", "-t", "-B", "bm0", "-f", "qcow2"]);
+    s.backup(&[
+        "--sync",
+        "incremental",
+        "--bitmap",
+        "bm0",
+        "--backing",
+        "full.qcow2",
+        &uri,
+        "inc.qcow2",
+    ])
+    .assert_ok();
+    assert_check_clean(s.dir(), "inc.qcow2");
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
+    let info = s.qemu_info("inc.qcow2", "qcow2");
+    assert_eq!(info["backing-filename"], "full.qcow2", "relative to TARGET");
+    // Only the dirty clusters are in the overlay: 0-64k (zero), the
+    // cluster holding 300k, and 6M-7M.
+    let map = s.qemu_map("inc.qcow2", "qcow2");
+    let top: u64 = map
+        .iter()
+        .filter(|e| e.depth == 0 && e.present)
+        .map(|e| e.length)
+        .sum();
+    assert_eq!(top, 64 * KIB + 64 * KIB + MIB, "{map:?}");
+}
+
+#[test]
+fn refused_bitmap_and_missing_server_fail_cleanly() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
+    let (nbd, uri) = qemu_nbd_with(&s, "d.qcow2", &["-r", "-t", "-f", "qcow2"]);
+    s.backup(&[
+        "--sync",
+        "incremental",
+        "--bitmap",
+        "nope",
+        "--backing",
+        "full.qcow2",
+        &uri,
+        "inc.qcow2",
+    ])
+    .assert_clean_failure_mentioning(&["qemu:dirty-bitmap:nope"]);
+    drop(nbd);
+    for args in [
+        vec!["map", "--output=json", uri.as_str()],
+        vec!["backup", uri.as_str(), "out.qcow2"],
+    ] {
+        qbackup_in(s.dir(), &args).assert_clean_failure_mentioning(&["nbd", "socket"]);
+    }
+    assert!(!s.path("inc.qcow2").exists() && !s.path("out.qcow2").exists());
+    assert_no_leftovers(s.dir());
+}
+
+#[test]
+fn server_killed_mid_backup() {
+    let s = Scratch::new();
+    s.create("big.qcow2", "qcow2", 64 * MIB, "");
+    s.io("big.qcow2", "qcow2", &[&s.random_cmd("", 0, 64 * MIB)]);
+    let (nbd, uri) = qemu_nbd_with(&s, "big.qcow2", &["-r", "-t", "-f", "qcow2"]);
+    let started = Instant::now();
+    let (child, cmdline) = spawn_qbackup(
+        s.dir(),
+        &[
+            "backup",
+            "--speed",
+            "8M",
+            "--compress",
+            "none",
+            &uri,
+            "out.qcow2",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    drop(nbd);
+    let run = wait_qbackup(child, cmdline, started, Duration::from_secs(40));
+    run.assert_clean_failure_mentioning(&["nbd"]);
+    assert!(!s.path("out.qcow2").exists());
+    assert_no_leftovers(s.dir());
+}
+
+/// Writes as a guest would, through the fleecing job's copy-before-write
+/// filter once it exists (writes below it are refused).
+fn guest_writes(qmp: &mut Qmp, node: &str, writes: &[&str]) {
+    for w in writes {
+        qmp.qemu_io(node, w);
+    }
+}
+
+/// The reference: a fresh image with `writes` applied by qemu-io.
+fn reference(s: &Scratch, name: &str, writes: &[&str]) {
+    s.create(name, "qcow2", 16 * MIB, "");
+    s.io(name, "qcow2", writes);
+}
+
+/// A running VM: a persistent bitmap, guest writes, a fleecing point
+/// (blockdev-backup sync=none into a temporary overlay, a new bitmap for
+/// the next cycle, the exported bitmap disabled, all in one transaction),
+/// an NBD export of the point-in-time view with the bitmap, and guest
+/// writes that go on while full and incremental backups are pulled.
+#[test]
+fn live_vm_fleecing_full_and_incremental() {
+    let s = Scratch::new();
+    let before = ["write -P 0x10 0 1M", "write -P 0x11 5M 256k"];
+    let between = [
+        "write -P 0x21 2M 1M",
+        "write -z 5M 64k",
+        "write -P 0x22 9M 4k",
+    ];
+    let after = [
+        "write -P 0x32 2M 64k",
+        "write -P 0x33 12M 1M",
+        "write -P 0x34 0 4k",
+    ];
+    reference(&s, "disk.qcow2", &before);
+    // The previous backup, then the bitmap that tracks what changes next.
+    s.backup(&["disk.qcow2", "full0.qcow2"]).assert_ok();
+    s.img(&["bitmap", "--add", "disk.qcow2", "bm0"]);
+    s.create("fleece.qcow2", "qcow2", 16 * MIB, "");
+    let (_vm, mut qmp) = qemu_vm(&s, "disk.qcow2");
+    // The running VM's image file is refused.
+    s.backup(&["disk.qcow2", "x.qcow2"])
+        .assert_clean_failure_mentioning(&["NBD export"]);
+    guest_writes(&mut qmp, "disk0", &between);
+
+    qmp.run(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "fleece",
+               "file": {"driver": "file", "filename": s.p("fleece.qcow2")},
+               "backing": "disk0"}),
+    );
+    qmp.run(
+        "transaction",
+        json!({"actions": [
+            {"type": "blockdev-backup", "data": {"device": "disk0", "target": "fleece",
+              "sync": "none", "job-id": "fleecing", "filter-node-name": "cbw"}},
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "disk0", "name": "bm1", "persistent": true}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "bm0"}}
+        ]}),
+    );
+    let sock = s.path("nbd.sock");
+    qmp.run(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock.display().to_string()}}}),
+    );
+    qmp.run(
+        "block-export-add",
+        json!({"type": "nbd", "id": "exp0", "node-name": "fleece", "name": "disk0",
+               "writable": false, "bitmaps": [{"node": "disk0", "name": "bm0"}]}),
+    );
+    let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
+    guest_writes(&mut qmp, "cbw", &after);
+
+    // The point-in-time disk: what the guest had written at the fleecing
+    // point, and nothing after it.
+    let mut at_fleecing: Vec<&str> = before.to_vec();
+    at_fleecing.extend(between);
+    reference(&s, "expected.qcow2", &at_fleecing);
+
+    s.backup(&["--threads", "2", &uri, "full1.qcow2"])
+        .assert_ok();
+    guest_writes(&mut qmp, "cbw", &["write -P 0x44 3M 64k"]);
+    s.backup(&[
+        "--sync",
+        "incremental",
+        "--bitmap",
+        "bm0",
+        "--backing",
+        "full0.qcow2",
+        &uri,
+        "inc1.qcow2",
+    ])
+    .assert_ok();
+    for out in ["full1.qcow2", "inc1.qcow2"] {
+        assert_check_clean(s.dir(), out);
+        assert_identical(s.dir(), "expected.qcow2", "qcow2", out, "qcow2");
+    }
+    // And the writes after the fleecing point did reach the disk.
+    let (code, text) = qemu_img_status(
+        s.dir(),
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "expected.qcow2",
+            "disk.qcow2",
+        ],
+    );
+    assert_eq!(code, Some(1), "the live disk moved on: {text}");
+}
