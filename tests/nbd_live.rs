@@ -269,3 +269,46 @@ fn live_vm_fleecing_full_and_incremental() {
     );
     assert_eq!(code, Some(1), "the live disk moved on: {text}");
 }
+
+/// A server that starts failing reads mid-backup (nbdkit's error filter,
+/// switched on by a trigger file): one line naming the export and the
+/// server's error, nothing at TARGET.
+#[test]
+fn server_read_errors_mid_backup() {
+    let s = Scratch::new();
+    s.write_file("disk.raw", &random_bytes(32 * MIB as usize, 7));
+    let sock = s.path("k.sock");
+    let trigger = s.path("fail-now");
+    let mut cmd = std::process::Command::new("nbdkit");
+    cmd.arg("-f")
+        .arg("-U")
+        .arg(&sock)
+        .arg("--filter=error")
+        .arg("file")
+        .arg(s.path("disk.raw"))
+        .arg("error-pread=EIO")
+        .arg("error-pread-rate=100%")
+        .arg(format!("error-pread-file={}", trigger.display()));
+    let _server = hold(&mut cmd, &sock);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let started = Instant::now();
+    let (child, cmdline) = spawn_qbackup(
+        s.dir(),
+        &[
+            "backup",
+            "--speed",
+            "8M",
+            "--compress",
+            "none",
+            &uri,
+            "out.qcow2",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&trigger, b"").unwrap();
+    let run = wait_qbackup(child, cmdline, started, Duration::from_secs(40));
+    run.assert_clean_failure(&[&sock.display().to_string()])
+        .assert_clean_failure_mentioning(&["EIO"]);
+    assert!(!s.path("out.qcow2").exists());
+    assert_no_leftovers(s.dir());
+}
