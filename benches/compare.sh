@@ -83,6 +83,24 @@ row "full uncompr.+fsync" sh -c 'qemu-img convert -m 16 -W -O qcow2 disk.qcow2 o
 row "top zstd (10%)" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd -B disk.qcow2 -F qcow2 top.qcow2 out.q -- \
     "$qb" backup --sync top --threads "$threads" --compress zstd --force top.qcow2 out.b
 
+# Live backups: the same disk served by qemu-nbd (read-only, multi-conn),
+# qemu-img and qbackup both reading the export.
+rm -f nbd.sock
+qemu-nbd -r -t -e 8 -f qcow2 -k "$work/nbd.sock" disk.qcow2 &
+nbd_pid=$!
+trap 'kill $nbd_pid 2>/dev/null' EXIT
+for _ in $(seq 100); do [ -S nbd.sock ] && break; sleep 0.05; done
+uri="nbd+unix:///?socket=$work/nbd.sock"
+row "nbd zstd" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd "$uri" out.q -- \
+    "$qb" backup --threads "$threads" --compress zstd --force "$uri" out.b
+row "nbd uncompressed" qemu-img convert -m 16 -W -O qcow2 "$uri" out.q -- \
+    "$qb" backup --threads "$threads" --compress none --force "$uri" out.b
+measure nbdcopy "$uri" out.q
+printf 'nbdcopy of the export to a raw file: %.2f s\n' "$WALL"
+rm -f out.q
+kill $nbd_pid; wait $nbd_pid 2>/dev/null || true
+trap - EXIT
+
 # The practical limit: zstd -3 on all cores over the same allocated bytes.
 python3 - > alloc.bin <<'PY'
 import json, subprocess, sys

@@ -107,6 +107,10 @@ struct BackupArgs {
     /// qemu:dirty-bitmap:NAME context).
     #[arg(long)]
     bitmap: Option<String>,
+    /// QEMU's bitmap-mode (on-success, always, never). Refused: the NBD
+    /// server owns the bitmap; clear or merge it over QMP after the backup.
+    #[arg(long, hide = true)]
+    bitmap_mode: Option<String>,
     /// Cluster compression for a qcow2 target.
     #[arg(long, value_enum, default_value = "zstd")]
     compress: CompressArg,
@@ -198,6 +202,9 @@ impl BackupArgs {
         }
         if self.backing.is_some() && self.sync == SyncArg::Full {
             bail!("--backing only applies to --sync top and incremental");
+        }
+        if self.bitmap_mode.is_some() {
+            bail!("--bitmap-mode is not supported: the NBD server owns the bitmap; after a successful backup, remove or merge it over QMP (block-dirty-bitmap-remove, block-dirty-bitmap-merge)");
         }
         match (self.sync, &self.bitmap, &self.backing) {
             (SyncArg::Incremental, None, _) => bail!("--sync incremental needs --bitmap NAME"),
