@@ -73,19 +73,7 @@ fn assert_force_share_reads(s: &Scratch, top: &str, held: &str) {
     );
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.describe());
     // The oracle needs -U too while the image is held.
-    let (code, text) = qemu_img_status(
-        s.dir(),
-        &[
-            "compare",
-            "-U",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            top,
-            "out.qcow2",
-        ],
-    );
+    let (code, text) = compare_force_share(s.dir(), top, "out.qcow2");
     assert_eq!(code, Some(0), "backup differs from {top}: {text}");
     std::fs::remove_file(s.path("out.qcow2")).unwrap();
 }

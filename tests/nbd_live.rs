@@ -129,28 +129,32 @@ fn refused_bitmap_and_missing_server_fail_cleanly() {
     assert_no_leftovers(s.dir());
 }
 
+/// Runs an uncompressed, speed-limited backup of `uri`, calls `meanwhile`
+/// half a second in, and returns the finished run.
+fn backup_while(s: &Scratch, uri: &str, meanwhile: impl FnOnce()) -> Run {
+    let started = Instant::now();
+    let args = [
+        "backup",
+        "--speed",
+        "8M",
+        "--compress",
+        "none",
+        uri,
+        "out.qcow2",
+    ];
+    let (child, cmdline) = spawn_qbackup(s.dir(), &args);
+    std::thread::sleep(Duration::from_millis(500));
+    meanwhile();
+    wait_qbackup(child, cmdline, started, Duration::from_secs(40))
+}
+
 #[test]
 fn server_killed_mid_backup() {
     let s = Scratch::new();
     s.create("big.qcow2", "qcow2", 64 * MIB, "");
     s.io("big.qcow2", "qcow2", &[&s.random_cmd("", 0, 64 * MIB)]);
     let (nbd, uri) = qemu_nbd_with(&s, "big.qcow2", &["-r", "-t", "-f", "qcow2"]);
-    let started = Instant::now();
-    let (child, cmdline) = spawn_qbackup(
-        s.dir(),
-        &[
-            "backup",
-            "--speed",
-            "8M",
-            "--compress",
-            "none",
-            &uri,
-            "out.qcow2",
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    drop(nbd);
-    let run = wait_qbackup(child, cmdline, started, Duration::from_secs(40));
+    let run = backup_while(&s, &uri, || drop(nbd));
     run.assert_clean_failure_mentioning(&["nbd"]);
     assert!(!s.path("out.qcow2").exists());
     assert_no_leftovers(s.dir());
@@ -254,19 +258,7 @@ fn live_vm_fleecing_full_and_incremental() {
         assert_identical(s.dir(), "expected.qcow2", "qcow2", out, "qcow2");
     }
     // And the writes after the fleecing point did reach the disk.
-    let (code, text) = qemu_img_status(
-        s.dir(),
-        &[
-            "compare",
-            "-U",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "expected.qcow2",
-            "disk.qcow2",
-        ],
-    );
+    let (code, text) = compare_force_share(s.dir(), "expected.qcow2", "disk.qcow2");
     assert_eq!(code, Some(1), "the live disk moved on: {text}");
 }
 
@@ -291,22 +283,7 @@ fn server_read_errors_mid_backup() {
         .arg(format!("error-pread-file={}", trigger.display()));
     let _server = hold(&mut cmd, &sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let started = Instant::now();
-    let (child, cmdline) = spawn_qbackup(
-        s.dir(),
-        &[
-            "backup",
-            "--speed",
-            "8M",
-            "--compress",
-            "none",
-            &uri,
-            "out.qcow2",
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    std::fs::write(&trigger, b"").unwrap();
-    let run = wait_qbackup(child, cmdline, started, Duration::from_secs(40));
+    let run = backup_while(&s, &uri, || std::fs::write(&trigger, b"").unwrap());
     run.assert_clean_failure(&[&sock.display().to_string()])
         .assert_clean_failure_mentioning(&["EIO"]);
     assert!(!s.path("out.qcow2").exists());

@@ -93,3 +93,9 @@ pub fn compressed_source(s: &Scratch, name: &str, ctype: &str) {
     let i = s.qemu_info(name, "qcow2");
     assert_eq!(i["format-specific"]["data"]["compression-type"], ctype);
 }
+
+/// `qemu-img compare -U` of two qcow2 images (for images a running VM or
+/// server holds): exit code and output.
+pub fn compare_force_share(dir: &Path, a: &str, b: &str) -> (Option<i32>, String) {
+    qemu_img_status(dir, &["compare", "-U", "-f", "qcow2", "-F", "qcow2", a, b])
+}
