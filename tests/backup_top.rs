@@ -271,3 +271,41 @@ fn top_without_backing_file_is_a_full_copy() {
     assert!(ti.get("backing-filename").is_none(), "{ti}");
     assert_identical(s.dir(), "solo.qcow2", "qcow2", "out.qcow2", "qcow2");
 }
+
+/// Regression: `--backing` naming a file that does not open from TARGET's
+/// directory made an overlay nothing can read (exit 0); `qemu-img create -b`
+/// refuses such a name, and so does qbackup now.
+#[test]
+fn top_backing_name_that_does_not_open_is_refused() {
+    let s = Scratch::new();
+    s.create("base.qcow2", "qcow2", MIB, "");
+    s.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    s.io("top.qcow2", "qcow2", &["write -P 0x11 0 64k"]);
+    s.backup(&[
+        "--sync",
+        "top",
+        "--backing",
+        "/nonexistent/x",
+        "top.qcow2",
+        "out.qcow2",
+    ])
+    .assert_clean_failure_mentioning(&["/nonexistent/x"]);
+    assert!(!s.path("out.qcow2").exists());
+    assert_no_leftovers(s.dir());
+    // A name that does resolve from TARGET's directory is recorded as given.
+    s.mkdir("sub");
+    s.backup(&[
+        "--sync",
+        "top",
+        "--backing",
+        "../base.qcow2",
+        "top.qcow2",
+        "sub/out.qcow2",
+    ])
+    .assert_ok();
+    assert_eq!(
+        s.qemu_info("sub/out.qcow2", "qcow2")["backing-filename"],
+        "../base.qcow2"
+    );
+    assert_identical(s.dir(), "top.qcow2", "qcow2", "sub/out.qcow2", "qcow2");
+}

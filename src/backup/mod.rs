@@ -133,6 +133,10 @@ pub enum BackupError {
     /// The previous backup of an incremental backup cannot be used.
     #[error(transparent)]
     PreviousBackup(SourceError),
+    /// The backing file named with `--backing` does not open from the
+    /// target's directory.
+    #[error("--backing: {0}")]
+    BackingUnusable(SourceError),
     /// The worker pool could not be started.
     #[error("cannot start worker threads: {source}")]
     StartThreads {
@@ -173,7 +177,7 @@ impl Classify for BackupError {
             | BackupError::ClusterSize(_)
             | BackupError::TopNeedsQcow2
             | BackupError::IncrementalNeedsBacking => ErrorClass::Usage,
-            BackupError::PreviousBackup(e) => e.class(),
+            BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
             BackupError::StartThreads { .. } => ErrorClass::Io,
             BackupError::Compress { source, .. } => source.class(),
             BackupError::WorkerPanicked { .. } | BackupError::WriterPanicked => {
@@ -248,7 +252,7 @@ pub fn run(
         SyncMode::Top | SyncMode::Incremental if cfg.target_format == Format::Raw => {
             return Err(BackupError::TopNeedsQcow2);
         }
-        SyncMode::Top => backing_ref(cfg, source)?,
+        SyncMode::Top => backing_ref(cfg, opener, source)?,
         SyncMode::Incremental => Some(previous_backup(cfg, opener)?),
         SyncMode::Full => None,
     };
@@ -396,12 +400,25 @@ fn previous_backup(cfg: &BackupConfig, opener: &dyn Opener) -> Result<BackingRef
     })
 }
 
-fn backing_ref(cfg: &BackupConfig, source: &dyn Source) -> Result<Option<BackingRef>, BackupError> {
+/// The backing file of a `--sync top` overlay: the source's, named to
+/// resolve from the target's directory, or the name given with `--backing`,
+/// which must then open from there (as `qemu-img create -b` checks), or the
+/// overlay would be an image nothing can read.
+fn backing_ref(
+    cfg: &BackupConfig,
+    opener: &dyn Opener,
+    source: &dyn Source,
+) -> Result<Option<BackingRef>, BackupError> {
     let Some(below) = source.top_backing() else {
         return Ok(None);
     };
     let name = match &cfg.backing {
-        Some(b) => b.clone(),
+        Some(b) => {
+            let resolved = qbackup_formats::open::resolve_backing(&cfg.target, b);
+            qbackup_formats::Chain::open_with(opener, &resolved, Some(below.format))
+                .map_err(BackupError::BackingUnusable)?;
+            b.clone()
+        }
         None => backing_name_for(&cfg.target, &below.path).map_err(|e| BackupError::Commit {
             path: cfg.target.clone(),
             action: "resolve the backing file name",
