@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use qbackup_formats::nbd::{ConnectOptions, Connection, NbdError, NbdTransport, NbdUri};
+use qbackup_formats::nbd::{
+    ConnectOptions, Connection, NbdError, NbdTransport, NbdUri, SharedConnection,
+};
 use qbackup_formats::{Classify, ErrorClass};
 
 const SIZE: u64 = 8 << 20;
@@ -57,8 +59,20 @@ struct Server {
 
 impl Server {
     fn start(img: &Path, socket: &Path, bitmap: Option<&str>) -> Server {
+        Server::spawn(img, socket, bitmap, &["-e", "4"])
+    }
+
+    /// A server for one client at a time (no `-e`), like a plain
+    /// `qemu-nbd` export: no multi-conn.
+    fn start_single(img: &Path, socket: &Path) -> Server {
+        Server::spawn(img, socket, None, &[])
+    }
+
+    fn spawn(img: &Path, socket: &Path, bitmap: Option<&str>, extra: &[&str]) -> Server {
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-r", "-t", "-e", "4", "-f", "qcow2", "-k"])
+        cmd.args(["-r", "-t", "-f", "qcow2"])
+            .args(extra)
+            .arg("-k")
             .arg(socket);
         if let Some(b) = bitmap {
             cmd.args(["-B", b]);
@@ -331,4 +345,146 @@ fn tcp_transport() {
     let d = c.block_status("base:allocation", 0, SIZE).unwrap();
     assert_eq!(d[0], (64 << 10, 0));
     c.disconnect().unwrap();
+}
+
+/// A qcow2 image of `size` bytes of pseudo-random data.
+fn random_image(dir: &Path, size: usize) -> PathBuf {
+    let raw = dir.join("random.raw");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&raw, &data).unwrap();
+    let img = dir.join("random.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&img));
+    std::fs::remove_file(&raw).unwrap();
+    img
+}
+
+/// Reads all of `buf` (the whole export) in 1 MiB calls on `threads`
+/// threads, each taking a contiguous quarter (or whole) of the export.
+fn read_all_shared(c: &SharedConnection, buf: &mut [u8], threads: usize) {
+    let part = buf.len().div_ceil(threads);
+    thread::scope(|s| {
+        for (i, range) in buf.chunks_mut(part).enumerate() {
+            s.spawn(move || {
+                let base = (i * part) as u64;
+                for (j, chunk) in range.chunks_mut(1 << 20).enumerate() {
+                    c.read(base + (j << 20) as u64, chunk).unwrap();
+                }
+            });
+        }
+    });
+}
+
+fn millis(times: &[Duration]) -> String {
+    let v: Vec<String> = times
+        .iter()
+        .map(|t| format!("{:.1}", t.as_secs_f64() * 1e3))
+        .collect();
+    v.join(", ")
+}
+
+#[test]
+fn shared_connection_on_a_single_client_server() {
+    const BIG: usize = 64 << 20;
+    const RUNS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let img = random_image(dir.path(), BIG);
+    let expected = expected_bytes(dir.path(), &img);
+    assert_eq!(expected.len(), BIG);
+    let server = Server::start_single(&img, &dir.path().join("nbd.sock"));
+    let o = opts(&["base:allocation"], true);
+    let mut buf = vec![0u8; BIG];
+
+    // One thread, one connection, one 1 MiB request at a time.
+    let mut c = Connection::connect(&server.uri(), &o).unwrap();
+    assert!(!c.can_multi_conn(), "qemu-nbd without -e takes one client");
+    let mut single = Vec::new();
+    let mut whole = Vec::new();
+    for _ in 0..RUNS {
+        buf.fill(0);
+        let start = Instant::now();
+        for (j, chunk) in buf.chunks_mut(1 << 20).enumerate() {
+            c.read((j << 20) as u64, chunk).unwrap();
+        }
+        single.push(start.elapsed());
+        assert!(buf == expected, "export differs from qemu-img convert");
+        buf.fill(0);
+        let start = Instant::now();
+        c.read(0, &mut buf).unwrap();
+        whole.push(start.elapsed());
+        assert!(buf == expected);
+    }
+    c.disconnect().unwrap();
+
+    // Four threads on one shared connection (the server takes no second
+    // client), each reading its quarter in 1 MiB requests.
+    let shared = SharedConnection::new(Connection::connect(&server.uri(), &o).unwrap());
+    assert_eq!(shared.size(), BIG as u64);
+    assert!(!shared.can_multi_conn());
+    assert!(shared.has_context("base:allocation"));
+    let mut four = Vec::new();
+    let mut one = Vec::new();
+    for _ in 0..RUNS {
+        buf.fill(0);
+        let start = Instant::now();
+        read_all_shared(&shared, &mut buf, 4);
+        four.push(start.elapsed());
+        assert!(buf == expected, "export differs from qemu-img convert");
+        buf.fill(0);
+        let start = Instant::now();
+        read_all_shared(&shared, &mut buf, 1);
+        one.push(start.elapsed());
+        assert!(buf == expected);
+    }
+    // Block status and unaligned reads from several threads at once.
+    thread::scope(|s| {
+        for i in 0..4u64 {
+            let (shared, expected) = (&shared, &expected);
+            s.spawn(move || {
+                let d = shared
+                    .block_status("base:allocation", i << 24, 1 << 24)
+                    .unwrap();
+                assert_eq!(d.iter().map(|x| x.0).sum::<u64>(), 1 << 24);
+                assert!(d.iter().all(|x| x.1 == 0), "all data: {d:?}");
+                let mut small = vec![0u8; 100_000];
+                let at = (i << 24) + 12_345;
+                shared.read(at, &mut small).unwrap();
+                assert!(small == expected[at as usize..][..100_000]);
+            });
+        }
+    });
+    assert!(shared.is_usable());
+    drop(shared);
+    let mb = (BIG >> 20) as f64;
+    let best = |t: &[Duration]| mb / t.iter().min().unwrap().as_secs_f64();
+    println!("reading a {BIG}-byte export from qemu-nbd (single client), ms per run:");
+    println!(
+        "  Connection, 1 thread, 1 MiB reads:        {} (best {:.0} MiB/s)",
+        millis(&single),
+        best(&single)
+    );
+    println!(
+        "  SharedConnection, 4 threads, 1 MiB reads: {} (best {:.0} MiB/s)",
+        millis(&four),
+        best(&four)
+    );
+    println!(
+        "  SharedConnection, 1 thread, 1 MiB reads:  {} (best {:.0} MiB/s)",
+        millis(&one),
+        best(&one)
+    );
+    println!(
+        "  Connection, 1 thread, one 64 MiB read:    {} (best {:.0} MiB/s)",
+        millis(&whole),
+        best(&whole)
+    );
 }

@@ -159,6 +159,26 @@ impl NbdError {
         )
     }
 
+    /// A copy of an error that closed a connection, for each of the
+    /// requests it failed (`io::Error` is not `Clone`: its kind and message
+    /// are kept). Errors that do not close a connection become
+    /// [`NbdError::Unusable`].
+    pub(crate) fn duplicate(&self) -> NbdError {
+        match self {
+            NbdError::Protocol { what } => NbdError::Protocol { what: what.clone() },
+            NbdError::Timeout { doing, after } => NbdError::Timeout {
+                doing,
+                after: *after,
+            },
+            NbdError::Disconnected { doing } => NbdError::Disconnected { doing },
+            NbdError::Io { doing, source } => NbdError::Io {
+                doing,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            _ => NbdError::Unusable,
+        }
+    }
+
     /// Maps a socket error met while `doing` something.
     pub(crate) fn from_io(e: io::Error, doing: &'static str, timeout: Duration) -> NbdError {
         match e.kind() {
@@ -254,5 +274,28 @@ mod tests {
             NbdError::from_io(io::ErrorKind::Other.into(), "x", d),
             NbdError::Io { .. }
         ));
+    }
+
+    #[test]
+    fn duplicates() {
+        let t = NbdError::Timeout {
+            doing: "waiting for a reply",
+            after: Duration::from_millis(200),
+        };
+        assert_eq!(t.duplicate().to_string(), t.to_string());
+        let io = NbdError::Io {
+            doing: "sending requests",
+            source: io::Error::new(io::ErrorKind::PermissionDenied, "nope"),
+        };
+        let d = io.duplicate();
+        assert_eq!(d.to_string(), io.to_string());
+        assert!(
+            matches!(d, NbdError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied)
+        );
+        let p = NbdError::protocol("bad magic");
+        assert_eq!(p.duplicate().to_string(), p.to_string());
+        let d = NbdError::Disconnected { doing: "x" };
+        assert_eq!(d.duplicate().to_string(), d.to_string());
+        assert!(matches!(NbdError::Unusable.duplicate(), NbdError::Unusable));
     }
 }

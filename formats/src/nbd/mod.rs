@@ -13,6 +13,10 @@
 //!   server has them (else structured replies, else simple replies for
 //!   reads), metadata contexts, `NBD_OPT_GO` with block sizes; then
 //!   [`Connection::read`] and [`Connection::block_status`].
+//! - [`SharedConnection`]: a connected [`Connection`] shared by many
+//!   threads (`Sync`), their requests pipelined together and the replies
+//!   dispatched by cookie by a reader thread, for servers that take a
+//!   single client (no `NBD_FLAG_CAN_MULTI_CONN`).
 //!
 //! Invariants:
 //! - Nothing the server sends is trusted: every length is checked against
@@ -24,9 +28,11 @@
 //!   [`ConnectOptions::timeout`].
 //! - A server error for one request ([`NbdError::Request`]) leaves the
 //!   connection usable; anything that may have put the client out of step
-//!   with the server (timeout, disconnection, protocol violation) closes it.
-//! - At most 16 requests (64 MiB of reads) are in flight, and requests
-//!   respect the server's block size constraints (at most 32 MiB).
+//!   with the server (timeout, disconnection, protocol violation) closes it
+//!   (and fails every call waiting on a [`SharedConnection`]).
+//! - At most 16 requests (64 MiB of reads) of a [`Connection`] and 64 of a
+//!   [`SharedConnection`] are in flight, and requests respect the server's
+//!   block size constraints (at most 32 MiB).
 //!
 //! Not implemented: TLS, writes, `NBD_CMD_FLAG_DF`, `NBD_OPT_LIST`.
 
@@ -38,6 +44,6 @@ pub mod uri;
 #[cfg(test)]
 mod tests;
 
-pub use client::{ConnectOptions, Connection};
+pub use client::{ConnectOptions, Connection, SharedConnection};
 pub use error::NbdError;
 pub use uri::{is_nbd_uri, NbdTransport, NbdUri};

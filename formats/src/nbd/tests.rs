@@ -11,6 +11,7 @@ use super::proto::*;
 use super::*;
 use crate::error::{Classify, ErrorClass};
 
+mod shared;
 mod transmission;
 
 /// The timeout of the tests that expect one; the others use 5 s, so that a
@@ -56,6 +57,8 @@ struct Fake {
     extended: bool,
     /// Context ids handed out, by name.
     ids: Vec<(u32, String)>,
+    /// How long [`Fake::batch`] waits for more requests.
+    gap: Duration,
 }
 
 fn rd<const N: usize>(s: &mut UnixStream) -> Option<[u8; N]> {
@@ -86,6 +89,7 @@ fn handshake(mut s: UnixStream, cfg: &Cfg) -> Option<Fake> {
         s,
         extended: false,
         ids: Vec::new(),
+        gap: Duration::from_millis(30),
     };
     loop {
         let h = rd::<16>(&mut fake.s)?;
@@ -178,9 +182,7 @@ impl Fake {
             return Vec::new();
         };
         let mut out = vec![first];
-        self.s
-            .set_read_timeout(Some(Duration::from_millis(30)))
-            .unwrap();
+        self.s.set_read_timeout(Some(self.gap)).unwrap();
         while let Some(r) = self.req() {
             out.push(r);
         }
@@ -299,16 +301,7 @@ impl Fake {
                         self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r, &[]);
                     }
                     CMD_BLOCK_STATUS => {
-                        let mut descs: Vec<(u64, u32)> = Vec::new();
-                        for p in (o..o + l).step_by(4096) {
-                            let end = (p + 4096).min(o + l);
-                            let zero = export[p..end].iter().all(|&b| b == 0);
-                            let f = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
-                            match descs.last_mut() {
-                                Some(d) if d.1 == f => d.0 += (end - p) as u64,
-                                _ => descs.push(((end - p) as u64, f)),
-                            }
-                        }
+                        let descs = status_descs(export, o, l);
                         let ids = self.ids.clone();
                         for (i, (id, _)) in ids.iter().enumerate() {
                             let done = if i + 1 == ids.len() {
@@ -324,6 +317,22 @@ impl Fake {
             }
         }
     }
+}
+
+/// `base:allocation` of `export[o..o + l]`, per 4 KiB block (hole+zero or
+/// data), merged.
+fn status_descs(export: &[u8], o: usize, l: usize) -> Vec<(u64, u32)> {
+    let mut descs: Vec<(u64, u32)> = Vec::new();
+    for p in (o..o + l).step_by(4096) {
+        let end = (p + 4096).min(o + l);
+        let zero = export[p..end].iter().all(|&b| b == 0);
+        let f = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
+        match descs.last_mut() {
+            Some(d) if d.1 == f => d.0 += (end - p) as u64,
+            _ => descs.push(((end - p) as u64, f)),
+        }
+    }
+    descs
 }
 
 /// Listens on a socket in a temporary directory; the thread accepts one

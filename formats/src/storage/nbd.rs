@@ -1,9 +1,10 @@
 //! [`Storage`] on an NBD export: a live VM's disk served by QEMU (a
 //! fleecing snapshot) or an image served by qemu-nbd.
 //!
-//! Reads go through a pool of connections: as many as the workers need when
-//! the server advertises multi-conn (each connection then sees the same
-//! data), one shared connection otherwise. Allocation comes from the
+//! Reads go through a pool of connections, as many as the workers need,
+//! when the server advertises multi-conn (each connection then sees the
+//! same data); otherwise through one connection that all workers share with
+//! their requests pipelined ([`SharedConnection`]). Allocation comes from the
 //! `base:allocation` meta context; other contexts (a dirty bitmap,
 //! `qemu:dirty-bitmap:NAME`) are negotiated at connect time and queried with
 //! [`NbdStorage::block_status`]. Each reply's extents are cached, so walking
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::{FileExtent, Storage, StorageError};
-use crate::nbd::{ConnectOptions, Connection, NbdError, NbdUri};
+use crate::nbd::{ConnectOptions, Connection, NbdError, NbdUri, SharedConnection};
 use crate::units::HostOffset;
 
 /// The allocation context every NBD server with structured replies offers.
@@ -50,6 +51,8 @@ pub struct NbdStorage {
     name: PathBuf,
     opts: ConnectOptions,
     size: u64,
+    /// Without multi-conn: the one connection every worker shares.
+    shared: Option<SharedConnection>,
     max_connections: usize,
     pool: Mutex<Pool>,
     returned: Condvar,
@@ -80,19 +83,21 @@ impl NbdStorage {
             ..Default::default()
         };
         let first = Connection::connect(&parsed, &opts)?;
-        let max_connections = if first.can_multi_conn() {
-            MAX_CONNECTIONS
+        let size = first.size();
+        let (shared, idle) = if first.can_multi_conn() {
+            (None, vec![first])
         } else {
-            1
+            (Some(SharedConnection::new(first)), Vec::new())
         };
         Ok(NbdStorage {
             name: PathBuf::from(qemu_name(&parsed)),
             uri: parsed,
-            size: first.size(),
-            max_connections,
+            size,
+            shared,
+            max_connections: MAX_CONNECTIONS,
             pool: Mutex::new(Pool {
-                idle: vec![first],
-                open: 1,
+                open: idle.len(),
+                idle,
             }),
             returned: Condvar::new(),
             opts,
@@ -111,6 +116,7 @@ impl NbdStorage {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<R, NbdError>,
     ) -> Result<R, NbdError> {
+        debug_assert!(self.shared.is_none());
         let mut conn = {
             let mut pool = self.lock_pool();
             loop {
@@ -164,7 +170,10 @@ impl NbdStorage {
         // Ask for more than needed: servers answer with the extents they
         // have, and the rest of the reply serves the next calls.
         let ask = max_len.max(64 << 20).min(self.size.saturating_sub(offset));
-        let extents = self.with_connection(|c| c.block_status(context, offset, ask))?;
+        let extents = match &self.shared {
+            Some(c) => c.block_status(context, offset, ask)?,
+            None => self.with_connection(|c| c.block_status(context, offset, ask))?,
+        };
         let mut entries = Vec::with_capacity(extents.len());
         let mut pos = offset;
         for (len, flags) in extents {
@@ -199,8 +208,11 @@ impl Storage for NbdStorage {
         if n == 0 {
             return Ok(0);
         }
-        self.with_connection(|c| c.read(offset.0, &mut buf[..n]))
-            .map_err(to_io)?;
+        match &self.shared {
+            Some(c) => c.read(offset.0, &mut buf[..n]),
+            None => self.with_connection(|c| c.read(offset.0, &mut buf[..n])),
+        }
+        .map_err(to_io)?;
         Ok(n)
     }
 

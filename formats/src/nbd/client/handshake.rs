@@ -97,8 +97,8 @@ impl Connection {
             let (h, payload) = self.option(proto::OPT_EXTENDED_HEADERS, &[])?;
             match h.reply {
                 proto::REP_ACK => {
-                    self.extended = true;
-                    self.structured = true;
+                    self.s.extended = true;
+                    self.s.structured = true;
                 }
                 proto::REP_ERR_SHUTDOWN => {
                     return Err(refused(proto::OPT_EXTENDED_HEADERS, h, &payload))
@@ -108,10 +108,10 @@ impl Connection {
             }
         }
         let mut structured_refusal = None;
-        if !self.extended {
+        if !self.s.extended {
             let (h, payload) = self.option(proto::OPT_STRUCTURED_REPLY, &[])?;
             match h.reply {
-                proto::REP_ACK => self.structured = true,
+                proto::REP_ACK => self.s.structured = true,
                 proto::REP_ERR_SHUTDOWN => {
                     return Err(refused(proto::OPT_STRUCTURED_REPLY, h, &payload))
                 }
@@ -166,12 +166,12 @@ impl Connection {
             match h.reply {
                 proto::REP_META_CONTEXT => {
                     let (id, name) = proto::decode_meta_context(&payload)?;
-                    if self.contexts.iter().any(|(i, _)| *i == id) {
+                    if self.s.contexts.iter().any(|(i, _)| *i == id) {
                         return Err(NbdError::protocol(format!(
                             "metadata context id {id} given twice"
                         )));
                     }
-                    self.contexts.push((id, name));
+                    self.s.contexts.push((id, name));
                 }
                 proto::REP_ACK => break,
                 r if r & proto::REP_FLAG_ERROR != 0 => return Err(refused(opt, h, &payload)),
@@ -202,7 +202,7 @@ impl Connection {
                         max,
                     } => {
                         proto::check_block_sizes(min, preferred, max)?;
-                        (self.min_block, self.preferred_block, self.max_block) =
+                        (self.s.min_block, self.s.preferred_block, self.s.max_block) =
                             (min, preferred, max);
                     }
                     Info::Other(_) => {}
@@ -216,7 +216,7 @@ impl Connection {
         }
         let (size, flags) = export_info
             .ok_or_else(|| NbdError::protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT"))?;
-        (self.size, self.flags) = (size, flags);
+        (self.s.size, self.s.flags) = (size, flags);
         Ok(())
     }
 
@@ -228,8 +228,8 @@ impl Connection {
         let mut b = [0u8; 10 + 124];
         let len = if no_zeroes { 10 } else { b.len() };
         self.recv(&mut b[..len], "reading export information")?;
-        self.size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
-        self.flags = u16::from_be_bytes([b[8], b[9]]);
+        self.s.size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+        self.s.flags = u16::from_be_bytes([b[8], b[9]]);
         Ok(())
     }
 }

@@ -26,6 +26,14 @@ impl Stream {
         }
     }
 
+    /// Another handle on the same socket (same timeouts).
+    pub(super) fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
     pub(super) fn shutdown(&self, how: Shutdown) {
         // Best effort: the peer may be gone already.
         let _ = match self {
@@ -56,6 +64,7 @@ impl Write for Stream {
         Ok(())
     }
 }
+
 pub(super) fn connect_unix(socket: &Path) -> io::Result<UnixStream> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = socket.as_os_str().as_bytes();

@@ -4,7 +4,7 @@
 use super::*;
 
 /// 1 MiB: data in some 4 KiB blocks, zeroes elsewhere.
-fn export() -> Vec<u8> {
+pub(super) fn export() -> Vec<u8> {
     let mut v = vec![0u8; 1 << 20];
     for (i, b) in v.iter_mut().enumerate() {
         let block = i / 4096;
