@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use qbackup::{backup, info, map, source};
+use qbackup::{backup, compare, info, map, source};
 use qbackup_formats::codec::CompressionType;
 use qbackup_formats::open::{FileOpener, ForceShareOpener, Opener};
 use qbackup_formats::Format;
@@ -63,6 +63,30 @@ enum Command {
     },
     /// Back up an image into a compressed qcow2 (or sparse raw) file.
     Backup(BackupArgs),
+    /// Check that two images hold the same guest data, like qemu-img
+    /// compare (exit 0 identical, 1 different, 2 error).
+    Compare {
+        /// First image's format (probed when omitted).
+        #[arg(short = 'f')]
+        format_a: Option<FormatArg>,
+        /// Second image's format (probed when omitted).
+        #[arg(short = 'F')]
+        format_b: Option<FormatArg>,
+        /// Strict: sizes, allocation, zero and data flags must match too.
+        #[arg(short = 's', long)]
+        strict: bool,
+        /// Read even if another process writes the images (ignores QEMU's
+        /// image locks; the result may be inconsistent).
+        #[arg(short = 'U', long)]
+        force_share: bool,
+        /// Print nothing; only the exit status tells.
+        #[arg(short = 'q', long)]
+        quiet: bool,
+        /// An image file or NBD URI.
+        a: PathBuf,
+        /// An image file or NBD URI.
+        b: PathBuf,
+    },
     /// Show the allocation map of an image and its backing chain.
     Map {
         /// Image format (probed when omitted).
@@ -322,10 +346,83 @@ fn run_backup(args: BackupArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs the parsed command.
-pub fn run(args: Args) -> Result<()> {
+/// Exit status of `compare` when it cannot compare (qemu-img's).
+pub const COMPARE_ERROR: u8 = 2;
+
+/// The exit status a failed command gets: `compare` reserves 1 for
+/// "different", as qemu-img does.
+pub fn failure_status(args: &Args) -> u8 {
+    match args.command {
+        Command::Compare { .. } => COMPARE_ERROR,
+        _ => 1,
+    }
+}
+
+fn run_compare(
+    (format_a, format_b): (Option<FormatArg>, Option<FormatArg>),
+    strict: bool,
+    force_share: bool,
+    quiet: bool,
+    (a, b): (PathBuf, PathBuf),
+) -> Result<u8> {
+    let files = Files::new(force_share);
+    let sa = source::open(files.opener(), &a, format_a.map(Into::into), None)?;
+    let sb = source::open(files.opener(), &b, format_b.map(Into::into), None)?;
+    let outcome = compare::compare(sa.as_ref(), sb.as_ref(), strict)?;
+    files.warn_in_use();
+    let mut lines = Vec::new();
+    let status = match outcome {
+        compare::Outcome::Identical { sizes_differ } => {
+            if sizes_differ {
+                lines.push("Warning: Image size mismatch!".to_string());
+            }
+            lines.push("Images are identical.".to_string());
+            0
+        }
+        compare::Outcome::ContentMismatch {
+            offset,
+            sizes_differ,
+        } => {
+            if sizes_differ {
+                lines.push("Warning: Image size mismatch!".to_string());
+            }
+            lines.push(format!("Content mismatch at offset {offset}!"));
+            1
+        }
+        compare::Outcome::SizeMismatch => {
+            lines.push("Strict mode: Image size mismatch!".to_string());
+            1
+        }
+        compare::Outcome::StatusMismatch { offset } => {
+            lines.push(format!(
+                "Strict mode: Offset {offset} block status mismatch!"
+            ));
+            1
+        }
+    };
+    if !quiet {
+        let mut out = std::io::stdout().lock();
+        for l in lines {
+            writeln!(out, "{l}")?;
+        }
+    }
+    Ok(status)
+}
+
+/// Runs the parsed command; returns the exit status of a command that ran
+/// to its end (only `compare` has one other than 0).
+pub fn run(args: Args) -> Result<u8> {
     let stdout = std::io::stdout();
     match args.command {
+        Command::Compare {
+            format_a,
+            format_b,
+            strict,
+            force_share,
+            quiet,
+            a,
+            b,
+        } => return run_compare((format_a, format_b), strict, force_share, quiet, (a, b)),
         Command::Info {
             format,
             force_share,
@@ -359,7 +456,7 @@ pub fn run(args: Args) -> Result<()> {
             files.warn_in_use();
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! decides exit codes.
 
 pub mod backup;
+pub mod compare;
 pub mod info;
 pub mod map;
 pub mod source;

@@ -17,15 +17,16 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let failure = cli::failure_status(&args);
     match cli::run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(e) => {
             let _ = std::io::stdout().flush();
             // Each error's message already says its cause: print it alone
             // (the alternate form would repeat every cause after it).
             let msg = format!("{e}").replace('\n', " ");
             eprintln!("qbackup: {msg}");
-            ExitCode::from(1)
+            ExitCode::from(failure)
         }
     }
 }
