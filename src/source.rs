@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use qbackup_formats::extent::LayerExtent;
 use qbackup_formats::image::{self, ImageErrorKind};
+use qbackup_formats::layer::DirtyMap;
 use qbackup_formats::open::{nbd_uri, resolve_backing, Opener};
-use qbackup_formats::storage::nbd::{dirty_bitmap_context, NbdStorage};
+use qbackup_formats::storage::nbd::{dirty_bitmap_context, NbdDirtyMap, NbdStorage};
 use qbackup_formats::storage::{Storage, StorageError};
 use qbackup_formats::{
     Chain, ClusterSize, CompressionType, Extent, Format, GuestOffset, ImageError,
@@ -95,31 +96,31 @@ pub fn open(
     let Some(bitmap) = bitmap else {
         return Ok(Box::new(Chain::open_with(opener, name, format)?));
     };
-    let Some(uri) = nbd_uri(name) else {
-        return Err(ImageError::new(name, ImageErrorKind::NoDirtyBitmap));
-    };
-    let context = dirty_bitmap_context(bitmap);
-    let export = Arc::new(
-        NbdStorage::connect(uri, std::slice::from_ref(&context))
-            .map_err(|e| ImageError::new(name, StorageError::from(e)))?,
-    );
-    let top = image::open_storage(opener, export.clone(), format)?;
-    Ok(Box::new(NbdSource {
-        chain: Chain::with_top(opener, top)?,
-        export,
-        context,
-    }))
+    if let Some(uri) = nbd_uri(name) {
+        // The bitmap's context is negotiated when connecting.
+        let export = Arc::new(
+            NbdStorage::connect(uri, &[dirty_bitmap_context(bitmap)])
+                .map_err(|e| ImageError::new(name, StorageError::from(e)))?,
+        );
+        let top = image::open_storage(opener, export.clone(), format)?;
+        return Ok(Box::new(BitmapSource {
+            chain: Chain::with_top(opener, top)?,
+            map: Box::new(NbdDirtyMap::new(export, bitmap)),
+        }));
+    }
+    let chain = Chain::open_with(opener, name, format)?;
+    let map = chain.top().dirty_bitmap(bitmap)?;
+    Ok(Box::new(BitmapSource { chain, map }))
 }
 
-/// An NBD export opened with a dirty bitmap: the export's guest view (a
-/// chain whose top storage is the export) plus the bitmap's dirty set.
-struct NbdSource {
+/// A chain with a dirty bitmap: a qcow2 image's persistent bitmap, or an
+/// NBD export (the chain's top storage) with its `qemu:dirty-bitmap`.
+struct BitmapSource {
     chain: Chain,
-    export: Arc<NbdStorage>,
-    context: String,
+    map: Box<dyn DirtyMap>,
 }
 
-impl Source for NbdSource {
+impl Source for BitmapSource {
     fn name(&self) -> &Path {
         Source::name(&self.chain)
     }
@@ -159,14 +160,8 @@ impl Source for NbdSource {
             .stored_compressed(offset, len, cluster_size, codec)
     }
 
-    /// Dirty: bit 0 of the bitmap context's flags (proto.md, QEMU's
-    /// `qemu:dirty-bitmap:` contexts).
     fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), SourceError> {
-        let (flags, len) = self
-            .export
-            .block_status(&self.context, offset.0, max_len)
-            .map_err(|e| ImageError::new(self.name(), StorageError::from(e)))?;
-        Ok((flags & 1 != 0, len))
+        self.map.dirty(offset, max_len)
     }
 
     fn top_backing(&self) -> Option<BackingFile> {

@@ -82,8 +82,9 @@ pub enum ImageErrorKind {
     /// The chain is deeper than qbackup accepts.
     #[error("backing chain deeper than {0} images")]
     ChainTooDeep(usize),
-    /// An incremental backup asked a source without a dirty bitmap.
-    #[error("no dirty bitmap to back up from: incremental backups read the dirty set from an NBD export's qemu:dirty-bitmap context (use an nbd:// or nbd+unix:// source with --bitmap)")]
+    /// An incremental backup asked an image that cannot hold a dirty
+    /// bitmap.
+    #[error("this image cannot hold a persistent dirty bitmap: incremental backups need a qcow2 image's bitmap or an NBD export's qemu:dirty-bitmap context")]
     NoDirtyBitmap,
     /// A driver broke the [`Layer`] contract (a bug).
     #[error(

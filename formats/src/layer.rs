@@ -59,6 +59,14 @@ pub struct LayerInfo {
     pub qcow2: Option<crate::qcow2::Qcow2Info>,
 }
 
+/// A dirty bitmap: which guest ranges changed since it was started (a
+/// qcow2 persistent bitmap, or an NBD export's `qemu:dirty-bitmap:` context).
+pub trait DirtyMap: Send + Sync {
+    /// Whether guest byte `offset` (below the virtual size) is dirty, and
+    /// for how many bytes (at most `max_len`, > 0) that holds.
+    fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), ImageError>;
+}
+
 /// One opened image of a chain.
 pub trait Layer: Send + Sync + fmt::Debug {
     /// Its format.
@@ -120,4 +128,13 @@ pub trait Layer: Send + Sync + fmt::Debug {
 
     /// What `info` reports.
     fn info(&self) -> Result<LayerInfo, ImageError>;
+
+    /// The persistent dirty bitmap `name`, ready to answer queries.
+    fn dirty_bitmap(&self, name: &str) -> Result<Box<dyn DirtyMap>, ImageError> {
+        let _ = name;
+        Err(ImageError::new(
+            self.path(),
+            crate::image::ImageErrorKind::NoDirtyBitmap,
+        ))
+    }
 }

@@ -30,7 +30,19 @@ pub enum BitmapError {
     /// The directory could not be read.
     #[error("cannot read bitmap directory: {0}")]
     Read(#[from] StorageError),
-    /// The directory is malformed.
+    /// The bitmap was left in use: QEMU did not store it cleanly.
+    #[error("dirty bitmap '{name}' is marked in use (QEMU did not store it cleanly, e.g. it was killed): its bits cannot be trusted; take a full backup and start a new bitmap")]
+    InUse {
+        /// The bitmap.
+        name: String,
+    },
+    /// No bitmap has the name asked for.
+    #[error("no persistent dirty bitmap named '{name}' in the image")]
+    NotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// The directory or a bitmap table is malformed.
     #[error("invalid bitmap directory at offset {offset}: {why}")]
     Invalid {
         /// Where the bad entry starts.
@@ -44,7 +56,8 @@ impl Classify for BitmapError {
     fn class(&self) -> ErrorClass {
         match self {
             BitmapError::Read(e) => e.class(),
-            BitmapError::Invalid { .. } => ErrorClass::Corrupt,
+            BitmapError::Invalid { .. } | BitmapError::InUse { .. } => ErrorClass::Corrupt,
+            BitmapError::NotFound { .. } => ErrorClass::Usage,
         }
     }
 }

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use crate::codec::{self, CompressionType};
 use crate::extent::LayerExtent;
 use crate::image::{Format, ImageError};
-use crate::layer::{BackingSpec, Layer, LayerInfo, LayerRead};
+use crate::layer::{BackingSpec, DirtyMap, Layer, LayerInfo, LayerRead};
 use crate::storage::{Storage, StorageError};
 use crate::units::{ClusterSize, GuestOffset};
 
-use super::bitmaps::flags;
+use super::bitmap_data::DirtyBitmap;
+use super::bitmaps::{flags, BitmapError};
 use super::header::{autoclear, compat, incompat};
 use super::image::{Piece, Qcow2Error, Qcow2Image};
 
@@ -74,6 +75,20 @@ impl Qcow2Info {
 impl Qcow2Image {
     fn err(&self, e: impl Into<Qcow2Error>) -> ImageError {
         ImageError::new(self.storage().name(), e.into())
+    }
+}
+
+/// A persistent bitmap with the image it belongs to, for error messages.
+struct Qcow2DirtyMap {
+    path: std::path::PathBuf,
+    bitmap: DirtyBitmap,
+}
+
+impl DirtyMap for Qcow2DirtyMap {
+    fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), ImageError> {
+        self.bitmap
+            .dirty(offset.0, max_len)
+            .map_err(|e| ImageError::new(&self.path, Qcow2Error::Bitmap(e)))
     }
 }
 
@@ -170,6 +185,26 @@ impl Layer for Qcow2Image {
         }
         bytes.truncate(n);
         Ok(Some(bytes))
+    }
+
+    fn dirty_bitmap(&self, name: &str) -> Result<Box<dyn DirtyMap>, ImageError> {
+        let entries = self.bitmaps().map_err(|e| self.err(e))?;
+        let entry = entries.iter().find(|b| b.name == name).ok_or_else(|| {
+            self.err(BitmapError::NotFound {
+                name: name.to_string(),
+            })
+        })?;
+        let bitmap = DirtyBitmap::load(
+            Arc::clone(Qcow2Image::storage(self)),
+            entry,
+            self.header().cluster_bits,
+            self.virtual_size(),
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(Box::new(Qcow2DirtyMap {
+            path: self.path().to_path_buf(),
+            bitmap,
+        }))
     }
 
     fn info(&self) -> Result<LayerInfo, ImageError> {

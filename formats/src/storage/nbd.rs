@@ -37,6 +37,39 @@ pub fn dirty_bitmap_context(name: &str) -> String {
     format!("qemu:dirty-bitmap:{name}")
 }
 
+/// A dirty bitmap the server exports (`qemu:dirty-bitmap:NAME`): bit 0 of a
+/// context extent's flags says dirty.
+pub struct NbdDirtyMap {
+    export: std::sync::Arc<NbdStorage>,
+    context: String,
+}
+
+impl NbdDirtyMap {
+    /// The bitmap `name` of `export`, which was connected with its context.
+    pub fn new(export: std::sync::Arc<NbdStorage>, name: &str) -> NbdDirtyMap {
+        NbdDirtyMap {
+            export,
+            context: dirty_bitmap_context(name),
+        }
+    }
+}
+
+impl crate::layer::DirtyMap for NbdDirtyMap {
+    fn dirty(
+        &self,
+        offset: crate::units::GuestOffset,
+        max_len: u64,
+    ) -> Result<(bool, u64), crate::image::ImageError> {
+        let (flags, len) = self
+            .export
+            .block_status(&self.context, offset.0, max_len)
+            .map_err(|e| {
+                crate::image::ImageError::new(self.export.name(), StorageError::from(e))
+            })?;
+        Ok((flags & 1 != 0, len))
+    }
+}
+
 struct Pool {
     idle: Vec<Connection>,
     open: usize,
