@@ -152,3 +152,101 @@ impl DirtyBitmap {
         Ok((state, run_end - offset))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::FileStorage;
+
+    const CLUSTER_BITS: u32 = 9; // 512-byte clusters: 4096 bits each
+    const GRANULARITY: u64 = 512;
+
+    /// An image file holding a bitmap table at 512 and data clusters after
+    /// it, for a disk of `clusters` bitmap clusters' worth of chunks.
+    fn bitmap(dir: &tempfile::TempDir, entries: &[u64], data: &[(u64, Vec<u8>)]) -> DirtyBitmap {
+        let mut file = vec![0u8; 4096];
+        for (i, e) in entries.iter().enumerate() {
+            file[512 + 8 * i..520 + 8 * i].copy_from_slice(&e.to_be_bytes());
+        }
+        for (at, bytes) in data {
+            file[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes);
+        }
+        let p = dir.path().join("img");
+        std::fs::write(&p, &file).unwrap();
+        let entry = BitmapEntry {
+            name: "b".into(),
+            granularity: GRANULARITY,
+            flags: 0,
+            table_offset: HostOffset(512),
+            table_size: entries.len() as u32,
+        };
+        let size = entries.len() as u64 * 4096 * GRANULARITY;
+        let storage = Arc::new(FileStorage::open_read_only(&p).unwrap());
+        DirtyBitmap::load(storage, &entry, CLUSTER_BITS, size).unwrap()
+    }
+
+    #[test]
+    fn runs_across_zero_one_and_data_clusters() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = GRANULARITY;
+        let per_cluster = 4096 * chunk;
+        // Cluster 0: all zeros; 1: all ones; 2: data with bits 0-1 and 9 set.
+        let mut data = vec![0u8; 512];
+        data[0] = 0b0000_0011;
+        data[1] = 0b0000_0010;
+        let b = bitmap(&dir, &[0, ALL_ONES, 1024], &[(1024, data)]);
+        let total = 3 * per_cluster;
+        assert_eq!(b.dirty(0, total).unwrap(), (false, per_cluster));
+        assert_eq!(
+            b.dirty(per_cluster, total).unwrap(),
+            (true, per_cluster + 2 * chunk)
+        );
+        let c2 = 2 * per_cluster;
+        assert_eq!(b.dirty(c2 + chunk, total).unwrap(), (true, chunk));
+        assert_eq!(b.dirty(c2 + 2 * chunk, total).unwrap(), (false, 7 * chunk));
+        assert_eq!(b.dirty(c2 + 9 * chunk, total).unwrap(), (true, chunk));
+        assert_eq!(
+            b.dirty(c2 + 10 * chunk, total - c2 - 10 * chunk).unwrap().0,
+            false
+        );
+        // max_len bounds the run, and an offset inside a chunk counts.
+        assert_eq!(b.dirty(per_cluster + 7, 100).unwrap(), (true, 100));
+    }
+
+    #[test]
+    fn invalid_tables_and_in_use_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let load = |entries: &[u64], flags: u32, table_size: u32| {
+            let mut file = vec![0u8; 2048];
+            for (i, e) in entries.iter().enumerate() {
+                file[512 + 8 * i..520 + 8 * i].copy_from_slice(&e.to_be_bytes());
+            }
+            std::fs::write(&p, &file).unwrap();
+            let entry = BitmapEntry {
+                name: "b".into(),
+                granularity: GRANULARITY,
+                flags,
+                table_offset: HostOffset(512),
+                table_size,
+            };
+            let storage = Arc::new(FileStorage::open_read_only(&p).unwrap());
+            DirtyBitmap::load(storage, &entry, CLUSTER_BITS, 4096 * GRANULARITY)
+        };
+        assert!(load(&[0], 0, 1).is_ok());
+        assert!(matches!(
+            load(&[0], flags::IN_USE, 1),
+            Err(BitmapError::InUse { .. })
+        ));
+        assert!(load(&[0], 0, 2).is_err(), "table size must match the disk");
+        assert!(load(&[1 << 3], 0, 1).is_err(), "reserved bits");
+        assert!(
+            load(&[1024 | 1], 0, 1).is_err(),
+            "all-ones bit with a data cluster"
+        );
+        assert!(
+            load(&[1024 + 512 * 8], 0, 1).is_err(),
+            "data cluster past the end"
+        );
+    }
+}
