@@ -84,13 +84,13 @@ impl Server {
             socket: socket.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !socket.exists() {
+        while !listening(socket) {
             if let Some(status) = server.child.try_wait().unwrap() {
                 panic!("qemu-nbd exited: {status}");
             }
             assert!(
                 Instant::now() < deadline,
-                "qemu-nbd did not create its socket"
+                "qemu-nbd did not listen on its socket"
             );
             thread::sleep(Duration::from_millis(10));
         }
@@ -487,4 +487,21 @@ fn shared_connection_on_a_single_client_server() {
         millis(&whole),
         best(&whole)
     );
+}
+
+/// True once `socket` is a listening Unix socket (`/proc/net/unix` flag
+/// `__SO_ACCEPTCON`): the file appears at `bind()`, before `listen()`, and a
+/// connect in between is refused. Probing by connecting instead would use
+/// up a server that serves one client.
+pub fn listening(socket: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return socket.exists();
+    };
+    let want = socket.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x0001_0000 != 0)
+    })
 }
