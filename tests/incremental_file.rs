@@ -156,3 +156,49 @@ fn missing_and_in_use_bitmaps_are_refused() {
     ])
     .assert_clean_failure_mentioning(&["cannot hold a persistent dirty bitmap"]);
 }
+
+/// Regression: TARGET may not be PREV (or a file under it): `--force` would
+/// replace the previous backup with an overlay on itself. And PREV must
+/// have the source's size, or clean clusters past its end would read as
+/// zeros.
+#[test]
+fn previous_backup_that_is_the_target_or_another_size_is_refused() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.io("d.qcow2", "qcow2", &["write -P 0x01 0 1M"]);
+    s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
+    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
+    s.io("d.qcow2", "qcow2", &["write -P 0x07 0 64k"]);
+    let before = std::fs::read(s.path("full.qcow2")).unwrap();
+    s.backup(&[
+        "--force",
+        "--sync",
+        "incremental",
+        "--bitmap",
+        "bm0",
+        "--backing",
+        "full.qcow2",
+        "d.qcow2",
+        "full.qcow2",
+    ])
+    .assert_clean_failure_mentioning(&["which the source reads", "full.qcow2"]);
+    assert_eq!(
+        std::fs::read(s.path("full.qcow2")).unwrap(),
+        before,
+        "PREV untouched"
+    );
+    s.create("small.qcow2", "qcow2", 2 * MIB, "");
+    s.backup(&[
+        "--sync",
+        "incremental",
+        "--bitmap",
+        "bm0",
+        "--backing",
+        "small.qcow2",
+        "d.qcow2",
+        "inc.qcow2",
+    ])
+    .assert_clean_failure_mentioning(&["same disk size"]);
+    assert!(!s.path("inc.qcow2").exists());
+    assert_no_leftovers(s.dir());
+}

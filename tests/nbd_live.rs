@@ -289,3 +289,19 @@ fn server_read_errors_mid_backup() {
     assert!(!s.path("out.qcow2").exists());
     assert_no_leftovers(s.dir());
 }
+
+/// Regression: a block-status request of exactly u32::MAX bytes made
+/// nbdkit 1.32 abort; exports over 4 GiB must map as qemu-img maps them.
+#[test]
+fn nbdkit_export_over_4_gib() {
+    let s = Scratch::new();
+    let sock = s.path("big.sock");
+    let mut cmd = std::process::Command::new("nbdkit");
+    cmd.arg("-f")
+        .arg("-U")
+        .arg(&sock)
+        .args(["memory", "size=8G"]);
+    let _server = hold(&mut cmd, &sock);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    assert_map_json_matches(s.dir(), &uri, None);
+}

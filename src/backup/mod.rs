@@ -133,6 +133,14 @@ pub enum BackupError {
     /// The previous backup of an incremental backup cannot be used.
     #[error(transparent)]
     PreviousBackup(SourceError),
+    /// The previous backup's virtual size differs from the source's.
+    #[error("--backing: the previous backup is {prev} bytes but the source is {current}; an incremental backup needs a previous backup of the same disk size")]
+    PreviousSize {
+        /// PREV's virtual size.
+        prev: u64,
+        /// The source's.
+        current: u64,
+    },
     /// The backing file named with `--backing` does not open from the
     /// target's directory.
     #[error("--backing: {0}")]
@@ -176,7 +184,8 @@ impl Classify for BackupError {
             | BackupError::TargetIsSource { .. }
             | BackupError::ClusterSize(_)
             | BackupError::TopNeedsQcow2
-            | BackupError::IncrementalNeedsBacking => ErrorClass::Usage,
+            | BackupError::IncrementalNeedsBacking
+            | BackupError::PreviousSize { .. } => ErrorClass::Usage,
             BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
             BackupError::StartThreads { .. } => ErrorClass::Io,
             BackupError::Compress { source, .. } => source.class(),
@@ -253,7 +262,7 @@ pub fn run(
             return Err(BackupError::TopNeedsQcow2);
         }
         SyncMode::Top => backing_ref(cfg, opener, source)?,
-        SyncMode::Incremental => Some(previous_backup(cfg, opener)?),
+        SyncMode::Incremental => Some(previous_backup(cfg, opener, source)?),
         SyncMode::Full => None,
     };
 
@@ -354,6 +363,11 @@ pub fn run(
 /// the chain or an external data file), by identity (device and inode) so
 /// that other paths and hard links are caught too.
 fn refuse_target_in_source(cfg: &BackupConfig, source: &dyn Source) -> Result<(), BackupError> {
+    refuse_target_in(cfg, &source.files())
+}
+
+/// Refuses a TARGET that is one of `files`, by identity.
+fn refuse_target_in(cfg: &BackupConfig, files: &[Arc<dyn Storage>]) -> Result<(), BackupError> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(&cfg.target) else {
         return Ok(());
@@ -362,7 +376,7 @@ fn refuse_target_in_source(cfg: &BackupConfig, source: &dyn Source) -> Result<()
         dev: meta.dev(),
         ino: meta.ino(),
     };
-    match source.files().iter().find(|f| f.identity() == Some(target)) {
+    match files.iter().find(|f| f.identity() == Some(target)) {
         Some(f) => Err(BackupError::TargetIsSource {
             target: cfg.target.clone(),
             file: f.name().to_path_buf(),
@@ -382,13 +396,28 @@ fn current_umask() -> u32 {
 /// The previous backup an incremental one is an overlay on: it must open
 /// (with its whole chain), and is recorded by a name that resolves from
 /// the target's directory.
-fn previous_backup(cfg: &BackupConfig, opener: &dyn Opener) -> Result<BackingRef, BackupError> {
+fn previous_backup(
+    cfg: &BackupConfig,
+    opener: &dyn Opener,
+    source: &dyn Source,
+) -> Result<BackingRef, BackupError> {
     let prev = cfg
         .backing
         .as_deref()
         .ok_or(BackupError::IncrementalNeedsBacking)?;
     let chain = qbackup_formats::Chain::open_with(opener, Path::new(prev), None)
         .map_err(BackupError::PreviousBackup)?;
+    // Replacing PREV (or a file under it) with its own overlay would lose
+    // the previous backup and make a chain that loops.
+    refuse_target_in(cfg, &Source::files(&chain))?;
+    // A smaller PREV would make every clean cluster past its end read as
+    // zeros; QEMU's backup job refuses a target of another size too.
+    if chain.virtual_size() != source.virtual_size() {
+        return Err(BackupError::PreviousSize {
+            prev: chain.virtual_size(),
+            current: source.virtual_size(),
+        });
+    }
     let name = backing_name_for(&cfg.target, Path::new(prev)).map_err(|e| BackupError::Commit {
         path: cfg.target.clone(),
         action: "resolve the previous backup's name",

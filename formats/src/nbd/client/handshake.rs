@@ -216,7 +216,7 @@ impl Connection {
         }
         let (size, flags) = export_info
             .ok_or_else(|| NbdError::protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT"))?;
-        (self.s.size, self.s.flags) = (size, flags);
+        (self.s.size, self.s.flags) = (check_size(size)?, flags);
         Ok(())
     }
 
@@ -228,10 +228,22 @@ impl Connection {
         let mut b = [0u8; 10 + 124];
         let len = if no_zeroes { 10 } else { b.len() };
         self.recv(&mut b[..len], "reading export information")?;
-        self.s.size = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+        self.s.size = check_size(u64::from_be_bytes(b[..8].try_into().expect("8 bytes")))?;
         self.s.flags = u16::from_be_bytes([b[8], b[9]]);
         Ok(())
     }
+}
+
+/// Refuses export sizes offsets cannot address (QEMU's limit too), so no
+/// offset arithmetic can overflow.
+fn check_size(size: u64) -> Result<u64, NbdError> {
+    if size > i64::MAX as u64 {
+        return Err(NbdError::protocol(format!(
+            "export size {size} is larger than {}",
+            i64::MAX
+        )));
+    }
+    Ok(size)
 }
 
 fn refused(opt: u32, h: OptionReplyHeader, payload: &[u8]) -> NbdError {
