@@ -305,3 +305,22 @@ fn nbdkit_export_over_4_gib() {
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     assert_map_json_matches(s.dir(), &uri, None);
 }
+
+/// Regression: a multi-conn server that accepts fewer clients than there
+/// are workers (`qemu-nbd -e 2`, 8 threads) left an extra connection
+/// waiting for a greeting until the 30 s timeout failed the backup; the
+/// pool now stops growing at what the server accepts.
+#[test]
+fn multi_conn_server_with_fewer_clients_than_workers() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    let (_nbd, uri) = qemu_nbd_with(&s, "d.qcow2", &["-r", "-t", "-e", "2", "-f", "qcow2"]);
+    let run = s.backup(&["--threads", "8", &uri, "out.qcow2"]);
+    run.assert_ok();
+    assert!(
+        run.elapsed < std::time::Duration::from_secs(15),
+        "{}",
+        run.describe()
+    );
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "out.qcow2", "qcow2");
+}

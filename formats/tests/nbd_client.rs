@@ -123,6 +123,7 @@ fn opts(contexts: &[&str], extended_headers: bool) -> ConnectOptions {
         meta_contexts: contexts.iter().map(|s| s.to_string()).collect(),
         timeout: Duration::from_secs(5),
         extended_headers,
+        handshake_timeout: None,
     }
 }
 

@@ -41,6 +41,11 @@ pub struct ConnectOptions {
     /// Ask for extended headers (`NBD_OPT_EXTENDED_HEADERS`); servers that
     /// lack them get structured replies instead.
     pub extended_headers: bool,
+    /// A shorter limit for the handshake only (then `timeout` applies): a
+    /// server at its client limit keeps an extra connection waiting
+    /// without a greeting, and an opener of extra connections wants to
+    /// know soon.
+    pub handshake_timeout: Option<Duration>,
 }
 
 impl Default for ConnectOptions {
@@ -49,6 +54,7 @@ impl Default for ConnectOptions {
             meta_contexts: Vec::new(),
             timeout: Duration::from_secs(30),
             extended_headers: true,
+            handshake_timeout: None,
         }
     }
 }
@@ -134,7 +140,10 @@ impl Connection {
                 Stream::Tcp(s)
             }
         };
-        stream.set_timeouts(opts.timeout).map_err(connect_err)?;
+        let handshake_timeout = opts.handshake_timeout.unwrap_or(opts.timeout);
+        stream
+            .set_timeouts(handshake_timeout)
+            .map_err(connect_err)?;
         let mut conn = Connection {
             rx: Rx {
                 io: BufReader::with_capacity(64 * 1024, stream),
@@ -156,6 +165,11 @@ impl Connection {
         };
         match conn.negotiate(&uri.export, opts) {
             Ok(()) => {
+                conn.rx
+                    .io
+                    .get_ref()
+                    .set_timeouts(opts.timeout)
+                    .map_err(connect_err)?;
                 conn.ready = true;
                 Ok(conn)
             }

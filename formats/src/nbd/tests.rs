@@ -362,6 +362,7 @@ fn opts(contexts: &[&str]) -> ConnectOptions {
         meta_contexts: contexts.iter().map(|s| s.to_string()).collect(),
         timeout: Duration::from_secs(5),
         extended_headers: true,
+        handshake_timeout: None,
     }
 }
 

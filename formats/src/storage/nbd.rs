@@ -32,6 +32,10 @@ const STATE_ZERO: u32 = 2;
 /// Connections opened at most when the server allows several.
 const MAX_CONNECTIONS: usize = 16;
 
+/// How long an extra connection may take to be greeted: a server at its
+/// client limit (`qemu-nbd -e N`) queues it silently.
+const EXTRA_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The meta context of QEMU's dirty bitmap `name`.
 pub fn dirty_bitmap_context(name: &str) -> String {
     format!("qemu:dirty-bitmap:{name}")
@@ -73,6 +77,9 @@ impl crate::layer::DirtyMap for NbdDirtyMap {
 struct Pool {
     idle: Vec<Connection>,
     open: usize,
+    /// Connections allowed: lowered to what is open when the server does
+    /// not greet one more.
+    max: usize,
 }
 
 /// One extent of a cached block-status reply: start, end, flags.
@@ -86,7 +93,6 @@ pub struct NbdStorage {
     size: u64,
     /// Without multi-conn: the one connection every worker shares.
     shared: Option<SharedConnection>,
-    max_connections: usize,
     pool: Mutex<Pool>,
     returned: Condvar,
     status: Mutex<HashMap<String, Vec<CachedExtent>>>,
@@ -127,10 +133,10 @@ impl NbdStorage {
             uri: parsed,
             size,
             shared,
-            max_connections: MAX_CONNECTIONS,
             pool: Mutex::new(Pool {
                 open: idle.len(),
                 idle,
+                max: MAX_CONNECTIONS,
             }),
             returned: Condvar::new(),
             opts,
@@ -156,15 +162,29 @@ impl NbdStorage {
                 if let Some(c) = pool.idle.pop() {
                     break c;
                 }
-                if pool.open < self.max_connections {
+                if pool.open < pool.max {
                     pool.open += 1;
+                    let extra = pool.open > 1;
                     drop(pool);
-                    match Connection::connect(&self.uri, &self.opts) {
+                    let opts = ConnectOptions {
+                        handshake_timeout: extra.then_some(EXTRA_CONNECTION_TIMEOUT),
+                        ..self.opts.clone()
+                    };
+                    match Connection::connect(&self.uri, &opts) {
                         Ok(c) => break c,
                         Err(e) => {
-                            self.lock_pool().open -= 1;
-                            self.returned.notify_one();
-                            return Err(e);
+                            let mut p = self.lock_pool();
+                            p.open -= 1;
+                            if p.open == 0 {
+                                drop(p);
+                                self.returned.notify_one();
+                                return Err(e);
+                            }
+                            // The server serves no more clients: use the
+                            // connections it has accepted.
+                            p.max = p.open;
+                            pool = p;
+                            continue;
                         }
                     }
                 }
