@@ -22,6 +22,9 @@ use crate::source::{Source, SourceError};
 /// Guest bytes one worker compares at a time.
 const PIECE: u64 = 1 << 20;
 
+/// qemu-img reports the first differing 512-byte sector, not the byte.
+const SECTOR: u64 = 512;
+
 /// What a comparison found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -77,7 +80,7 @@ pub fn compare(a: &dyn Source, b: &dyn Source, strict: bool) -> Result<Outcome, 
         Ok(x.iter().zip(&y).position(|(p, q)| p != q))
     })? {
         return Ok(Outcome::ContentMismatch {
-            offset,
+            offset: offset / SECTOR * SECTOR,
             sizes_differ,
         });
     }
@@ -99,7 +102,7 @@ pub fn compare(a: &dyn Source, b: &dyn Source, strict: bool) -> Result<Outcome, 
     })?;
     Ok(match nonzero {
         Some(offset) => Outcome::ContentMismatch {
-            offset,
+            offset: offset / SECTOR * SECTOR,
             sizes_differ,
         },
         None => Outcome::Identical { sizes_differ },

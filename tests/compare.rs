@@ -44,6 +44,10 @@ fn identical_and_one_byte_apart() {
     assert_same_as_qemu(&s, &["a.qcow2", "b.qcow2"]).assert_ok();
     s.io("b.qcow2", "qcow2", &["write -P 0x09 700k 1"]);
     assert_same_as_qemu(&s, &["a.qcow2", "b.qcow2"]);
+    // An unaligned difference: qemu-img names its 512-byte sector.
+    base(&s, "u.qcow2", 4 * MIB);
+    s.io("u.qcow2", "qcow2", &["write -P 0x09 300001 1"]);
+    assert_same_as_qemu(&s, &["a.qcow2", "u.qcow2"]);
     // A zero cluster against unallocated space is the same data.
     base(&s, "c.qcow2", 4 * MIB);
     s.io("c.qcow2", "qcow2", &["write -z 2M 64k"]);
@@ -59,6 +63,8 @@ fn size_mismatch_with_zero_and_non_zero_tails() {
     assert_same_as_qemu(&s, &["long.qcow2", "a.qcow2"]).assert_ok();
     assert_same_as_qemu(&s, &["-s", "a.qcow2", "long.qcow2"]);
     s.io("long.qcow2", "qcow2", &["write -P 0x09 4200k 512"]);
+    assert_same_as_qemu(&s, &["a.qcow2", "long.qcow2"]);
+    s.io("long.qcow2", "qcow2", &["write -P 0x08 4194305 1"]);
     assert_same_as_qemu(&s, &["a.qcow2", "long.qcow2"]);
 }
 
