@@ -1,10 +1,11 @@
 //! The source seam: what `map` and the backup planner and copier need from
 //! whatever they read, so that they never depend on how it is stored.
 //!
-//! A local image and its backing chain ([`Chain`]) is one source; an NBD
-//! export of a running VM's disk will be another, behind the same trait
-//! (with dirty ranges from a bitmap added for incremental backups). Every
-//! method is safe to call from many threads at once.
+//! One implementation serves every source today: a [`Chain`] whose top
+//! storage is an image file or an NBD export, plus the dirty bitmap it was
+//! opened with, if any (a qcow2 persistent bitmap or the export's
+//! `qemu:dirty-bitmap` context). Every method is safe to call from many
+//! threads at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,10 +73,7 @@ pub trait Source: Sync {
     /// the dirty bitmap the source was opened with, and for how many bytes
     /// (at most `max_len`, > 0) that holds. Sources without a dirty bitmap
     /// refuse.
-    fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), SourceError> {
-        let _ = (offset, max_len);
-        Err(ImageError::new(self.name(), ImageErrorKind::NoDirtyBitmap))
-    }
+    fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), SourceError>;
 
     /// The image below the top layer, for `--sync top` overlays.
     fn top_backing(&self) -> Option<BackingFile>;
@@ -94,7 +92,10 @@ pub fn open(
     bitmap: Option<&str>,
 ) -> Result<Box<dyn Source + Send>, SourceError> {
     let Some(bitmap) = bitmap else {
-        return Ok(Box::new(Chain::open_with(opener, name, format)?));
+        return Ok(Box::new(ImageSource {
+            chain: Chain::open_with(opener, name, format)?,
+            dirty: None,
+        }));
     };
     if let Some(uri) = nbd_uri(name) {
         // The bitmap's context is negotiated when connecting.
@@ -103,26 +104,27 @@ pub fn open(
                 .map_err(|e| ImageError::new(name, StorageError::from(e)))?,
         );
         let top = image::open_storage(opener, export.clone(), format)?;
-        return Ok(Box::new(BitmapSource {
+        return Ok(Box::new(ImageSource {
             chain: Chain::with_top(opener, top)?,
-            map: Box::new(NbdDirtyMap::new(export, bitmap)),
+            dirty: Some(Box::new(NbdDirtyMap::new(export, bitmap))),
         }));
     }
     let chain = Chain::open_with(opener, name, format)?;
-    let map = chain.top().dirty_bitmap(bitmap)?;
-    Ok(Box::new(BitmapSource { chain, map }))
+    let dirty = Some(chain.top().dirty_bitmap(bitmap)?);
+    Ok(Box::new(ImageSource { chain, dirty }))
 }
 
-/// A chain with a dirty bitmap: a qcow2 image's persistent bitmap, or an
-/// NBD export (the chain's top storage) with its `qemu:dirty-bitmap`.
-struct BitmapSource {
+/// An image (or NBD export) and its backing chain, with the dirty bitmap it
+/// was opened with: a qcow2 image's persistent bitmap, or the export's
+/// `qemu:dirty-bitmap` context.
+struct ImageSource {
     chain: Chain,
-    map: Box<dyn DirtyMap>,
+    dirty: Option<Box<dyn DirtyMap>>,
 }
 
-impl Source for BitmapSource {
+impl Source for ImageSource {
     fn name(&self) -> &Path {
-        Source::name(&self.chain)
+        self.chain.top().path()
     }
 
     fn virtual_size(&self) -> u64 {
@@ -130,7 +132,7 @@ impl Source for BitmapSource {
     }
 
     fn cluster_size(&self) -> Option<ClusterSize> {
-        Source::cluster_size(&self.chain)
+        self.chain.top().cluster_size()
     }
 
     fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(Extent, u64), SourceError> {
@@ -142,7 +144,7 @@ impl Source for BitmapSource {
         offset: GuestOffset,
         max_len: u64,
     ) -> Result<(LayerExtent, u64), SourceError> {
-        self.chain.top_status(offset, max_len)
+        self.chain.top().status(offset, max_len)
     }
 
     fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<(), SourceError> {
@@ -161,67 +163,23 @@ impl Source for BitmapSource {
     }
 
     fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), SourceError> {
-        self.map.dirty(offset, max_len)
+        match &self.dirty {
+            Some(map) => map.dirty(offset, max_len),
+            None => Err(ImageError::new(self.name(), ImageErrorKind::NoDirtyBitmap)),
+        }
     }
 
     fn top_backing(&self) -> Option<BackingFile> {
-        self.chain.top_backing()
-    }
-
-    fn files(&self) -> Vec<Arc<dyn Storage>> {
-        self.chain.files()
-    }
-}
-
-impl Source for Chain {
-    fn name(&self) -> &Path {
-        self.top().path()
-    }
-
-    fn virtual_size(&self) -> u64 {
-        Chain::virtual_size(self)
-    }
-
-    fn cluster_size(&self) -> Option<ClusterSize> {
-        self.top().cluster_size()
-    }
-
-    fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(Extent, u64), SourceError> {
-        Chain::status(self, offset, max_len)
-    }
-
-    fn top_status(
-        &self,
-        offset: GuestOffset,
-        max_len: u64,
-    ) -> Result<(LayerExtent, u64), SourceError> {
-        self.top().status(offset, max_len)
-    }
-
-    fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<(), SourceError> {
-        Chain::read(self, offset, buf)
-    }
-
-    fn stored_compressed(
-        &self,
-        offset: GuestOffset,
-        len: u64,
-        cluster_size: ClusterSize,
-        codec: CompressionType,
-    ) -> Result<Option<Vec<u8>>, SourceError> {
-        Chain::stored_compressed(self, offset, len, cluster_size, codec)
-    }
-
-    fn top_backing(&self) -> Option<BackingFile> {
-        let below = self.layers().get(1)?;
-        let spec = self.top().backing()?;
+        let top = self.chain.top();
+        let below = self.chain.layers().get(1)?;
+        let spec = top.backing()?;
         Some(BackingFile {
-            path: resolve_backing(self.top().path(), &spec.name),
+            path: resolve_backing(top.path(), &spec.name),
             format: below.format(),
         })
     }
 
     fn files(&self) -> Vec<Arc<dyn Storage>> {
-        self.layers().iter().flat_map(|l| l.files()).collect()
+        self.chain.files()
     }
 }

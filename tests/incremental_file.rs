@@ -71,17 +71,7 @@ fn incremental_case(granularity: &str) {
             "discard 20M 128k",
         ],
     );
-    s.backup(&[
-        "--sync",
-        "incremental",
-        "--bitmap",
-        "bm0",
-        "--backing",
-        "full.qcow2",
-        "d.qcow2",
-        "inc.qcow2",
-    ])
-    .assert_ok();
+    backup_incremental(&s, &[], ("bm0", "full.qcow2"), "d.qcow2", "inc.qcow2").assert_ok();
     assert_check_clean(s.dir(), "inc.qcow2");
     assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
     let want = dirty_clusters_per_qemu(&s, "d.qcow2", "bm0");
@@ -115,18 +105,8 @@ fn missing_and_in_use_bitmaps_are_refused() {
     s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
     s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
     s.io("d.qcow2", "qcow2", &["write -P 0x07 0 64k"]);
-    let inc = |bitmap: &str| {
-        s.backup(&[
-            "--sync",
-            "incremental",
-            "--bitmap",
-            bitmap,
-            "--backing",
-            "full.qcow2",
-            "d.qcow2",
-            "inc.qcow2",
-        ])
-    };
+    let inc =
+        |bitmap: &str| backup_incremental(&s, &[], (bitmap, "full.qcow2"), "d.qcow2", "inc.qcow2");
     inc("nope").assert_clean_failure_mentioning(&["no persistent dirty bitmap named 'nope'"]);
     // Mark bm0 in use, as a QEMU killed while it had the image open leaves
     // it: flags are at byte 12 of the first directory entry.
@@ -144,17 +124,8 @@ fn missing_and_in_use_bitmaps_are_refused() {
     assert_no_leftovers(s.dir());
     // A raw image cannot hold one.
     s.img(&["convert", "-O", "raw", "full.qcow2", "d.raw"]);
-    s.backup(&[
-        "--sync",
-        "incremental",
-        "--bitmap",
-        "bm0",
-        "--backing",
-        "full.qcow2",
-        "d.raw",
-        "x.qcow2",
-    ])
-    .assert_clean_failure_mentioning(&["cannot hold a persistent dirty bitmap"]);
+    backup_incremental(&s, &[], ("bm0", "full.qcow2"), "d.raw", "x.qcow2")
+        .assert_clean_failure_mentioning(&["cannot hold a persistent dirty bitmap"]);
 }
 
 /// Regression: TARGET may not be PREV (or a file under it): `--force` would
@@ -170,17 +141,13 @@ fn previous_backup_that_is_the_target_or_another_size_is_refused() {
     s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
     s.io("d.qcow2", "qcow2", &["write -P 0x07 0 64k"]);
     let before = std::fs::read(s.path("full.qcow2")).unwrap();
-    s.backup(&[
-        "--force",
-        "--sync",
-        "incremental",
-        "--bitmap",
-        "bm0",
-        "--backing",
-        "full.qcow2",
+    backup_incremental(
+        &s,
+        &["--force"],
+        ("bm0", "full.qcow2"),
         "d.qcow2",
         "full.qcow2",
-    ])
+    )
     .assert_clean_failure_mentioning(&["which the source reads", "full.qcow2"]);
     assert_eq!(
         std::fs::read(s.path("full.qcow2")).unwrap(),
@@ -188,17 +155,8 @@ fn previous_backup_that_is_the_target_or_another_size_is_refused() {
         "PREV untouched"
     );
     s.create("small.qcow2", "qcow2", 2 * MIB, "");
-    s.backup(&[
-        "--sync",
-        "incremental",
-        "--bitmap",
-        "bm0",
-        "--backing",
-        "small.qcow2",
-        "d.qcow2",
-        "inc.qcow2",
-    ])
-    .assert_clean_failure_mentioning(&["same disk size"]);
+    backup_incremental(&s, &[], ("bm0", "small.qcow2"), "d.qcow2", "inc.qcow2")
+        .assert_clean_failure_mentioning(&["same disk size"]);
     assert!(!s.path("inc.qcow2").exists());
     assert_no_leftovers(s.dir());
 }

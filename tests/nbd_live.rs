@@ -75,17 +75,7 @@ fn incremental_backup_from_a_dirty_bitmap() {
         ],
     );
     let (_nbd, uri) = qemu_nbd_with(&s, "d.qcow2", &["-r", "-t", "-B", "bm0", "-f", "qcow2"]);
-    s.backup(&[
-        "--sync",
-        "incremental",
-        "--bitmap",
-        "bm0",
-        "--backing",
-        "full.qcow2",
-        &uri,
-        "inc.qcow2",
-    ])
-    .assert_ok();
+    backup_incremental(&s, &[], ("bm0", "full.qcow2"), &uri, "inc.qcow2").assert_ok();
     assert_check_clean(s.dir(), "inc.qcow2");
     assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
     let info = s.qemu_info("inc.qcow2", "qcow2");
@@ -107,17 +97,8 @@ fn refused_bitmap_and_missing_server_fail_cleanly() {
     image(&s, "d.qcow2");
     s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
     let (nbd, uri) = qemu_nbd_with(&s, "d.qcow2", &["-r", "-t", "-f", "qcow2"]);
-    s.backup(&[
-        "--sync",
-        "incremental",
-        "--bitmap",
-        "nope",
-        "--backing",
-        "full.qcow2",
-        &uri,
-        "inc.qcow2",
-    ])
-    .assert_clean_failure_mentioning(&["qemu:dirty-bitmap:nope"]);
+    backup_incremental(&s, &[], ("nope", "full.qcow2"), &uri, "inc.qcow2")
+        .assert_clean_failure_mentioning(&["qemu:dirty-bitmap:nope"]);
     drop(nbd);
     for args in [
         vec!["map", "--output=json", uri.as_str()],
@@ -242,17 +223,7 @@ fn live_vm_fleecing_full_and_incremental() {
     s.backup(&["--threads", "2", &uri, "full1.qcow2"])
         .assert_ok();
     guest_writes(&mut qmp, "cbw", &["write -P 0x44 3M 64k"]);
-    s.backup(&[
-        "--sync",
-        "incremental",
-        "--bitmap",
-        "bm0",
-        "--backing",
-        "full0.qcow2",
-        &uri,
-        "inc1.qcow2",
-    ])
-    .assert_ok();
+    backup_incremental(&s, &[], ("bm0", "full0.qcow2"), &uri, "inc1.qcow2").assert_ok();
     for out in ["full1.qcow2", "inc1.qcow2"] {
         assert_check_clean(s.dir(), out);
         assert_identical(s.dir(), "expected.qcow2", "qcow2", out, "qcow2");

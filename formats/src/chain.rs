@@ -113,6 +113,11 @@ impl Chain {
         &self.layers
     }
 
+    /// Every storage the chain reads (images and external data files).
+    pub fn files(&self) -> Vec<std::sync::Arc<dyn crate::storage::Storage>> {
+        self.layers.iter().flat_map(|l| l.files()).collect()
+    }
+
     /// The top image.
     pub fn top(&self) -> &dyn Layer {
         self.layers[0].as_ref()

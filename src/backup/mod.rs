@@ -409,7 +409,7 @@ fn previous_backup(
         .map_err(BackupError::PreviousBackup)?;
     // Replacing PREV (or a file under it) with its own overlay would lose
     // the previous backup and make a chain that loops.
-    refuse_target_in(cfg, &Source::files(&chain))?;
+    refuse_target_in(cfg, &chain.files())?;
     // A smaller PREV would make every clean cluster past its end read as
     // zeros; QEMU's backup job refuses a target of another size too.
     if chain.virtual_size() != source.virtual_size() {

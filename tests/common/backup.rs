@@ -99,3 +99,25 @@ pub fn compressed_source(s: &Scratch, name: &str, ctype: &str) {
 pub fn compare_force_share(dir: &Path, a: &str, b: &str) -> (Option<i32>, String) {
     qemu_img_status(dir, &["compare", "-U", "-f", "qcow2", "-F", "qcow2", a, b])
 }
+
+/// `qbackup backup --sync incremental --bitmap BITMAP --backing PREV SRC
+/// TARGET` (plus `extra` options first) in the scratch dir, not checked.
+pub fn backup_incremental(
+    s: &Scratch,
+    extra: &[&str],
+    (bitmap, prev): (&str, &str),
+    src: &str,
+    target: &str,
+) -> Run {
+    let args = [
+        "--sync",
+        "incremental",
+        "--bitmap",
+        bitmap,
+        "--backing",
+        prev,
+        src,
+        target,
+    ];
+    s.backup(&[extra, &args].concat())
+}
