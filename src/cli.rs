@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use qbackup::{backup, compare, info, map, source};
 use qbackup_formats::codec::CompressionType;
-use qbackup_formats::open::{FileOpener, ForceShareOpener, Opener};
+use qbackup_formats::open::{nbd_uri, FileOpener, ForceShareOpener, Opener};
 use qbackup_formats::Format;
 
 /// Back up qcow2 and raw disk images like QEMU's backup job.
@@ -112,6 +112,13 @@ enum SyncArg {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BitmapModeArg {
+    OnSuccess,
+    Never,
+    Always,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum CompressArg {
     Zstd,
     Zlib,
@@ -127,14 +134,21 @@ struct BackupArgs {
     /// what the source's dirty bitmap marks (--bitmap, --backing PREV).
     #[arg(long, value_enum, default_value = "full")]
     sync: SyncArg,
-    /// With --sync incremental: the dirty bitmap to copy (an NBD export's
-    /// qemu:dirty-bitmap:NAME context).
+    /// The source's persistent dirty bitmap (or an NBD export's
+    /// qemu:dirty-bitmap:NAME context). --sync incremental copies what it
+    /// marks; --sync full starts a new cycle by clearing it.
     #[arg(long)]
     bitmap: Option<String>,
-    /// QEMU's bitmap-mode (on-success, always, never). Refused: the NBD
-    /// server owns the bitmap; clear or merge it over QMP after the backup.
-    #[arg(long, hide = true)]
-    bitmap_mode: Option<String>,
+    /// What happens to --bitmap in an image file SOURCE: on-success
+    /// (default) clears it once the backup is durable; never leaves it.
+    /// always is refused (a failed backup leaves no target, so it would
+    /// lose writes). NBD exports: never (their server owns the bitmap).
+    #[arg(long, value_enum)]
+    bitmap_mode: Option<BitmapModeArg>,
+    /// With --sync incremental: accept a disabled bitmap (one that stopped
+    /// recording writes, e.g. disabled on purpose at a backup point).
+    #[arg(long)]
+    allow_disabled_bitmap: bool,
     /// Cluster compression for a qcow2 target.
     #[arg(long, value_enum, default_value = "zstd")]
     compress: CompressArg,
@@ -227,19 +241,7 @@ impl BackupArgs {
         if self.backing.is_some() && self.sync == SyncArg::Full {
             bail!("--backing only applies to --sync top and incremental");
         }
-        if self.bitmap_mode.is_some() {
-            bail!("--bitmap-mode is not supported: the NBD server owns the bitmap; after a successful backup, remove or merge it over QMP (block-dirty-bitmap-remove, block-dirty-bitmap-merge)");
-        }
-        match (self.sync, &self.bitmap, &self.backing) {
-            (SyncArg::Incremental, None, _) => bail!("--sync incremental needs --bitmap NAME"),
-            (SyncArg::Incremental, _, None) => {
-                bail!("--sync incremental needs --backing PREV (the previous backup)")
-            }
-            (SyncArg::Full | SyncArg::Top, Some(_), _) => {
-                bail!("--bitmap only applies to --sync incremental")
-            }
-            _ => {}
-        }
+        let clear_bitmap = self.bitmap_policy()?;
         let threads = self.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -256,6 +258,8 @@ impl BackupArgs {
                 SyncArg::Incremental => backup::SyncMode::Incremental,
             },
             bitmap: self.bitmap,
+            clear_bitmap,
+            allow_disabled_bitmap: self.allow_disabled_bitmap,
             compression,
             cluster_size: self.cluster_size,
             threads,
@@ -264,6 +268,44 @@ impl BackupArgs {
             recompress: self.recompress,
             backing: self.backing,
         })
+    }
+}
+
+impl BackupArgs {
+    /// Checks --sync, --bitmap, --bitmap-mode and --backing together;
+    /// returns whether the bitmap is to be cleared after the backup.
+    fn bitmap_policy(&self) -> Result<bool> {
+        let nbd = nbd_uri(&self.source).is_some();
+        if self.bitmap.is_none() && self.bitmap_mode.is_some() {
+            bail!("--bitmap-mode needs --bitmap NAME");
+        }
+        if self.allow_disabled_bitmap && self.sync != SyncArg::Incremental {
+            bail!("--allow-disabled-bitmap only applies to --sync incremental");
+        }
+        let mode = match self.bitmap_mode {
+            Some(BitmapModeArg::Always) => bail!("--bitmap-mode always is refused: a failed backup leaves no target, so clearing the bitmap anyway would lose the writes it recorded; use on-success"),
+            Some(BitmapModeArg::OnSuccess) if nbd => bail!("--bitmap-mode on-success: an NBD export's bitmap belongs to its server; after the backup, clear or merge it over QMP (block-dirty-bitmap-clear, block-dirty-bitmap-merge), and pass --bitmap-mode never"),
+            Some(m) => m,
+            None if nbd => BitmapModeArg::Never,
+            None => BitmapModeArg::OnSuccess,
+        };
+        match (self.sync, &self.bitmap, &self.backing) {
+            (SyncArg::Incremental, None, _) => bail!("--sync incremental needs --bitmap NAME"),
+            (SyncArg::Incremental, _, None) => {
+                bail!("--sync incremental needs --backing PREV (the previous backup)")
+            }
+            (SyncArg::Top, Some(_), _) => bail!("--bitmap applies to --sync incremental (copy what it marks) and --sync full (clear it: a new cycle)"),
+            (SyncArg::Full, Some(_), _) if nbd => bail!("--sync full --bitmap clears the bitmap, but an NBD export's bitmap belongs to its server: clear it over QMP (block-dirty-bitmap-clear)"),
+            (SyncArg::Full, Some(_), _) if mode == BitmapModeArg::Never => {
+                bail!("--sync full --bitmap only clears the bitmap; with --bitmap-mode never it would do nothing")
+            }
+            _ => {}
+        }
+        let clear = self.bitmap.is_some() && mode == BitmapModeArg::OnSuccess;
+        if clear && self.force_share {
+            bail!("-U/--force-share only reads; clearing the bitmap needs the image to itself (stop what holds it, or pass --bitmap-mode never)");
+        }
+        Ok(clear)
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use qbackup_formats::extent::LayerExtent;
 use qbackup_formats::image::{self, ImageErrorKind};
-use qbackup_formats::layer::DirtyMap;
+use qbackup_formats::layer::{BitmapClear, DirtyMap};
 use qbackup_formats::open::{nbd_uri, resolve_backing, Opener};
 use qbackup_formats::storage::nbd::{dirty_bitmap_context, NbdDirtyMap, NbdStorage};
 use qbackup_formats::storage::{Storage, StorageError};
@@ -81,6 +81,20 @@ pub trait Source: Sync {
     /// Every storage the source reads (so a target can be refused when it
     /// is one of them).
     fn files(&self) -> Vec<Arc<dyn Storage>>;
+
+    /// Checks that the persistent dirty bitmap `name` of the top image can
+    /// be cleared (the source must have been opened for update) and returns
+    /// the clearing, which writes nothing until committed.
+    fn prepare_bitmap_clear(&self, name: &str) -> Result<Box<dyn BitmapClear>, SourceError>;
+}
+
+/// The dirty bitmap a source is opened with.
+#[derive(Debug, Clone, Copy)]
+pub struct BitmapRequest<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Accept a disabled bitmap (see [`qbackup_formats::layer::Layer::dirty_bitmap`]).
+    pub allow_disabled: bool,
 }
 
 /// Opens the source named `name` through `opener` (a local image and its
@@ -89,7 +103,7 @@ pub fn open(
     opener: &dyn Opener,
     name: &Path,
     format: Option<Format>,
-    bitmap: Option<&str>,
+    bitmap: Option<BitmapRequest<'_>>,
 ) -> Result<Box<dyn Source + Send>, SourceError> {
     let Some(bitmap) = bitmap else {
         return Ok(Box::new(ImageSource {
@@ -100,17 +114,21 @@ pub fn open(
     if let Some(uri) = nbd_uri(name) {
         // The bitmap's context is negotiated when connecting.
         let export = Arc::new(
-            NbdStorage::connect(uri, &[dirty_bitmap_context(bitmap)])
+            NbdStorage::connect(uri, &[dirty_bitmap_context(bitmap.name)])
                 .map_err(|e| ImageError::new(name, StorageError::from(e)))?,
         );
         let top = image::open_storage(opener, export.clone(), format)?;
         return Ok(Box::new(ImageSource {
             chain: Chain::with_top(opener, top)?,
-            dirty: Some(Box::new(NbdDirtyMap::new(export, bitmap))),
+            dirty: Some(Box::new(NbdDirtyMap::new(export, bitmap.name))),
         }));
     }
     let chain = Chain::open_with(opener, name, format)?;
-    let dirty = Some(chain.top().dirty_bitmap(bitmap)?);
+    let dirty = Some(
+        chain
+            .top()
+            .dirty_bitmap(bitmap.name, bitmap.allow_disabled)?,
+    );
     Ok(Box::new(ImageSource { chain, dirty }))
 }
 
@@ -181,5 +199,9 @@ impl Source for ImageSource {
 
     fn files(&self) -> Vec<Arc<dyn Storage>> {
         self.chain.files()
+    }
+
+    fn prepare_bitmap_clear(&self, name: &str) -> Result<Box<dyn BitmapClear>, SourceError> {
+        self.chain.top().prepare_bitmap_clear(name)
     }
 }

@@ -38,6 +38,8 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         target_format: Format::Qcow2,
         sync: SyncMode::Full,
         bitmap: None,
+        clear_bitmap: false,
+        allow_disabled_bitmap: false,
         compression: Some((CompressionType::Zstd, 3)),
         cluster_size: None,
         threads: 2,

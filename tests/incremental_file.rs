@@ -11,32 +11,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use common::*;
 
 /// Target clusters (64 KiB) touched by the dirty extents QEMU reports.
 fn dirty_clusters_per_qemu(s: &Scratch, image: &str, bitmap: &str) -> BTreeSet<u64> {
-    let (nbd, uri) = qemu_nbd_with(s, image, &["-r", "-t", "-B", bitmap, "-f", "qcow2"]);
-    let out = run_checked(
-        Command::new("nbdinfo")
-            .arg(format!("--map=qemu:dirty-bitmap:{bitmap}"))
-            .arg(&uri),
-    );
-    drop(nbd);
-    let mut set = BTreeSet::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (start, len, flags): (u64, u64, u64) = (
-            f[0].parse().unwrap(),
-            f[1].parse().unwrap(),
-            f[2].parse().unwrap(),
-        );
-        if flags & 1 != 0 {
-            set.extend(start / (64 * KIB)..(start + len).div_ceil(64 * KIB));
-        }
-    }
-    set
+    dirty_ranges(s, image, bitmap)
+        .into_iter()
+        .flat_map(|(start, len)| start / (64 * KIB)..(start + len).div_ceil(64 * KIB))
+        .collect()
 }
 
 /// Target clusters the overlay itself allocates.
@@ -71,16 +54,19 @@ fn incremental_case(granularity: &str) {
             "discard 20M 128k",
         ],
     );
+    let want = dirty_clusters_per_qemu(&s, "d.qcow2", "bm0");
+    assert!(!want.is_empty());
     backup_incremental(&s, &[], ("bm0", "full.qcow2"), "d.qcow2", "inc.qcow2").assert_ok();
     assert_check_clean(s.dir(), "inc.qcow2");
     assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
-    let want = dirty_clusters_per_qemu(&s, "d.qcow2", "bm0");
-    assert!(!want.is_empty());
     assert_eq!(
         overlay_clusters(&s, "inc.qcow2"),
         want,
         "granularity {granularity}"
     );
+    // --bitmap-mode on-success (the default) cleared it, cleanly.
+    assert!(dirty_clusters_per_qemu(&s, "d.qcow2", "bm0").is_empty());
+    assert_check_clean(s.dir(), "d.qcow2");
 }
 
 #[test]

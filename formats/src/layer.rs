@@ -67,6 +67,16 @@ pub trait DirtyMap: Send + Sync {
     fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), ImageError>;
 }
 
+/// A validated clearing of a persistent dirty bitmap (every bit zero),
+/// written only by [`BitmapClear::commit`]; see
+/// [`Layer::prepare_bitmap_clear`].
+pub trait BitmapClear: Send + Sync {
+    /// Clears the bitmap in the image, crash-safely (the driver documents
+    /// its order of writes); returns how many bitmap data clusters were
+    /// freed.
+    fn commit(self: Box<Self>) -> Result<u64, ImageError>;
+}
+
 /// One opened image of a chain.
 pub trait Layer: Send + Sync + fmt::Debug {
     /// Its format.
@@ -129,8 +139,25 @@ pub trait Layer: Send + Sync + fmt::Debug {
     /// What `info` reports.
     fn info(&self) -> Result<LayerInfo, ImageError>;
 
-    /// The persistent dirty bitmap `name`, ready to answer queries.
-    fn dirty_bitmap(&self, name: &str) -> Result<Box<dyn DirtyMap>, ImageError> {
+    /// The persistent dirty bitmap `name`, ready to answer queries. A
+    /// disabled bitmap (one that does not record writes) is refused unless
+    /// `allow_disabled`.
+    fn dirty_bitmap(
+        &self,
+        name: &str,
+        allow_disabled: bool,
+    ) -> Result<Box<dyn DirtyMap>, ImageError> {
+        let _ = (name, allow_disabled);
+        Err(ImageError::new(
+            self.path(),
+            crate::image::ImageErrorKind::NoDirtyBitmap,
+        ))
+    }
+
+    /// Checks that the persistent dirty bitmap `name` can be cleared in
+    /// place (the layer's storage must have been opened for update) and
+    /// returns the clearing, which writes nothing until committed.
+    fn prepare_bitmap_clear(&self, name: &str) -> Result<Box<dyn BitmapClear>, ImageError> {
         let _ = name;
         Err(ImageError::new(
             self.path(),

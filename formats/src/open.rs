@@ -116,6 +116,54 @@ impl Opener for ForceShareOpener {
     }
 }
 
+/// Opens the image named by the user for updating in place (clearing one
+/// of its persistent dirty bitmaps): read-write, with QEMU's locks of a
+/// writer that keeps the image to itself, so it is refused while any other
+/// process (a VM, qemu-nbd, qemu-img, another qbackup) has it open, and no
+/// such process can open it until this storage is dropped. Backing files
+/// and data files are opened by `inner`, read-only. NBD exports are
+/// refused: their server owns the image and its bitmaps.
+pub struct UpdatingOpener<'a> {
+    inner: &'a dyn Opener,
+}
+
+impl<'a> UpdatingOpener<'a> {
+    /// Opens the top image for update and everything else through `inner`.
+    pub fn new(inner: &'a dyn Opener) -> Self {
+        UpdatingOpener { inner }
+    }
+}
+
+impl fmt::Debug for UpdatingOpener<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UpdatingOpener")
+    }
+}
+
+impl Opener for UpdatingOpener<'_> {
+    fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        if role != Role::Image {
+            return self.inner.open(name, role);
+        }
+        if nbd_uri(name).is_some() {
+            return Err(StorageError::NotWritable {
+                why: "an NBD export's bitmaps belong to its server",
+            });
+        }
+        let storage = FileStorage::open_for_update(name)?;
+        storage.lock_for_update()?;
+        Ok(Arc::new(storage))
+    }
+
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        self.inner.canonical(name)
+    }
+
+    fn target(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        self.inner.target(storage)
+    }
+}
+
 /// A function that wraps a storage: given its name and role (`Role::Target`
 /// for targets), returns what to use instead.
 pub type WrapFn = dyn Fn(&Path, Role, Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync;

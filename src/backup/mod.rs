@@ -1,7 +1,10 @@
 //! `qbackup backup`: copy an image (or the top layer of its chain) into a
 //! compact qcow2 or sparse raw target.
 //!
-//! Safety invariants: the source is opened read-only; the target is built in
+//! Safety invariants: the source is opened read-only, except when its
+//! dirty bitmap is to be cleared (then it is opened for update, with
+//! QEMU's write locks, and only the bitmap is written, after the target is
+//! durable under its name); the target is built in
 //! a temporary file beside TARGET, written through the storage seam, synced,
 //! then renamed over TARGET in one step. On any error or interruption the
 //! temporary file is removed and nothing appears at TARGET.
@@ -16,7 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use qbackup_formats::codec::{CodecError, CompressionType};
-use qbackup_formats::open::Opener;
+use qbackup_formats::open::{Opener, UpdatingOpener};
 use qbackup_formats::qcow2::writer::{BackingRef, Qcow2Writer, WriterOptions};
 use qbackup_formats::storage::{FileStorage, Identity, Storage};
 use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, Format};
@@ -40,8 +43,14 @@ pub struct BackupConfig {
     pub target_format: Format,
     /// full, top or incremental.
     pub sync: SyncMode,
-    /// The dirty bitmap an incremental backup copies (the source's).
+    /// The source's dirty bitmap: what an incremental backup copies, and
+    /// what `clear_bitmap` clears.
     pub bitmap: Option<String>,
+    /// Clear `bitmap` in the source once the backup is durable (QEMU's
+    /// bitmap-mode on-success); the source is then opened for update.
+    pub clear_bitmap: bool,
+    /// Accept a disabled bitmap for an incremental backup.
+    pub allow_disabled_bitmap: bool,
     /// Codec and level, or no compression.
     pub compression: Option<(CompressionType, i32)>,
     /// Target cluster size; `None` for QEMU's rule.
@@ -67,6 +76,9 @@ pub struct BackupReport {
     pub planned_bytes: u64,
     /// Target cluster size.
     pub cluster_size: ClusterSize,
+    /// When the source's dirty bitmap was cleared: how many of its data
+    /// clusters were freed.
+    pub bitmap_cleared: Option<u64>,
 }
 
 /// Errors of a backup. Each displays as one line that names the file
@@ -171,6 +183,15 @@ pub enum BackupError {
     /// Ctrl-C or SIGTERM.
     #[error("interrupted; nothing was written to the target")]
     Interrupted,
+    /// The backup is durable at its path, but clearing the source's dirty
+    /// bitmap failed.
+    #[error("{}: the backup is complete, but {source}", target.display())]
+    ClearBitmap {
+        /// The (complete) target.
+        target: PathBuf,
+        /// Why clearing failed.
+        source: SourceError,
+    },
 }
 
 impl Classify for BackupError {
@@ -193,6 +214,7 @@ impl Classify for BackupError {
                 ErrorClass::Internal
             }
             BackupError::Interrupted => ErrorClass::Interrupted,
+            BackupError::ClearBitmap { source, .. } => source.class(),
         }
     }
 }
@@ -232,13 +254,23 @@ pub fn run(
     on_plan: &mut dyn FnMut(u64),
     cancel: &AtomicBool,
 ) -> Result<BackupReport, BackupError> {
-    let source = source::open(
-        opener,
-        &cfg.source,
-        cfg.source_format,
-        cfg.bitmap.as_deref(),
-    )?;
+    // Clearing the bitmap needs the source image to itself, from the
+    // start: no VM may open it between the backup and the clearing.
+    let updating = UpdatingOpener::new(opener);
+    let source_opener: &dyn Opener = if cfg.clear_bitmap { &updating } else { opener };
+    let dirty = match cfg.sync {
+        SyncMode::Incremental => cfg.bitmap.as_deref().map(|name| source::BitmapRequest {
+            name,
+            allow_disabled: cfg.allow_disabled_bitmap,
+        }),
+        SyncMode::Full | SyncMode::Top => None,
+    };
+    let source = source::open(source_opener, &cfg.source, cfg.source_format, dirty)?;
     let source: &dyn Source = source.as_ref();
+    let clear = match (&cfg.bitmap, cfg.clear_bitmap) {
+        (Some(name), true) => Some(source.prepare_bitmap_clear(name)?),
+        _ => None,
+    };
     let target_err = |e: BackupError| BackupError::Target {
         path: cfg.target.clone(),
         source: Box::new(e),
@@ -353,9 +385,19 @@ pub fn run(
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
+    // Only now, with the backup durable under its name, may the bits it
+    // covers be dropped (a crash before this point leaves them set).
+    let bitmap_cleared = match clear {
+        Some(c) => Some(c.commit().map_err(|source| BackupError::ClearBitmap {
+            target: cfg.target.clone(),
+            source,
+        })?),
+        None => None,
+    };
     Ok(BackupReport {
         planned_bytes: planned,
         cluster_size,
+        bitmap_cleared,
     })
 }
 

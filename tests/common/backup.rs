@@ -121,3 +121,28 @@ pub fn backup_incremental(
     ];
     s.backup(&[extra, &args].concat())
 }
+
+/// The dirty ranges (start, length) of `bitmap` in qcow2 `image`, as QEMU
+/// reports them: `qemu-nbd -B` exports it, `nbdinfo --map` prints it.
+pub fn dirty_ranges(s: &Scratch, image: &str, bitmap: &str) -> Vec<(u64, u64)> {
+    let (nbd, uri) = qemu_nbd_with(s, image, &["-r", "-t", "-B", bitmap, "-f", "qcow2"]);
+    let out = run_checked(
+        std::process::Command::new("nbdinfo")
+            .arg(format!("--map=qemu:dirty-bitmap:{bitmap}"))
+            .arg(&uri),
+    );
+    drop(nbd);
+    let mut ranges = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (start, len, flags): (u64, u64, u64) = (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        );
+        if flags & 1 != 0 {
+            ranges.push((start, len));
+        }
+    }
+    ranges
+}

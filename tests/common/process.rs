@@ -39,8 +39,11 @@ pub fn listening(socket: &Path) -> bool {
     })
 }
 
-/// Starts `cmd` and waits (bounded) until `socket` is listening.
+/// Starts `cmd` and waits (bounded) until `socket` is listening. A socket
+/// file left by an earlier server is removed first, so that it cannot be
+/// taken for the new one.
 pub fn hold(cmd: &mut Command, socket: &Path) -> Holder {
+    let _ = std::fs::remove_file(socket);
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -49,10 +52,10 @@ pub fn hold(cmd: &mut Command, socket: &Path) -> Holder {
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let holder = Holder(child);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
+    while !listening(socket) {
         assert!(
             Instant::now() < deadline,
-            "{cmd:?} did not create {socket:?}"
+            "{cmd:?} did not listen on {socket:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

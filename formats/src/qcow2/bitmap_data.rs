@@ -37,6 +37,53 @@ pub struct DirtyBitmap {
     cached: Mutex<Option<(usize, Arc<[u8]>)>>,
 }
 
+/// Reads and validates the bitmap table of `entry` in an image with
+/// `cluster_bits` and `virtual_size` (see the module docs), as QEMU does
+/// for every bitmap not in use when it opens an image.
+pub fn read_table(
+    storage: &dyn Storage,
+    entry: &BitmapEntry,
+    cluster_bits: u32,
+    virtual_size: u64,
+) -> Result<Vec<u64>, BitmapError> {
+    let invalid = |why| BitmapError::Invalid {
+        offset: entry.table_offset,
+        why,
+    };
+    let cluster_size = 1u64 << cluster_bits;
+    let bits = virtual_size.div_ceil(entry.granularity);
+    let needed = bits.div_ceil(8).div_ceil(cluster_size);
+    if u64::from(entry.table_size) != needed {
+        return Err(invalid("bitmap table size does not match the virtual size"));
+    }
+    if entry.table_offset.0 % cluster_size != 0 {
+        return Err(invalid("bitmap table is not cluster aligned"));
+    }
+    let table = table::read(storage, "bitmap table", entry.table_offset, needed)?;
+    for &e in &table {
+        let offset = e & OFFSET_MASK;
+        if e & !(OFFSET_MASK | ALL_ONES) != 0 || (offset != 0 && e & ALL_ONES != 0) {
+            return Err(invalid("bitmap table entry has reserved bits set"));
+        }
+        if offset % cluster_size != 0 {
+            return Err(invalid("bitmap data cluster is not cluster aligned"));
+        }
+        if offset != 0 {
+            storage.check_range("bitmap data", HostOffset(offset), cluster_size)?;
+        }
+    }
+    Ok(table)
+}
+
+/// The data clusters a validated bitmap table refers to, in table order.
+pub fn data_clusters(table: &[u64]) -> impl Iterator<Item = HostOffset> + '_ {
+    table
+        .iter()
+        .map(|e| e & OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .map(HostOffset)
+}
+
 impl DirtyBitmap {
     /// Loads and validates bitmap `entry` of an image with `cluster_bits`
     /// and `virtual_size`.
@@ -46,41 +93,16 @@ impl DirtyBitmap {
         cluster_bits: u32,
         virtual_size: u64,
     ) -> Result<DirtyBitmap, BitmapError> {
-        let invalid = |why| BitmapError::Invalid {
-            offset: entry.table_offset,
-            why,
-        };
         if entry.flags & flags::IN_USE != 0 {
             return Err(BitmapError::InUse {
                 name: entry.name.clone(),
             });
         }
-        let cluster_size = 1u64 << cluster_bits;
-        let bits = virtual_size.div_ceil(entry.granularity);
-        let needed = bits.div_ceil(8).div_ceil(cluster_size);
-        if u64::from(entry.table_size) != needed {
-            return Err(invalid("bitmap table size does not match the virtual size"));
-        }
-        if entry.table_offset.0 % cluster_size != 0 {
-            return Err(invalid("bitmap table is not cluster aligned"));
-        }
-        let table = table::read(storage.as_ref(), "bitmap table", entry.table_offset, needed)?;
-        for &e in &table {
-            let offset = e & OFFSET_MASK;
-            if e & !(OFFSET_MASK | ALL_ONES) != 0 || (offset != 0 && e & ALL_ONES != 0) {
-                return Err(invalid("bitmap table entry has reserved bits set"));
-            }
-            if offset % cluster_size != 0 {
-                return Err(invalid("bitmap data cluster is not cluster aligned"));
-            }
-            if offset != 0 {
-                storage.check_range("bitmap data", HostOffset(offset), cluster_size)?;
-            }
-        }
+        let table = read_table(storage.as_ref(), entry, cluster_bits, virtual_size)?;
         Ok(DirtyBitmap {
             storage,
             granularity: entry.granularity,
-            cluster_size,
+            cluster_size: 1u64 << cluster_bits,
             virtual_size,
             table,
             cached: Mutex::new(None),

@@ -4,6 +4,14 @@
 //! then padding to 8 bytes. The directory is only meaningful when autoclear
 //! bit 0 is set; otherwise a writer unaware of bitmaps has touched the image
 //! and QEMU ignores the extension, and so do we.
+//!
+//! The checks are QEMU's (block/qcow2-bitmap.c), because QEMU refuses to
+//! open an image whose directory fails them, and `info`, `map` and `backup`
+//! must agree with it and with each other: the directory is cluster aligned
+//! and its entries fill it exactly; each entry is a dirty-tracking bitmap
+//! with granularity 2^9..2^31, no reserved flag (QEMU counts
+//! extra_data_compatible among them), no extra data, a non-empty name unique
+//! in the directory, and a non-empty, cluster-aligned bitmap table.
 
 use crate::error::{Classify, ErrorClass};
 use crate::storage::{Storage, StorageError};
@@ -22,6 +30,9 @@ pub mod flags {
     pub const IN_USE: u32 = 1 << 0;
     /// The bitmap tracks writes automatically.
     pub const AUTO: u32 = 1 << 1;
+    /// Flags QEMU does not accept (it treats extra_data_compatible, bit 2,
+    /// as reserved because it defines no extra data).
+    pub const RESERVED: u32 = !(IN_USE | AUTO);
 }
 
 /// Errors in the bitmap directory.
@@ -31,8 +42,15 @@ pub enum BitmapError {
     #[error("cannot read bitmap directory: {0}")]
     Read(#[from] StorageError),
     /// The bitmap was left in use: QEMU did not store it cleanly.
-    #[error("dirty bitmap '{name}' is marked in use (QEMU did not store it cleanly, e.g. it was killed): its bits cannot be trusted; take a full backup and start a new bitmap")]
+    #[error("dirty bitmap '{name}' is marked in use (a QEMU has the image open, or was killed and did not store it): its bits cannot be trusted; once no QEMU runs, replace it (qemu-img bitmap --remove, then --add) and take a full backup")]
     InUse {
+        /// The bitmap.
+        name: String,
+    },
+    /// The bitmap does not track writes (`qemu-img bitmap --disable`), so
+    /// it misses every write since it was disabled.
+    #[error("dirty bitmap '{name}' is disabled: it does not record writes made since it was disabled, so an incremental backup from it could miss data (enable it with qemu-img bitmap --enable, or allow it explicitly if it was disabled on purpose at a backup point)")]
+    Disabled {
         /// The bitmap.
         name: String,
     },
@@ -57,7 +75,7 @@ impl Classify for BitmapError {
         match self {
             BitmapError::Read(e) => e.class(),
             BitmapError::Invalid { .. } | BitmapError::InUse { .. } => ErrorClass::Corrupt,
-            BitmapError::NotFound { .. } => ErrorClass::Usage,
+            BitmapError::NotFound { .. } | BitmapError::Disabled { .. } => ErrorClass::Usage,
         }
     }
 }
@@ -77,22 +95,28 @@ pub struct BitmapEntry {
     pub table_size: u32,
 }
 
-/// Reads and validates the bitmap directory.
+/// Reads and validates the bitmap directory of an image with
+/// `cluster_bits` (see the module docs for the checks).
 pub fn read_directory(
     storage: &dyn Storage,
     ext: &BitmapsExtension,
+    cluster_bits: u32,
 ) -> Result<Vec<BitmapEntry>, BitmapError> {
     let invalid = |offset, why| BitmapError::Invalid { offset, why };
     let base = ext.directory_offset;
+    let cluster_mask = (1u64 << cluster_bits) - 1;
     if ext.nb_bitmaps == 0 || ext.nb_bitmaps > MAX_BITMAPS {
         return Err(invalid(base, "bitmap count out of range"));
     }
     if ext.directory_size > MAX_DIRECTORY_BYTES || ext.directory_size < 24 {
         return Err(invalid(base, "directory size out of range"));
     }
+    if base.0 & cluster_mask != 0 {
+        return Err(invalid(base, "directory is not cluster aligned"));
+    }
     let mut dir = vec![0u8; ext.directory_size as usize];
     storage.read_exact_at("bitmap directory", &mut dir, base)?;
-    let mut out = Vec::new();
+    let mut out: Vec<BitmapEntry> = Vec::new();
     let mut at = 0usize;
     for _ in 0..ext.nb_bitmaps {
         let here = HostOffset(base.0 + at as u64);
@@ -112,15 +136,27 @@ pub fn read_directory(
         if !(9..=31).contains(&granularity_bits) {
             return Err(invalid(here, "granularity out of range"));
         }
+        if flag_bits & flags::RESERVED != 0 {
+            return Err(invalid(here, "reserved flags set"));
+        }
+        if extra != 0 {
+            return Err(invalid(here, "extra data (which QEMU does not support)"));
+        }
         if name_size == 0 || name_size > 1023 {
             return Err(invalid(here, "name length out of range"));
         }
-        let name_at = at + 24 + extra;
+        if table_size == 0 || table_offset == 0 || table_offset & cluster_mask != 0 {
+            return Err(invalid(here, "bitmap table missing or not cluster aligned"));
+        }
+        let name_at = at + 24;
         let name = dir
             .get(name_at..name_at + name_size)
             .ok_or(invalid(here, "entry runs past the directory"))?;
         let name =
             String::from_utf8(name.to_vec()).map_err(|_| invalid(here, "name is not UTF-8"))?;
+        if out.iter().any(|e| e.name == name) {
+            return Err(invalid(here, "two bitmaps have the same name"));
+        }
         out.push(BitmapEntry {
             name,
             granularity: 1u64 << granularity_bits,
@@ -129,6 +165,9 @@ pub fn read_directory(
             table_size,
         });
         at = (name_at + name_size).div_ceil(8) * 8;
+    }
+    if at as u64 != ext.directory_size {
+        return Err(invalid(base, "entries do not fill the directory exactly"));
     }
     Ok(out)
 }

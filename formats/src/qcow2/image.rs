@@ -19,6 +19,7 @@ use crate::open::{resolve_data_file, Opener, Role};
 use crate::storage::{FileExtent, Storage, StorageError};
 use crate::units::{GuestOffset, HostOffset};
 
+use super::bitmap_data;
 use super::bitmaps::{self, BitmapEntry, BitmapError};
 use super::header::{autoclear, incompat, Header, HeaderError};
 use super::l2::{self, CompressedDescriptor, EntryFormat, MappingError, SubclusterKind};
@@ -46,6 +47,9 @@ pub enum Qcow2Error {
     /// The bitmap directory is invalid.
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
+    /// A dirty bitmap cannot be cleared, or clearing it failed.
+    #[error(transparent)]
+    ClearBitmap(#[from] super::bitmap_clear::ClearError),
     /// A compressed cluster could not be decoded.
     #[error("compressed cluster for guest offset {guest}: {source}")]
     Decompress {
@@ -81,6 +85,7 @@ impl Classify for Qcow2Error {
             Qcow2Error::Mapping(e) => e.class(),
             Qcow2Error::Refcount(e) => e.class(),
             Qcow2Error::Bitmap(e) => e.class(),
+            Qcow2Error::ClearBitmap(e) => e.class(),
             Qcow2Error::Decompress { source, .. } => source.class(),
             Qcow2Error::OpenDataFile { source, .. } => source.class(),
             Qcow2Error::MissingDataFileName | Qcow2Error::MarkedCorrupt => ErrorClass::Corrupt,
@@ -100,6 +105,7 @@ pub struct Qcow2Image {
     l2_cache: Mutex<HashMap<u64, Arc<[u64]>>>,
     l2_cache_max: usize,
     prealloc: Mutex<Option<bool>>,
+    bitmaps: Vec<BitmapEntry>,
 }
 
 /// One run of a layer as the read path needs it.
@@ -140,6 +146,31 @@ impl std::fmt::Debug for Qcow2Image {
             .field("path", &self.storage.name())
             .finish()
     }
+}
+
+/// The bitmap directory of an image, with the table of every bitmap not in
+/// use validated, as QEMU checks them when it opens an image: an image
+/// whose bitmaps extension is damaged is refused by every command alike.
+/// Ignored (empty) when autoclear bit 0 is clear.
+fn load_bitmap_directory(
+    storage: &dyn Storage,
+    header: &Header,
+) -> Result<Vec<BitmapEntry>, Qcow2Error> {
+    let Some(ext) = header
+        .bitmaps
+        .as_ref()
+        .filter(|_| header.autoclear_features & autoclear::BITMAPS != 0)
+    else {
+        return Ok(Vec::new());
+    };
+    let entries = bitmaps::read_directory(storage, ext, header.cluster_bits)?;
+    for e in entries
+        .iter()
+        .filter(|e| e.flags & bitmaps::flags::IN_USE == 0)
+    {
+        bitmap_data::read_table(storage, e, header.cluster_bits, header.size & !511)?;
+    }
+    Ok(entries)
 }
 
 impl Qcow2Image {
@@ -193,8 +224,10 @@ impl Qcow2Image {
             data_file: header.has_data_file(),
             v3: header.version >= 3,
         };
+        let bitmaps = load_bitmap_directory(storage.as_ref(), &header)?;
         let l2_cache_max = (L2_CACHE_BYTES >> header.cluster_bits).max(16);
         Ok(Qcow2Image {
+            bitmaps,
             storage,
             data,
             data_host_file,
@@ -239,15 +272,10 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// The bitmap directory, when the extension is present and valid
-    /// (autoclear bit 0 set).
-    pub(crate) fn bitmaps(&self) -> Result<Vec<BitmapEntry>, Qcow2Error> {
-        match &self.header.bitmaps {
-            Some(ext) if self.header.autoclear_features & autoclear::BITMAPS != 0 => {
-                Ok(bitmaps::read_directory(self.storage.as_ref(), ext)?)
-            }
-            _ => Ok(Vec::new()),
-        }
+    /// The bitmap directory, validated when the image was opened (empty
+    /// when the extension is absent or autoclear bit 0 is clear).
+    pub(crate) fn bitmaps(&self) -> &[BitmapEntry] {
+        &self.bitmaps
     }
 
     fn data_storage_or_image(&self) -> &dyn Storage {

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use crate::codec::{self, CompressionType};
 use crate::extent::LayerExtent;
 use crate::image::{Format, ImageError};
-use crate::layer::{BackingSpec, DirtyMap, Layer, LayerInfo, LayerRead};
+use crate::layer::{BackingSpec, BitmapClear, DirtyMap, Layer, LayerInfo, LayerRead};
 use crate::storage::{Storage, StorageError};
 use crate::units::{ClusterSize, GuestOffset};
 
+use super::bitmap_clear;
 use super::bitmap_data::DirtyBitmap;
 use super::bitmaps::{flags, BitmapError};
 use super::header::{autoclear, compat, incompat};
@@ -89,6 +90,21 @@ impl DirtyMap for Qcow2DirtyMap {
         self.bitmap
             .dirty(offset.0, max_len)
             .map_err(|e| ImageError::new(&self.path, Qcow2Error::Bitmap(e)))
+    }
+}
+
+/// A prepared bitmap clearing with the image it belongs to, for messages.
+struct Qcow2Clear {
+    path: std::path::PathBuf,
+    clear: bitmap_clear::Qcow2BitmapClear,
+}
+
+impl BitmapClear for Qcow2Clear {
+    fn commit(self: Box<Self>) -> Result<u64, ImageError> {
+        let path = self.path;
+        self.clear
+            .commit()
+            .map_err(|e| ImageError::new(&path, Qcow2Error::ClearBitmap(e)))
     }
 }
 
@@ -187,13 +203,27 @@ impl Layer for Qcow2Image {
         Ok(Some(bytes))
     }
 
-    fn dirty_bitmap(&self, name: &str) -> Result<Box<dyn DirtyMap>, ImageError> {
-        let entries = self.bitmaps().map_err(|e| self.err(e))?;
-        let entry = entries.iter().find(|b| b.name == name).ok_or_else(|| {
-            self.err(BitmapError::NotFound {
+    fn dirty_bitmap(
+        &self,
+        name: &str,
+        allow_disabled: bool,
+    ) -> Result<Box<dyn DirtyMap>, ImageError> {
+        let entry = self
+            .bitmaps()
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| {
+                self.err(BitmapError::NotFound {
+                    name: name.to_string(),
+                })
+            })?;
+        // An in-use bitmap is refused by the load below, for a clearer
+        // reason than "disabled".
+        if entry.flags & (flags::AUTO | flags::IN_USE) == 0 && !allow_disabled {
+            return Err(self.err(BitmapError::Disabled {
                 name: name.to_string(),
-            })
-        })?;
+            }));
+        }
         let bitmap = DirtyBitmap::load(
             Arc::clone(Qcow2Image::storage(self)),
             entry,
@@ -207,6 +237,14 @@ impl Layer for Qcow2Image {
         }))
     }
 
+    fn prepare_bitmap_clear(&self, name: &str) -> Result<Box<dyn BitmapClear>, ImageError> {
+        let clear = bitmap_clear::prepare(self, name).map_err(|e| self.err(e))?;
+        Ok(Box::new(Qcow2Clear {
+            path: self.path().to_path_buf(),
+            clear,
+        }))
+    }
+
     fn info(&self) -> Result<LayerInfo, ImageError> {
         let h = self.header();
         let actual = Qcow2Image::storage(self)
@@ -214,12 +252,11 @@ impl Layer for Qcow2Image {
             .map_err(|source| self.err(StorageError::Stat { source }))?;
         let bitmaps = self
             .bitmaps()
-            .map_err(|e| self.err(e))?
-            .into_iter()
+            .iter()
             .map(|b| BitmapSummary {
                 in_use: b.flags & flags::IN_USE != 0,
                 auto: b.flags & flags::AUTO != 0,
-                name: b.name,
+                name: b.name.clone(),
                 granularity: b.granularity,
             })
             .collect();

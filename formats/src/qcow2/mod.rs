@@ -5,6 +5,7 @@
 //! used for backups. Only the reader type, `info`'s facts and the writer are
 //! public; table layouts stay inside the driver.
 
+pub(crate) mod bitmap_clear;
 pub(crate) mod bitmap_data;
 pub(crate) mod bitmaps;
 pub(crate) mod header;

@@ -45,6 +45,35 @@ pub fn entry(block: &[u8], order: u32, index: usize) -> u64 {
     }
 }
 
+/// Stores `value` (which must fit) as entry `index` of a refcount block of
+/// `1 << order`-bit entries; the inverse of [`entry`].
+pub fn set_entry(block: &mut [u8], order: u32, index: usize, value: u64) {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let shift = (index % per_byte) * bits;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            let byte = &mut block[index / per_byte];
+            *byte = (*byte & !mask) | ((value as u8) << shift & mask);
+        }
+        3 => block[index] = value as u8,
+        4 => block[2 * index..2 * index + 2].copy_from_slice(&(value as u16).to_be_bytes()),
+        5 => block[4 * index..4 * index + 4].copy_from_slice(&(value as u32).to_be_bytes()),
+        _ => block[8 * index..8 * index + 8].copy_from_slice(&value.to_be_bytes()),
+    }
+}
+
+/// Where a host cluster's refcount lives: its refcount block and the
+/// entry's index in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RefcountSlot {
+    /// The refcount block.
+    pub block: HostOffset,
+    /// The entry in it.
+    pub index: usize,
+}
+
 /// Reads refcounts of an image, one block at a time.
 pub struct RefcountReader<'a> {
     storage: &'a dyn Storage,
@@ -74,20 +103,35 @@ impl<'a> RefcountReader<'a> {
         })
     }
 
-    /// The refcount of host cluster `cluster` (0 when no block covers it).
-    pub fn get(&mut self, cluster: u64) -> Result<u64, RefcountError> {
+    /// Where the refcount of host cluster `cluster` lives; `None` when no
+    /// refcount block covers it (its refcount is 0).
+    pub fn slot(&self, cluster: u64) -> Result<Option<RefcountSlot>, RefcountError> {
         let per_block_bits = self.cluster_bits + 3 - self.order;
         let table_index = (cluster >> per_block_bits) as usize;
         let Some(&raw) = self.table.get(table_index) else {
-            return Ok(0);
+            return Ok(None);
         };
         let block_offset = raw & !0x1ff;
         if block_offset == 0 {
-            return Ok(0);
+            return Ok(None);
         }
         if block_offset & ((1u64 << self.cluster_bits) - 1) != 0 {
             return Err(RefcountError::UnalignedBlock(HostOffset(block_offset)));
         }
+        Ok(Some(RefcountSlot {
+            block: HostOffset(block_offset),
+            index: (cluster & ((1u64 << per_block_bits) - 1)) as usize,
+        }))
+    }
+
+    /// The refcount of host cluster `cluster` (0 when no block covers it).
+    pub fn get(&mut self, cluster: u64) -> Result<u64, RefcountError> {
+        let per_block_bits = self.cluster_bits + 3 - self.order;
+        let table_index = (cluster >> per_block_bits) as usize;
+        let Some(slot) = self.slot(cluster)? else {
+            return Ok(0);
+        };
+        let block_offset = slot.block.0;
         if self.cached.as_ref().map(|c| c.0) != Some(table_index) {
             let mut block = vec![0u8; 1usize << self.cluster_bits];
             self.storage
@@ -95,14 +139,37 @@ impl<'a> RefcountReader<'a> {
             self.cached = Some((table_index, block));
         }
         let block = &self.cached.as_ref().expect("just filled").1;
-        let index = (cluster & ((1u64 << per_block_bits) - 1)) as usize;
-        Ok(entry(block, self.order, index))
+        Ok(entry(block, self.order, slot.index))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::entry;
+    use super::{entry, set_entry};
+
+    #[test]
+    fn set_entry_inverts_entry_at_every_width() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let mut block = vec![0xa5u8; 64];
+            let before: Vec<u64> = (0..8).map(|i| entry(&block, order, i)).collect();
+            set_entry(&mut block, order, 3, max);
+            set_entry(&mut block, order, 4, 0);
+            for i in 0..8 {
+                let want = match i {
+                    3 => max,
+                    4 => 0,
+                    _ => before[i],
+                };
+                assert_eq!(entry(&block, order, i), want, "order {order} entry {i}");
+            }
+        }
+    }
 
     #[test]
     fn packed_widths() {

@@ -83,6 +83,10 @@ impl FaultyStorage {
 }
 
 impl Storage for FaultyStorage {
+    fn writable(&self) -> bool {
+        self.inner.writable()
+    }
+
     fn name(&self) -> &Path {
         self.inner.name()
     }

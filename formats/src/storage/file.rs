@@ -49,6 +49,18 @@ impl FileStorage {
     /// Opens `path` read-only without blocking; refuses anything that is
     /// not a regular file or a block device.
     pub fn open_read_only(path: &Path) -> Result<FileStorage, StorageError> {
+        Self::open_checked(path, false)
+    }
+
+    /// Opens `path` for reading and writing in place (an image whose
+    /// metadata is updated, such as a dirty bitmap being cleared), with the
+    /// same checks as [`FileStorage::open_read_only`]. Take
+    /// [`FileStorage::lock_for_update`] before writing.
+    pub fn open_for_update(path: &Path) -> Result<FileStorage, StorageError> {
+        Self::open_checked(path, true)
+    }
+
+    fn open_checked(path: &Path, write: bool) -> Result<FileStorage, StorageError> {
         // Refuse by the path's type first: opening a socket fails with an
         // unhelpful ENXIO, and a FIFO must not be opened at all.
         if let Ok(meta) = std::fs::metadata(path) {
@@ -58,6 +70,7 @@ impl FileStorage {
         }
         let file = OpenOptions::new()
             .read(true)
+            .write(write)
             .custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
             .open(path)
             .map_err(|source| StorageError::Open { source })?;
@@ -81,8 +94,19 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             len: AtomicU64::new(len),
-            writable: false,
+            writable: write,
         })
+    }
+
+    /// Takes QEMU's locks of a writer that keeps the image to itself
+    /// ([`super::lock::lock_for_update`]); fails when any other process
+    /// has the image open with locks.
+    pub fn lock_for_update(&self) -> Result<(), StorageError> {
+        match super::lock::lock_for_update(&self.file) {
+            Ok(None) => Ok(()),
+            Ok(Some(conflict)) => Err(StorageError::InUseForUpdate { conflict }),
+            Err(source) => Err(StorageError::Open { source }),
+        }
     }
 
     /// Takes QEMU's locks of a consistent reader ([`super::lock`]); fails
@@ -142,6 +166,10 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
     fn name(&self) -> &Path {
         &self.path
     }

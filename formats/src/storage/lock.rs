@@ -19,6 +19,13 @@
 //! with an exclusive `F_OFD_GETLK`, which our own locks on the same open file
 //! description never trip.
 //!
+//! Clearing a persistent dirty bitmap writes the image, so for that qbackup
+//! locks like a writer that wants the image to itself: it holds "consistent
+//! read" and "write" (bytes 100, 101), does not share "write" or "resize"
+//! (201, 203), and refuses when anyone else holds any of those permissions
+//! or does not share them (bytes 100, 101, 103, 200, 201): a VM, qemu-nbd,
+//! qemu-img, or another qbackup reading or clearing the same image.
+//!
 //! Locks are advisory: a writer that takes none (dd, a script) is not kept
 //! out by them.
 
@@ -43,6 +50,12 @@ pub enum Conflict {
     Writer(&'static str),
     /// Another process does not let others read the image consistently.
     NoSharedReads,
+    /// Another process reads the image consistently (only a conflict for
+    /// an update, see [`lock_for_update`]).
+    Reader,
+    /// Another process does not let others write the image (a consistent
+    /// reader such as `qemu-img convert` or a qbackup backup).
+    NoSharedWrites,
 }
 
 fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_short, byte: i64) -> io::Result<i16> {
@@ -77,35 +90,82 @@ fn locked_by_others(file: &File, byte: i64) -> io::Result<bool> {
 /// stay until the file is closed. File systems without locks (ENOLCK,
 /// EOPNOTSUPP) are treated as unlocked, as QEMU's `locking=auto` does.
 pub fn lock_for_consistent_read(file: &File) -> io::Result<Option<Conflict>> {
+    let taken = take(
+        file,
+        &[
+            PERM_BASE + CONSISTENT_READ,
+            SHARED_BASE + WRITE,
+            SHARED_BASE + RESIZE,
+        ],
+    )?;
+    if !taken {
+        return Ok(None);
+    }
+    check_conflicts(file)
+}
+
+/// Takes the permissions of a writer that keeps the image to itself (see
+/// the module docs) on `file`, which must be open for writing, and returns
+/// the first conflict with another process, if any.
+pub fn lock_for_update(file: &File) -> io::Result<Option<Conflict>> {
+    let taken = take(
+        file,
+        &[
+            PERM_BASE + CONSISTENT_READ,
+            PERM_BASE + WRITE,
+            SHARED_BASE + WRITE,
+            SHARED_BASE + RESIZE,
+        ],
+    )?;
+    if !taken {
+        return Ok(None);
+    }
+    first_conflict(
+        file,
+        &[
+            (PERM_BASE + WRITE, Conflict::Writer("write")),
+            (PERM_BASE + RESIZE, Conflict::Writer("resize")),
+            (PERM_BASE + CONSISTENT_READ, Conflict::Reader),
+            (SHARED_BASE + CONSISTENT_READ, Conflict::NoSharedReads),
+            (SHARED_BASE + WRITE, Conflict::NoSharedWrites),
+        ],
+    )
+}
+
+/// Takes shared locks on `bytes`; false when the file system has no locks.
+fn take(file: &File, bytes: &[i64]) -> io::Result<bool> {
     let rd = libc::F_RDLCK as libc::c_short;
-    for byte in [
-        PERM_BASE + CONSISTENT_READ,
-        SHARED_BASE + WRITE,
-        SHARED_BASE + RESIZE,
-    ] {
+    for &byte in bytes {
         match ofd_lock(file, libc::F_OFD_SETLK, rd, byte) {
             Ok(_) => {}
             // Someone holds an exclusive lock there: a conflict, reported
-            // by the tests below.
+            // by the tests that follow.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::EOPNOTSUPP)) => {
-                return Ok(None)
+                return Ok(false)
             }
             Err(e) => return Err(e),
         }
     }
-    check_conflicts(file)
+    Ok(true)
 }
 
 /// Tests for others' locks that conflict with a consistent reader, without
 /// taking any (for `--force-share`, which reads anyway but warns).
 pub fn check_conflicts(file: &File) -> io::Result<Option<Conflict>> {
-    let tests = [
-        (PERM_BASE + WRITE, Conflict::Writer("write")),
-        (PERM_BASE + RESIZE, Conflict::Writer("resize")),
-        (SHARED_BASE + CONSISTENT_READ, Conflict::NoSharedReads),
-    ];
-    for (byte, conflict) in tests {
+    first_conflict(
+        file,
+        &[
+            (PERM_BASE + WRITE, Conflict::Writer("write")),
+            (PERM_BASE + RESIZE, Conflict::Writer("resize")),
+            (SHARED_BASE + CONSISTENT_READ, Conflict::NoSharedReads),
+        ],
+    )
+}
+
+/// The first of `tests` whose byte another open file description locks.
+fn first_conflict(file: &File, tests: &[(i64, Conflict)]) -> io::Result<Option<Conflict>> {
+    for &(byte, conflict) in tests {
         match locked_by_others(file, byte) {
             Ok(true) => return Ok(Some(conflict)),
             Ok(false) => {}
@@ -121,6 +181,7 @@ pub fn check_conflicts(file: &File) -> io::Result<Option<Conflict>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     /// Two open file descriptions in one process conflict like two
     /// processes: a "writer" holding byte 101 is seen by a reader.
@@ -155,5 +216,31 @@ mod tests {
         assert_eq!(check_conflicts(&third).unwrap(), None);
         // Our reader's lock on 201 is what keeps a new writer out.
         assert!(locked_by_others(&third, SHARED_BASE + WRITE).unwrap());
+    }
+
+    /// An update needs the image to itself: a consistent reader keeps it
+    /// out, and once it holds the image, readers and writers see it.
+    #[test]
+    fn update_excludes_readers_and_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let rw = || OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let reader = File::open(&p).unwrap();
+        assert_eq!(lock_for_consistent_read(&reader).unwrap(), None);
+        assert_eq!(lock_for_update(&rw()).unwrap(), Some(Conflict::Reader));
+        drop(reader);
+        let updater = rw();
+        assert_eq!(lock_for_update(&updater).unwrap(), None);
+        assert_eq!(
+            lock_for_consistent_read(&File::open(&p).unwrap()).unwrap(),
+            Some(Conflict::Writer("write"))
+        );
+        assert_eq!(
+            lock_for_update(&rw()).unwrap(),
+            Some(Conflict::Writer("write"))
+        );
+        drop(updater);
+        assert_eq!(lock_for_update(&rw()).unwrap(), None);
     }
 }

@@ -77,6 +77,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok((FileExtent::Data, max_len))
     }
 
+    /// Whether writes are accepted (a target, or an image opened for
+    /// update); read-only storage refuses them.
+    fn writable(&self) -> bool {
+        false
+    }
+
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: HostOffset) -> io::Result<()> {
         let _ = (buf, offset);
@@ -206,6 +212,13 @@ pub enum StorageError {
         /// What the other process holds.
         conflict: lock::Conflict,
     },
+    /// Another process has the image open, so it cannot be updated in
+    /// place (QEMU's image locks, see [`lock::lock_for_update`]).
+    #[error("{}; clearing a dirty bitmap in it needs the image to itself (or --bitmap-mode never, which leaves the bitmap as it is)", in_use_text(*.conflict))]
+    InUseForUpdate {
+        /// What the other process holds.
+        conflict: lock::Conflict,
+    },
     /// Connecting to an NBD export failed (boxed: the NBD error is large
     /// and rare).
     #[error(transparent)]
@@ -229,7 +242,9 @@ impl Classify for StorageError {
             }
             StorageError::UnsupportedKind { .. } => ErrorClass::Unsupported,
             StorageError::PastEof { .. } => ErrorClass::Corrupt,
-            StorageError::NotWritable { .. } | StorageError::InUse { .. } => ErrorClass::Usage,
+            StorageError::NotWritable { .. }
+            | StorageError::InUse { .. }
+            | StorageError::InUseForUpdate { .. } => ErrorClass::Usage,
             StorageError::Read { source, .. }
             | StorageError::Seek { source, .. }
             | StorageError::Write { source, .. }
@@ -252,6 +267,8 @@ fn in_use_text(c: lock::Conflict) -> String {
             "in use: another process (a running VM, qemu-nbd, qemu-img) holds QEMU's \"{perm}\" lock on it"
         ),
         lock::Conflict::NoSharedReads => "in use: another process holds it without letting others read it consistently (QEMU's \"consistent read\" lock)".to_string(),
+        lock::Conflict::Reader => "in use: another process (qemu-img, qemu-nbd, another qbackup) is reading it".to_string(),
+        lock::Conflict::NoSharedWrites => "in use: another process (qemu-img, qemu-nbd, another qbackup) reads it and does not let others write it".to_string(),
     }
 }
 

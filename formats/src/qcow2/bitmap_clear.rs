@@ -1,0 +1,258 @@
+//! Clearing a persistent dirty bitmap in place (spec "Bitmaps extension",
+//! "Bitmap table", "Host cluster management"), once a backup made from it
+//! is durable: the start of the next incremental cycle, QEMU's
+//! `bitmap-mode=on-success`.
+//!
+//! Everything is checked by [`prepare`] before anything is written, and
+//! nothing is written if a check fails: the image was opened for update
+//! (QEMU's write locks held, so no VM or tool has it open), it is neither
+//! marked corrupt nor dirty (with lazy refcounts a dirty image's refcounts
+//! may be stale), the bitmap exists and is not in use, its table is valid,
+//! and each of its data clusters appears once and has refcount exactly 1.
+//!
+//! [`Qcow2BitmapClear::commit`] writes in this order, syncing after each
+//! step, so that a crash at any instant leaves an image QEMU opens with no
+//! dirty bit lost that the backup does not hold:
+//! 1. The bitmap table is overwritten in place with all-zero entries ("no
+//!    data cluster, all bits clear"). A crash inside this write leaves each
+//!    entry either old or cleared, every one valid; the bits cleared are
+//!    covered by the durable backup, the others stay set (the next
+//!    incremental copies a little more).
+//! 2. The old data clusters, now unreferenced, get refcount 0, one refcount
+//!    block at a time. A crash before this completes leaves them leaked:
+//!    `qemu-img check` reports leaks, not corruption, QEMU opens and writes
+//!    the image, and `qemu-img check -r leaks` reclaims them.
+//!
+//! Never the other way round: a refcount freed while the table still points
+//! at the cluster would let QEMU reuse a cluster the bitmap reads.
+//!
+//! The directory entry is not touched: the bitmap keeps its name,
+//! granularity, flags and table (the table's size depends only on the
+//! virtual size), so QEMU goes on tracking writes into it. Freed clusters
+//! stay in the file as holes QEMU reuses, as QEMU leaves them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::bitmap_data::{data_clusters, read_table};
+use super::bitmaps::{flags, BitmapError};
+use super::header::incompat;
+use super::image::{Qcow2Error, Qcow2Image};
+use super::refcount::{self, RefcountError, RefcountReader, RefcountSlot};
+use crate::error::{Classify, ErrorClass};
+use crate::storage::{Storage, StorageError};
+use crate::units::HostOffset;
+
+/// Why a bitmap cannot be cleared, or clearing it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClearError {
+    /// The image was not opened for writing.
+    #[error("cannot clear dirty bitmap '{name}': the image is open read-only")]
+    ReadOnly {
+        /// The bitmap.
+        name: String,
+    },
+    /// The image carries the corrupt bit.
+    #[error("cannot clear dirty bitmap '{name}': the image is marked corrupt (qemu-img check -r all repairs it)")]
+    MarkedCorrupt {
+        /// The bitmap.
+        name: String,
+    },
+    /// The image was not closed cleanly and uses lazy refcounts.
+    #[error("cannot clear dirty bitmap '{name}': the image was not closed cleanly and its refcounts may be stale (qemu-img check -r all repairs them)")]
+    Dirty {
+        /// The bitmap.
+        name: String,
+    },
+    /// A data cluster's refcount is not what the bitmap alone gives it.
+    #[error("cannot clear dirty bitmap '{name}': its data cluster at host offset {offset} has refcount {refcount}, expected 1 (qemu-img check reports the damage)")]
+    Refcount {
+        /// The bitmap.
+        name: String,
+        /// The data cluster.
+        offset: HostOffset,
+        /// Its refcount.
+        refcount: u64,
+    },
+    /// Reading the bitmap or the refcounts failed.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    /// Reading the refcounts failed.
+    #[error(transparent)]
+    Refcounts(#[from] RefcountError),
+    /// A write or sync failed (step `step` of the module docs).
+    #[error("clearing dirty bitmap '{name}' failed while {step}: {source}")]
+    Write {
+        /// The bitmap.
+        name: String,
+        /// What was being written.
+        step: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl Classify for ClearError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ClearError::ReadOnly { .. } => ErrorClass::Internal,
+            ClearError::MarkedCorrupt { .. }
+            | ClearError::Dirty { .. }
+            | ClearError::Refcount { .. } => ErrorClass::Corrupt,
+            ClearError::Bitmap(e) => e.class(),
+            ClearError::Refcounts(e) => e.class(),
+            ClearError::Write { source, .. } => ErrorClass::of_io(source),
+        }
+    }
+}
+
+impl From<StorageError> for ClearError {
+    fn from(e: StorageError) -> Self {
+        ClearError::Bitmap(BitmapError::Read(e))
+    }
+}
+
+/// A validated clearing of one bitmap, written by
+/// [`Qcow2BitmapClear::commit`].
+#[derive(Debug)]
+pub struct Qcow2BitmapClear {
+    storage: Arc<dyn Storage>,
+    name: String,
+    table_offset: HostOffset,
+    table_len: usize,
+    cluster_bits: u32,
+    refcount_order: u32,
+    /// The old data clusters' refcount entries (index, the cluster), by
+    /// refcount block.
+    freed: BTreeMap<HostOffset, Vec<(usize, HostOffset)>>,
+}
+
+/// Checks that bitmap `name` of `image` can be cleared (see the module
+/// docs) and returns what [`Qcow2BitmapClear::commit`] will write.
+pub fn prepare(image: &Qcow2Image, name: &str) -> Result<Qcow2BitmapClear, Qcow2Error> {
+    let storage = image.storage();
+    let h = image.header();
+    let named = |f: fn(String) -> ClearError| Qcow2Error::from(f(name.to_string()));
+    if !storage.writable() {
+        return Err(named(|name| ClearError::ReadOnly { name }));
+    }
+    if h.incompatible_features & incompat::CORRUPT != 0 {
+        return Err(named(|name| ClearError::MarkedCorrupt { name }));
+    }
+    if h.incompatible_features & incompat::DIRTY != 0 {
+        return Err(named(|name| ClearError::Dirty { name }));
+    }
+    let entry = image
+        .bitmaps()
+        .iter()
+        .find(|b| b.name == name)
+        .ok_or_else(|| BitmapError::NotFound {
+            name: name.to_string(),
+        })?;
+    if entry.flags & flags::IN_USE != 0 {
+        return Err(BitmapError::InUse {
+            name: name.to_string(),
+        }
+        .into());
+    }
+    let table = read_table(
+        storage.as_ref(),
+        entry,
+        h.cluster_bits,
+        image.virtual_size(),
+    )?;
+    let mut refcounts = RefcountReader::new(
+        storage.as_ref(),
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        h.cluster_bits,
+        h.refcount_order,
+    )
+    .map_err(ClearError::from)?;
+    let mut freed: BTreeMap<HostOffset, Vec<(usize, HostOffset)>> = BTreeMap::new();
+    for offset in data_clusters(&table) {
+        let cluster = offset.0 >> h.cluster_bits;
+        let count = refcounts.get(cluster).map_err(ClearError::from)?;
+        // Exactly 1 also rules out a cluster listed twice: the second
+        // sighting is caught below.
+        let slot = match refcounts.slot(cluster).map_err(ClearError::from)? {
+            Some(slot) if count == 1 => slot,
+            _ => {
+                return Err(ClearError::Refcount {
+                    name: name.to_string(),
+                    offset,
+                    refcount: count,
+                }
+                .into())
+            }
+        };
+        let RefcountSlot { block, index } = slot;
+        let entries = freed.entry(block).or_default();
+        if entries.iter().any(|&(i, _)| i == index) {
+            return Err(ClearError::Refcount {
+                name: name.to_string(),
+                offset,
+                refcount: 1,
+            }
+            .into());
+        }
+        entries.push((index, offset));
+    }
+    Ok(Qcow2BitmapClear {
+        storage: Arc::clone(storage),
+        name: name.to_string(),
+        table_offset: entry.table_offset,
+        table_len: table.len(),
+        cluster_bits: h.cluster_bits,
+        refcount_order: h.refcount_order,
+        freed,
+    })
+}
+
+impl Qcow2BitmapClear {
+    /// Clears the bitmap in the order the module docs give; returns how
+    /// many data clusters were freed.
+    pub fn commit(self) -> Result<u64, ClearError> {
+        let fail = |step, source| ClearError::Write {
+            name: self.name.clone(),
+            step,
+            source,
+        };
+        let zeros = vec![0u8; self.table_len * 8];
+        self.storage
+            .write_at(&zeros, self.table_offset)
+            .map_err(|e| fail("writing the cleared bitmap table", e))?;
+        self.storage
+            .sync()
+            .map_err(|e| fail("syncing the cleared bitmap table", e))?;
+        let mut block = vec![0u8; 1usize << self.cluster_bits];
+        let mut freed = 0u64;
+        for (&at, entries) in &self.freed {
+            self.storage
+                .read_exact_at("refcount block", &mut block, at)
+                .map_err(ClearError::from)?;
+            for &(i, cluster) in entries {
+                // Re-checked: nothing may have changed since prepare (the
+                // write locks are held), but a refcount is never taken
+                // below what something else holds.
+                let now = refcount::entry(&block, self.refcount_order, i);
+                if now != 1 {
+                    return Err(ClearError::Refcount {
+                        name: self.name.clone(),
+                        offset: cluster,
+                        refcount: now,
+                    });
+                }
+                refcount::set_entry(&mut block, self.refcount_order, i, 0);
+                freed += 1;
+            }
+            self.storage
+                .write_at(&block, at)
+                .map_err(|e| fail("writing a refcount block", e))?;
+        }
+        self.storage
+            .sync()
+            .map_err(|e| fail("syncing the refcount blocks", e))?;
+        Ok(freed)
+    }
+}
