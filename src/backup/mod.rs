@@ -189,8 +189,8 @@ pub enum BackupError {
     ClearBitmap {
         /// The (complete) target.
         target: PathBuf,
-        /// Why clearing failed.
-        source: SourceError,
+        /// Why clearing failed (boxed: rare, and large).
+        source: Box<SourceError>,
     },
 }
 
@@ -390,7 +390,7 @@ pub fn run(
     let bitmap_cleared = match clear {
         Some(c) => Some(c.commit().map_err(|source| BackupError::ClearBitmap {
             target: cfg.target.clone(),
-            source,
+            source: Box::new(source),
         })?),
         None => None,
     };
