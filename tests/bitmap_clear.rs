@@ -71,7 +71,9 @@ fn full_then_incrementals_clear_the_bitmap_and_qemu_keeps_tracking() {
     assert_eq!(dirty(&s, "bm0"), vec![]);
     assert_check_clean(s.dir(), "d.qcow2");
 
-    let rounds: [(&[&str], Vec<(u64, u64)>); 3] = [
+    // Each round: guest writes, and the dirty ranges QEMU must record.
+    type Round = (&'static [&'static str], Vec<(u64, u64)>);
+    let rounds: [Round; 3] = [
         (
             &["write -P 0x11 300k 8k", "write -P 0x12 6M 1M"],
             vec![(256 * KIB, 64 * KIB), (6 * MIB, MIB)],
