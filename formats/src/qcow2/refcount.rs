@@ -160,11 +160,11 @@ mod tests {
             let before: Vec<u64> = (0..8).map(|i| entry(&block, order, i)).collect();
             set_entry(&mut block, order, 3, max);
             set_entry(&mut block, order, 4, 0);
-            for i in 0..8 {
+            for (i, &old) in before.iter().enumerate() {
                 let want = match i {
                     3 => max,
                     4 => 0,
-                    _ => before[i],
+                    _ => old,
                 };
                 assert_eq!(entry(&block, order, i), want, "order {order} entry {i}");
             }
