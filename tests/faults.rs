@@ -314,3 +314,38 @@ fn fifo_as_backing_file_fails_at_once() {
     assert!(!s.path("out.qcow2").exists());
     assert_no_leftovers(s.dir());
 }
+
+/// A backup that fails to become durable never clears the bitmap it was
+/// made from: the source's bytes are untouched.
+#[test]
+fn failed_target_sync_keeps_the_bitmap() {
+    let s = Scratch::new();
+    let src = source(&s);
+    s.backup(&["src.qcow2", "full.qcow2"]).assert_ok();
+    s.img(&["bitmap", "--add", "src.qcow2", "bm0"]);
+    s.io("src.qcow2", "qcow2", &["write -P 0x44 64k 64k"]);
+    let before = std::fs::read(&src).unwrap();
+    let target = s.path("inc.qcow2");
+    let cfg = BackupConfig {
+        sync: SyncMode::Incremental,
+        bitmap: Some("bm0".into()),
+        clear_bitmap: true,
+        backing: Some(s.p("full.qcow2")),
+        ..config(&src, &target)
+    };
+    let err = expect_io_failure(
+        &s,
+        &cfg,
+        (Role::Target, None),
+        vec![Fault::new(FaultKind::SyncEio, 0..0)],
+        &target,
+        "Input/output error",
+    );
+    assert!(err.to_string().contains("cannot sync"), "{err}");
+    assert_eq!(std::fs::read(&src).unwrap(), before, "bitmap not cleared");
+    // The same backup without the fault clears it.
+    backup_with_faults(&cfg, Role::Target, None, vec![]).unwrap();
+    assert_ne!(std::fs::read(&src).unwrap(), before, "bitmap cleared");
+    assert_check_clean(s.dir(), "src.qcow2");
+    assert_identical(s.dir(), "src.qcow2", "qcow2", "inc.qcow2", "qcow2");
+}

@@ -146,3 +146,49 @@ fn previous_backup_that_is_the_target_or_another_size_is_refused() {
     assert!(!s.path("inc.qcow2").exists());
     assert_no_leftovers(s.dir());
 }
+
+/// A damaged bitmaps extension: QEMU refuses to open the image for every
+/// command, and so do `info`, `map` and `backup`, with the same line.
+#[test]
+fn damaged_bitmaps_extension_is_refused_alike_by_every_command() {
+    let s = Scratch::new();
+    s.create("good.qcow2", "qcow2", 4 * MIB, "");
+    s.img(&["bitmap", "--add", "good.qcow2", "bm0"]);
+    s.io("good.qcow2", "qcow2", &["write -P 0x07 0 64k"]);
+    let good = s.path("good.qcow2");
+    let ext = qcow2_header_extension(&good, 0x2385_2875);
+    let dir = read_u64(&good, ext + 8 + 16);
+    let table = read_u64(&good, dir);
+    // (image, the 32-bit field damaged, how, what qbackup says)
+    type Damage = (&'static str, u64, fn(u32) -> u32, &'static str);
+    let cases: [Damage; 3] = [
+        // Type byte 2 (granularity and name length kept).
+        (
+            "type.qcow2",
+            dir + 16,
+            |v| v & 0x00ff_ffff | 2 << 24,
+            "unknown bitmap type",
+        ),
+        // extra_data_compatible, which QEMU counts as reserved.
+        ("flags.qcow2", dir + 12, |v| v | 0b100, "reserved flags"),
+        // A reserved bit in the first bitmap table entry.
+        ("table.qcow2", table + 4, |v| v | 0b1000, "reserved bits"),
+    ];
+    for (name, at, damage, says) in cases {
+        std::fs::copy(&good, s.path(name)).unwrap();
+        let img = s.path(name);
+        patch_u32(&img, at, damage(read_u32(&img, at)));
+        let (code, _) = qemu_img_status(s.dir(), &["info", name]);
+        assert_eq!(code, Some(1), "qemu-img info refuses {name}");
+        let (code, _) = qemu_img_status(s.dir(), &["map", "--output=json", name]);
+        assert_eq!(code, Some(1), "qemu-img map refuses {name}");
+        for args in [
+            vec!["info", name],
+            vec!["map", "--output=json", name],
+            vec!["backup", name, "out.qcow2"],
+        ] {
+            qbackup_in(s.dir(), &args).assert_clean_failure_mentioning(&[says, name]);
+        }
+        assert!(!s.path("out.qcow2").exists());
+    }
+}

@@ -177,8 +177,11 @@ fn make_image(dir: &Path) -> PathBuf {
     let mut io = Command::new("qemu-io");
     io.args(["-f", "qcow2"]);
     for i in 0..256u64 {
-        io.arg("-c")
-            .arg(format!("write -P {} {} 512", i % 250 + 1, i * 2 * 1024 * 1024 + 4096));
+        io.arg("-c").arg(format!(
+            "write -P {} {} 512",
+            i % 250 + 1,
+            i * 2 * 1024 * 1024 + 4096
+        ));
     }
     run(io.arg(&img));
     img
@@ -221,7 +224,10 @@ fn a_power_cut_at_any_write_leaves_an_image_qemu_opens_and_no_bit_gained() {
                 "cut after {writes} writes (torn {torn}): {after:?} not within {before:?}"
             );
             let leaked = leaks(&img);
-            eprintln!("cut after {writes} writes (torn {torn}): {} dirty ranges, {leaked} leaked", after.len());
+            eprintln!(
+                "cut after {writes} writes (torn {torn}): {} dirty ranges, {leaked} leaked",
+                after.len()
+            );
             if writes == 0 && !torn {
                 assert_eq!(after, before, "nothing written, nothing changed");
                 assert_eq!(leaked, 0);

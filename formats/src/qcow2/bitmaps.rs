@@ -171,3 +171,123 @@ pub fn read_directory(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::FileStorage;
+
+    const CLUSTER_BITS: u32 = 16;
+    const DIR_AT: u64 = 1 << CLUSTER_BITS;
+
+    /// One directory entry: table at 128 KiB, one table entry.
+    fn entry(name: &str, flag_bits: u32, kind: u8, granularity_bits: u8, extra: u32) -> Vec<u8> {
+        let mut e = Vec::new();
+        e.extend_from_slice(&(2u64 << CLUSTER_BITS).to_be_bytes());
+        e.extend_from_slice(&1u32.to_be_bytes());
+        e.extend_from_slice(&flag_bits.to_be_bytes());
+        e.push(kind);
+        e.push(granularity_bits);
+        e.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        e.extend_from_slice(&extra.to_be_bytes());
+        e.extend(std::iter::repeat_n(0u8, extra as usize));
+        e.extend_from_slice(name.as_bytes());
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        e
+    }
+
+    /// Reads a directory made of `entries`, placed at `at`, claiming
+    /// `nb` bitmaps and `size` bytes (the real ones when `None`).
+    fn read(
+        entries: &[Vec<u8>],
+        at: u64,
+        nb: Option<u32>,
+        size: Option<u64>,
+    ) -> Result<Vec<BitmapEntry>, BitmapError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        let bytes: Vec<u8> = entries.concat();
+        let mut file = vec![0u8; 3 << CLUSTER_BITS];
+        file[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+        std::fs::write(&p, &file).unwrap();
+        let storage = FileStorage::open_read_only(&p).unwrap();
+        let ext = BitmapsExtension {
+            nb_bitmaps: nb.unwrap_or(entries.len() as u32),
+            directory_size: size.unwrap_or(bytes.len() as u64),
+            directory_offset: HostOffset(at),
+        };
+        read_directory(&storage, &ext, CLUSTER_BITS)
+    }
+
+    fn why(r: Result<Vec<BitmapEntry>, BitmapError>) -> &'static str {
+        match r {
+            Err(BitmapError::Invalid { why, .. }) => why,
+            other => panic!("expected an invalid directory, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_directory_lists_its_bitmaps() {
+        let got = read(
+            &[
+                entry("a", flags::AUTO, 1, 16, 0),
+                entry("longer-name", flags::IN_USE, 1, 9, 0),
+            ],
+            DIR_AT,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].name, "a");
+        assert_eq!(got[0].granularity, 64 << 10);
+        assert_eq!(got[0].flags, flags::AUTO);
+        assert_eq!(got[0].table_offset, HostOffset(2 << CLUSTER_BITS));
+        assert_eq!(got[1].name, "longer-name");
+        assert_eq!(got[1].granularity, 512);
+    }
+
+    #[test]
+    fn every_cross_check_qemu_makes_is_made() {
+        let ok = || entry("a", 0, 1, 16, 0);
+        assert_eq!(
+            why(read(&[entry("a", 0, 2, 16, 0)], DIR_AT, None, None)),
+            "unknown bitmap type"
+        );
+        assert_eq!(
+            why(read(&[entry("a", 0, 1, 8, 0)], DIR_AT, None, None)),
+            "granularity out of range"
+        );
+        assert_eq!(
+            why(read(&[entry("a", 1 << 2, 1, 16, 0)], DIR_AT, None, None)),
+            "reserved flags set"
+        );
+        assert!(why(read(&[entry("a", 0, 1, 16, 8)], DIR_AT, None, None)).contains("extra data"));
+        assert_eq!(
+            why(read(&[ok(), ok()], DIR_AT, None, None)),
+            "two bitmaps have the same name"
+        );
+        assert_eq!(
+            why(read(&[ok()], DIR_AT + 512, None, None)),
+            "directory is not cluster aligned"
+        );
+        assert_eq!(
+            why(read(&[ok()], DIR_AT, None, Some(40))),
+            "entries do not fill the directory exactly"
+        );
+        assert_eq!(
+            why(read(&[ok()], DIR_AT, Some(2), None)),
+            "entry runs past the directory"
+        );
+        assert_eq!(
+            why(read(&[ok()], DIR_AT, Some(0), None)),
+            "bitmap count out of range"
+        );
+        let mut no_table = ok();
+        no_table[..8].copy_from_slice(&0u64.to_be_bytes());
+        assert!(why(read(&[no_table], DIR_AT, None, None)).contains("bitmap table"));
+        let mut unaligned = ok();
+        unaligned[..8].copy_from_slice(&((2u64 << CLUSTER_BITS) + 512).to_be_bytes());
+        assert!(why(read(&[unaligned], DIR_AT, None, None)).contains("bitmap table"));
+    }
+}
