@@ -14,26 +14,29 @@ use std::collections::BTreeSet;
 
 use common::*;
 
-/// Target clusters (64 KiB) touched by the dirty extents QEMU reports.
-fn dirty_clusters_per_qemu(s: &Scratch, image: &str, bitmap: &str) -> BTreeSet<u64> {
+/// Target clusters (of `cluster` bytes) touched by the dirty extents QEMU
+/// reports.
+fn dirty_clusters_per_qemu(s: &Scratch, image: &str, bitmap: &str, cluster: u64) -> BTreeSet<u64> {
     dirty_ranges(s, image, bitmap)
         .into_iter()
-        .flat_map(|(start, len)| start / (64 * KIB)..(start + len).div_ceil(64 * KIB))
+        .flat_map(|(start, len)| start / cluster..(start + len).div_ceil(cluster))
         .collect()
 }
 
-/// Target clusters the overlay itself allocates.
-fn overlay_clusters(s: &Scratch, image: &str) -> BTreeSet<u64> {
+/// Target clusters (of `cluster` bytes) the overlay itself allocates.
+fn overlay_clusters(s: &Scratch, image: &str, cluster: u64) -> BTreeSet<u64> {
     let mut set = BTreeSet::new();
     for e in s.qemu_map(image, "qcow2") {
         if e.depth == 0 && e.present {
-            set.extend(e.start / (64 * KIB)..e.end().div_ceil(64 * KIB));
+            set.extend(e.start / cluster..e.end().div_ceil(cluster));
         }
     }
     set
 }
 
-fn incremental_case(granularity: &str) {
+/// Bitmap granularity `granularity` against target clusters of `cluster`
+/// bytes (both sides of the cluster size, as the backup job handles them).
+fn incremental_case(granularity: &str, cluster: u64) {
     let s = Scratch::new();
     s.create("d.qcow2", "qcow2", 32 * MIB, "");
     s.io(
@@ -54,34 +57,47 @@ fn incremental_case(granularity: &str) {
             "discard 20M 128k",
         ],
     );
-    let want = dirty_clusters_per_qemu(&s, "d.qcow2", "bm0");
+    let want = dirty_clusters_per_qemu(&s, "d.qcow2", "bm0", cluster);
     assert!(!want.is_empty());
-    backup_incremental(&s, &[], ("bm0", "full.qcow2"), "d.qcow2", "inc.qcow2").assert_ok();
+    let cs = cluster.to_string();
+    backup_incremental(
+        &s,
+        &["--cluster-size", &cs],
+        ("bm0", "full.qcow2"),
+        "d.qcow2",
+        "inc.qcow2",
+    )
+    .assert_ok();
     assert_check_clean(s.dir(), "inc.qcow2");
     assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
     assert_eq!(
-        overlay_clusters(&s, "inc.qcow2"),
+        overlay_clusters(&s, "inc.qcow2", cluster),
         want,
-        "granularity {granularity}"
+        "granularity {granularity}, cluster {cluster}"
     );
     // --bitmap-mode on-success (the default) cleared it, cleanly.
-    assert!(dirty_clusters_per_qemu(&s, "d.qcow2", "bm0").is_empty());
+    assert!(dirty_clusters_per_qemu(&s, "d.qcow2", "bm0", cluster).is_empty());
     assert_check_clean(s.dir(), "d.qcow2");
 }
 
 #[test]
 fn bitmap_granularity_below_the_cluster_size() {
-    incremental_case("4k");
+    incremental_case("512", 64 * KIB);
+    incremental_case("4k", 64 * KIB);
+    incremental_case("64k", 2 * MIB);
+    incremental_case("512", 2 * MIB);
 }
 
 #[test]
 fn bitmap_granularity_equal_to_the_cluster_size() {
-    incremental_case("64k");
+    incremental_case("64k", 64 * KIB);
+    incremental_case("2M", 2 * MIB);
 }
 
 #[test]
 fn bitmap_granularity_above_the_cluster_size() {
-    incremental_case("1M");
+    incremental_case("1M", 64 * KIB);
+    incremental_case("2M", 64 * KIB);
 }
 
 #[test]
@@ -140,6 +156,9 @@ fn previous_backup_that_is_the_target_or_another_size_is_refused() {
         before,
         "PREV untouched"
     );
+    s.img(&["convert", "-O", "raw", "full.qcow2", "full.raw"]);
+    backup_incremental(&s, &[], ("bm0", "full.raw"), "d.qcow2", "inc.qcow2")
+        .assert_clean_failure_mentioning(&["full.raw is a raw image, not a qcow2 backup"]);
     s.create("small.qcow2", "qcow2", 2 * MIB, "");
     backup_incremental(&s, &[], ("bm0", "small.qcow2"), "d.qcow2", "inc.qcow2")
         .assert_clean_failure_mentioning(&["same disk size"]);

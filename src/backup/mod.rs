@@ -145,6 +145,14 @@ pub enum BackupError {
     /// The previous backup of an incremental backup cannot be used.
     #[error(transparent)]
     PreviousBackup(SourceError),
+    /// The previous backup is not a qcow2 image.
+    #[error("--backing: {} is a {format} image, not a qcow2 backup; an incremental backup is an overlay on the previous qcow2 backup (full or incremental)", path.display())]
+    PreviousNotQcow2 {
+        /// PREV.
+        path: PathBuf,
+        /// Its format.
+        format: &'static str,
+    },
     /// The previous backup's virtual size differs from the source's.
     #[error("--backing: the previous backup is {prev} bytes but the source is {current}; an incremental backup needs a previous backup of the same disk size")]
     PreviousSize {
@@ -206,6 +214,7 @@ impl Classify for BackupError {
             | BackupError::ClusterSize(_)
             | BackupError::TopNeedsQcow2
             | BackupError::IncrementalNeedsBacking
+            | BackupError::PreviousNotQcow2 { .. }
             | BackupError::PreviousSize { .. } => ErrorClass::Usage,
             BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
             BackupError::StartThreads { .. } => ErrorClass::Io,
@@ -452,6 +461,12 @@ fn previous_backup(
     // Replacing PREV (or a file under it) with its own overlay would lose
     // the previous backup and make a chain that loops.
     refuse_target_in(cfg, &chain.files())?;
+    if chain.top().format() != Format::Qcow2 {
+        return Err(BackupError::PreviousNotQcow2 {
+            path: PathBuf::from(prev),
+            format: chain.top().format().name(),
+        });
+    }
     // A smaller PREV would make every clean cluster past its end read as
     // zeros; QEMU's backup job refuses a target of another size too.
     if chain.virtual_size() != source.virtual_size() {
