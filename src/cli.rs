@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use qbackup::{backup, compare, info, map, source};
+use qbackup::{backup, compare, info, map, source, verify};
 use qbackup_formats::codec::CompressionType;
 use qbackup_formats::open::{nbd_uri, FileOpener, ForceShareOpener, Opener};
 use qbackup_formats::Format;
@@ -87,6 +87,15 @@ enum Command {
         /// An image file or NBD URI.
         b: PathBuf,
     },
+    /// Check a backup against the manifest beside it, without the source
+    /// (exit 0 good, 1 damaged or not the recorded chain, 2 error).
+    Verify {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputArg,
+        /// The backup (its manifest is BACKUP.manifest).
+        backup: PathBuf,
+    },
     /// Show the allocation map of an image and its backing chain.
     Map {
         /// Image format (probed when omitted).
@@ -131,7 +140,9 @@ struct BackupArgs {
     #[arg(short = 'f', long = "format")]
     format: Option<FormatArg>,
     /// What to copy: everything, only the top layer of the chain, or only
-    /// what the source's dirty bitmap marks (--bitmap, --backing PREV).
+    /// what changed since the previous backup (--backing PREV): what the
+    /// source's dirty bitmap marks (--bitmap), or else every cluster whose
+    /// content differs from PREV's manifest.
     #[arg(long, value_enum, default_value = "full")]
     sync: SyncArg,
     /// The source's persistent dirty bitmap (or an NBD export's
@@ -149,6 +160,11 @@ struct BackupArgs {
     /// recording writes, e.g. disabled on purpose at a backup point).
     #[arg(long)]
     allow_disabled_bitmap: bool,
+    /// With --sync incremental --bitmap: fail when the bitmap cannot be
+    /// used (missing, in use, disabled, damaged) instead of falling back to
+    /// an incremental backup by content with a warning.
+    #[arg(long)]
+    require_bitmap: bool,
     /// Cluster compression for a qcow2 target.
     #[arg(long, value_enum, default_value = "zstd")]
     compress: CompressArg,
@@ -260,6 +276,7 @@ impl BackupArgs {
             bitmap: self.bitmap,
             clear_bitmap,
             allow_disabled_bitmap: self.allow_disabled_bitmap,
+            bitmap_fallback: !self.require_bitmap,
             compression,
             cluster_size: self.cluster_size,
             threads,
@@ -282,6 +299,9 @@ impl BackupArgs {
         if self.allow_disabled_bitmap && self.sync != SyncArg::Incremental {
             bail!("--allow-disabled-bitmap only applies to --sync incremental");
         }
+        if self.require_bitmap && (self.sync != SyncArg::Incremental || self.bitmap.is_none()) {
+            bail!("--require-bitmap only applies to --sync incremental --bitmap NAME");
+        }
         let mode = match self.bitmap_mode {
             Some(BitmapModeArg::Always) => bail!("--bitmap-mode always is refused: a failed backup leaves no target, so clearing the bitmap anyway would lose the writes it recorded; use on-success"),
             Some(BitmapModeArg::OnSuccess) if nbd => bail!("--bitmap-mode on-success: an NBD export's bitmap belongs to its server; after the backup, clear or merge it over QMP (block-dirty-bitmap-clear, block-dirty-bitmap-merge), and pass --bitmap-mode never"),
@@ -290,7 +310,6 @@ impl BackupArgs {
             None => BitmapModeArg::OnSuccess,
         };
         match (self.sync, &self.bitmap, &self.backing) {
-            (SyncArg::Incremental, None, _) => bail!("--sync incremental needs --bitmap NAME"),
             (SyncArg::Incremental, _, None) => {
                 bail!("--sync incremental needs --backing PREV (the previous backup)")
             }
@@ -380,11 +399,14 @@ fn run_backup(args: BackupArgs) -> Result<()> {
             b.set_length(total);
         }
     };
-    backup::run(&cfg, files.opener(), &bar, &mut on_plan, &cancel)?;
+    let report = backup::run(&cfg, files.opener(), &bar, &mut on_plan, &cancel)?;
     if let Some(b) = &bar.0 {
         b.finish();
     }
     files.warn_in_use();
+    for w in &report.warnings {
+        eprintln!("qbackup: warning: {w}");
+    }
     Ok(())
 }
 
@@ -395,9 +417,62 @@ pub const COMPARE_ERROR: u8 = 2;
 /// "different", as qemu-img does.
 pub fn failure_status(args: &Args) -> u8 {
     match args.command {
-        Command::Compare { .. } => COMPARE_ERROR,
+        Command::Compare { .. } | Command::Verify { .. } => COMPARE_ERROR,
         _ => 1,
     }
+}
+
+fn run_verify(output: OutputArg, backup: PathBuf) -> Result<u8> {
+    let report = verify::verify(&FileOpener, &backup)?;
+    let mut out = std::io::stdout().lock();
+    match output {
+        OutputArg::Json => {
+            let mut v = serde_json::to_value(&report)?;
+            v["result"] = if report.ok() { "ok" } else { "damaged" }.into();
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        }
+        OutputArg::Human => {
+            for p in &report.chain_problems {
+                writeln!(out, "{p}")?;
+            }
+            for d in &report.damaged {
+                let file = d.file.as_ref().map_or(String::new(), |f| {
+                    format!(" (stored in {})", f.display())
+                });
+                writeln!(
+                    out,
+                    "guest bytes {}..{}{file}: {}",
+                    d.start,
+                    d.start + d.length,
+                    d.problem
+                )?;
+            }
+            if report.damaged_count > report.damaged.len() as u64 {
+                writeln!(
+                    out,
+                    "... and {} more damaged ranges",
+                    report.damaged_count - report.damaged.len() as u64
+                )?;
+            }
+            let covered = if report.clusters_not_covered > 0 {
+                format!(
+                    ", {} clusters read from backing files the manifest does not cover",
+                    report.clusters_not_covered
+                )
+            } else {
+                String::new()
+            };
+            let verdict = if report.ok() { "OK" } else { "DAMAGED" };
+            writeln!(
+                out,
+                "{}: {verdict}: {} clusters checked against {}{covered}",
+                report.backup.display(),
+                report.clusters_checked,
+                report.manifest.display()
+            )?;
+        }
+    }
+    Ok(if report.ok() { 0 } else { 1 })
 }
 
 fn run_compare(
@@ -465,6 +540,7 @@ pub fn run(args: Args) -> Result<u8> {
             a,
             b,
         } => return run_compare((format_a, format_b), strict, force_share, quiet, (a, b)),
+        Command::Verify { output, backup } => return run_verify(output, backup),
         Command::Info {
             format,
             force_share,

@@ -10,5 +10,7 @@
 pub mod backup;
 pub mod compare;
 pub mod info;
+pub mod manifest;
 pub mod map;
 pub mod source;
+pub mod verify;

@@ -82,6 +82,12 @@ pub trait Source: Sync {
     /// is one of them).
     fn files(&self) -> Vec<Arc<dyn Storage>>;
 
+    /// The names of the chain's images, top first (index = depth).
+    fn layer_names(&self) -> Vec<PathBuf>;
+
+    /// The backing file name the top image records, as written in it.
+    fn top_backing_name(&self) -> Option<String>;
+
     /// Checks that the persistent dirty bitmap `name` of the top image can
     /// be cleared (the source must have been opened for update) and returns
     /// the clearing, which writes nothing until committed.
@@ -199,6 +205,18 @@ impl Source for ImageSource {
 
     fn files(&self) -> Vec<Arc<dyn Storage>> {
         self.chain.files()
+    }
+
+    fn layer_names(&self) -> Vec<PathBuf> {
+        self.chain
+            .layers()
+            .iter()
+            .map(|l| l.path().to_path_buf())
+            .collect()
+    }
+
+    fn top_backing_name(&self) -> Option<String> {
+        self.chain.top().backing().map(|b| b.name)
     }
 
     fn prepare_bitmap_clear(&self, name: &str) -> Result<Box<dyn BitmapClear>, SourceError> {

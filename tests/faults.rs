@@ -39,6 +39,7 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         sync: SyncMode::Full,
         bitmap: None,
         clear_bitmap: false,
+        bitmap_fallback: false,
         allow_disabled_bitmap: false,
         compression: Some((CompressionType::Zstd, 3)),
         cluster_size: None,

@@ -134,6 +134,24 @@ impl ImageError {
             kind: kind.into(),
         }
     }
+
+    /// True when the error is about a persistent dirty bitmap that cannot
+    /// be used (missing, left in use, disabled, invalid, or an image that
+    /// cannot hold one), while the image itself reads fine.
+    pub fn is_unusable_bitmap(&self) -> bool {
+        use crate::qcow2::bitmaps::BitmapError;
+        use crate::qcow2::Qcow2Error;
+        matches!(
+            &self.kind,
+            ImageErrorKind::NoDirtyBitmap
+                | ImageErrorKind::Qcow2(Qcow2Error::Bitmap(
+                    BitmapError::NotFound { .. }
+                        | BitmapError::InUse { .. }
+                        | BitmapError::Disabled { .. }
+                        | BitmapError::Invalid { .. }
+                ))
+        )
+    }
 }
 
 impl Classify for ImageError {

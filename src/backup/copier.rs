@@ -6,6 +6,13 @@
 //! per run of clusters, so a network source answers one request instead of
 //! sixteen, then zero detection and compression per cluster.
 //!
+//! Each cluster's manifest entry (CRC32 and BLAKE3 of its guest bytes) is
+//! computed by the worker from the bytes it already holds, before
+//! compression; a stored compressed stream copied as it is gets decoded for
+//! it. With the previous backup's entries (an incremental backup without a
+//! bitmap), a cluster whose entry is unchanged is not written: the target
+//! reads it from its backing file, the previous backup.
+//!
 //! Invariants: the output bytes do not depend on the number of threads
 //! (clusters are compressed independently with deterministic codecs and
 //! written in index order); memory is bounded by the batches in flight
@@ -17,13 +24,14 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use qbackup_formats::codec::{CompressionType, Compressor};
+use qbackup_formats::codec::{self, CompressionType, Compressor};
 use qbackup_formats::{ClusterIndex, ClusterSize};
 
 use super::ordered::Ordered;
 use super::plan::{Action, PlanRange};
 use super::target::{Output, Target};
 use super::BackupError;
+use crate::manifest::{self, Entry, ManifestBuilder, ManifestReader};
 use crate::source::Source;
 
 /// How the copier works.
@@ -60,12 +68,32 @@ const IN_FLIGHT_BYTES: u64 = 8 << 20;
 /// evenly.
 const BATCH_BYTES: u64 = 1 << 20;
 
-/// Consecutive clusters with one action, handled by one worker.
-#[derive(Debug, Clone, Copy)]
+/// Consecutive clusters with one action, handled by one worker; with the
+/// previous backup's entries for them when unchanged clusters are skipped.
+#[derive(Debug, Clone)]
 struct Batch {
     first: ClusterIndex,
     count: u64,
     action: Action,
+    previous: Option<Vec<Entry>>,
+}
+
+/// A cluster done by a worker: what to write (nothing when it is
+/// unchanged from the previous backup) and its manifest entry.
+#[derive(Debug)]
+struct Done {
+    out: Option<Output>,
+    entry: Entry,
+}
+
+/// Where the copier records manifest entries, and the previous backup's
+/// manifest when unchanged clusters are skipped.
+pub struct Recording<'a> {
+    /// The new backup's manifest.
+    pub builder: &'a mut ManifestBuilder,
+    /// The previous backup's manifest (same cluster size), read in step
+    /// with the plan: clusters whose entry equals it are not written.
+    pub skip_unchanged: Option<ManifestReader>,
 }
 
 thread_local! {
@@ -79,9 +107,14 @@ pub fn copy(
     plan: &[PlanRange],
     params: CopyParams,
     mut target: Box<dyn Target>,
+    recording: Recording<'_>,
     progress: &dyn Progress,
     cancel: &AtomicBool,
 ) -> Result<(), BackupError> {
+    let Recording {
+        builder,
+        skip_unchanged,
+    } = recording;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(params.threads)
         .build()
@@ -94,24 +127,29 @@ pub fn copy(
             first: r.first + b * per_batch,
             count: per_batch.min(r.count - b * per_batch),
             action: r.action,
+            previous: None,
         })
     });
+    let batches = with_previous(batches, skip_unchanged);
     let queue = Ordered::new(batches, in_flight);
 
     let written = pool.in_place_scope(|scope| {
         for _ in 0..params.threads {
             scope.spawn(|_| {
                 while let Some((seq, batch)) = queue.take() {
-                    let result = if cancel.load(Ordering::Relaxed) {
-                        Err(BackupError::Interrupted)
-                    } else {
-                        // A panic must still hand in a result, or the writer
-                        // would wait for this batch forever.
-                        std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            process_batch(source, &params, batch)
-                        }))
-                        .unwrap_or(Err(BackupError::WorkerPanicked { index: batch.first }))
-                        .map(|outs| (batch.first, outs))
+                    let result = match batch {
+                        Err(e) => Err(e),
+                        Ok(_) if cancel.load(Ordering::Relaxed) => Err(BackupError::Interrupted),
+                        Ok(batch) => {
+                            let first = batch.first;
+                            // A panic must still hand in a result, or the
+                            // writer would wait for this batch forever.
+                            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                process_batch(source, &params, batch)
+                            }))
+                            .unwrap_or(Err(BackupError::WorkerPanicked { index: first }))
+                            .map(|outs| (first, outs))
+                        }
                     };
                     queue.put(seq, result);
                 }
@@ -121,7 +159,7 @@ pub fn copy(
         // Whatever happens to the writer, the workers must be released, or
         // the scope would wait for them forever.
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            write_in_order(&queue, target.as_mut(), &params, progress, cancel)
+            write_in_order(&queue, target.as_mut(), builder, &params, progress, cancel)
         }))
         .unwrap_or(Err(BackupError::WriterPanicked));
         queue.stop();
@@ -131,9 +169,51 @@ pub fn copy(
     target.finish().map_err(BackupError::Write)
 }
 
+/// Attaches the previous backup's entries to each batch, read in step
+/// (the plan is in cluster order). A manifest that cannot be read yields
+/// a batch carrying the error's text as no entries: the worker then fails
+/// it.
+fn with_previous(
+    batches: impl Iterator<Item = Batch>,
+    previous: Option<ManifestReader>,
+) -> impl Iterator<Item = Result<Batch, BackupError>> {
+    let mut previous = previous.map(|r| (r, 0u64));
+    batches.map(move |mut b| {
+        if let Some((reader, next)) = previous.as_mut() {
+            // Skip the clusters the plan leaves out.
+            while *next < b.first.0 {
+                let (n, _) = reader
+                    .take(b.first.0 - *next)
+                    .map_err(BackupError::Manifest)?
+                    .ok_or_else(|| short_manifest(reader))?;
+                *next += n;
+            }
+            let mut entries = Vec::with_capacity(b.count as usize);
+            while (entries.len() as u64) < b.count {
+                let (n, e) = reader
+                    .take(b.count - entries.len() as u64)
+                    .map_err(BackupError::Manifest)?
+                    .ok_or_else(|| short_manifest(reader))?;
+                entries.extend(std::iter::repeat_n(e, n as usize));
+            }
+            *next += b.count;
+            b.previous = Some(entries);
+        }
+        Ok(b)
+    })
+}
+
+fn short_manifest(reader: &ManifestReader) -> BackupError {
+    BackupError::Manifest(manifest::ManifestError::Invalid {
+        path: reader.path().to_path_buf(),
+        why: "it covers fewer clusters than the disk".into(),
+    })
+}
+
 fn write_in_order(
-    queue: &Ordered<impl Iterator, Result<(ClusterIndex, Vec<Output>), BackupError>>,
+    queue: &Ordered<impl Iterator, Result<(ClusterIndex, Vec<Done>), BackupError>>,
     target: &mut dyn Target,
+    builder: &mut ManifestBuilder,
     params: &CopyParams,
     progress: &dyn Progress,
     cancel: &AtomicBool,
@@ -143,8 +223,13 @@ fn write_in_order(
     let mut flushed_at = 0u64;
     while let Some(result) = queue.next() {
         let (first, outs) = result?;
-        for (index, out) in (0..).map(|i| first + i).zip(outs) {
-            target.put(index, out).map_err(BackupError::Write)?;
+        for (index, cluster) in (0..).map(|i| first + i).zip(outs) {
+            if let Some(out) = cluster.out {
+                target.put(index, out).map_err(BackupError::Write)?;
+            }
+            builder
+                .put(index.0, cluster.entry)
+                .map_err(BackupError::Manifest)?;
             done += params.cluster_size.bytes();
             progress.advance(params.cluster_size.bytes());
             if cancel.load(Ordering::Relaxed) {
@@ -166,29 +251,52 @@ fn write_in_order(
 }
 
 /// The outputs of a batch, in cluster order. Clusters that can be copied
-/// as stored compressed streams are taken as they are; the others are read
-/// in runs (one read per run of consecutive clusters), then zero-detected
-/// and compressed one by one.
+/// as stored compressed streams are taken as they are (and decoded for
+/// their entry); the others are read in runs (one read per run of
+/// consecutive clusters), then zero-detected, hashed and compressed one by
+/// one. A cluster whose entry equals the previous backup's is not written.
 fn process_batch(
     source: &dyn Source,
     params: &CopyParams,
     batch: Batch,
-) -> Result<Vec<Output>, BackupError> {
+) -> Result<Vec<Done>, BackupError> {
     let n = batch.count as usize;
+    let unchanged = |i: usize, entry: &Entry| {
+        batch
+            .previous
+            .as_ref()
+            .is_some_and(|prev| prev[i] == *entry)
+    };
     if batch.action == Action::Zero {
-        return Ok((0..n).map(|_| Output::Zero).collect());
+        return Ok((0..n)
+            .map(|i| Done {
+                out: (!unchanged(i, &Entry::Zero)).then_some(Output::Zero),
+                entry: Entry::Zero,
+            })
+            .collect());
     }
     let cs = params.cluster_size;
     let size = source.virtual_size();
-    let mut outs: Vec<Option<Output>> = (0..n).map(|_| None).collect();
+    let mut outs: Vec<Option<Done>> = (0..n).map(|_| None).collect();
     if let (true, Some((codec, _))) = (params.passthrough, params.compression) {
+        let mut plain = Vec::new();
         for (i, out) in outs.iter_mut().enumerate() {
             let index = batch.first + i as u64;
             let valid = cs.bytes_below(index, size);
-            *out = source
+            let Some(stream) = source
                 .stored_compressed(cs.start_of(index), valid, cs, codec)
                 .map_err(|source| BackupError::ReadCluster { index, source })?
-                .map(Output::Compressed);
+            else {
+                continue;
+            };
+            plain.resize(cs.usize(), 0);
+            codec::decompress(codec, &stream, &mut plain)
+                .map_err(|source| BackupError::Compress { index, source })?;
+            let entry = manifest::entry_of(&plain, is_zero(&plain));
+            *out = Some(Done {
+                out: (!unchanged(i, &entry)).then_some(Output::Compressed(stream)),
+                entry,
+            });
         }
     }
     let mut buf = Vec::new();
@@ -213,7 +321,16 @@ fn process_batch(
                 source,
             })?;
         for (k, cluster) in buf.chunks_exact(cs.usize()).enumerate() {
-            outs[i + k] = Some(finish_cluster(params, first + k as u64, cluster)?);
+            let zero = is_zero(cluster);
+            let entry = manifest::entry_of(cluster, zero);
+            outs[i + k] = Some(Done {
+                out: if unchanged(i + k, &entry) {
+                    None
+                } else {
+                    Some(finish_cluster(params, first + k as u64, cluster, zero)?)
+                },
+                entry,
+            });
         }
         i += run;
     }
@@ -223,13 +340,14 @@ fn process_batch(
         .collect())
 }
 
-/// Zero detection and compression of one cluster's bytes.
+/// Compression of one cluster's bytes (`zero`: they are all zeros).
 fn finish_cluster(
     params: &CopyParams,
     index: ClusterIndex,
     data: &[u8],
+    zero: bool,
 ) -> Result<Output, BackupError> {
-    if is_zero(data) {
+    if zero {
         return Ok(Output::Zero);
     }
     let Some((codec, level)) = params.compression else {

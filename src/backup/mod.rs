@@ -12,6 +12,7 @@
 pub mod copier;
 pub mod ordered;
 pub mod plan;
+pub mod record;
 pub mod target;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +52,9 @@ pub struct BackupConfig {
     pub clear_bitmap: bool,
     /// Accept a disabled bitmap for an incremental backup.
     pub allow_disabled_bitmap: bool,
+    /// When `bitmap` cannot be used (missing, in use, disabled, invalid),
+    /// take the incremental backup by content instead, with a warning.
+    pub bitmap_fallback: bool,
     /// Codec and level, or no compression.
     pub compression: Option<(CompressionType, i32)>,
     /// Target cluster size; `None` for QEMU's rule.
@@ -70,7 +74,7 @@ pub struct BackupConfig {
 }
 
 /// What a finished backup did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BackupReport {
     /// Guest bytes planned (copied or zeroed).
     pub planned_bytes: u64,
@@ -79,6 +83,11 @@ pub struct BackupReport {
     /// When the source's dirty bitmap was cleared: how many of its data
     /// clusters were freed.
     pub bitmap_cleared: Option<u64>,
+    /// The manifest written beside the target.
+    pub manifest: PathBuf,
+    /// Things the user should know although the backup succeeded (one
+    /// line each), such as a fallback from an unusable bitmap.
+    pub warnings: Vec<String>,
 }
 
 /// Errors of a backup. Each displays as one line that names the file
@@ -153,6 +162,26 @@ pub enum BackupError {
         /// Its format.
         format: &'static str,
     },
+    /// The previous backup's manifest is of another disk or cluster size.
+    #[error("{}: the previous backup's manifest records {cluster_size}-byte clusters of another disk, this backup uses {wanted}-byte clusters (pass --cluster-size {cluster_size})", path.display())]
+    PreviousManifestMismatch {
+        /// PREV's manifest.
+        path: PathBuf,
+        /// Its cluster size.
+        cluster_size: u64,
+        /// This backup's.
+        wanted: u64,
+    },
+    /// An incremental backup by content needs the previous backup's
+    /// manifest.
+    #[error("{}: no manifest beside the previous backup; an incremental backup without a dirty bitmap compares each cluster with the previous backup's manifest (take a full backup first)", path.display())]
+    PreviousHasNoManifest {
+        /// The manifest path looked for.
+        path: PathBuf,
+    },
+    /// A manifest could not be read or written.
+    #[error(transparent)]
+    Manifest(crate::manifest::ManifestError),
     /// The previous backup's virtual size differs from the source's.
     #[error("--backing: the previous backup is {prev} bytes but the source is {current}; an incremental backup needs a previous backup of the same disk size")]
     PreviousSize {
@@ -215,7 +244,10 @@ impl Classify for BackupError {
             | BackupError::TopNeedsQcow2
             | BackupError::IncrementalNeedsBacking
             | BackupError::PreviousNotQcow2 { .. }
+            | BackupError::PreviousManifestMismatch { .. }
+            | BackupError::PreviousHasNoManifest { .. }
             | BackupError::PreviousSize { .. } => ErrorClass::Usage,
+            BackupError::Manifest(e) => e.class(),
             BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
             BackupError::StartThreads { .. } => ErrorClass::Io,
             BackupError::Compress { source, .. } => source.class(),
@@ -263,20 +295,10 @@ pub fn run(
     on_plan: &mut dyn FnMut(u64),
     cancel: &AtomicBool,
 ) -> Result<BackupReport, BackupError> {
-    // Clearing the bitmap needs the source image to itself, from the
-    // start: no VM may open it between the backup and the clearing.
-    let updating = UpdatingOpener::new(opener);
-    let source_opener: &dyn Opener = if cfg.clear_bitmap { &updating } else { opener };
-    let dirty = match cfg.sync {
-        SyncMode::Incremental => cfg.bitmap.as_deref().map(|name| source::BitmapRequest {
-            name,
-            allow_disabled: cfg.allow_disabled_bitmap,
-        }),
-        SyncMode::Full | SyncMode::Top => None,
-    };
-    let source = source::open(source_opener, &cfg.source, cfg.source_format, dirty)?;
+    let mut warnings = Vec::new();
+    let (source, mode, clear_bitmap) = open_source(cfg, opener, &mut warnings)?;
     let source: &dyn Source = source.as_ref();
-    let clear = match (&cfg.bitmap, cfg.clear_bitmap) {
+    let clear = match (&cfg.bitmap, clear_bitmap) {
         (Some(name), true) => Some(source.prepare_bitmap_clear(name)?),
         _ => None,
     };
@@ -293,22 +315,46 @@ pub fn run(
         return Err(BackupError::TargetExists(cfg.target.clone()));
     }
     refuse_target_in_source(cfg, source)?;
-    let cluster_size = match cfg.cluster_size {
-        Some(bytes) => ClusterSize::new(bytes).ok_or(BackupError::ClusterSize(bytes))?,
-        None => default_cluster_size(source),
-    };
     let size = source.virtual_size();
-    let backing = match cfg.sync {
-        SyncMode::Top | SyncMode::Incremental if cfg.target_format == Format::Raw => {
+    let backing = match mode {
+        SyncMode::Top | SyncMode::Incremental | SyncMode::Changed
+            if cfg.target_format == Format::Raw =>
+        {
             return Err(BackupError::TopNeedsQcow2);
         }
         SyncMode::Top => backing_ref(cfg, opener, source)?,
-        SyncMode::Incremental => Some(previous_backup(cfg, opener, source)?),
+        SyncMode::Incremental | SyncMode::Changed => Some(previous_backup(cfg, opener, source)?),
         SyncMode::Full => None,
+    };
+    // An incremental backup keeps the previous backup's cluster size, so
+    // that its manifest lines up with the previous one.
+    let prev_path = cfg.backing.as_deref().map(Path::new);
+    let incremental = matches!(mode, SyncMode::Incremental | SyncMode::Changed);
+    let prev_cluster = match (incremental, prev_path) {
+        (true, Some(p)) => record::previous_cluster_size(p),
+        _ => None,
+    };
+    let cluster_size = match cfg.cluster_size {
+        Some(bytes) => ClusterSize::new(bytes).ok_or(BackupError::ClusterSize(bytes))?,
+        None => prev_cluster.unwrap_or_else(|| default_cluster_size(source)),
+    };
+    let previous = match (incremental, prev_path) {
+        (true, Some(p)) => record::previous_manifest(p, cluster_size, size)?,
+        _ => None,
+    };
+    let skip_unchanged = match (mode, prev_path) {
+        (SyncMode::Changed, Some(p)) => Some(
+            record::previous_manifest(p, cluster_size, size)?.ok_or_else(|| {
+                BackupError::PreviousHasNoManifest {
+                    path: crate::manifest::path_for(p),
+                }
+            })?,
+        ),
+        _ => None,
     };
 
     let ranges =
-        plan::plan(source, cfg.sync, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
+        plan::plan(source, mode, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
     let planned: u64 = ranges.iter().map(|r| cluster_size.bytes_in(r.count)).sum();
     on_plan(planned);
 
@@ -328,13 +374,8 @@ pub fn run(
         .suffix(".tmp")
         .tempfile_in(&dir)
         .map_err(|e| commit_err("create a temporary file in its directory", e))?;
-    // Temporary files are created 0600; a backup gets the usual 0666 & !umask.
-    let mode = 0o666 & !current_umask();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(mode),
-    )
-    .map_err(|e| commit_err("set permissions on the temporary file", e))?;
+    set_backup_permissions(tmp.path())
+        .map_err(|e| commit_err("set permissions on the temporary file", e))?;
     let file = tmp
         .as_file()
         .try_clone()
@@ -348,6 +389,17 @@ pub fn run(
         Format::Qcow2 => cfg.compression,
         Format::Raw => None,
     };
+    let mut recorder = record::start(
+        cfg,
+        source,
+        &dir,
+        record::About {
+            mode,
+            cluster_size,
+            backing: backing.as_ref().map(|b| b.name.as_str()),
+            previous,
+        },
+    )?;
     let target: Box<dyn Target> = match cfg.target_format {
         Format::Qcow2 => {
             let opts = WriterOptions {
@@ -373,10 +425,17 @@ pub fn run(
         passthrough: !cfg.recompress,
         speed: cfg.speed,
     };
-    copier::copy(source, &ranges, params, target, progress, cancel).map_err(|e| match e {
-        BackupError::Write(_) => target_err(e),
-        other => other,
-    })?;
+    let recording = copier::Recording {
+        builder: &mut recorder.builder,
+        skip_unchanged,
+    };
+    copier::copy(source, &ranges, params, target, recording, progress, cancel).map_err(
+        |e| match e {
+            BackupError::Write(_) => target_err(e),
+            other => other,
+        },
+    )?;
+    let manifest = recorder.finish()?;
     storage.sync().map_err(|e| commit_err("sync", e))?;
     drop(storage);
     let persisted = if cfg.force {
@@ -391,6 +450,7 @@ pub fn run(
             commit_err("rename the temporary file into place", e.error)
         }
     })?;
+    let manifest = manifest.place(&cfg.target)?;
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
@@ -407,7 +467,51 @@ pub fn run(
         planned_bytes: planned,
         cluster_size,
         bitmap_cleared,
+        manifest,
+        warnings,
     })
+}
+
+/// Opens the source for `cfg` and decides the effective sync mode:
+/// `--sync incremental` without a bitmap, or with an unusable one and
+/// `bitmap_fallback`, becomes [`SyncMode::Changed`] (by content, with a
+/// warning in the second case). Returns the source, the mode, and whether
+/// the bitmap is to be cleared after the backup.
+fn open_source(
+    cfg: &BackupConfig,
+    opener: &dyn Opener,
+    warnings: &mut Vec<String>,
+) -> Result<(Box<dyn Source + Send>, SyncMode, bool), BackupError> {
+    let plain = |o: &dyn Opener| source::open(o, &cfg.source, cfg.source_format, None);
+    // Clearing the bitmap needs the source image to itself, from the
+    // start: no VM may open it between the backup and the clearing.
+    let updating = UpdatingOpener::new(opener);
+    let source_opener: &dyn Opener = if cfg.clear_bitmap {
+        &updating
+    } else {
+        opener
+    };
+    let (SyncMode::Incremental, Some(name)) = (cfg.sync, cfg.bitmap.as_deref()) else {
+        let mode = match cfg.sync {
+            SyncMode::Incremental => SyncMode::Changed,
+            other => other,
+        };
+        return Ok((plain(source_opener)?, mode, cfg.clear_bitmap));
+    };
+    let request = source::BitmapRequest {
+        name,
+        allow_disabled: cfg.allow_disabled_bitmap,
+    };
+    match source::open(source_opener, &cfg.source, cfg.source_format, Some(request)) {
+        Ok(s) => Ok((s, SyncMode::Incremental, cfg.clear_bitmap)),
+        Err(e) if cfg.bitmap_fallback && e.is_unusable_bitmap() => {
+            warnings.push(format!(
+                "{e}; taking the incremental backup by content instead (every cluster read, only those changed since the previous backup written), and leaving the bitmap as it is"
+            ));
+            Ok((plain(opener)?, SyncMode::Changed, false))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Refuses a TARGET that is one of the files the source reads (an image of
@@ -434,6 +538,13 @@ fn refuse_target_in(cfg: &BackupConfig, files: &[Arc<dyn Storage>]) -> Result<()
         }),
         None => Ok(()),
     }
+}
+
+/// Temporary files are created 0600; a backup (and its manifest) gets the
+/// usual 0666 & !umask.
+fn set_backup_permissions(path: &Path) -> std::io::Result<()> {
+    let perms = 0o666 & !current_umask();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(perms))
 }
 
 /// The process umask (read by setting and restoring it).

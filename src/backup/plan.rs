@@ -9,6 +9,10 @@
 //!   the rest stays unallocated and reads from the previous backup, the
 //!   target's backing file. A dirty cluster that now reads as zeros becomes
 //!   a zero cluster (the copier's zero detection), hiding the old data.
+//! - `changed` (an incremental backup without a dirty bitmap): every
+//!   cluster, as `full` plans it but with the clusters that read as zeros
+//!   kept as zero actions; the copier then skips each cluster whose content
+//!   the previous backup's manifest already records.
 //! - `top`: only what the top layer allocates. A cluster the top layer
 //!   allocates only partly is copied whole, read through the chain; a
 //!   cluster that is entirely a top-layer zero range stays a zero cluster,
@@ -30,6 +34,9 @@ pub enum SyncMode {
     Top,
     /// Only what the source's dirty bitmap marks.
     Incremental,
+    /// An incremental backup by content: every cluster, compared with the
+    /// previous backup's manifest.
+    Changed,
 }
 
 /// What happens to a run of target clusters.
@@ -162,7 +169,7 @@ fn classify(
     max: u64,
 ) -> Result<(Class, u64), SourceError> {
     match mode {
-        SyncMode::Full => {
+        SyncMode::Full | SyncMode::Changed => {
             let (e, len) = source.status(pos, max)?;
             Ok((
                 if e.data && !e.zero {

@@ -1,0 +1,163 @@
+//! The backup's manifest (see [`crate::manifest`]): where its entries for
+//! clusters the copier does not write come from, the previous backup's
+//! manifest for incremental backups, and writing it beside the target.
+//!
+//! Order on success: the target is synced and renamed into place first,
+//! then the manifest (already synced) is renamed beside it, then the
+//! directory is synced. A crash in between leaves a backup without a
+//! manifest (or, with `--force`, the replaced backup's), which `verify`
+//! reports; never a manifest that silently vouches for other data.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use qbackup_formats::ClusterSize;
+use tempfile::NamedTempFile;
+
+use super::{BackupConfig, BackupError, SyncMode};
+use crate::manifest::{self, Gaps, ManifestBuilder, ManifestReader, ManifestWriter, Meta};
+use crate::source::Source;
+
+/// The previous backup's manifest, for an incremental backup on `prev`
+/// with clusters of `cluster_size`: `None` when it has none. A manifest of
+/// another disk size or cluster size is no use for this backup.
+pub fn previous_manifest(
+    prev: &Path,
+    cluster_size: ClusterSize,
+    virtual_size: u64,
+) -> Result<Option<ManifestReader>, BackupError> {
+    let path = manifest::path_for(prev);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let reader = ManifestReader::open(&path).map_err(BackupError::Manifest)?;
+    let meta = reader.meta();
+    if meta.cluster_size != cluster_size.bytes() || meta.virtual_size != virtual_size {
+        return Err(BackupError::PreviousManifestMismatch {
+            path,
+            cluster_size: meta.cluster_size,
+            wanted: cluster_size.bytes(),
+        });
+    }
+    Ok(Some(reader))
+}
+
+/// The cluster size of the previous backup's manifest, if it has a
+/// readable one (an incremental backup keeps it by default).
+pub fn previous_cluster_size(prev: &Path) -> Option<ClusterSize> {
+    let reader = ManifestReader::open(&manifest::path_for(prev)).ok()?;
+    ClusterSize::new(reader.meta().cluster_size)
+}
+
+/// A manifest being written beside the target.
+pub struct Recorder {
+    /// Receives the copier's entries.
+    pub builder: ManifestBuilder,
+    tmp: NamedTempFile,
+}
+
+/// What the manifest records about the backup.
+pub struct About<'a> {
+    /// The effective sync mode.
+    pub mode: SyncMode,
+    /// Its target cluster size.
+    pub cluster_size: ClusterSize,
+    /// The backing file name the target records.
+    pub backing: Option<&'a str>,
+    /// The previous backup's manifest (incremental backups).
+    pub previous: Option<ManifestReader>,
+}
+
+/// Starts the manifest of the backup `cfg` of `source` in the target's
+/// directory `dir`.
+pub fn start(
+    cfg: &BackupConfig,
+    source: &dyn Source,
+    dir: &Path,
+    about: About<'_>,
+) -> Result<Recorder, BackupError> {
+    let io = |action, source| BackupError::Commit {
+        path: manifest::path_for(&cfg.target),
+        action,
+        source,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".qbackup-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| io("create a temporary file in its directory", e))?;
+    super::set_backup_permissions(tmp.path())
+        .map_err(|e| io("set permissions on the temporary file", e))?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|e| io("open the temporary file", e))?;
+    let size = source.virtual_size();
+    let meta = Meta {
+        tool: format!("qbackup {}", env!("CARGO_PKG_VERSION")),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        source: cfg.source.display().to_string(),
+        source_identity: source
+            .files()
+            .first()
+            .and_then(|f| f.identity())
+            .map(|i| (i.dev, i.ino)),
+        virtual_size: size,
+        cluster_size: about.cluster_size.bytes(),
+        sync: match about.mode {
+            SyncMode::Full => "full",
+            SyncMode::Top => "top",
+            SyncMode::Incremental => "incremental",
+            SyncMode::Changed => "incremental-by-content",
+        }
+        .to_string(),
+        bitmap: match about.mode {
+            SyncMode::Incremental => cfg.bitmap.clone(),
+            _ => None,
+        },
+        backing: about.backing.map(str::to_string),
+        backing_manifest: about.previous.as_ref().map(|p| p.digest().to_string()),
+    };
+    let writer = ManifestWriter::new(file, tmp.path(), &meta).map_err(BackupError::Manifest)?;
+    let gaps = match (about.mode, about.previous) {
+        (SyncMode::Full, _) => Gaps::Zero,
+        (_, Some(prev)) => Gaps::Previous(prev),
+        (_, None) => Gaps::Unknown,
+    };
+    let clusters = size.div_ceil(about.cluster_size.bytes());
+    Ok(Recorder {
+        builder: ManifestBuilder::new(writer, gaps, clusters),
+        tmp,
+    })
+}
+
+impl Recorder {
+    /// Ends and syncs the manifest; [`Finished::place`] puts it beside the
+    /// target once the target is in place.
+    pub fn finish(self) -> Result<Finished, BackupError> {
+        self.builder.finish().map_err(BackupError::Manifest)?;
+        Ok(Finished { tmp: self.tmp })
+    }
+}
+
+/// A complete manifest in its temporary file.
+pub struct Finished {
+    tmp: NamedTempFile,
+}
+
+impl Finished {
+    /// Renames the manifest to `TARGET.manifest` (replacing any).
+    pub fn place(self, target: &Path) -> Result<PathBuf, BackupError> {
+        let path = manifest::path_for(target);
+        self.tmp
+            .persist(&path)
+            .map_err(|e| BackupError::Commit {
+                path: path.clone(),
+                action: "rename the manifest into place",
+                source: e.error,
+            })?;
+        Ok(path)
+    }
+}

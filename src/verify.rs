@@ -1,0 +1,296 @@
+//! `qbackup verify BACKUP`: does a backup still hold what it was made with?
+//! Checked without the source, against the manifest beside it:
+//! - the manifest is intact (its own BLAKE3) and describes this image
+//!   (virtual size, the backing file name the image records);
+//! - each parent is the backup it was made on: the parent's manifest is
+//!   the one recorded (its BLAKE3), so a parent swapped for another backup
+//!   of the same disk, or edited, is caught even where bytes agree;
+//! - every cluster reads (through the chain, compressed clusters decoded)
+//!   with the CRC32 the manifest records; ranges recorded as zeros are
+//!   checked from block status and only read where data is stored.
+//!
+//! Clusters are read and checked in parallel, in windows of bounded size.
+//! A cluster that cannot be read (a truncated file, a broken table) is a
+//! mismatch like one whose bytes differ: the backup is damaged there.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use qbackup_formats::open::{resolve_backing, Opener};
+use qbackup_formats::{ClusterIndex, ClusterSize, GuestOffset};
+
+use crate::backup::copier::is_zero;
+use crate::manifest::{self, Entry, ManifestError, ManifestReader};
+use crate::source::{self, Source, SourceError};
+
+/// Clusters checked per window (bounded memory: one read buffer each).
+const WINDOW: u64 = 256;
+
+/// At most this many damaged ranges are listed.
+const MAX_LISTED: usize = 100;
+
+/// A damaged guest range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Damage {
+    /// First guest byte.
+    pub start: u64,
+    /// Bytes.
+    pub length: u64,
+    /// The file of the chain that holds it, when known.
+    pub file: Option<PathBuf>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// The backup.
+    pub backup: PathBuf,
+    /// Its manifest.
+    pub manifest: PathBuf,
+    /// Clusters whose content was checked (data and zeros).
+    pub clusters_checked: u64,
+    /// Clusters the manifest does not cover (read from a backing file it
+    /// has no manifest for).
+    pub clusters_not_covered: u64,
+    /// Problems with the manifest or the chain itself (not with data).
+    pub chain_problems: Vec<String>,
+    /// Damaged ranges, in guest order (at most [`MAX_LISTED`]).
+    pub damaged: Vec<Damage>,
+    /// Damaged ranges in all.
+    pub damaged_count: u64,
+}
+
+impl Report {
+    /// True when nothing is wrong.
+    pub fn ok(&self) -> bool {
+        self.chain_problems.is_empty() && self.damaged_count == 0
+    }
+}
+
+/// Errors that stop a verification (exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The backup cannot be opened.
+    #[error(transparent)]
+    Open(#[from] SourceError),
+    /// The manifest cannot be read.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+impl qbackup_formats::Classify for VerifyError {
+    fn class(&self) -> qbackup_formats::ErrorClass {
+        match self {
+            VerifyError::Open(e) => e.class(),
+            VerifyError::Manifest(e) => e.class(),
+        }
+    }
+}
+
+/// Verifies `backup` against its manifest.
+pub fn verify(opener: &dyn Opener, backup: &Path) -> Result<Report, VerifyError> {
+    let manifest_path = manifest::path_for(backup);
+    let mut reader = ManifestReader::open(&manifest_path)?;
+    let source = source::open(opener, backup, None, None)?;
+    let mut report = Report {
+        backup: backup.to_path_buf(),
+        manifest: manifest_path,
+        ..Report::default()
+    };
+    check_chain(source.as_ref(), &reader, &mut report);
+    if !report.chain_problems.is_empty() && reader.meta().virtual_size != source.virtual_size() {
+        return Ok(report);
+    }
+    let cs = ClusterSize::new(reader.meta().cluster_size).ok_or_else(|| {
+        ManifestError::Invalid {
+            path: report.manifest.clone(),
+            why: "cluster size is not a power of two from 512 to 2M".into(),
+        }
+    })?;
+    let names = source.layer_names();
+    let mut index = 0u64;
+    let mut window: Vec<(u64, Entry)> = Vec::new();
+    loop {
+        let next = reader.take(WINDOW)?;
+        let flush = match next {
+            None => true,
+            Some((_, Entry::Data(_))) => window.len() as u64 >= WINDOW,
+            Some(_) => true,
+        };
+        if flush && !window.is_empty() {
+            check_data(source.as_ref(), cs, &window, &names, &mut report);
+            window.clear();
+        }
+        let Some((n, entry)) = next else { break };
+        match entry {
+            Entry::Data(_) => {
+                for k in 0..n {
+                    window.push((index + k, entry));
+                }
+            }
+            Entry::Zero => check_zero(source.as_ref(), cs, index, n, &names, &mut report),
+            Entry::Unknown => report.clusters_not_covered += n,
+        }
+        if entry != Entry::Unknown {
+            report.clusters_checked += n;
+        }
+        index += n;
+    }
+    Ok(report)
+}
+
+/// The manifest describes this image, and each parent is the recorded one.
+fn check_chain(source: &dyn Source, reader: &ManifestReader, report: &mut Report) {
+    let meta = reader.meta();
+    if meta.virtual_size != source.virtual_size() {
+        report.chain_problems.push(format!(
+            "{}: the manifest describes a {}-byte disk, the image is {} bytes",
+            report.backup.display(),
+            meta.virtual_size,
+            source.virtual_size()
+        ));
+    }
+    let named = source.top_backing_name();
+    if meta.backing != named {
+        report.chain_problems.push(format!(
+            "{}: the manifest was made for backing file {:?}, the image names {:?}",
+            report.backup.display(),
+            meta.backing,
+            named
+        ));
+        return;
+    }
+    let (Some(want), Some(name)) = (&meta.backing_manifest, &named) else {
+        return;
+    };
+    let parent = resolve_backing(&report.backup, name);
+    match ManifestReader::open(&manifest::path_for(&parent)) {
+        Ok(m) if m.digest() == want => {}
+        Ok(_) => report.chain_problems.push(format!(
+            "{}: not the backup this one was made on (its manifest differs from the one recorded)",
+            parent.display()
+        )),
+        Err(e) => report.chain_problems.push(format!(
+            "{}: cannot check the parent this backup was made on: {e}",
+            parent.display()
+        )),
+    }
+}
+
+fn file_at(source: &dyn Source, names: &[PathBuf], offset: GuestOffset) -> Option<PathBuf> {
+    let (e, _) = source.status(offset, 1).ok()?;
+    names.get(e.depth as usize).cloned()
+}
+
+fn damage(report: &mut Report, d: Damage) {
+    report.damaged_count += 1;
+    if let Some(last) = report.damaged.last_mut() {
+        if last.start + last.length == d.start && last.file == d.file && last.problem == d.problem
+        {
+            last.length += d.length;
+            report.damaged_count -= 1;
+            return;
+        }
+    }
+    if report.damaged.len() < MAX_LISTED {
+        report.damaged.push(d);
+    }
+}
+
+/// Reads the clusters of `window` in parallel and compares their CRC32.
+fn check_data(
+    source: &dyn Source,
+    cs: ClusterSize,
+    window: &[(u64, Entry)],
+    names: &[PathBuf],
+    report: &mut Report,
+) {
+    let size = source.virtual_size();
+    let results: Vec<Option<String>> = window
+        .par_iter()
+        .map(|&(index, entry)| {
+            let Entry::Data(digest) = entry else {
+                return None;
+            };
+            let index = ClusterIndex(index);
+            let mut buf = vec![0u8; cs.usize()];
+            let valid = cs.bytes_below(index, size) as usize;
+            match source.read(cs.start_of(index), &mut buf[..valid]) {
+                Ok(()) if crc32fast::hash(&buf) == digest.crc32 => None,
+                Ok(()) => Some("its bytes differ from the manifest".to_string()),
+                Err(e) => Some(format!("cannot be read: {e}")),
+            }
+        })
+        .collect();
+    for (&(index, _), problem) in window.iter().zip(results) {
+        if let Some(problem) = problem {
+            let start = cs.start_of(ClusterIndex(index));
+            let length = cs.bytes_below(ClusterIndex(index), size);
+            let file = file_at(source, names, start);
+            damage(
+                report,
+                Damage {
+                    start: start.0,
+                    length,
+                    file,
+                    problem,
+                },
+            );
+        }
+    }
+}
+
+/// Checks that `count` clusters from `first` read as zeros: from block
+/// status, reading only where data is stored.
+fn check_zero(
+    source: &dyn Source,
+    cs: ClusterSize,
+    first: u64,
+    count: u64,
+    names: &[PathBuf],
+    report: &mut Report,
+) {
+    let size = source.virtual_size();
+    let mut pos = cs.start_of(ClusterIndex(first)).0;
+    let end = cs.start_of(ClusterIndex(first + count)).0.min(size);
+    let mut buf = Vec::new();
+    while pos < end {
+        let problem = match source.status(GuestOffset(pos), end - pos) {
+            Ok((e, len)) if e.zero || !e.data => {
+                pos += len;
+                continue;
+            }
+            Ok((_, len)) => {
+                // Stored data: read it, a cluster at a time.
+                let len = len.min(cs.bytes() - pos % cs.bytes());
+                buf.resize(len as usize, 0);
+                match source.read(GuestOffset(pos), &mut buf) {
+                    Ok(()) if is_zero(&buf) => {
+                        pos += len;
+                        continue;
+                    }
+                    Ok(()) => "holds data where the manifest records zeros".to_string(),
+                    Err(e) => format!("cannot be read: {e}"),
+                }
+            }
+            Err(e) => format!("cannot be read: {e}"),
+        };
+        let c = cs.index_of(GuestOffset(pos));
+        let start = cs.start_of(c);
+        let file = file_at(source, names, start);
+        damage(
+            report,
+            Damage {
+                start: start.0,
+                length: cs.bytes_below(c, size),
+                file,
+                problem,
+            },
+        );
+        pos = cs.start_of(c + 1).0;
+    }
+}
