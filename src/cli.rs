@@ -165,6 +165,11 @@ struct BackupArgs {
     /// an incremental backup by content with a warning.
     #[arg(long)]
     require_bitmap: bool,
+    /// Write no manifest (TARGET.manifest) beside the backup: it then
+    /// cannot be verified, nor be the previous backup of an incremental
+    /// backup without a bitmap.
+    #[arg(long)]
+    no_manifest: bool,
     /// Cluster compression for a qcow2 target.
     #[arg(long, value_enum, default_value = "zstd")]
     compress: CompressArg,
@@ -277,6 +282,7 @@ impl BackupArgs {
             clear_bitmap,
             allow_disabled_bitmap: self.allow_disabled_bitmap,
             bitmap_fallback: !self.require_bitmap,
+            no_manifest: self.no_manifest,
             compression,
             cluster_size: self.cluster_size,
             threads,
@@ -436,9 +442,10 @@ fn run_verify(output: OutputArg, backup: PathBuf) -> Result<u8> {
                 writeln!(out, "{p}")?;
             }
             for d in &report.damaged {
-                let file = d.file.as_ref().map_or(String::new(), |f| {
-                    format!(" (stored in {})", f.display())
-                });
+                let file = d
+                    .file
+                    .as_ref()
+                    .map_or(String::new(), |f| format!(" (stored in {})", f.display()));
                 writeln!(
                     out,
                     "guest bytes {}..{}{file}: {}",

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use qbackup_formats::open::{resolve_backing, Opener};
-use qbackup_formats::{ClusterIndex, ClusterSize, GuestOffset};
+use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, GuestOffset};
 
 use crate::backup::copier::is_zero;
 use crate::manifest::{self, Entry, ManifestError, ManifestReader};
@@ -95,22 +95,34 @@ impl qbackup_formats::Classify for VerifyError {
 pub fn verify(opener: &dyn Opener, backup: &Path) -> Result<Report, VerifyError> {
     let manifest_path = manifest::path_for(backup);
     let mut reader = ManifestReader::open(&manifest_path)?;
-    let source = source::open(opener, backup, None, None)?;
     let mut report = Report {
         backup: backup.to_path_buf(),
         manifest: manifest_path,
         ..Report::default()
     };
+    // A backup that exists but cannot be opened (a truncated file, a
+    // broken header) is damaged, not a reason to give up.
+    let source = match source::open(opener, backup, None, None) {
+        Ok(s) => s,
+        Err(e) if matches!(e.class(), ErrorClass::Corrupt | ErrorClass::Io) => {
+            report.chain_problems.push(e.to_string());
+            report.damaged_count = reader
+                .meta()
+                .virtual_size
+                .div_ceil(reader.meta().cluster_size);
+            return Ok(report);
+        }
+        Err(e) => return Err(e.into()),
+    };
     check_chain(source.as_ref(), &reader, &mut report);
     if !report.chain_problems.is_empty() && reader.meta().virtual_size != source.virtual_size() {
         return Ok(report);
     }
-    let cs = ClusterSize::new(reader.meta().cluster_size).ok_or_else(|| {
-        ManifestError::Invalid {
+    let cs =
+        ClusterSize::new(reader.meta().cluster_size).ok_or_else(|| ManifestError::Invalid {
             path: report.manifest.clone(),
             why: "cluster size is not a power of two from 512 to 2M".into(),
-        }
-    })?;
+        })?;
     let names = source.layer_names();
     let mut index = 0u64;
     let mut window: Vec<(u64, Entry)> = Vec::new();
@@ -189,8 +201,7 @@ fn file_at(source: &dyn Source, names: &[PathBuf], offset: GuestOffset) -> Optio
 fn damage(report: &mut Report, d: Damage) {
     report.damaged_count += 1;
     if let Some(last) = report.damaged.last_mut() {
-        if last.start + last.length == d.start && last.file == d.file && last.problem == d.problem
-        {
+        if last.start + last.length == d.start && last.file == d.file && last.problem == d.problem {
             last.length += d.length;
             report.damaged_count -= 1;
             return;

@@ -23,20 +23,6 @@ fn guest_writes(s: &Scratch, cmds: &[&str]) {
     s.io("d.qcow2", "qcow2", cmds);
 }
 
-/// The ranges (start, length) the overlay `image` itself allocates.
-fn own_ranges(s: &Scratch, image: &str) -> Vec<(u64, u64)> {
-    let mut v: Vec<(u64, u64)> = Vec::new();
-    for e in s.qemu_map(image, "qcow2") {
-        if e.depth == 0 && e.present {
-            match v.last_mut() {
-                Some(last) if last.0 + last.1 == e.start => last.1 += e.length,
-                _ => v.push((e.start, e.length)),
-            }
-        }
-    }
-    v
-}
-
 fn bitmap_flags(s: &Scratch, name: &str) -> Vec<String> {
     let info = s.qemu_info("d.qcow2", "qcow2");
     let list = info["format-specific"]["data"]["bitmaps"]
@@ -72,7 +58,6 @@ fn full_then_incrementals_clear_the_bitmap_and_qemu_keeps_tracking() {
     assert_check_clean(s.dir(), "d.qcow2");
 
     // Each round: guest writes, and the dirty ranges QEMU must record.
-    type Round = (&'static [&'static str], Vec<(u64, u64)>);
     let rounds: [Round; 3] = [
         (
             &["write -P 0x11 300k 8k", "write -P 0x12 6M 1M"],

@@ -40,6 +40,7 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         bitmap: None,
         clear_bitmap: false,
         bitmap_fallback: false,
+        no_manifest: false,
         allow_disabled_bitmap: false,
         compression: Some((CompressionType::Zstd, 3)),
         cluster_size: None,

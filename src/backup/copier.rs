@@ -89,8 +89,8 @@ struct Done {
 /// Where the copier records manifest entries, and the previous backup's
 /// manifest when unchanged clusters are skipped.
 pub struct Recording<'a> {
-    /// The new backup's manifest.
-    pub builder: &'a mut ManifestBuilder,
+    /// The new backup's manifest; `None` computes no entries.
+    pub builder: Option<&'a mut ManifestBuilder>,
     /// The previous backup's manifest (same cluster size), read in step
     /// with the plan: clusters whose entry equals it are not written.
     pub skip_unchanged: Option<ManifestReader>,
@@ -130,6 +130,7 @@ pub fn copy(
             previous: None,
         })
     });
+    let hash = builder.is_some();
     let batches = with_previous(batches, skip_unchanged);
     let queue = Ordered::new(batches, in_flight);
 
@@ -145,7 +146,7 @@ pub fn copy(
                             // A panic must still hand in a result, or the
                             // writer would wait for this batch forever.
                             std::panic::catch_unwind(AssertUnwindSafe(|| {
-                                process_batch(source, &params, batch)
+                                process_batch(source, &params, hash, batch)
                             }))
                             .unwrap_or(Err(BackupError::WorkerPanicked { index: first }))
                             .map(|outs| (first, outs))
@@ -213,7 +214,7 @@ fn short_manifest(reader: &ManifestReader) -> BackupError {
 fn write_in_order(
     queue: &Ordered<impl Iterator, Result<(ClusterIndex, Vec<Done>), BackupError>>,
     target: &mut dyn Target,
-    builder: &mut ManifestBuilder,
+    mut builder: Option<&mut ManifestBuilder>,
     params: &CopyParams,
     progress: &dyn Progress,
     cancel: &AtomicBool,
@@ -227,9 +228,10 @@ fn write_in_order(
             if let Some(out) = cluster.out {
                 target.put(index, out).map_err(BackupError::Write)?;
             }
-            builder
-                .put(index.0, cluster.entry)
-                .map_err(BackupError::Manifest)?;
+            if let Some(b) = builder.as_deref_mut() {
+                b.put(index.0, cluster.entry)
+                    .map_err(BackupError::Manifest)?;
+            }
             done += params.cluster_size.bytes();
             progress.advance(params.cluster_size.bytes());
             if cancel.load(Ordering::Relaxed) {
@@ -258,8 +260,16 @@ fn write_in_order(
 fn process_batch(
     source: &dyn Source,
     params: &CopyParams,
+    hash: bool,
     batch: Batch,
 ) -> Result<Vec<Done>, BackupError> {
+    let entry_of = |data: &[u8], zero: bool| {
+        if hash {
+            manifest::entry_of(data, zero)
+        } else {
+            Entry::Unknown
+        }
+    };
     let n = batch.count as usize;
     let unchanged = |i: usize, entry: &Entry| {
         batch
@@ -289,10 +299,14 @@ fn process_batch(
             else {
                 continue;
             };
-            plain.resize(cs.usize(), 0);
-            codec::decompress(codec, &stream, &mut plain)
-                .map_err(|source| BackupError::Compress { index, source })?;
-            let entry = manifest::entry_of(&plain, is_zero(&plain));
+            let entry = if hash {
+                plain.resize(cs.usize(), 0);
+                codec::decompress(codec, &stream, &mut plain)
+                    .map_err(|source| BackupError::Compress { index, source })?;
+                entry_of(&plain, is_zero(&plain))
+            } else {
+                Entry::Unknown
+            };
             *out = Some(Done {
                 out: (!unchanged(i, &entry)).then_some(Output::Compressed(stream)),
                 entry,
@@ -322,7 +336,7 @@ fn process_batch(
             })?;
         for (k, cluster) in buf.chunks_exact(cs.usize()).enumerate() {
             let zero = is_zero(cluster);
-            let entry = manifest::entry_of(cluster, zero);
+            let entry = entry_of(cluster, zero);
             outs[i + k] = Some(Done {
                 out: if unchanged(i + k, &entry) {
                     None

@@ -55,6 +55,9 @@ pub struct BackupConfig {
     /// When `bitmap` cannot be used (missing, in use, disabled, invalid),
     /// take the incremental backup by content instead, with a warning.
     pub bitmap_fallback: bool,
+    /// Write no manifest beside the target (then it cannot be verified,
+    /// nor serve as the previous backup of an incremental by content).
+    pub no_manifest: bool,
     /// Codec and level, or no compression.
     pub compression: Option<(CompressionType, i32)>,
     /// Target cluster size; `None` for QEMU's rule.
@@ -84,7 +87,7 @@ pub struct BackupReport {
     /// clusters were freed.
     pub bitmap_cleared: Option<u64>,
     /// The manifest written beside the target.
-    pub manifest: PathBuf,
+    pub manifest: Option<PathBuf>,
     /// Things the user should know although the backup succeeded (one
     /// line each), such as a fallback from an unusable bitmap.
     pub warnings: Vec<String>,
@@ -353,8 +356,7 @@ pub fn run(
         _ => None,
     };
 
-    let ranges =
-        plan::plan(source, mode, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
+    let ranges = plan::plan(source, mode, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
     let planned: u64 = ranges.iter().map(|r| cluster_size.bytes_in(r.count)).sum();
     on_plan(planned);
 
@@ -389,17 +391,21 @@ pub fn run(
         Format::Qcow2 => cfg.compression,
         Format::Raw => None,
     };
-    let mut recorder = record::start(
-        cfg,
-        source,
-        &dir,
-        record::About {
-            mode,
-            cluster_size,
-            backing: backing.as_ref().map(|b| b.name.as_str()),
-            previous,
-        },
-    )?;
+    let mut recorder = if cfg.no_manifest {
+        None
+    } else {
+        Some(record::start(
+            cfg,
+            source,
+            &dir,
+            record::About {
+                mode,
+                cluster_size,
+                backing: backing.as_ref().map(|b| b.name.as_str()),
+                previous,
+            },
+        )?)
+    };
     let target: Box<dyn Target> = match cfg.target_format {
         Format::Qcow2 => {
             let opts = WriterOptions {
@@ -426,7 +432,7 @@ pub fn run(
         speed: cfg.speed,
     };
     let recording = copier::Recording {
-        builder: &mut recorder.builder,
+        builder: recorder.as_mut().map(|r| &mut r.builder),
         skip_unchanged,
     };
     copier::copy(source, &ranges, params, target, recording, progress, cancel).map_err(
@@ -435,7 +441,7 @@ pub fn run(
             other => other,
         },
     )?;
-    let manifest = recorder.finish()?;
+    let manifest = recorder.map(record::Recorder::finish).transpose()?;
     storage.sync().map_err(|e| commit_err("sync", e))?;
     drop(storage);
     let persisted = if cfg.force {
@@ -450,7 +456,7 @@ pub fn run(
             commit_err("rename the temporary file into place", e.error)
         }
     })?;
-    let manifest = manifest.place(&cfg.target)?;
+    let manifest = manifest.map(|m| m.place(&cfg.target)).transpose()?;
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
@@ -486,11 +492,7 @@ fn open_source(
     // Clearing the bitmap needs the source image to itself, from the
     // start: no VM may open it between the backup and the clearing.
     let updating = UpdatingOpener::new(opener);
-    let source_opener: &dyn Opener = if cfg.clear_bitmap {
-        &updating
-    } else {
-        opener
-    };
+    let source_opener: &dyn Opener = if cfg.clear_bitmap { &updating } else { opener };
     let (SyncMode::Incremental, Some(name)) = (cfg.sync, cfg.bitmap.as_deref()) else {
         let mode = match cfg.sync {
             SyncMode::Incremental => SyncMode::Changed,

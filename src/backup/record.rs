@@ -94,6 +94,7 @@ pub fn start(
         .map_err(|e| io("open the temporary file", e))?;
     let size = source.virtual_size();
     let meta = Meta {
+        id: manifest::new_id().map_err(|e| io("read /dev/urandom for the backup's identity", e))?,
         tool: format!("qbackup {}", env!("CARGO_PKG_VERSION")),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -123,7 +124,7 @@ pub fn start(
     let writer = ManifestWriter::new(file, tmp.path(), &meta).map_err(BackupError::Manifest)?;
     let gaps = match (about.mode, about.previous) {
         (SyncMode::Full, _) => Gaps::Zero,
-        (_, Some(prev)) => Gaps::Previous(prev),
+        (_, Some(prev)) => Gaps::Previous(Box::new(prev)),
         (_, None) => Gaps::Unknown,
     };
     let clusters = size.div_ceil(about.cluster_size.bytes());
@@ -151,13 +152,11 @@ impl Finished {
     /// Renames the manifest to `TARGET.manifest` (replacing any).
     pub fn place(self, target: &Path) -> Result<PathBuf, BackupError> {
         let path = manifest::path_for(target);
-        self.tmp
-            .persist(&path)
-            .map_err(|e| BackupError::Commit {
-                path: path.clone(),
-                action: "rename the manifest into place",
-                source: e.error,
-            })?;
+        self.tmp.persist(&path).map_err(|e| BackupError::Commit {
+            path: path.clone(),
+            action: "rename the manifest into place",
+            source: e.error,
+        })?;
         Ok(path)
     }
 }

@@ -14,7 +14,7 @@ pub enum Gaps {
     Unknown,
     /// The backing file, a backup with this manifest (an incremental on
     /// it): its entries, streamed in step.
-    Previous(ManifestReader),
+    Previous(Box<ManifestReader>),
 }
 
 /// Streams entries into a [`ManifestWriter`] in cluster order.

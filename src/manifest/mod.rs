@@ -82,6 +82,10 @@ pub fn entry_of(data: &[u8], is_zero: bool) -> Entry {
 /// What a backup was made from (the manifest's JSON line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
+    /// A random identity of this backup (hex, 128 bits), so that two
+    /// backups of the same data still have different manifests and a
+    /// parent swapped for a twin is told apart.
+    pub id: String,
     /// The qbackup version that wrote it.
     pub tool: String,
     /// Seconds since the Unix epoch when the backup finished.
@@ -103,6 +107,14 @@ pub struct Meta {
     /// BLAKE3 (hex) of the backing file's manifest, when it has one: the
     /// parent this backup was made on.
     pub backing_manifest: Option<String>,
+}
+
+/// A fresh random backup identity (hex).
+pub fn new_id() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(hex(&bytes))
 }
 
 /// The manifest path of a backup at `target`.

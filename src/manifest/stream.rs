@@ -49,10 +49,12 @@ impl ManifestWriter {
 
     fn emit(&mut self, bytes: &[u8]) -> Result<(), ManifestError> {
         self.hasher.update(bytes);
-        self.out.write_all(bytes).map_err(|source| ManifestError::Io {
-            path: self.path.clone(),
-            source,
-        })
+        self.out
+            .write_all(bytes)
+            .map_err(|source| ManifestError::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Appends `count` clusters of `entry`.
@@ -160,8 +162,8 @@ impl ManifestReader {
         }
         let mut line = Vec::new();
         std::io::BufRead::read_until(&mut input, b'\n', &mut line).map_err(io)?;
-        let meta: Meta = serde_json::from_slice(&line)
-            .map_err(|e| invalid(&format!("bad metadata: {e}")))?;
+        let meta: Meta =
+            serde_json::from_slice(&line).map_err(|e| invalid(&format!("bad metadata: {e}")))?;
         if meta.cluster_size == 0 {
             return Err(invalid("cluster size 0"));
         }
@@ -257,6 +259,7 @@ mod tests {
 
     fn meta(size: u64) -> Meta {
         Meta {
+            id: "0".into(),
             tool: "t".into(),
             created: 0,
             source: "s".into(),
@@ -275,7 +278,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m");
         let d = Entry::Data(Digest::of(b"abc"));
-        let mut w = ManifestWriter::new(File::create(&p).unwrap(), &p, &meta(10 * 512 - 100)).unwrap();
+        let mut w =
+            ManifestWriter::new(File::create(&p).unwrap(), &p, &meta(10 * 512 - 100)).unwrap();
         w.push_run(3, Entry::Zero).unwrap();
         w.push_run(2, Entry::Zero).unwrap();
         w.push_run(1, d).unwrap();

@@ -146,3 +146,21 @@ pub fn dirty_ranges(s: &Scratch, image: &str, bitmap: &str) -> Vec<(u64, u64)> {
     }
     ranges
 }
+
+/// Guest writes (qemu-io commands) and the ranges (start, length) they
+/// should make an incremental backup allocate.
+pub type Round = (&'static [&'static str], Vec<(u64, u64)>);
+
+/// The ranges (start, length) the overlay `image` itself allocates, merged.
+pub fn own_ranges(s: &Scratch, image: &str) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = Vec::new();
+    for e in s.qemu_map(image, "qcow2") {
+        if e.depth == 0 && e.present {
+            match v.last_mut() {
+                Some(last) if last.0 + last.1 == e.start => last.1 += e.length,
+                _ => v.push((e.start, e.length)),
+            }
+        }
+    }
+    v
+}
