@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Benchmark incremental backups from a qcow2 persistent dirty bitmap.
+# Benchmark incremental backups (from a qcow2 persistent dirty bitmap, and
+# by content from the previous backup's manifest), the manifest's cost, and
+# verify.
 #
 # Input (DEVELOPERS.md): the realistic ext4 image of benches/compare.sh
 # (built here when WORKDIR lacks it). A copy gets a bitmap and a full
@@ -10,7 +12,11 @@
 #   - qbackup --sync incremental --bitmap (zstd, --bitmap-mode never so
 #     runs repeat; one last run clears the bitmap);
 #   - qemu-img convert -m 16 -W -c -B FULL of the overlay (zstd): the same
-#     delta made the qemu-img way.
+#     delta made the qemu-img way;
+#   - qbackup --sync incremental without a bitmap (by content);
+#   - the manifest's cost: the full backup with --no-manifest;
+#   - qbackup verify of the full backup, and qemu-img compare of the full
+#     backup with its source.
 # Reports median wall time of RUNS (default 3), output size, peak RSS.
 # Usage: benches/incremental.sh [WORKDIR]
 set -euo pipefail
@@ -31,7 +37,7 @@ if [ ! -f disk.qcow2 ]; then
 fi
 [ -f disk.raw ] || qemu-img convert -O raw disk.qcow2 disk.raw
 
-rm -f src.qcow2 full.qcow2 ov.qcow2 inc.qcow2 out.q chunk-*.bin
+rm -f src.qcow2 full.qcow2* bare.qcow2* ov.qcow2 inc.qcow2* hinc.qcow2* out.q chunk-*.bin
 cp disk.qcow2 src.qcow2
 qemu-img bitmap --add src.qcow2 bm0
 
@@ -48,8 +54,14 @@ median() {
     RSS=$rss
 }
 
-median sh -c "rm -f full.qcow2 && '$qb' backup --threads $(nproc) disk.qcow2 full.qcow2"
+median sh -c "rm -f bare.qcow2 && '$qb' backup --no-manifest disk.qcow2 bare.qcow2"
+bare_s=$WALL
+median sh -c "rm -f full.qcow2 && '$qb' backup disk.qcow2 full.qcow2"
 full_s=$WALL full_rss=$RSS full_bytes=$(stat -c %s full.qcow2)
+median "$qb" verify full.qcow2
+verify_s=$WALL verify_rss=$RSS
+median qemu-img compare -q disk.qcow2 full.qcow2
+cmp_s=$WALL
 # The cycle's start: a full backup with --bitmap clears bm0.
 rm -f full.qcow2
 "$qb" backup --bitmap bm0 src.qcow2 full.qcow2
@@ -77,6 +89,9 @@ q_s=$WALL q_rss=$RSS q_bytes=$(stat -c %s out.q)
 median sh -c "rm -f inc.qcow2 && '$qb' backup --sync incremental --bitmap bm0 --bitmap-mode never --backing full.qcow2 src.qcow2 inc.qcow2"
 i_s=$WALL i_rss=$RSS i_bytes=$(stat -c %s inc.qcow2)
 qemu-img compare -q src.qcow2 inc.qcow2 || { echo "incremental differs from the source!" >&2; exit 1; }
+median sh -c "rm -f hinc.qcow2 && '$qb' backup --sync incremental --backing full.qcow2 src.qcow2 hinc.qcow2"
+h_s=$WALL h_rss=$RSS h_bytes=$(stat -c %s hinc.qcow2)
+qemu-img compare -q src.qcow2 hinc.qcow2 || { echo "incremental by content differs!" >&2; exit 1; }
 qemu-img compare -q out.q inc.qcow2 || { echo "outputs differ!" >&2; exit 1; }
 # Once more, clearing the bitmap (the everyday mode).
 rm -f inc.qcow2
@@ -90,4 +105,9 @@ printf '%-40s %8.2f %12d %8.1f\n' "qbackup full (zstd)" "$full_s" "$full_bytes" 
 printf '%-40s %8.2f %12d %8.1f\n' "qemu-img convert -c -B full (overlay)" "$q_s" "$q_bytes" "$(awk "BEGIN{print $q_rss/1024}")"
 printf '%-40s %8.2f %12d %8.1f\n' "qbackup incremental (bitmap)" "$i_s" "$i_bytes" "$(awk "BEGIN{print $i_rss/1024}")"
 printf '%-40s %8.2f\n' "qbackup incremental + clearing bm0" "$clear_s"
+printf '%-40s %8.2f %12d %8.1f\n' "qbackup incremental by content" "$h_s" "$h_bytes" "$(awk "BEGIN{print $h_rss/1024}")"
+printf '%-40s %8.2f\n' "qbackup full, --no-manifest" "$bare_s"
+printf '%-40s %8.2f %12s %8.1f\n' "qbackup verify full" "$verify_s" - "$(awk "BEGIN{print $verify_rss/1024}")"
+printf '%-40s %8.2f\n' "qemu-img compare source full" "$cmp_s"
+awk "BEGIN{printf \"manifest overhead %.3f×; verify/backup %.2f×, verify/qemu-img compare %.2f×; by-content/full: time %.3f×, size %.3f×\n\", $full_s/$bare_s, $verify_s/$full_s, $verify_s/$cmp_s, $h_s/$full_s, $h_bytes/$full_bytes}"
 awk "BEGIN{printf \"incremental/full: time %.3f×, size %.3f×; incremental/qemu-img: time %.2f×, size %.3f×\n\", $i_s/$full_s, $i_bytes/$full_bytes, $i_s/$q_s, $i_bytes/$q_bytes}"
