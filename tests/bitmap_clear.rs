@@ -145,8 +145,12 @@ fn refusals_leave_source_and_target_alone() {
             "would lose the writes",
         ),
         (&["-U"][..], "bm0", "needs the image to itself"),
-        (&[][..], "nope", "no persistent dirty bitmap named 'nope'"),
-        (&[][..], "off", "is disabled"),
+        (
+            &["--require-bitmap"][..],
+            "nope",
+            "no persistent dirty bitmap named 'nope'",
+        ),
+        (&["--require-bitmap"][..], "off", "is disabled"),
     ] {
         inc(extra, bitmap).assert_clean_failure_mentioning(&[says]);
         unchanged(&s);

@@ -101,14 +101,23 @@ fn bitmap_granularity_above_the_cluster_size() {
 }
 
 #[test]
+/// With --require-bitmap (without it, these fall back to an incremental
+/// by content: tests/verify.rs).
 fn missing_and_in_use_bitmaps_are_refused() {
     let s = Scratch::new();
     s.create("d.qcow2", "qcow2", 4 * MIB, "");
     s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
     s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
     s.io("d.qcow2", "qcow2", &["write -P 0x07 0 64k"]);
-    let inc =
-        |bitmap: &str| backup_incremental(&s, &[], (bitmap, "full.qcow2"), "d.qcow2", "inc.qcow2");
+    let inc = |bitmap: &str| {
+        backup_incremental(
+            &s,
+            &["--require-bitmap"],
+            (bitmap, "full.qcow2"),
+            "d.qcow2",
+            "inc.qcow2",
+        )
+    };
     inc("nope").assert_clean_failure_mentioning(&["no persistent dirty bitmap named 'nope'"]);
     // Mark bm0 in use, as a QEMU killed while it had the image open leaves
     // it: flags are at byte 12 of the first directory entry.
@@ -126,8 +135,14 @@ fn missing_and_in_use_bitmaps_are_refused() {
     assert_no_leftovers(s.dir());
     // A raw image cannot hold one.
     s.img(&["convert", "-O", "raw", "full.qcow2", "d.raw"]);
-    backup_incremental(&s, &[], ("bm0", "full.qcow2"), "d.raw", "x.qcow2")
-        .assert_clean_failure_mentioning(&["cannot hold a persistent dirty bitmap"]);
+    backup_incremental(
+        &s,
+        &["--require-bitmap"],
+        ("bm0", "full.qcow2"),
+        "d.raw",
+        "x.qcow2",
+    )
+    .assert_clean_failure_mentioning(&["cannot hold a persistent dirty bitmap"]);
 }
 
 /// Regression: TARGET may not be PREV (or a file under it): `--force` would

@@ -166,7 +166,7 @@ pub enum BackupError {
         format: &'static str,
     },
     /// The previous backup's manifest is of another disk or cluster size.
-    #[error("{}: the previous backup's manifest records {cluster_size}-byte clusters of another disk, this backup uses {wanted}-byte clusters (pass --cluster-size {cluster_size})", path.display())]
+    #[error("{}: the previous backup's manifest records {cluster_size}-byte clusters, this backup uses {wanted}-byte clusters (an incremental backup by content needs the same: pass --cluster-size {cluster_size})", path.display())]
     PreviousManifestMismatch {
         /// PREV's manifest.
         path: PathBuf,
@@ -341,18 +341,36 @@ pub fn run(
         Some(bytes) => ClusterSize::new(bytes).ok_or(BackupError::ClusterSize(bytes))?,
         None => prev_cluster.unwrap_or_else(|| default_cluster_size(source)),
     };
-    let previous = match (incremental, prev_path) {
-        (true, Some(p)) => record::previous_manifest(p, cluster_size, size)?,
-        _ => None,
+    // The previous backup's manifest: its entries fill the clusters this
+    // backup does not write when they line up (same cluster size), and
+    // its BLAKE3 is recorded as the parent's in any case.
+    let (previous, parent_digest) = match (incremental, prev_path) {
+        (true, Some(p)) => match record::previous_manifest(p)? {
+            Some(m) => {
+                let digest = m.digest().to_string();
+                let lines_up = record::lines_up(&m, cluster_size, size);
+                (lines_up.then_some(m), Some(digest))
+            }
+            None => (None, None),
+        },
+        _ => (None, None),
     };
     let skip_unchanged = match (mode, prev_path) {
-        (SyncMode::Changed, Some(p)) => Some(
-            record::previous_manifest(p, cluster_size, size)?.ok_or_else(|| {
+        (SyncMode::Changed, Some(p)) => {
+            let m = record::previous_manifest(p)?.ok_or_else(|| {
                 BackupError::PreviousHasNoManifest {
                     path: crate::manifest::path_for(p),
                 }
-            })?,
-        ),
+            })?;
+            if !record::lines_up(&m, cluster_size, size) {
+                return Err(BackupError::PreviousManifestMismatch {
+                    path: m.path().to_path_buf(),
+                    cluster_size: m.meta().cluster_size,
+                    wanted: cluster_size.bytes(),
+                });
+            }
+            Some(m)
+        }
         _ => None,
     };
 
@@ -403,6 +421,7 @@ pub fn run(
                 cluster_size,
                 backing: backing.as_ref().map(|b| b.name.as_str()),
                 previous,
+                parent_digest,
             },
         )?)
     };

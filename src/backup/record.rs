@@ -18,28 +18,21 @@ use super::{BackupConfig, BackupError, SyncMode};
 use crate::manifest::{self, Gaps, ManifestBuilder, ManifestReader, ManifestWriter, Meta};
 use crate::source::Source;
 
-/// The previous backup's manifest, for an incremental backup on `prev`
-/// with clusters of `cluster_size`: `None` when it has none. A manifest of
-/// another disk size or cluster size is no use for this backup.
-pub fn previous_manifest(
-    prev: &Path,
-    cluster_size: ClusterSize,
-    virtual_size: u64,
-) -> Result<Option<ManifestReader>, BackupError> {
+/// The manifest of the previous backup `prev`, or `None` when it has none.
+pub fn previous_manifest(prev: &Path) -> Result<Option<ManifestReader>, BackupError> {
     let path = manifest::path_for(prev);
     if !path.exists() {
         return Ok(None);
     }
-    let reader = ManifestReader::open(&path).map_err(BackupError::Manifest)?;
-    let meta = reader.meta();
-    if meta.cluster_size != cluster_size.bytes() || meta.virtual_size != virtual_size {
-        return Err(BackupError::PreviousManifestMismatch {
-            path,
-            cluster_size: meta.cluster_size,
-            wanted: cluster_size.bytes(),
-        });
-    }
-    Ok(Some(reader))
+    ManifestReader::open(&path)
+        .map(Some)
+        .map_err(BackupError::Manifest)
+}
+
+/// Whether a manifest's entries line up with a backup of `virtual_size`
+/// in clusters of `cluster_size`.
+pub fn lines_up(m: &ManifestReader, cluster_size: ClusterSize, virtual_size: u64) -> bool {
+    m.meta().cluster_size == cluster_size.bytes() && m.meta().virtual_size == virtual_size
 }
 
 /// The cluster size of the previous backup's manifest, if it has a
@@ -64,8 +57,11 @@ pub struct About<'a> {
     pub cluster_size: ClusterSize,
     /// The backing file name the target records.
     pub backing: Option<&'a str>,
-    /// The previous backup's manifest (incremental backups).
+    /// The previous backup's manifest, when its entries line up with
+    /// this backup's clusters (incremental backups).
     pub previous: Option<ManifestReader>,
+    /// The BLAKE3 (hex) of the previous backup's manifest.
+    pub parent_digest: Option<String>,
 }
 
 /// Starts the manifest of the backup `cfg` of `source` in the target's
@@ -119,7 +115,7 @@ pub fn start(
             _ => None,
         },
         backing: about.backing.map(str::to_string),
-        backing_manifest: about.previous.as_ref().map(|p| p.digest().to_string()),
+        backing_manifest: about.parent_digest,
     };
     let writer = ManifestWriter::new(file, tmp.path(), &meta).map_err(BackupError::Manifest)?;
     let gaps = match (about.mode, about.previous) {
