@@ -18,6 +18,16 @@ fn dirty(s: &Scratch, bitmap: &str) -> Vec<(u64, u64)> {
     dirty_ranges(s, "d.qcow2", bitmap)
 }
 
+/// An 8 MiB d.qcow2 with a full backup, then bitmap bm0 and one write
+/// (1 MiB + 64 KiB) it records; returns the image's bytes.
+fn backed_up_with_bitmap(s: &Scratch) -> Vec<u8> {
+    s.create("d.qcow2", "qcow2", 8 * MIB, "");
+    s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
+    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
+    guest_writes(s, &["write -P 0x07 1M 64k"]);
+    std::fs::read(s.path("d.qcow2")).unwrap()
+}
+
 /// Guest writes through qemu-io (QEMU records them in enabled bitmaps).
 fn guest_writes(s: &Scratch, cmds: &[&str]) {
     s.io("d.qcow2", "qcow2", cmds);
@@ -99,11 +109,7 @@ fn full_then_incrementals_clear_the_bitmap_and_qemu_keeps_tracking() {
 #[test]
 fn bitmap_mode_never_leaves_the_source_untouched() {
     let s = Scratch::new();
-    s.create("d.qcow2", "qcow2", 8 * MIB, "");
-    s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
-    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
-    guest_writes(&s, &["write -P 0x07 1M 64k"]);
-    let before = std::fs::read(s.path("d.qcow2")).unwrap();
+    let before = backed_up_with_bitmap(&s);
     backup_incremental(
         &s,
         &["--bitmap-mode", "never"],
@@ -195,11 +201,7 @@ fn refusals_leave_source_and_target_alone() {
 #[test]
 fn clearing_needs_the_image_to_itself() {
     let s = Scratch::new();
-    s.create("d.qcow2", "qcow2", 8 * MIB, "");
-    s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
-    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
-    guest_writes(&s, &["write -P 0x07 1M 64k"]);
-    let before = std::fs::read(s.path("d.qcow2")).unwrap();
+    let before = backed_up_with_bitmap(&s);
     let inc = |extra: &[&str]| {
         backup_incremental(&s, extra, ("bm0", "full.qcow2"), "d.qcow2", "inc.qcow2")
     };
@@ -228,10 +230,7 @@ fn in_use_bitmap_is_refused_for_clearing() {
     s.create("d.qcow2", "qcow2", 4 * MIB, "");
     s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
     let img = s.path("d.qcow2");
-    let ext = qcow2_header_extension(&img, 0x2385_2875);
-    let dir = read_u64(&img, ext + 8 + 16);
-    let flags = read_u32(&img, dir + 12);
-    patch_u32(&img, dir + 12, flags | 1);
+    mark_first_bitmap_in_use(&img);
     let before = std::fs::read(&img).unwrap();
     s.backup(&["--bitmap", "bm0", "d.qcow2", "full.qcow2"])
         .assert_clean_failure_mentioning(&["marked in use", "take a full backup"]);

@@ -122,10 +122,7 @@ fn missing_and_in_use_bitmaps_are_refused() {
     // Mark bm0 in use, as a QEMU killed while it had the image open leaves
     // it: flags are at byte 12 of the first directory entry.
     let img = s.path("d.qcow2");
-    let ext = qcow2_header_extension(&img, 0x2385_2875);
-    let dir = read_u64(&img, ext + 8 + 16);
-    let flags = read_u32(&img, dir + 12);
-    patch_u32(&img, dir + 12, flags | 1);
+    mark_first_bitmap_in_use(&img);
     assert!(s
         .qemu_info("d.qcow2", "qcow2")
         .to_string()

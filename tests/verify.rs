@@ -250,10 +250,7 @@ fn unusable_bitmap_falls_back_with_a_warning() {
         .assert_ok();
     s.io("d.qcow2", "qcow2", &["write -P 0x07 1M 64k"]);
     let img = s.path("d.qcow2");
-    let ext = qcow2_header_extension(&img, 0x2385_2875);
-    let dir = read_u64(&img, ext + 8 + 16);
-    let flags = read_u32(&img, dir + 12);
-    patch_u32(&img, dir + 12, flags | 1);
+    mark_first_bitmap_in_use(&img);
     backup_incremental(
         &s,
         &["--require-bitmap"],

@@ -210,3 +210,13 @@ pub fn qcow2_header_extension(path: &Path, ext: u32) -> u64 {
         off += 8 + len.div_ceil(8) * 8;
     }
 }
+
+/// Sets the in_use flag of the first bitmap directory entry of `img`, as a
+/// QEMU killed while it had the image open leaves it (flags are at byte 12
+/// of the entry).
+pub fn mark_first_bitmap_in_use(img: &Path) {
+    let ext = qcow2_header_extension(img, 0x2385_2875);
+    let dir = read_u64(img, ext + 8 + 16);
+    let flags = read_u32(img, dir + 12);
+    patch_u32(img, dir + 12, flags | 1);
+}
