@@ -21,7 +21,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = decompress(codec, input, &mut out);
     let mut scratch = vec![0u8; cluster + 1];
     if let Ok(n) = stream_len(codec, input, &mut scratch) {
-        assert!(n <= input.len(), "stream length {n} past the input's {}", input.len());
+        assert!(
+            n <= input.len(),
+            "stream length {n} past the input's {}",
+            input.len()
+        );
         // The proven stream alone decodes to the cluster.
         decompress(codec, &input[..n], &mut out).expect("a proven stream decodes");
     }

@@ -17,9 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
-use qbackup_formats::nbd::{
-    ConnectOptions, Connection, NbdTransport, NbdUri, SharedConnection,
-};
+use qbackup_formats::nbd::{ConnectOptions, Connection, NbdTransport, NbdUri, SharedConnection};
 
 /// The most bytes one read asks for, whatever size the server claims.
 const MAX_READ: u64 = 64 * 1024;
@@ -95,7 +93,9 @@ pub fn exercise_client(data: &[u8]) {
         .zip(std::env::var_os("QBACKUP_FUZZ_NBD_RECORD"));
     let listener = guard.listener.try_clone().expect("listener");
     let srv = thread::spawn(move || {
-        let Ok((s, _)) = listener.accept() else { return };
+        let Ok((s, _)) = listener.accept() else {
+            return;
+        };
         match relay {
             Some((up, rec)) => serve_relay(s, up.into(), rec.into()),
             None => serve_canned(s, said),
@@ -172,5 +172,8 @@ fn check_descriptors(descs: &[(u64, u32)], len: u64) {
         assert!(n > 0, "zero-length descriptor");
         total = total.checked_add(n).expect("descriptor lengths overflow");
     }
-    assert!(total <= len, "descriptors cover {total} of {len} bytes asked");
+    assert!(
+        total <= len,
+        "descriptors cover {total} of {len} bytes asked"
+    );
 }
