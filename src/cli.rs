@@ -1,5 +1,10 @@
 //! Command-line definitions (clap) and the glue that turns them into calls
-//! into the library.
+//! into the library. Output forms live beside it: `progress` (`-p`),
+//! `report` (the backup's result), `status` (exit statuses).
+
+pub mod progress;
+pub mod report;
+pub mod status;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,16 +12,19 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use qbackup::{backup, compare, info, map, source, verify};
 use qbackup_formats::codec::CompressionType;
 use qbackup_formats::open::{nbd_uri, FileOpener, ForceShareOpener, Opener};
-use qbackup_formats::Format;
+use qbackup_formats::{ClusterSize, Format};
+
+use progress::{ProgressArg, Reporter};
+use status::usage;
 
 /// Back up qcow2 and raw disk images like QEMU's backup job.
 #[derive(Parser, Debug)]
-#[command(name = "qbackup", version, about)]
+#[command(name = "qbackup", version, about, after_help = status::HELP)]
 pub struct Args {
     #[command(subcommand)]
     command: Command,
@@ -170,11 +178,11 @@ struct BackupArgs {
     /// backup without a bitmap.
     #[arg(long)]
     no_manifest: bool,
-    /// Cluster compression for a qcow2 target.
-    #[arg(long, value_enum, default_value = "zstd")]
-    compress: CompressArg,
+    /// Cluster compression for a qcow2 target (default zstd).
+    #[arg(long, value_enum)]
+    compress: Option<CompressArg>,
     /// Compression level (zstd 1-19, default 3; zlib 1-9, default 6).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     level: Option<i32>,
     /// Target format.
     #[arg(short = 'O', long = "target-format", default_value = "qcow2")]
@@ -188,9 +196,19 @@ struct BackupArgs {
     /// Rate limit in bytes per second (e.g. 100M).
     #[arg(long, value_parser = parse_size)]
     speed: Option<u64>,
-    /// Show a progress bar.
-    #[arg(short = 'p', long)]
-    progress: bool,
+    /// Show progress on stderr: a bar on a terminal, else a line every 10 %
+    /// or 10 s (auto, the default with -p); or bar, lines, or json (one
+    /// JSON object per line, every 1 % or 1 s).
+    #[arg(short = 'p', long, value_enum, num_args = 0..=1, require_equals = true,
+          default_missing_value = "auto", value_name = "MODE")]
+    progress: Option<ProgressArg>,
+    /// Print no result summary on success.
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// The result on success: a line on stderr (human), or one JSON object
+    /// on stdout (json).
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputArg,
     /// Replace an existing target.
     #[arg(long)]
     force: bool,
@@ -237,30 +255,50 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 impl BackupArgs {
     /// Validates the arguments into a backup configuration.
+    /// Validates the arguments into a backup configuration; a wrong
+    /// combination is a [`status::UsageError`].
     fn into_config(self) -> Result<backup::BackupConfig> {
-        let compression = match self.compress {
+        let raw = matches!(self.target_format, FormatArg::Raw);
+        if raw {
+            // Options that only a qcow2 target uses are refused, not ignored.
+            if self.compress.is_some_and(|c| c != CompressArg::None) || self.level.is_some() {
+                usage!("--compress and --level apply to qcow2 targets only (a raw target is not compressed)");
+            }
+            if self.recompress {
+                usage!("--recompress applies to qcow2 targets only");
+            }
+            if self.sync != SyncArg::Full {
+                usage!("--sync top and incremental need a qcow2 target: a raw file cannot refer to a backing file");
+            }
+        }
+        let compression = match self.compress.unwrap_or(CompressArg::Zstd) {
             CompressArg::None => None,
             CompressArg::Zstd => Some((CompressionType::Zstd, self.level.unwrap_or(3))),
             CompressArg::Zlib => Some((CompressionType::Zlib, self.level.unwrap_or(6))),
         };
         match compression {
             Some((CompressionType::Zstd, l)) if !(1..=19).contains(&l) => {
-                bail!("--level for zstd must be 1 to 19")
+                usage!("--level for zstd must be 1 to 19")
             }
             Some((CompressionType::Zlib, l)) if !(1..=9).contains(&l) => {
-                bail!("--level for zlib must be 1 to 9")
+                usage!("--level for zlib must be 1 to 9")
             }
-            None if self.level.is_some() => bail!("--level needs --compress zstd or zlib"),
+            None if self.level.is_some() => usage!("--level needs --compress zstd or zlib"),
             _ => {}
         }
+        if let Some(c) = self.cluster_size {
+            if ClusterSize::new(c).is_none() {
+                usage!("--cluster-size {c} must be a power of two from 512 to 2M");
+            }
+        }
         if self.threads == Some(0) {
-            bail!("--threads must be at least 1");
+            usage!("--threads must be at least 1");
         }
         if self.speed == Some(0) {
-            bail!("--speed must be positive");
+            usage!("--speed must be positive");
         }
         if self.backing.is_some() && self.sync == SyncArg::Full {
-            bail!("--backing only applies to --sync top and incremental");
+            usage!("--backing only applies to --sync top and incremental");
         }
         let clear_bitmap = self.bitmap_policy()?;
         let threads = self.threads.unwrap_or_else(|| {
@@ -300,48 +338,37 @@ impl BackupArgs {
     fn bitmap_policy(&self) -> Result<bool> {
         let nbd = nbd_uri(&self.source).is_some();
         if self.bitmap.is_none() && self.bitmap_mode.is_some() {
-            bail!("--bitmap-mode needs --bitmap NAME");
+            usage!("--bitmap-mode needs --bitmap NAME");
         }
         if self.allow_disabled_bitmap && self.sync != SyncArg::Incremental {
-            bail!("--allow-disabled-bitmap only applies to --sync incremental");
+            usage!("--allow-disabled-bitmap only applies to --sync incremental");
         }
         if self.require_bitmap && (self.sync != SyncArg::Incremental || self.bitmap.is_none()) {
-            bail!("--require-bitmap only applies to --sync incremental --bitmap NAME");
+            usage!("--require-bitmap only applies to --sync incremental --bitmap NAME");
         }
         let mode = match self.bitmap_mode {
-            Some(BitmapModeArg::Always) => bail!("--bitmap-mode always is refused: a failed backup leaves no target, so clearing the bitmap anyway would lose the writes it recorded; use on-success"),
-            Some(BitmapModeArg::OnSuccess) if nbd => bail!("--bitmap-mode on-success: an NBD export's bitmap belongs to its server; after the backup, clear or merge it over QMP (block-dirty-bitmap-clear, block-dirty-bitmap-merge), and pass --bitmap-mode never"),
+            Some(BitmapModeArg::Always) => usage!("--bitmap-mode always is refused: a failed backup leaves no target, so clearing the bitmap anyway would lose the writes it recorded; use on-success"),
+            Some(BitmapModeArg::OnSuccess) if nbd => usage!("--bitmap-mode on-success: an NBD export's bitmap belongs to its server; after the backup, clear or merge it over QMP (block-dirty-bitmap-clear, block-dirty-bitmap-merge), and pass --bitmap-mode never"),
             Some(m) => m,
             None if nbd => BitmapModeArg::Never,
             None => BitmapModeArg::OnSuccess,
         };
         match (self.sync, &self.bitmap, &self.backing) {
             (SyncArg::Incremental, _, None) => {
-                bail!("--sync incremental needs --backing PREV (the previous backup)")
+                usage!("--sync incremental needs --backing PREV (the previous backup)")
             }
-            (SyncArg::Top, Some(_), _) => bail!("--bitmap applies to --sync incremental (copy what it marks) and --sync full (clear it: a new cycle)"),
-            (SyncArg::Full, Some(_), _) if nbd => bail!("--sync full --bitmap clears the bitmap, but an NBD export's bitmap belongs to its server: clear it over QMP (block-dirty-bitmap-clear)"),
+            (SyncArg::Top, Some(_), _) => usage!("--bitmap applies to --sync incremental (copy what it marks) and --sync full (clear it: a new cycle)"),
+            (SyncArg::Full, Some(_), _) if nbd => usage!("--sync full --bitmap clears the bitmap, but an NBD export's bitmap belongs to its server: clear it over QMP (block-dirty-bitmap-clear)"),
             (SyncArg::Full, Some(_), _) if mode == BitmapModeArg::Never => {
-                bail!("--sync full --bitmap only clears the bitmap; with --bitmap-mode never it would do nothing")
+                usage!("--sync full --bitmap only clears the bitmap; with --bitmap-mode never it would do nothing")
             }
             _ => {}
         }
         let clear = self.bitmap.is_some() && mode == BitmapModeArg::OnSuccess;
         if clear && self.force_share {
-            bail!("-U/--force-share only reads; clearing the bitmap needs the image to itself (stop what holds it, or pass --bitmap-mode never)");
+            usage!("-U/--force-share only reads; clearing the bitmap needs the image to itself (stop what holds it, or pass --bitmap-mode never)");
         }
         Ok(clear)
-    }
-}
-
-/// A progress bar for the copier, or nothing.
-struct Bar(Option<indicatif::ProgressBar>);
-
-impl backup::Progress for Bar {
-    fn advance(&self, bytes: u64) {
-        if let Some(b) = &self.0 {
-            b.inc(bytes);
-        }
     }
 }
 
@@ -383,35 +410,42 @@ impl Files {
 }
 
 fn run_backup(args: BackupArgs) -> Result<()> {
-    let show = args.progress;
+    let (quiet, output) = (args.quiet, args.output);
     let files = Files::new(args.force_share);
+    let reporter = Reporter::new(args.progress);
     let cfg = args.into_config()?;
     let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    let signals = [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ];
+    status::record_signals(&signals)?;
+    for sig in signals {
         signal_hook::flag::register(sig, Arc::clone(&cancel))?;
     }
-    let bar = Bar(show.then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-            )
-            .expect("valid template"),
-        );
-        b
-    }));
-    let mut on_plan = |total: u64| {
-        if let Some(b) = &bar.0 {
-            b.set_length(total);
+    let mut on_plan = |total: u64| reporter.start(total);
+    let result = backup::run(&cfg, files.opener(), &reporter, &mut on_plan, &cancel);
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            reporter.abandon();
+            return Err(e.into());
         }
     };
-    let report = backup::run(&cfg, files.opener(), &bar, &mut on_plan, &cancel)?;
-    if let Some(b) = &bar.0 {
-        b.finish();
-    }
+    reporter.finish();
     files.warn_in_use();
     for w in &report.warnings {
         eprintln!("qbackup: warning: {w}");
+    }
+    match output {
+        OutputArg::Json => {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", report::json(&report))?;
+            out.flush()?;
+        }
+        OutputArg::Human if !quiet => eprintln!("{}", report::human(&report)),
+        OutputArg::Human => {}
     }
     Ok(())
 }
@@ -424,7 +458,7 @@ pub const COMPARE_ERROR: u8 = 2;
 pub fn failure_status(args: &Args) -> u8 {
     match args.command {
         Command::Compare { .. } | Command::Verify { .. } => COMPARE_ERROR,
-        _ => 1,
+        _ => status::ERROR,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The `qbackup` command line: parse, validate into a config, run, map
-//! errors to exit codes. All work happens in the library.
+//! errors to exit statuses (see `cli/status.rs`). All work happens in the
+//! library.
 
 mod cli;
 
@@ -11,11 +12,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = match cli::Args::try_parse() {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(e) => return ExitCode::from(cli::status::clap_error(&e)),
     };
     let failure = cli::failure_status(&args);
     match cli::run(args) {
@@ -26,7 +23,7 @@ fn main() -> ExitCode {
             // (the alternate form would repeat every cause after it).
             let msg = format!("{e}").replace('\n', " ");
             eprintln!("qbackup: {msg}");
-            ExitCode::from(failure)
+            ExitCode::from(cli::status::of_error(&e, failure))
         }
     }
 }

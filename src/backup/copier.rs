@@ -48,6 +48,46 @@ pub struct CopyParams {
     pub passthrough: bool,
     /// Rate limit in guest bytes per second.
     pub speed: Option<u64>,
+    /// The source's virtual size (the last cluster may be partial).
+    pub virtual_size: u64,
+}
+
+/// What the copier stored, by kind of cluster, for the backup's report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Clusters stored uncompressed.
+    pub data_clusters: u64,
+    /// Clusters compressed by the copier.
+    pub compressed_clusters: u64,
+    /// Clusters whose compressed stream the source stores was copied as it
+    /// is.
+    pub passthrough_clusters: u64,
+    /// Clusters stored as zeros (planned so, or read as all zeros).
+    pub zero_clusters: u64,
+    /// Clusters read but not stored because the previous backup's manifest
+    /// shows them unchanged (incremental backups by content).
+    pub unchanged_clusters: u64,
+    /// Guest bytes of the clusters stored with data (uncompressed,
+    /// compressed or passed through), up to the disk's end.
+    pub data_guest_bytes: u64,
+    /// Bytes the target stored for those clusters (metadata excluded).
+    pub data_stored_bytes: u64,
+}
+
+impl CopyStats {
+    fn count(&mut self, out: &Output, guest_bytes: u64) {
+        let n = match out {
+            Output::Zero => {
+                self.zero_clusters += 1;
+                return;
+            }
+            Output::Data(_) => &mut self.data_clusters,
+            Output::Compressed(_) => &mut self.compressed_clusters,
+            Output::Stored(_) => &mut self.passthrough_clusters,
+        };
+        *n += 1;
+        self.data_guest_bytes += guest_bytes;
+    }
 }
 
 /// Receives progress, in guest bytes handled.
@@ -101,7 +141,7 @@ thread_local! {
 }
 
 /// Copies the planned clusters of `source` into `target` and finishes it
-/// (the caller syncs).
+/// (the caller syncs); returns what was stored.
 pub fn copy(
     source: &dyn Source,
     plan: &[PlanRange],
@@ -110,7 +150,7 @@ pub fn copy(
     recording: Recording<'_>,
     progress: &dyn Progress,
     cancel: &AtomicBool,
-) -> Result<(), BackupError> {
+) -> Result<CopyStats, BackupError> {
     let Recording {
         builder,
         skip_unchanged,
@@ -166,8 +206,9 @@ pub fn copy(
         queue.stop();
         result
     });
-    written?;
-    target.finish().map_err(BackupError::Write)
+    let stats = written?;
+    target.finish().map_err(BackupError::Write)?;
+    Ok(stats)
 }
 
 /// Attaches the previous backup's entries to each batch, read in step
@@ -218,15 +259,22 @@ fn write_in_order(
     params: &CopyParams,
     progress: &dyn Progress,
     cancel: &AtomicBool,
-) -> Result<(), BackupError> {
+) -> Result<CopyStats, BackupError> {
     let start = Instant::now();
+    let mut stats = CopyStats::default();
+    let size = params.virtual_size;
     let mut done = 0u64;
     let mut flushed_at = 0u64;
     while let Some(result) = queue.next() {
         let (first, outs) = result?;
         for (index, cluster) in (0..).map(|i| first + i).zip(outs) {
-            if let Some(out) = cluster.out {
-                target.put(index, out).map_err(BackupError::Write)?;
+            match cluster.out {
+                Some(out) => {
+                    stats.count(&out, params.cluster_size.bytes_below(index, size));
+                    stats.data_stored_bytes +=
+                        target.put(index, out).map_err(BackupError::Write)?;
+                }
+                None => stats.unchanged_clusters += 1,
             }
             if let Some(b) = builder.as_deref_mut() {
                 b.put(index.0, cluster.entry)
@@ -249,7 +297,7 @@ fn write_in_order(
             }
         }
     }
-    Ok(())
+    Ok(stats)
 }
 
 /// The outputs of a batch, in cluster order. Clusters that can be copied
@@ -308,7 +356,7 @@ fn process_batch(
                 Entry::Unknown
             };
             *out = Some(Done {
-                out: (!unchanged(i, &entry)).then_some(Output::Compressed(stream)),
+                out: (!unchanged(i, &entry)).then_some(Output::Stored(stream)),
                 entry,
             });
         }

@@ -18,6 +18,7 @@ pub mod target;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use qbackup_formats::codec::{CodecError, CompressionType};
 use qbackup_formats::open::{Opener, UpdatingOpener};
@@ -25,7 +26,7 @@ use qbackup_formats::qcow2::writer::{BackingRef, Qcow2Writer, WriterOptions};
 use qbackup_formats::storage::{FileStorage, Identity, Storage};
 use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, Format};
 
-pub use copier::Progress;
+pub use copier::{CopyStats, Progress};
 pub use plan::SyncMode;
 use target::{Qcow2Target, RawTarget, Target, TargetError};
 
@@ -76,11 +77,11 @@ pub struct BackupConfig {
     pub backing: Option<String>,
 }
 
-/// What a finished backup did.
+/// What a finished backup did (the CLI formats it).
 #[derive(Debug, Clone)]
 pub struct BackupReport {
-    /// Guest bytes planned (copied or zeroed).
-    pub planned_bytes: u64,
+    /// The source's virtual size.
+    pub virtual_size: u64,
     /// Target cluster size.
     pub cluster_size: ClusterSize,
     /// When the source's dirty bitmap was cleared: how many of its data
@@ -91,6 +92,17 @@ pub struct BackupReport {
     /// Things the user should know although the backup succeeded (one
     /// line each), such as a fallback from an unusable bitmap.
     pub warnings: Vec<String>,
+    /// Guest bytes planned (copied or zeroed), whole clusters.
+    pub planned_bytes: u64,
+    /// Guest bytes read from the source: the clusters planned for copying,
+    /// up to the disk's end (those found to be all zeros included).
+    pub guest_bytes_read: u64,
+    /// What the copier stored, cluster by cluster.
+    pub stats: CopyStats,
+    /// The target's size once finished and synced (the file's length).
+    pub target_size: u64,
+    /// Wall time from opening the source to the target in place.
+    pub elapsed: Duration,
 }
 
 /// Errors of a backup. Each displays as one line that names the file
@@ -298,6 +310,7 @@ pub fn run(
     on_plan: &mut dyn FnMut(u64),
     cancel: &AtomicBool,
 ) -> Result<BackupReport, BackupError> {
+    let started = Instant::now();
     let mut warnings = Vec::new();
     let (source, mode, clear_bitmap) = open_source(cfg, opener, &mut warnings)?;
     let source: &dyn Source = source.as_ref();
@@ -376,6 +389,12 @@ pub fn run(
 
     let ranges = plan::plan(source, mode, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
     let planned: u64 = ranges.iter().map(|r| cluster_size.bytes_in(r.count)).sum();
+    let guest_bytes_read: u64 = ranges
+        .iter()
+        .filter(|r| r.action == plan::Action::Copy)
+        .flat_map(|r| (0..r.count).map(move |i| r.first + i))
+        .map(|i| cluster_size.bytes_below(i, size))
+        .sum();
     on_plan(planned);
 
     let dir = target_dir(&cfg.target);
@@ -449,19 +468,20 @@ pub fn run(
         compression,
         passthrough: !cfg.recompress,
         speed: cfg.speed,
+        virtual_size: size,
     };
     let recording = copier::Recording {
         builder: recorder.as_mut().map(|r| &mut r.builder),
         skip_unchanged,
     };
-    copier::copy(source, &ranges, params, target, recording, progress, cancel).map_err(
-        |e| match e {
+    let stats = copier::copy(source, &ranges, params, target, recording, progress, cancel)
+        .map_err(|e| match e {
             BackupError::Write(_) => target_err(e),
             other => other,
-        },
-    )?;
+        })?;
     let manifest = recorder.map(record::Recorder::finish).transpose()?;
     storage.sync().map_err(|e| commit_err("sync", e))?;
+    let target_size = storage.len();
     drop(storage);
     let persisted = if cfg.force {
         tmp.persist(&cfg.target)
@@ -489,11 +509,16 @@ pub fn run(
         None => None,
     };
     Ok(BackupReport {
-        planned_bytes: planned,
+        virtual_size: size,
         cluster_size,
         bitmap_cleared,
         manifest,
         warnings,
+        planned_bytes: planned,
+        guest_bytes_read,
+        stats,
+        target_size,
+        elapsed: started.elapsed(),
     })
 }
 

@@ -18,8 +18,10 @@ use qbackup_formats::{ClusterIndex, ClusterSize, HostOffset};
 pub enum Output {
     /// Uncompressed bytes (a whole cluster, zero-padded at the disk's end).
     Data(Vec<u8>),
-    /// A compressed stream of the cluster.
+    /// A compressed stream of the cluster, made by the copier.
     Compressed(Vec<u8>),
+    /// A compressed stream copied as the source stores it (passed through).
+    Stored(Vec<u8>),
     /// The cluster reads as zeros.
     Zero,
 }
@@ -46,8 +48,9 @@ impl Classify for TargetError {
 
 /// Something that stores clusters in order.
 pub trait Target: Send {
-    /// Stores cluster `index`.
-    fn put(&mut self, index: ClusterIndex, out: Output) -> Result<(), TargetError>;
+    /// Stores cluster `index`; returns the bytes it stored for it (0 for a
+    /// zero cluster), for the backup's report.
+    fn put(&mut self, index: ClusterIndex, out: Output) -> Result<u64, TargetError>;
     /// Writes what remains (metadata). The caller syncs the storage.
     fn finish(self: Box<Self>) -> Result<(), TargetError>;
     /// The storage being written, for early writeback.
@@ -68,13 +71,14 @@ impl Qcow2Target {
 }
 
 impl Target for Qcow2Target {
-    fn put(&mut self, index: ClusterIndex, out: Output) -> Result<(), TargetError> {
-        let w = match &out {
-            Output::Data(d) => ClusterWrite::Data(d),
-            Output::Compressed(c) => ClusterWrite::Compressed(c),
-            Output::Zero => ClusterWrite::Zero,
+    fn put(&mut self, index: ClusterIndex, out: Output) -> Result<u64, TargetError> {
+        let (w, len) = match &out {
+            Output::Data(d) => (ClusterWrite::Data(d), d.len()),
+            Output::Compressed(c) | Output::Stored(c) => (ClusterWrite::Compressed(c), c.len()),
+            Output::Zero => (ClusterWrite::Zero, 0),
         };
-        Ok(self.writer.write_cluster(index, w)?)
+        self.writer.write_cluster(index, w)?;
+        Ok(len as u64)
     }
 
     fn finish(self: Box<Self>) -> Result<(), TargetError> {
@@ -97,17 +101,16 @@ pub struct RawTarget {
 }
 
 impl Target for RawTarget {
-    fn put(&mut self, index: ClusterIndex, out: Output) -> Result<(), TargetError> {
+    fn put(&mut self, index: ClusterIndex, out: Output) -> Result<u64, TargetError> {
         match out {
             Output::Data(d) => {
                 let offset = self.cluster_size.start_of(index);
-                let len = self.cluster_size.bytes_below(index, self.size) as usize;
-                Ok(self
-                    .storage
-                    .write_all_at(&d[..len.min(d.len())], HostOffset(offset.0))?)
+                let len = (self.cluster_size.bytes_below(index, self.size) as usize).min(d.len());
+                self.storage.write_all_at(&d[..len], HostOffset(offset.0))?;
+                Ok(len as u64)
             }
             // Holes read as zeros; the copier never compresses for raw.
-            Output::Zero | Output::Compressed(_) => Ok(()),
+            Output::Zero | Output::Compressed(_) | Output::Stored(_) => Ok(0),
         }
     }
 

@@ -1,0 +1,62 @@
+//! The result of a successful `backup`: one human line on stderr, or one
+//! JSON object on stdout (`--output=json`). The keys are a stable
+//! interface, documented in README ("Result"); add keys, never rename or
+//! drop them.
+
+use indicatif::BinaryBytes;
+use qbackup::backup::BackupReport;
+use serde_json::{json, Value};
+
+/// Guest bytes of stored data per stored byte, or `None` when nothing was
+/// stored.
+fn ratio(r: &BackupReport) -> Option<f64> {
+    let s = &r.stats;
+    (s.data_stored_bytes > 0).then(|| s.data_guest_bytes as f64 / s.data_stored_bytes as f64)
+}
+
+/// Guest bytes read per second of wall time.
+fn throughput(r: &BackupReport) -> f64 {
+    let secs = r.elapsed.as_secs_f64();
+    if secs > 0.0 {
+        r.guest_bytes_read as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// The JSON result (keys documented in README).
+pub fn json(r: &BackupReport) -> Value {
+    let s = &r.stats;
+    json!({
+        "virtual-size": r.virtual_size,
+        "cluster-size": r.cluster_size.bytes(),
+        "guest-bytes-read": r.guest_bytes_read,
+        "data-guest-bytes": s.data_guest_bytes,
+        "bytes-written": s.data_stored_bytes,
+        "target-size": r.target_size,
+        "compression-ratio": ratio(r).map(|x| (x * 1000.0).round() / 1000.0),
+        "clusters": {
+            "data": s.data_clusters,
+            "compressed": s.compressed_clusters,
+            "passed-through": s.passthrough_clusters,
+            "zero": s.zero_clusters,
+        },
+        "elapsed-seconds": (r.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        "bytes-per-second": throughput(r).round() as u64,
+    })
+}
+
+/// The one-line human summary.
+pub fn human(r: &BackupReport) -> String {
+    let ratio = ratio(r).map_or("-".to_string(), |x| format!("{x:.2}"));
+    format!(
+        "qbackup: backup done: read {} of {}, wrote {} (ratio {}), {} clusters passed through, {:.2} s, {}/s",
+        BinaryBytes(r.guest_bytes_read),
+        BinaryBytes(r.virtual_size),
+        BinaryBytes(r.stats.data_stored_bytes),
+        ratio,
+        r.stats.passthrough_clusters,
+        r.elapsed.as_secs_f64(),
+        BinaryBytes(throughput(r) as u64),
+    )
+}

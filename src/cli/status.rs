@@ -1,0 +1,125 @@
+//! Exit statuses (documented in `--help` and README): 0 success, 1 error,
+//! 2 usage error (the command line itself is wrong), 128 + N when signal N
+//! interrupted a backup (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). `compare`
+//! keeps qemu-img's 0 identical, 1 different, 2 error.
+//!
+//! A usage error is one the command line alone shows (an unknown option,
+//! options that do not go together, a value out of range): it is raised as
+//! [`UsageError`] by clap's parse or the CLI's validation. Errors found by
+//! looking at files (a missing source, an existing target) are errors,
+//! status 1, as with qemu-img.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use qbackup::backup::BackupError;
+use qbackup_formats::{Classify, ErrorClass};
+
+/// Success.
+pub const SUCCESS: u8 = 0;
+/// Any failure that is not one of the others.
+pub const ERROR: u8 = 1;
+/// A wrong command line.
+pub const USAGE: u8 = 2;
+/// Interrupted by a signal we cannot name (Ctrl-C's status).
+pub const INTERRUPTED: u8 = 130;
+
+/// Text for `--help`.
+pub const HELP: &str = "\
+Exit status:
+  0    success (compare: images identical)
+  1    error (compare: images differ)
+  2    usage error: the command line is wrong (compare: cannot compare)
+  130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP";
+
+/// A wrong command line (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// `Err(UsageError)` from a format string.
+macro_rules! usage {
+    ($($t:tt)*) => {
+        return Err(anyhow::Error::new($crate::cli::status::UsageError(format!($($t)*))))
+    };
+}
+pub(crate) use usage;
+
+/// The signal that interrupted the command (0: none yet).
+fn last_signal() -> &'static Arc<AtomicUsize> {
+    static LAST: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
+    LAST.get_or_init(|| Arc::new(AtomicUsize::new(0)))
+}
+
+/// Records which of `signals` arrives, for the exit status.
+pub fn record_signals(signals: &[i32]) -> std::io::Result<()> {
+    for &sig in signals {
+        signal_hook::flag::register_usize(sig, Arc::clone(last_signal()), sig as usize)?;
+    }
+    Ok(())
+}
+
+/// The exit status for a failed command; `failure` is the command's status
+/// for an ordinary error.
+pub fn of_error(err: &anyhow::Error, failure: u8) -> u8 {
+    if err.downcast_ref::<UsageError>().is_some() {
+        return USAGE;
+    }
+    let interrupted =
+        err.downcast_ref::<BackupError>().map(Classify::class) == Some(ErrorClass::Interrupted);
+    if interrupted {
+        return interrupted_status(last_signal().load(Ordering::Relaxed) as i32);
+    }
+    failure
+}
+
+/// 128 + the signal for the signals a backup stops on cleanly; Ctrl-C's
+/// 130 when it is not known.
+pub fn interrupted_status(signal: i32) -> u8 {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    match signal {
+        SIGINT | SIGTERM | SIGHUP => 128 + signal as u8,
+        _ => INTERRUPTED,
+    }
+}
+
+/// Prints a clap error as one `qbackup: reason` line (clap's tips follow
+/// on their own lines) and returns its status: 0 for `--help` and
+/// `--version`, else 2.
+pub fn clap_error(e: &clap::Error) -> u8 {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return SUCCESS;
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("invalid command line");
+    let reason = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("qbackup: {reason}");
+    for tip in lines.filter(|l| l.trim_start().starts_with("tip:")) {
+        eprintln!("{}", tip.trim_start());
+    }
+    USAGE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_map_to_128_plus_n() {
+        assert_eq!(interrupted_status(signal_hook::consts::SIGINT), 130);
+        assert_eq!(interrupted_status(signal_hook::consts::SIGTERM), 143);
+        assert_eq!(interrupted_status(signal_hook::consts::SIGHUP), 129);
+        assert_eq!(interrupted_status(0), 130);
+    }
+
+    #[test]
+    fn usage_errors_are_status_2() {
+        let e = anyhow::Error::new(UsageError("x".into()));
+        assert_eq!(of_error(&e, ERROR), USAGE);
+        assert_eq!(of_error(&anyhow::anyhow!("io"), ERROR), ERROR);
+        let e = anyhow::Error::new(BackupError::Interrupted);
+        assert_eq!(of_error(&e, ERROR), INTERRUPTED);
+    }
+}
