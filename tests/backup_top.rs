@@ -215,7 +215,7 @@ fn top_backing_override() {
     );
     // --backing without --sync top is a usage error.
     s.backup(&["--backing", "x.qcow2", "src/top.qcow2", "dst/full.qcow2"])
-        .assert_clean_failure_mentioning(&["--backing"]);
+        .assert_usage_error(&["--backing"]);
     assert!(!s.path("dst/full.qcow2").exists());
 }
 

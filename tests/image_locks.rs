@@ -64,7 +64,7 @@ fn assert_refused(s: &Scratch, top: &str, held: &str) {
 
 /// With `-U` the backup succeeds, equals the image, and warns once.
 fn assert_force_share_reads(s: &Scratch, top: &str, held: &str) {
-    let run = qbackup_in(s.dir(), &["backup", "-U", top, "out.qcow2"]);
+    let run = qbackup_in(s.dir(), &["backup", "-q", "-U", top, "out.qcow2"]);
     run.assert_ok();
     assert!(
         run.stderr.contains("warning") && run.stderr.contains(held),

@@ -380,11 +380,16 @@ impl Run {
     /// The error contract, less what the line says: exit 1 and exactly one
     /// stderr line, starting with `qbackup: `. Returns that line.
     fn assert_one_error_line(&self) -> &str {
+        self.assert_one_line_with_status(1)
+    }
+
+    /// Exit `status` and exactly one stderr line, starting with `qbackup: `.
+    fn assert_one_line_with_status(&self, status: i32) -> &str {
         self.assert_no_panic();
         assert_eq!(
             self.code,
-            Some(1),
-            "expected exit status 1\n{}",
+            Some(status),
+            "expected exit status {status}\n{}",
             self.describe()
         );
         let body = self.stderr.strip_suffix('\n').unwrap_or(&self.stderr);
@@ -420,6 +425,46 @@ impl Run {
         assert!(
             any_of.iter().any(|n| lower.contains(&n.to_lowercase())),
             "the error should mention one of {any_of:?}\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    /// A usage error (the command line itself is wrong): exit 2, one
+    /// `qbackup: ` line on stderr mentioning (case-insensitively) one of
+    /// `any_of`.
+    /// clap's suggestions (`tip: ...` lines) may follow the line.
+    pub fn assert_usage_error(&self, any_of: &[&str]) -> &Self {
+        self.assert_no_panic();
+        assert_eq!(
+            self.code,
+            Some(2),
+            "expected exit status 2\n{}",
+            self.describe()
+        );
+        let mut lines = self.stderr.lines();
+        let first = lines.next().unwrap_or_default();
+        assert!(
+            first.starts_with("qbackup: ") && lines.all(|l| l.starts_with("tip: ")),
+            "expected one `qbackup: ` line, then only clap's tips\n{}",
+            self.describe()
+        );
+        let lower = first.to_lowercase();
+        assert!(
+            any_of.iter().any(|n| lower.contains(&n.to_lowercase())),
+            "the usage error should mention one of {any_of:?}\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    /// An interrupted command: exit `status` (128 + the signal), one
+    /// `qbackup: ` line on stderr that says it was interrupted.
+    pub fn assert_interrupted(&self, status: i32) -> &Self {
+        let lower = self.assert_one_line_with_status(status).to_lowercase();
+        assert!(
+            lower.contains("interrupt"),
+            "the error should say the command was interrupted\n{}",
             self.describe()
         );
         self

@@ -1,0 +1,398 @@
+//! What `backup` tells its caller: the result (a summary line on stderr,
+//! `--output=json` on stdout, checked against the real file sizes and
+//! qemu-img's map of source and target), progress in a piped run (plain
+//! lines and JSON lines), and every exit status (0, 1, 2, 128 + signal;
+//! compare's 0/1/2).
+
+mod common;
+
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const CLUSTER: u64 = 64 * KIB;
+
+/// Guest bytes of the 64 KiB clusters of `name` that hold data in
+/// qemu-img's map (what a full backup reads), up to the disk's end.
+fn data_cluster_bytes(s: &Scratch, name: &str, size: u64) -> u64 {
+    let map = s.qemu_map(name, "qcow2");
+    (0..size.div_ceil(CLUSTER))
+        .filter(|c| {
+            let (a, b) = (c * CLUSTER, (c + 1) * CLUSTER);
+            map.iter().any(|e| e.data && e.start < b && e.end() > a)
+        })
+        .map(|c| CLUSTER.min(size - c * CLUSTER))
+        .sum()
+}
+
+/// Sum of the lengths qemu-img's map reports as data in `name`.
+fn mapped_data_bytes(s: &Scratch, name: &str, fmt: &str) -> u64 {
+    s.qemu_map(name, fmt)
+        .iter()
+        .filter(|e| e.data)
+        .map(|e| e.length)
+        .sum()
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("key {key} missing or not an integer in {v}"))
+}
+
+/// The standard content plus one cluster written as explicit zeros (data
+/// in the map, stored as a zero cluster by the backup).
+fn source(s: &Scratch, name: &str, opts: &str) {
+    s.create(name, "qcow2", 4 * MIB, opts);
+    let mut cmds = standard_content(s);
+    cmds.push("write -P 0 3200k 64k".into());
+    s.io_all(name, "qcow2", &cmds);
+}
+
+#[test]
+fn json_result_matches_sizes_and_maps() {
+    let s = Scratch::new();
+    compressed_source(&s, "src.qcow2", "zstd");
+    let run = s.backup(&["--output=json", "src.qcow2", "out.qcow2"]);
+    run.assert_ok();
+    assert_eq!(run.stderr, "", "--output=json prints no summary line");
+    assert_eq!(run.stdout.lines().count(), 1, "one JSON object, one line");
+    let v = run.json();
+    let size = 4 * MIB;
+    assert_eq!(u(&v, "virtual-size"), size);
+    assert_eq!(u(&v, "cluster-size"), CLUSTER);
+    assert_eq!(
+        u(&v, "guest-bytes-read"),
+        data_cluster_bytes(&s, "src.qcow2", size)
+    );
+    let file_len = std::fs::metadata(s.path("out.qcow2")).unwrap().len();
+    assert_eq!(u(&v, "target-size"), file_len);
+    let written = u(&v, "bytes-written");
+    assert!(written > 0 && written < file_len, "{v}");
+    // Every compressed source cluster is passed through (same codec and
+    // cluster size).
+    let compressed: u64 = s
+        .qemu_map("src.qcow2", "qcow2")
+        .iter()
+        .filter(|e| e.compressed)
+        .map(|e| e.length)
+        .sum();
+    let c = &v["clusters"];
+    assert_eq!(u(c, "passed-through") * CLUSTER, compressed, "{v}");
+    let stored = u(c, "data") + u(c, "compressed") + u(c, "passed-through");
+    assert_eq!(stored * CLUSTER, u(&v, "data-guest-bytes"), "{v}");
+    assert_eq!(
+        u(&v, "data-guest-bytes") + u(c, "zero") * CLUSTER,
+        u(&v, "guest-bytes-read"),
+        "{v}"
+    );
+    let ratio = v["compression-ratio"].as_f64().expect("ratio");
+    let expected = u(&v, "data-guest-bytes") as f64 / written as f64;
+    assert!((ratio - expected).abs() < 0.001, "{v}");
+    assert!(v["elapsed-seconds"].as_f64().expect("elapsed") >= 0.0);
+    assert!(v["bytes-per-second"].is_u64(), "{v}");
+    assert_check_clean(s.dir(), "out.qcow2");
+    assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
+}
+
+#[test]
+fn json_result_uncompressed_and_raw_equal_what_the_target_maps() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    let read = data_cluster_bytes(&s, "src.qcow2", 4 * MIB);
+
+    let v = s
+        .backup(&[
+            "--output=json",
+            "--compress",
+            "none",
+            "src.qcow2",
+            "o.qcow2",
+        ])
+        .assert_ok()
+        .json();
+    let c = &v["clusters"];
+    assert_eq!(u(&v, "guest-bytes-read"), read);
+    assert_eq!(u(c, "zero"), 1, "the explicit zero cluster: {v}");
+    assert_eq!(u(c, "compressed") + u(c, "passed-through"), 0, "{v}");
+    assert_eq!(u(&v, "bytes-written"), u(c, "data") * CLUSTER);
+    assert_eq!(
+        u(&v, "bytes-written"),
+        mapped_data_bytes(&s, "o.qcow2", "qcow2")
+    );
+    assert_eq!(v["compression-ratio"].as_f64(), Some(1.0));
+
+    let v = s
+        .backup(&["--output=json", "-O", "raw", "src.qcow2", "o.raw"])
+        .assert_ok()
+        .json();
+    assert_eq!(u(&v, "guest-bytes-read"), read);
+    assert_eq!(u(&v, "target-size"), 4 * MIB);
+    assert_eq!(
+        u(&v, "bytes-written"),
+        mapped_data_bytes(&s, "o.raw", "raw")
+    );
+    assert_identical(s.dir(), "src.qcow2", "qcow2", "o.raw", "raw");
+}
+
+#[test]
+fn summary_line_and_quiet() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    let run = s.backup(&["src.qcow2", "a.qcow2"]);
+    run.assert_ok();
+    assert_eq!(run.stdout, "");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", run.describe());
+    let l = lines[0];
+    assert!(l.starts_with("qbackup: backup done: read "), "{l}");
+    for part in [
+        "of 4.00 MiB",
+        "wrote ",
+        "ratio ",
+        "clusters passed through",
+        " s, ",
+        "/s",
+    ] {
+        assert!(l.contains(part), "summary lacks {part:?}: {l}");
+    }
+    for q in ["-q", "--quiet"] {
+        let run = s.backup(&[q, "src.qcow2", &format!("q{q}.qcow2")]);
+        run.assert_ok();
+        assert_eq!((run.stdout.as_str(), run.stderr.as_str()), ("", ""), "{q}");
+    }
+}
+
+/// The percentages of `qbackup: progress: N% ...` lines.
+fn plain_percentages(stderr: &str) -> Vec<u64> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("qbackup: progress: "))
+        .map(|r| r.split('%').next().unwrap().parse().expect("a percentage"))
+        .collect()
+}
+
+#[test]
+fn progress_in_a_piped_run_is_plain_lines() {
+    let s = Scratch::new();
+    s.create("src.qcow2", "qcow2", 32 * MIB, "");
+    s.io("src.qcow2", "qcow2", &["write -P 0x61 0 32M"]);
+    // stderr is a pipe here, as in a log: -p writes lines, not a bar.
+    let run = s.backup(&["-p", "src.qcow2", "out.qcow2"]);
+    run.assert_ok();
+    assert!(!run.stderr.contains('\r') && !run.stderr.contains('\x1b'));
+    let pct = plain_percentages(&run.stderr);
+    assert_eq!(pct.first(), Some(&0), "{}", run.stderr);
+    assert_eq!(pct.last(), Some(&100), "{}", run.stderr);
+    assert!(pct.windows(2).all(|w| w[0] < w[1]), "{pct:?}");
+    // Every 10 % (or 10 s): about a dozen lines, not thousands.
+    assert!((3..=13).contains(&pct.len()), "{pct:?}");
+    let last = run.stderr.lines().last().unwrap();
+    assert!(last.starts_with("qbackup: backup done:"), "{}", run.stderr);
+    let end = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("qbackup: progress: 100%"))
+        .unwrap();
+    assert!(
+        end.contains("of 32.00 MiB in ") && end.contains(" s"),
+        "{end}"
+    );
+    // The same with stderr redirected to a file by a shell.
+    let sh = format!("{} backup -q -p src.qcow2 out2.qcow2 2>log", qbackup_bin());
+    let st = Command::new("sh")
+        .args(["-c", &sh])
+        .current_dir(s.dir())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let log = std::fs::read_to_string(s.path("log")).unwrap();
+    let pct = plain_percentages(&log);
+    assert_eq!((pct.first(), pct.last()), (Some(&0), Some(&100)), "{log}");
+    assert_eq!(pct.len(), log.lines().count(), "-q: only progress\n{log}");
+}
+
+#[test]
+fn progress_json_lines_parse() {
+    let s = Scratch::new();
+    s.create("src.qcow2", "qcow2", 16 * MIB, "");
+    s.io("src.qcow2", "qcow2", &["write -P 0x61 0 12M"]);
+    let run = s.backup(&["-q", "--progress=json", "src.qcow2", "out.qcow2"]);
+    run.assert_ok();
+    let objs: Vec<Value> = run
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(objs.len() >= 2, "{}", run.stderr);
+    let total = 12 * MIB;
+    let mut prev = 0;
+    for o in &objs {
+        assert_eq!(u(o, "total"), total, "{o}");
+        let done = u(o, "done");
+        assert!(done >= prev && done <= total, "{o}");
+        prev = done;
+        assert_eq!(u(o, "percent"), done * 100 / total, "{o}");
+        assert!(o["elapsed-seconds"].is_f64() && o["bytes-per-second"].is_u64());
+    }
+    assert_eq!(u(&objs[0], "done"), 0);
+    assert_eq!(u(objs.last().unwrap(), "done"), total);
+    assert_eq!(objs.last().unwrap()["eta-seconds"].as_f64(), Some(0.0));
+}
+
+// ---------------------------------------------------------------------------
+// Exit statuses
+// ---------------------------------------------------------------------------
+
+#[test]
+fn exit_status_0_and_1() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    s.backup(&["-q", "src.qcow2", "out.qcow2"]).assert_ok();
+    // An error found by looking at files: 1.
+    s.backup(&["missing.qcow2", "x.qcow2"])
+        .assert_clean_failure(&["missing.qcow2"]);
+    s.backup(&["src.qcow2", "out.qcow2"])
+        .assert_clean_failure(&["out.qcow2"]);
+}
+
+#[test]
+fn exit_status_2_for_usage_errors() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    let bad: &[(&[&str], &[&str])] = &[
+        // clap's own errors, in one line.
+        (
+            &["backup", "--frobnicate", "src.qcow2", "o"],
+            &["--frobnicate"],
+        ),
+        (&["backup", "src.qcow2"], &["required"]),
+        (
+            &["backup", "--sync", "sideways", "src.qcow2", "o"],
+            &["sideways"],
+        ),
+        (&["map", "--output=xml", "src.qcow2"], &["xml"]),
+        (&["nonsense"], &["nonsense"]),
+        // Validation: values and combinations.
+        (&["backup", "--level", "-1", "src.qcow2", "o"], &["--level"]),
+        (
+            &[
+                "backup",
+                "--compress",
+                "none",
+                "--level",
+                "5",
+                "src.qcow2",
+                "o",
+            ],
+            &["--level"],
+        ),
+        (
+            &[
+                "backup",
+                "-O",
+                "raw",
+                "--compress",
+                "zlib",
+                "src.qcow2",
+                "o",
+            ],
+            &["raw"],
+        ),
+        (
+            &["backup", "-O", "raw", "--recompress", "src.qcow2", "o"],
+            &["raw", "qcow2"],
+        ),
+        (
+            &["backup", "--threads", "0", "src.qcow2", "o"],
+            &["--threads"],
+        ),
+        (
+            &["backup", "--cluster-size", "3000", "src.qcow2", "o"],
+            &["cluster"],
+        ),
+        (
+            &["backup", "--sync", "incremental", "src.qcow2", "o"],
+            &["--bitmap"],
+        ),
+    ];
+    for (args, mention) in bad {
+        qbackup_within(s.dir(), args, QBACKUP_TIMEOUT).assert_usage_error(mention);
+        assert!(!s.path("o").exists());
+    }
+    // A misspelt option: one line, then clap's suggestion.
+    let run = qbackup_within(
+        s.dir(),
+        &["backup", "--forse", "src.qcow2", "o"],
+        QBACKUP_TIMEOUT,
+    );
+    assert_eq!(run.code, Some(2), "{}", run.describe());
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert!(
+        lines[0].starts_with("qbackup: ") && lines[0].contains("--forse"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1..].iter().all(|l| l.starts_with("tip:")),
+        "{lines:?}"
+    );
+    assert!(run.stderr.contains("--force"), "{lines:?}");
+    // compare keeps qemu-img's statuses: 2 for what it cannot compare.
+    let run = qbackup_within(s.dir(), &["compare", "--bogus", "a", "b"], QBACKUP_TIMEOUT);
+    assert_eq!(run.code, Some(2), "{}", run.describe());
+    // --help documents the statuses and exits 0.
+    let run = qbackup_within(s.dir(), &["--help"], QBACKUP_TIMEOUT);
+    assert_eq!(run.code, Some(0));
+    assert!(
+        run.stdout.contains("Exit status:") && run.stdout.contains("130"),
+        "{}",
+        run.stdout
+    );
+}
+
+/// Starts a speed-limited backup of a 32 MiB image, waits until it is
+/// copying, sends `signal`, and returns the run.
+fn interrupt_with(signal: &str) -> (Scratch, Run) {
+    let s = Scratch::new();
+    s.create("large.qcow2", "qcow2", 32 * MIB, "");
+    s.io("large.qcow2", "qcow2", &["write -P 0x5c 0 32M"]);
+    s.mkdir("out");
+    let started = Instant::now();
+    let (child, cmdline) = spawn_qbackup(
+        s.dir(),
+        &["backup", "--speed", "8M", "large.qcow2", "out/large.qcow2"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leftovers(&s.path("out")).is_empty() {
+        assert!(Instant::now() < deadline, "no temporary file appeared");
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(300));
+    let st = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let run = wait_qbackup(child, cmdline, started, Duration::from_secs(30));
+    assert!(!s.path("out/large.qcow2").exists(), "{}", run.describe());
+    assert_no_leftovers(&s.path("out"));
+    (s, run)
+}
+
+#[test]
+fn exit_status_130_on_sigint() {
+    interrupt_with("INT").1.assert_interrupted(130);
+}
+
+#[test]
+fn exit_status_143_on_sigterm() {
+    interrupt_with("TERM").1.assert_interrupted(143);
+}
+
+#[test]
+fn exit_status_129_on_sighup() {
+    interrupt_with("HUP").1.assert_interrupted(129);
+}
