@@ -4,6 +4,7 @@
 
 pub mod progress;
 pub mod report;
+pub mod size;
 pub mod status;
 
 use std::io::Write;
@@ -66,6 +67,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         output: OutputArg,
+        /// Show every image of the backing chain, top first.
+        #[arg(long)]
+        backing_chain: bool,
         /// The image.
         image: PathBuf,
     },
@@ -116,6 +120,12 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t)]
         output: OutputArg,
+        /// Start the map at this guest offset (qemu-img's sizes: 1M, 0x400...).
+        #[arg(short = 's', long, value_name = "OFFSET", value_parser = |s: &str| size::parse_qemu_size(s, "start offset"))]
+        start_offset: Option<u64>,
+        /// Map at most this many bytes.
+        #[arg(short = 'l', long, value_name = "LEN", value_parser = |s: &str| size::parse_qemu_size(s, "max length"))]
+        max_length: Option<u64>,
         /// The image.
         image: PathBuf,
     },
@@ -586,15 +596,28 @@ pub fn run(args: Args) -> Result<u8> {
             format,
             force_share,
             output,
+            backing_chain,
             image,
         } => {
             let files = Files::new(force_share);
-            let v = info::info_json(files.opener(), &image, format.map(Into::into))?;
-            files.warn_in_use();
-            let text = match output {
-                OutputArg::Json => serde_json::to_string_pretty(&v)? + "\n",
-                OutputArg::Human => info::info_human(&v),
+            let format = format.map(Into::into);
+            let text = if backing_chain {
+                let chain = info::chain_json(files.opener(), &image, format)?;
+                match output {
+                    OutputArg::Json => serde_json::to_string_pretty(&chain)? + "\n",
+                    OutputArg::Human => {
+                        let blocks: Vec<String> = chain.iter().map(info::info_human).collect();
+                        blocks.join("\n")
+                    }
+                }
+            } else {
+                let v = info::info_json(files.opener(), &image, format)?;
+                match output {
+                    OutputArg::Json => serde_json::to_string_pretty(&v)? + "\n",
+                    OutputArg::Human => info::info_human(&v),
+                }
             };
+            files.warn_in_use();
             stdout.lock().write_all(text.as_bytes())?;
         }
         Command::Backup(b) => run_backup(b)?,
@@ -602,14 +625,20 @@ pub fn run(args: Args) -> Result<u8> {
             format,
             force_share,
             output,
+            start_offset,
+            max_length,
             image,
         } => {
+            let range = map::MapRange {
+                start: start_offset.unwrap_or(0),
+                max_length,
+            };
             let files = Files::new(force_share);
             let src = source::open(files.opener(), &image, format.map(Into::into), None)?;
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
             match output {
-                OutputArg::Json => map::write_json(src.as_ref(), &mut out)?,
-                OutputArg::Human => map::write_human(src.as_ref(), &mut out)?,
+                OutputArg::Json => map::write_json(src.as_ref(), range, &mut out)?,
+                OutputArg::Human => map::write_human(src.as_ref(), range, &mut out)?,
             }
             out.flush()?;
             files.warn_in_use();

@@ -1,12 +1,14 @@
-//! `qbackup info`: what qemu-img info says about one image (never its
-//! backing chain), with the same JSON keys.
+//! `qbackup info`: what qemu-img info says about one image, or with
+//! `--backing-chain` about each image of its chain (top first), with the
+//! same JSON keys.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use qbackup_formats::image::{self, ImageError};
+use qbackup_formats::layer::Layer;
 use qbackup_formats::open::{resolve_backing, Opener, Role};
-use qbackup_formats::Format;
+use qbackup_formats::{Chain, Format};
 use serde_json::{json, Map, Value};
 
 /// Builds the `qemu-img info --output=json` object for `path`, opened
@@ -17,6 +19,29 @@ pub fn info_json(
     format: Option<Format>,
 ) -> Result<Value, ImageError> {
     let layer = image::open(opener, path, Role::Image, format)?;
+    layer_json(layer.as_ref(), path)
+}
+
+/// `qemu-img info --backing-chain --output=json`: one object per image of
+/// the chain, top first. The chain is opened whole first, so a missing
+/// backing file or a loop fails the command as it fails `map`.
+pub fn chain_json(
+    opener: &dyn Opener,
+    path: &Path,
+    format: Option<Format>,
+) -> Result<Vec<Value>, ImageError> {
+    let chain = Chain::open_with(opener, path, format)?;
+    chain
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| layer_json(l.as_ref(), if i == 0 { path } else { l.path() }))
+        .collect()
+}
+
+/// The info object of one opened image; `path` is its name as given (for
+/// resolving its backing file's name).
+fn layer_json(layer: &dyn Layer, path: &Path) -> Result<Value, ImageError> {
     let info = layer.info()?;
     let mut m = Map::new();
     let backing = info.backing.as_ref();

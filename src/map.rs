@@ -66,19 +66,47 @@ impl MapEntry {
     }
 }
 
-/// Walks the whole source and calls `emit` with each merged entry in order.
+/// The part of the disk a map covers: qemu-img map's `--start-offset` and
+/// `--max-length`. The map covers `start..min(start + max_length, size)`;
+/// an empty range (a start at or past the end) prints one empty entry at
+/// `start`, as qemu-img does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapRange {
+    /// First guest byte.
+    pub start: u64,
+    /// At most this many bytes; `None` for up to the end.
+    pub max_length: Option<u64>,
+}
+
+impl MapRange {
+    /// The whole disk.
+    pub const ALL: MapRange = MapRange {
+        start: 0,
+        max_length: None,
+    };
+
+    /// The end of the range on a disk of `size` bytes.
+    fn end(self, size: u64) -> u64 {
+        self.max_length
+            .map_or(size, |l| self.start.saturating_add(l).min(size))
+    }
+}
+
+/// Walks `range` of the source and calls `emit` with each merged entry in
+/// order.
 pub fn walk<E>(
     source: &dyn Source,
+    range: MapRange,
     mut emit: impl FnMut(&MapEntry) -> Result<(), E>,
 ) -> Result<(), E>
 where
     E: From<SourceError>,
 {
-    let size = source.virtual_size();
-    if size == 0 {
-        // qemu-img prints its initial, empty entry for an empty disk.
+    let size = range.end(source.virtual_size());
+    if range.start >= size {
+        // qemu-img prints its initial, empty entry for an empty range.
         return emit(&MapEntry {
-            start: 0,
+            start: range.start,
             length: 0,
             depth: 0,
             present: false,
@@ -90,7 +118,7 @@ where
         });
     }
     let mut curr: Option<MapEntry> = None;
-    let mut pos = 0u64;
+    let mut pos = range.start;
     while pos < size {
         let (ext, len) = source.status(GuestOffset(pos), size - pos)?;
         let next = MapEntry {
@@ -145,10 +173,14 @@ impl Classify for MapError {
 }
 
 /// Writes the map as qemu-img's JSON array.
-pub fn write_json(source: &dyn Source, out: &mut impl Write) -> Result<(), MapError> {
+pub fn write_json(
+    source: &dyn Source,
+    range: MapRange,
+    out: &mut impl Write,
+) -> Result<(), MapError> {
     let mut first = true;
     out.write_all(b"[")?;
-    walk(source, |e: &MapEntry| -> Result<(), MapError> {
+    walk(source, range, |e: &MapEntry| -> Result<(), MapError> {
         if !first {
             out.write_all(b",\n")?;
         }
@@ -170,14 +202,18 @@ fn hex(v: u64) -> String {
 }
 
 /// Writes the map as qemu-img's human table (data ranges only).
-pub fn write_human(source: &dyn Source, out: &mut impl Write) -> Result<(), MapError> {
+pub fn write_human(
+    source: &dyn Source,
+    range: MapRange,
+    out: &mut impl Write,
+) -> Result<(), MapError> {
     writeln!(
         out,
         "{:<16}{:<16}{:<16}File",
         "Offset", "Length", "Mapped to"
     )?;
     let top = source.name().to_path_buf();
-    walk(source, |e: &MapEntry| -> Result<(), MapError> {
+    walk(source, range, |e: &MapEntry| -> Result<(), MapError> {
         if e.data && e.offset.is_none() {
             return Err(MapError::NoHostOffset(top.clone()));
         }
