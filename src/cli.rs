@@ -219,9 +219,14 @@ struct BackupArgs {
     /// on stdout (json).
     #[arg(long, value_enum, default_value_t)]
     output: OutputArg,
-    /// Replace an existing target.
+    /// Replace an existing target file.
     #[arg(long)]
     force: bool,
+    /// Restore: TARGET is an existing block device (an LV, a loop device),
+    /// written in place with -O raw; never created or replaced. It must
+    /// hold the virtual size; the rest of it is left alone.
+    #[arg(short = 'n', long)]
+    no_create: bool,
     /// Recompress source clusters that could be copied as they are.
     #[arg(long)]
     recompress: bool,
@@ -281,6 +286,12 @@ impl BackupArgs {
                 usage!("--sync top and incremental need a qcow2 target: a raw file cannot refer to a backing file");
             }
         }
+        if self.no_create && !raw {
+            usage!("-n (--no-create) restores raw bytes onto a block device: add -O raw");
+        }
+        if self.no_create && self.force {
+            usage!("-n (--no-create) writes into TARGET in place, --force replaces a file: pass one of them");
+        }
         let compression = match self.compress.unwrap_or(CompressArg::Zstd) {
             CompressArg::None => None,
             CompressArg::Zstd => Some((CompressionType::Zstd, self.level.unwrap_or(3))),
@@ -336,6 +347,7 @@ impl BackupArgs {
             threads,
             speed: self.speed,
             force: self.force,
+            in_place: self.no_create,
             recompress: self.recompress,
             backing: self.backing,
         })

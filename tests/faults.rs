@@ -47,6 +47,7 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         threads: 2,
         speed: None,
         force: false,
+        in_place: false,
         recompress: false,
         backing: None,
     }

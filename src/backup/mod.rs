@@ -10,6 +10,7 @@
 //! temporary file is removed and nothing appears at TARGET.
 
 pub mod copier;
+pub mod device;
 pub mod ordered;
 pub mod plan;
 pub mod record;
@@ -69,6 +70,9 @@ pub struct BackupConfig {
     pub speed: Option<u64>,
     /// Replace an existing target.
     pub force: bool,
+    /// TARGET is an existing block device, written in place (a restore;
+    /// raw targets only). See `device.rs`.
+    pub in_place: bool,
     /// Recompress clusters that could be copied as they are.
     pub recompress: bool,
     /// `--sync top`: the backing file name to record (overrides the
@@ -145,6 +149,33 @@ pub enum BackupError {
     /// The target exists and `--force` was not given.
     #[error("{}: target already exists (use --force to replace it)", .0.display())]
     TargetExists(PathBuf),
+    /// TARGET is a directory.
+    #[error("{}: target is a directory; name the backup file to create in it", .0.display())]
+    TargetIsDirectory(PathBuf),
+    /// TARGET is a block device and `-n` was not given.
+    #[error("{}: target is a block device; to restore onto it (written in place, never replaced), pass -n (--no-create) with -O raw", .0.display())]
+    TargetIsDevice(PathBuf),
+    /// TARGET is a character device, a FIFO or a socket.
+    #[error("{}: target is {what}; a backup goes to a new file, or with -n into a block device", path.display())]
+    TargetUnsupported {
+        /// The target path.
+        path: PathBuf,
+        /// What it is.
+        what: &'static str,
+    },
+    /// `-n` with a TARGET that is not an existing block device.
+    #[error("{}: -n (--no-create) writes in place into an existing block device, and this is not one", .0.display())]
+    InPlaceNeedsDevice(PathBuf),
+    /// The device is smaller than the virtual size.
+    #[error("{}: the device holds {device} bytes, smaller than the image's virtual size of {needed} bytes", path.display())]
+    DeviceTooSmall {
+        /// The device.
+        path: PathBuf,
+        /// Its size.
+        device: u64,
+        /// The virtual size.
+        needed: u64,
+    },
     /// The target is one of the files the source reads.
     #[error("{}: target is {}, which the source reads", target.display(), file.display())]
     TargetIsSource {
@@ -254,6 +285,11 @@ impl Classify for BackupError {
             BackupError::Target { source, .. } => source.class(),
             BackupError::Commit { source, .. } => ErrorClass::of_io(source),
             BackupError::TargetExists(_)
+            | BackupError::TargetIsDirectory(_)
+            | BackupError::TargetIsDevice(_)
+            | BackupError::TargetUnsupported { .. }
+            | BackupError::InPlaceNeedsDevice(_)
+            | BackupError::DeviceTooSmall { .. }
             | BackupError::TargetIsSource { .. }
             | BackupError::ClusterSize(_)
             | BackupError::TopNeedsQcow2
@@ -311,6 +347,8 @@ pub fn run(
     cancel: &AtomicBool,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
+    // What TARGET is decides before any work (a directory fails at once).
+    let kind = device::check_target(cfg)?;
     let mut warnings = Vec::new();
     let (source, mode, clear_bitmap) = open_source(cfg, opener, &mut warnings)?;
     let source: &dyn Source = source.as_ref();
@@ -327,9 +365,6 @@ pub fn run(
         action,
         source,
     };
-    if !cfg.force && cfg.target.symlink_metadata().is_ok() {
-        return Err(BackupError::TargetExists(cfg.target.clone()));
-    }
     refuse_target_in_source(cfg, source)?;
     let size = source.virtual_size();
     let backing = match mode {
@@ -398,37 +433,20 @@ pub fn run(
     on_plan(planned);
 
     let dir = target_dir(&cfg.target);
-    // Say what is wrong with the directory itself, not with a temporary
-    // name inside it (only its existence: writing needs no read permission).
-    match std::fs::metadata(&dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            let e = std::io::Error::from(std::io::ErrorKind::NotADirectory);
-            return Err(commit_err("use its directory", e));
-        }
-        Err(e) => return Err(commit_err("use its directory", e)),
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix(".qbackup-")
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| commit_err("create a temporary file in its directory", e))?;
-    set_backup_permissions(tmp.path())
-        .map_err(|e| commit_err("set permissions on the temporary file", e))?;
-    let file = tmp
-        .as_file()
-        .try_clone()
-        .map_err(|e| commit_err("open the temporary file", e))?;
-    let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::writable(file, tmp.path())
-            .map_err(|e| target_err(BackupError::Write(e.into())))?,
-    );
+    let (tmp, storage) = if kind == device::TargetKind::Device {
+        (None, device::open(&cfg.target, size)?)
+    } else {
+        let (tmp, storage) = create_temporary(cfg, &dir)?;
+        (Some(tmp), storage)
+    };
     let storage = opener.target(storage);
     let compression = match cfg.target_format {
         Format::Qcow2 => cfg.compression,
         Format::Raw => None,
     };
-    let mut recorder = if cfg.no_manifest {
+    // A restore onto a device writes no manifest: nothing is created
+    // beside a device node.
+    let mut recorder = if cfg.no_manifest || tmp.is_none() {
         None
     } else {
         Some(record::start(
@@ -456,11 +474,12 @@ pub fn run(
                 .map_err(|e| target_err(BackupError::Write(TargetError::Qcow2(e))))?;
             Box::new(Qcow2Target::new(w, Arc::clone(&storage)))
         }
-        Format::Raw => Box::new(RawTarget {
-            storage: Arc::clone(&storage),
+        Format::Raw => Box::new(RawTarget::new(
+            Arc::clone(&storage),
             size,
             cluster_size,
-        }),
+            tmp.is_none(),
+        )),
     };
     let params = copier::CopyParams {
         threads: cfg.threads.max(1),
@@ -483,22 +502,29 @@ pub fn run(
     storage.sync().map_err(|e| commit_err("sync", e))?;
     let target_size = storage.len();
     drop(storage);
-    let persisted = if cfg.force {
-        tmp.persist(&cfg.target)
-    } else {
-        tmp.persist_noclobber(&cfg.target)
-    };
-    persisted.map_err(|e| {
-        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-            BackupError::TargetExists(cfg.target.clone())
-        } else {
-            commit_err("rename the temporary file into place", e.error)
+    let manifest = match tmp {
+        Some(tmp) => {
+            let persisted = if cfg.force {
+                tmp.persist(&cfg.target)
+            } else {
+                tmp.persist_noclobber(&cfg.target)
+            };
+            persisted.map_err(|e| {
+                if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                    BackupError::TargetExists(cfg.target.clone())
+                } else {
+                    commit_err("rename the temporary file into place", e.error)
+                }
+            })?;
+            let manifest = manifest.map(|m| m.place(&cfg.target)).transpose()?;
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            manifest
         }
-    })?;
-    let manifest = manifest.map(|m| m.place(&cfg.target)).transpose()?;
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
+        // A device is written in place: there is nothing to rename.
+        None => None,
+    };
     // Only now, with the backup durable under its name, may the bits it
     // covers be dropped (a crash before this point leaves them set).
     let bitmap_cleared = match clear {
@@ -520,6 +546,45 @@ pub fn run(
         target_size,
         elapsed: started.elapsed(),
     })
+}
+
+/// Creates the temporary file the backup is built in, beside TARGET in
+/// `dir`, with the usual permissions, as writable storage.
+fn create_temporary(
+    cfg: &BackupConfig,
+    dir: &Path,
+) -> Result<(tempfile::NamedTempFile, Arc<dyn Storage>), BackupError> {
+    let commit_err = |action, source| BackupError::Commit {
+        path: cfg.target.clone(),
+        action,
+        source,
+    };
+    // Say what is wrong with the directory itself, not with a temporary
+    // name inside it (only its existence: writing needs no read permission).
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            let e = std::io::Error::from(std::io::ErrorKind::NotADirectory);
+            return Err(commit_err("use its directory", e));
+        }
+        Err(e) => return Err(commit_err("use its directory", e)),
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(".qbackup-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| commit_err("create a temporary file in its directory", e))?;
+    set_backup_permissions(tmp.path())
+        .map_err(|e| commit_err("set permissions on the temporary file", e))?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|e| commit_err("open the temporary file", e))?;
+    let storage = FileStorage::writable(file, tmp.path()).map_err(|e| BackupError::Target {
+        path: cfg.target.clone(),
+        source: Box::new(BackupError::Write(e.into())),
+    })?;
+    Ok((tmp, Arc::new(storage)))
 }
 
 /// Opens the source for `cfg` and decides the effective sync mode:

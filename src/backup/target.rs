@@ -90,7 +90,11 @@ impl Target for Qcow2Target {
     }
 }
 
-/// A sparse raw target: zero clusters stay holes.
+/// A raw target. A new file is sparse: zero clusters and clusters the plan
+/// skips stay holes, and the file gets its length at the end. An existing
+/// block device written in place (`fill_zeros`) is not zero to begin with:
+/// every byte up to the virtual size that no data cluster writes is zeroed
+/// explicitly, in order, and its size is never changed.
 pub struct RawTarget {
     /// Where the bytes go.
     pub storage: Arc<dyn Storage>,
@@ -98,23 +102,71 @@ pub struct RawTarget {
     pub size: u64,
     /// Cluster size used for offsets.
     pub cluster_size: ClusterSize,
+    /// Zero what is not written (a device), instead of leaving holes.
+    pub fill_zeros: bool,
+    /// With `fill_zeros`: every byte below this is written or zeroed.
+    pub done_to: u64,
+}
+
+impl RawTarget {
+    /// A raw target for `size` guest bytes; `fill_zeros` for a device.
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        size: u64,
+        cluster_size: ClusterSize,
+        fill_zeros: bool,
+    ) -> RawTarget {
+        RawTarget {
+            storage,
+            size,
+            cluster_size,
+            fill_zeros,
+            done_to: 0,
+        }
+    }
+
+    /// With `fill_zeros`: zeroes `done_to..end`.
+    fn zero_to(&mut self, end: u64) -> Result<(), TargetError> {
+        if self.fill_zeros && end > self.done_to {
+            let (offset, len) = (self.done_to, end - self.done_to);
+            self.storage
+                .write_zeroes(HostOffset(offset), len)
+                .map_err(|source| StorageError::Write {
+                    offset: HostOffset(offset),
+                    len,
+                    source,
+                })?;
+            self.done_to = end;
+        }
+        Ok(())
+    }
 }
 
 impl Target for RawTarget {
     fn put(&mut self, index: ClusterIndex, out: Output) -> Result<u64, TargetError> {
+        let offset = self.cluster_size.start_of(index).0;
+        let len = self.cluster_size.bytes_below(index, self.size);
+        self.zero_to(offset)?;
         match out {
             Output::Data(d) => {
-                let offset = self.cluster_size.start_of(index);
-                let len = (self.cluster_size.bytes_below(index, self.size) as usize).min(d.len());
-                self.storage.write_all_at(&d[..len], HostOffset(offset.0))?;
+                let len = (len as usize).min(d.len());
+                self.storage.write_all_at(&d[..len], HostOffset(offset))?;
+                self.done_to = self.done_to.max(offset + len as u64);
                 Ok(len as u64)
             }
-            // Holes read as zeros; the copier never compresses for raw.
-            Output::Zero | Output::Compressed(_) | Output::Stored(_) => Ok(0),
+            // Holes read as zeros (a device's range is zeroed); the copier
+            // never compresses for raw.
+            Output::Zero | Output::Compressed(_) | Output::Stored(_) => {
+                self.zero_to(offset + len)?;
+                Ok(0)
+            }
         }
     }
 
-    fn finish(self: Box<Self>) -> Result<(), TargetError> {
+    fn finish(mut self: Box<Self>) -> Result<(), TargetError> {
+        if self.fill_zeros {
+            return self.zero_to(self.size);
+        }
         self.storage
             .set_len(self.size)
             .map_err(|source| StorageError::Resize {

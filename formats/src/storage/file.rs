@@ -141,10 +141,16 @@ impl FileStorage {
                 why: "file is not open for writing",
             });
         }
-        let len = file
+        let meta = file
             .metadata()
-            .map_err(|source| StorageError::Stat { source })?
-            .len();
+            .map_err(|source| StorageError::Stat { source })?;
+        let len = if meta.file_type().is_block_device() {
+            // A device written in place (a restore): its size is its end.
+            rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
+                .map_err(|e| StorageError::Stat { source: e.into() })?
+        } else {
+            meta.len()
+        };
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -206,6 +212,17 @@ impl Storage for FileStorage {
         self.len
             .fetch_max(offset.0 + buf.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn write_zeroes(&self, offset: HostOffset, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        use rustix::fs::FallocateFlags as F;
+        // The device (or file system) zeroes the range itself when it can
+        // (a block device turns this into a zero-out or discard request).
+        match rustix::fs::fallocate(&self.file, F::ZERO_RANGE | F::KEEP_SIZE, offset.0, len) {
+            Ok(()) => Ok(()),
+            Err(_) => super::write_zeroes_by_writes(self, offset, len),
+        }
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

@@ -89,6 +89,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Err(read_only())
     }
 
+    /// Makes `len` bytes at `offset` read as zeros, inside the current
+    /// length (a restore onto a block device, which is not zero to begin
+    /// with). The default writes zeros.
+    fn write_zeroes(&self, offset: HostOffset, len: u64) -> io::Result<()> {
+        write_zeroes_by_writes(self, offset, len)
+    }
+
     /// Sets the length.
     fn set_len(&self, len: u64) -> io::Result<()> {
         let _ = len;
@@ -113,6 +120,23 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+}
+
+/// [`Storage::write_zeroes`] by writing zero buffers (at most 1 MiB each).
+pub fn write_zeroes_by_writes<S: Storage + ?Sized>(
+    storage: &S,
+    offset: HostOffset,
+    len: u64,
+) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        storage.write_at(&zeros[..n as usize], HostOffset(offset.0 + done))?;
+        done += n;
+    }
+    Ok(())
 }
 
 fn read_only() -> io::Error {
