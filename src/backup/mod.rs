@@ -561,7 +561,7 @@ fn create_temporary(
     };
     // Say what is wrong with the directory itself, not with a temporary
     // name inside it (only its existence: writing needs no read permission).
-    match std::fs::metadata(&dir) {
+    match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
             let e = std::io::Error::from(std::io::ErrorKind::NotADirectory);
@@ -572,7 +572,7 @@ fn create_temporary(
     let tmp = tempfile::Builder::new()
         .prefix(".qbackup-")
         .suffix(".tmp")
-        .tempfile_in(&dir)
+        .tempfile_in(dir)
         .map_err(|e| commit_err("create a temporary file in its directory", e))?;
     set_backup_permissions(tmp.path())
         .map_err(|e| commit_err("set permissions on the temporary file", e))?;
