@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use qbackup::{backup, compare, info, map, source, verify};
 use qbackup_formats::codec::CompressionType;
 use qbackup_formats::open::{nbd_uri, FileOpener, ForceShareOpener, Opener};
@@ -128,6 +128,19 @@ enum Command {
         max_length: Option<u64>,
         /// The image.
         image: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout, or write one page per
+    /// command into a directory.
+    Manpage {
+        /// Write qbackup.1 and qbackup-COMMAND.1 into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -633,6 +646,21 @@ pub fn run(args: Args) -> Result<u8> {
             stdout.lock().write_all(text.as_bytes())?;
         }
         Command::Backup(b) => run_backup(b)?,
+        Command::Completions { shell } => {
+            let mut out = stdout.lock();
+            clap_complete::generate(shell, &mut Args::command(), "qbackup", &mut out);
+            out.flush()?;
+        }
+        Command::Manpage { dir: None } => {
+            let mut out = stdout.lock();
+            clap_mangen::Man::new(Args::command()).render(&mut out)?;
+            out.flush()?;
+        }
+        Command::Manpage { dir: Some(dir) } => {
+            clap_mangen::generate_to(Args::command(), &dir).map_err(|e| {
+                anyhow::anyhow!("{}: cannot write the manual pages: {e}", dir.display())
+            })?;
+        }
         Command::Map {
             format,
             force_share,

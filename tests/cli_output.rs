@@ -396,3 +396,54 @@ fn exit_status_143_on_sigterm() {
 fn exit_status_129_on_sighup() {
     interrupt_with("HUP").1.assert_interrupted(129);
 }
+
+// ---------------------------------------------------------------------------
+// Completions and manual pages, generated from the clap definitions
+// ---------------------------------------------------------------------------
+
+#[test]
+fn completions_and_manual_pages() {
+    let s = Scratch::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let run = qbackup_in(s.dir(), &["completions", shell]);
+        run.assert_ok();
+        for word in ["backup", "no-create", "backing-chain", "start-offset"] {
+            assert!(run.stdout.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    // bash can load the script.
+    let run = qbackup_in(s.dir(), &["completions", "bash"]);
+    std::fs::write(s.path("qbackup.bash"), &run.stdout).unwrap();
+    let st = Command::new("bash")
+        .args(["-c", "source ./qbackup.bash && complete -p qbackup"])
+        .current_dir(s.dir())
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    qbackup_in(s.dir(), &["completions", "tcsh"]).assert_usage_error(&["tcsh"]);
+
+    let run = qbackup_in(s.dir(), &["manpage"]);
+    run.assert_ok();
+    assert!(run.stdout.starts_with(".ie") || run.stdout.contains(".TH qbackup 1"));
+    assert!(
+        run.stdout.contains("Exit status"),
+        "the statuses are in the page"
+    );
+    s.mkdir("man");
+    qbackup_in(s.dir(), &["manpage", "--dir", "man"]).assert_ok();
+    for page in [
+        "qbackup.1",
+        "qbackup-backup.1",
+        "qbackup-map.1",
+        "qbackup-info.1",
+    ] {
+        let text = std::fs::read_to_string(s.path("man").join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page}");
+    }
+    let backup = std::fs::read_to_string(s.path("man/qbackup-backup.1")).unwrap();
+    assert!(backup.contains("no\\-create"), "backup page documents -n");
+}
