@@ -152,7 +152,11 @@ fn a_running_backup_keeps_writers_out() {
     let pid = rustix::process::Pid::from_raw(backup.id() as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
     let status = backup.wait().expect("wait");
-    assert_eq!(status.code(), Some(1), "interrupted backup exits 1");
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "interrupted backup exits 128 + SIGTERM"
+    );
     assert!(!s.path("out.qcow2").exists());
     assert_no_leftovers(s.dir());
 }
