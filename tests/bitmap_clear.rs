@@ -158,7 +158,14 @@ fn refusals_leave_source_and_target_alone() {
         ),
         (&["--require-bitmap"][..], "off", "is disabled"),
     ] {
-        inc(extra, bitmap).assert_clean_failure_mentioning(&[says]);
+        let run = inc(extra, bitmap);
+        if extra.is_empty() {
+            // Found by opening the image: an error.
+            run.assert_clean_failure_mentioning(&[says]);
+        } else {
+            // The command line alone is wrong: a usage error.
+            run.assert_usage_error(&[says]);
+        }
         unchanged(&s);
     }
     for (args, says) in [
@@ -186,7 +193,7 @@ fn refusals_leave_source_and_target_alone() {
             "only applies to --sync incremental",
         ),
     ] {
-        s.backup(args).assert_clean_failure_mentioning(&[says]);
+        s.backup(args).assert_usage_error(&[says]);
         unchanged(&s);
     }
     // A disabled bitmap is accepted when asked for, and cleared.

@@ -43,14 +43,20 @@ pub fn json(r: &BackupReport) -> Value {
         },
         "elapsed-seconds": (r.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         "bytes-per-second": throughput(r).round() as u64,
+        "bitmap-cleared": r.bitmap_cleared.is_some(),
     })
 }
 
 /// The one-line human summary.
 pub fn human(r: &BackupReport) -> String {
     let ratio = ratio(r).map_or("-".to_string(), |x| format!("{x:.2}"));
+    let cleared = if r.bitmap_cleared.is_some() {
+        ", dirty bitmap cleared"
+    } else {
+        ""
+    };
     format!(
-        "qbackup: backup done: read {} of {}, wrote {} (ratio {}), {} clusters passed through, {:.2} s, {}/s",
+        "qbackup: backup done: read {} of {}, wrote {} (ratio {}), {} clusters passed through, {:.2} s, {}/s{}",
         BinaryBytes(r.guest_bytes_read),
         BinaryBytes(r.virtual_size),
         BinaryBytes(r.stats.data_stored_bytes),
@@ -58,5 +64,6 @@ pub fn human(r: &BackupReport) -> String {
         r.stats.passthrough_clusters,
         r.elapsed.as_secs_f64(),
         BinaryBytes(throughput(r) as u64),
+        cleared,
     )
 }
