@@ -452,11 +452,15 @@ fn raw_target_identical_and_sparse() {
             "write -z 128k 64k",
         ],
     );
-    for (i, compress) in ["zstd", "none"].into_iter().enumerate() {
+    // A raw target is not compressed: --compress zstd is refused, not
+    // ignored; --compress none says what happens anyway.
+    s.backup(&["-O", "raw", "--compress", "zstd", "sparse.qcow2", "x.raw"])
+        .assert_usage_error(&["raw"]);
+    assert!(!s.path("x.raw").exists());
+    for (i, compress) in [&[][..], &["--compress", "none"]].into_iter().enumerate() {
         let target = format!("out{i}.raw");
-        // --compress is meaningless for raw and must not matter.
-        s.backup(&["-O", "raw", "--compress", compress, "sparse.qcow2", &target])
-            .assert_ok();
+        let args = [&["-O", "raw"], compress, &["sparse.qcow2", &target]].concat();
+        s.backup(&args).assert_ok();
         assert_identical(s.dir(), "sparse.qcow2", "qcow2", &target, "raw");
         let len = file_len(&s.path(&target));
         assert_eq!(len, 64 * MIB, "raw target has the virtual size");
