@@ -166,6 +166,7 @@ enum CompressArg {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = status::HELP)]
 struct BackupArgs {
     /// Source image format (probed when omitted).
     #[arg(short = 'f', long = "format")]
@@ -450,11 +451,14 @@ fn run_backup(args: BackupArgs) -> Result<()> {
     let reporter = Reporter::new(args.progress);
     let cfg = args.into_config()?;
     let cancel = Arc::new(AtomicBool::new(false));
-    let signals = [
+    let signals: Vec<i32> = [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
-    ];
+    ]
+    .into_iter()
+    .filter(|&s| !status::ignored_at_start(s))
+    .collect();
     status::record_signals(&signals)?;
     for sig in signals {
         signal_hook::flag::register(sig, Arc::clone(&cancel))?;
@@ -483,6 +487,14 @@ fn run_backup(args: BackupArgs) -> Result<()> {
         OutputArg::Human => {}
     }
     Ok(())
+}
+
+/// The names of the commands, for a command line without one.
+pub fn commands() -> Vec<String> {
+    Args::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect()
 }
 
 /// Exit status of `compare` when it cannot compare (qemu-img's).

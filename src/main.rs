@@ -12,7 +12,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = match cli::Args::try_parse() {
         Ok(a) => a,
-        Err(e) => return ExitCode::from(cli::status::clap_error(&e)),
+        Err(e) => return ExitCode::from(cli::status::clap_error(&e, &cli::commands())),
     };
     let failure = cli::failure_status(&args);
     match cli::run(args) {

@@ -323,6 +323,16 @@ fn exit_status_2_for_usage_errors() {
         qbackup_within(s.dir(), args, QBACKUP_TIMEOUT).assert_usage_error(mention);
         assert!(!s.path("o").exists());
     }
+    // Missing pieces, in one line that names them.
+    qbackup_within(s.dir(), &[], QBACKUP_TIMEOUT).assert_usage_error(&["a command is needed"]);
+    qbackup_within(s.dir(), &["backup", "src.qcow2"], QBACKUP_TIMEOUT)
+        .assert_usage_error(&["<TARGET>"]);
+    qbackup_within(
+        s.dir(),
+        &["map", "--output=xml", "src.qcow2"],
+        QBACKUP_TIMEOUT,
+    )
+    .assert_usage_error(&["possible values: human, json"]);
     // A misspelt option: one line, then clap's suggestion.
     let run = qbackup_within(
         s.dir(),
@@ -446,4 +456,39 @@ fn completions_and_manual_pages() {
     }
     let backup = std::fs::read_to_string(s.path("man/qbackup-backup.1")).unwrap();
     assert!(backup.contains("no\\-create"), "backup page documents -n");
+}
+
+/// A signal that was ignored when qbackup started (`nohup`: SIGHUP) stays
+/// ignored: the backup runs to its end.
+#[test]
+fn an_ignored_sighup_stays_ignored() {
+    let s = Scratch::new();
+    s.create("large.qcow2", "qcow2", 32 * MIB, "");
+    s.io("large.qcow2", "qcow2", &["write -P 0x5c 0 32M"]);
+    s.mkdir("out");
+    let started = Instant::now();
+    let script = format!(
+        "trap '' HUP; exec {} backup -q --speed 32M large.qcow2 out/large.qcow2",
+        qbackup_bin()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script])
+        .current_dir(s.dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leftovers(&s.path("out")).is_empty() {
+        assert!(Instant::now() < deadline, "no temporary file appeared");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let st = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let run = wait_qbackup(child, script, started, Duration::from_secs(30));
+    run.assert_ok();
+    assert_identical(s.dir(), "large.qcow2", "qcow2", "out/large.qcow2", "qcow2");
 }

@@ -51,6 +51,19 @@ fn last_signal() -> &'static Arc<AtomicUsize> {
     LAST.get_or_init(|| Arc::new(AtomicUsize::new(0)))
 }
 
+/// True when `signal` was ignored when the process started (`nohup`
+/// ignores SIGHUP, a shell ignores SIGINT for a background job): such a
+/// signal is left ignored instead of being turned into a cancellation.
+pub fn ignored_at_start(signal: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current
+    // disposition into `old`, a zeroed plain-data struct we own.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 /// Records which of `signals` arrives, for the exit status.
 pub fn record_signals(signals: &[i32]) -> std::io::Result<()> {
     for &sig in signals {
@@ -85,21 +98,52 @@ pub fn interrupted_status(signal: i32) -> u8 {
 
 /// Prints a clap error as one `qbackup: reason` line (clap's tips follow
 /// on their own lines) and returns its status: 0 for `--help` and
-/// `--version`, else 2.
-pub fn clap_error(e: &clap::Error) -> u8 {
+/// `--version`, else 2. `commands` names the subcommands, for a command
+/// line without one.
+pub fn clap_error(e: &clap::Error, commands: &[String]) -> u8 {
+    use clap::error::ErrorKind;
     if !e.use_stderr() {
         let _ = e.print();
         return SUCCESS;
     }
-    let text = e.render().to_string();
-    let mut lines = text.lines();
-    let first = lines.next().unwrap_or("invalid command line");
-    let reason = first.strip_prefix("error: ").unwrap_or(first);
-    eprintln!("qbackup: {reason}");
-    for tip in lines.filter(|l| l.trim_start().starts_with("tip:")) {
-        eprintln!("{}", tip.trim_start());
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        eprintln!(
+            "qbackup: a command is needed: one of {} (see qbackup --help)",
+            commands.join(", ")
+        );
+        return USAGE;
+    }
+    eprintln!("qbackup: {}", clap_reason(&e.render().to_string()));
+    for tip in clap_tips(&e.render().to_string()) {
+        eprintln!("{tip}");
     }
     USAGE
+}
+
+/// The first paragraph of clap's rendered error, on one line, without
+/// its `error: ` prefix (what follows it, such as the missing arguments or
+/// the possible values, joined in).
+fn clap_reason(text: &str) -> String {
+    let first = text.split("\n\n").next().unwrap_or_default();
+    let joined = first
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match joined.strip_prefix("error: ") {
+        Some(r) => r.to_string(),
+        None if joined.is_empty() => "invalid command line".to_string(),
+        None => joined,
+    }
+}
+
+/// clap's `tip: ...` lines (suggestions), trimmed.
+fn clap_tips(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("tip:"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -121,5 +165,21 @@ mod tests {
         assert_eq!(of_error(&anyhow::anyhow!("io"), ERROR), ERROR);
         let e = anyhow::Error::new(BackupError::Interrupted);
         assert_eq!(of_error(&e, ERROR), INTERRUPTED);
+    }
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let text = "error: the following required arguments were not provided:\n  <SOURCE>\n  <TARGET>\n\nUsage: qbackup backup <SOURCE> <TARGET>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_reason(text),
+            "the following required arguments were not provided: <SOURCE> <TARGET>"
+        );
+        assert!(clap_tips(text).is_empty());
+        let text = "error: unexpected argument '--forse' found\n\n  tip: a similar argument exists: '--force'\n\nUsage: x\n";
+        assert_eq!(clap_reason(text), "unexpected argument '--forse' found");
+        assert_eq!(
+            clap_tips(text),
+            ["tip: a similar argument exists: '--force'"]
+        );
     }
 }
