@@ -492,3 +492,49 @@ fn an_ignored_sighup_stays_ignored() {
     run.assert_ok();
     assert_identical(s.dir(), "large.qcow2", "qcow2", "out/large.qcow2", "qcow2");
 }
+
+/// On a terminal (a pty made by util-linux `script`), `-p` draws the bar:
+/// percentage, throughput and ETA while it runs, then a last state with the
+/// elapsed time; no log lines.
+#[test]
+fn progress_on_a_terminal_is_a_bar() {
+    let s = Scratch::new();
+    s.create("src.qcow2", "qcow2", 16 * MIB, "");
+    s.io("src.qcow2", "qcow2", &["write -P 0x61 0 16M"]);
+    let inner = format!(
+        "{} backup -p --speed 32M src.qcow2 out.qcow2",
+        qbackup_bin()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .current_dir(s.dir())
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            eprintln!(
+                "skipped: script cannot run a pty here: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("skipped: no util-linux script ({e})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("qbackup: progress:"),
+        "a bar, not lines: {text}"
+    );
+    assert!(text.contains("% ") && text.contains("ETA"), "{text}");
+    assert!(text.contains("/s"), "throughput: {text}");
+    assert!(
+        text.contains("100% 16.00 MiB in "),
+        "the final state: {text}"
+    );
+    assert!(text.contains("qbackup: backup done:"), "{text}");
+    assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
+}
