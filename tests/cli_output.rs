@@ -94,6 +94,14 @@ fn json_result_matches_sizes_and_maps() {
     assert!((ratio - expected).abs() < 0.001, "{v}");
     assert!(v["elapsed-seconds"].as_f64().expect("elapsed") >= 0.0);
     assert!(v["bytes-per-second"].is_u64(), "{v}");
+    assert_eq!(
+        u(c, "unchanged"),
+        0,
+        "a full backup stores every cluster: {v}"
+    );
+    let manifest = v["manifest"].as_str().expect("a manifest path");
+    assert!(s.dir().join(manifest).is_file(), "{v}");
+    assert_eq!(v["bitmap-cleared"], false);
     assert_check_clean(s.dir(), "out.qcow2");
     assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
 }
@@ -316,7 +324,7 @@ fn exit_status_2_for_usage_errors() {
         ),
         (
             &["backup", "--sync", "incremental", "src.qcow2", "o"],
-            &["--bitmap"],
+            &["--backing"],
         ),
     ];
     for (args, mention) in bad {

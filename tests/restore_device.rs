@@ -100,6 +100,12 @@ fn restore_into_a_loop_device_equals_the_source() {
     run.assert_ok();
     let v = run.json();
     assert_eq!(v["target-size"], 6 * MIB, "{v}");
+    assert_eq!(
+        v["manifest"],
+        serde_json::Value::Null,
+        "nothing beside a device: {v}"
+    );
+    assert!(!std::path::Path::new(&format!("{}.manifest", dev.dev)).exists());
     assert!(
         is_block_device(&dev.dev),
         "the node must stay a block device"

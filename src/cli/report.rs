@@ -40,10 +40,12 @@ pub fn json(r: &BackupReport) -> Value {
             "compressed": s.compressed_clusters,
             "passed-through": s.passthrough_clusters,
             "zero": s.zero_clusters,
+            "unchanged": s.unchanged_clusters,
         },
         "elapsed-seconds": (r.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         "bytes-per-second": throughput(r).round() as u64,
         "bitmap-cleared": r.bitmap_cleared.is_some(),
+        "manifest": r.manifest.as_ref().map(|p| p.display().to_string()),
     })
 }
 
