@@ -39,7 +39,9 @@ fn main() {
     };
     let level: i32 = args[3].parse().expect("level");
     let threads: usize = args[4].parse().expect("threads");
-    let cluster: usize = args.get(5).map_or(65536, |s| s.parse().expect("cluster size"));
+    let cluster: usize = args
+        .get(5)
+        .map_or(65536, |s| s.parse().expect("cluster size"));
 
     let mut file = std::fs::File::open(&args[1]).expect("open image");
     let mut clusters = Vec::new();
