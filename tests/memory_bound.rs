@@ -24,6 +24,9 @@ const TIB: u64 = 1 << 40;
 
 /// Runs `qbackup ARGS` in `dir`; returns its exit status, stderr and peak
 /// RSS in bytes.
+// The child is reaped by `wait4`, which std's `wait` does not offer: it
+// returns the child's resource usage too.
+#[allow(clippy::zombie_processes)]
 fn run_measured(dir: &std::path::Path, args: &[&str]) -> (i32, String, u64) {
     let mut child = Command::new(qbackup_bin())
         .args(args)
