@@ -2,10 +2,16 @@
 # Benchmark qbackup against `qemu-img convert -m 16 -W` in the same run.
 #
 # Input (DEVELOPERS.md): an ext4 filesystem filled from /usr/lib/x86_64-linux-gnu,
-# 3 GiB raw, converted to qcow2. Reports wall time, output size and peak RSS
-# for each case and the ratios qbackup/qemu-img. Usage:
+# 3 GiB raw, converted to qcow2. Reports wall time, CPU time (user + system),
+# output size and peak RSS for each case and the ratios qbackup/qemu-img;
+# then the codec limit (examples/codec_limit.rs: the same non-zero clusters
+# compressed in memory by the same codec, level and threads, no I/O) and
+# qbackup/limit; a threads scaling row; and a huge sparse image (2 TiB raw,
+# 4 KiB written every 512 MiB: 4096 L2 tables in the target) for memory.
+# Usage:
 #   benches/compare.sh [WORKDIR]      (default: a fresh directory under /tmp)
-# Set RUNS=N to repeat each measurement (the best wall time is kept).
+# Set RUNS=N to repeat each measurement (the median wall and CPU time of the
+# runs are reported, and the largest peak RSS).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,8 +19,9 @@ work=${1:-$(mktemp -d /tmp/qbackup-bench.XXXXXX)}
 runs=${RUNS:-1}
 mkdir -p "$work"
 cd "$here"
-cargo build --release --quiet
+cargo build --release --quiet --bin qbackup --example codec_limit
 qb="$here/target/release/qbackup"
+limit="$here/target/release/examples/codec_limit"
 threads=$(nproc)
 
 cd "$work"
@@ -42,38 +49,58 @@ print(sum(e["length"] for e in json.load(sys.stdin) if e["data"]))')
     rm -f chunk.bin
 fi
 
-# measure NAME CMD... : best wall seconds, peak RSS KiB, into globals
+# measure CMD... : median wall and CPU seconds, peak RSS KiB, into globals
 measure() {
-    local best="" rss=0
+    local rss=0 walls=() cpus=()
     for _ in $(seq "$runs"); do
         rm -f out.tmp
-        /usr/bin/time -f '%e %M' -o time.txt "$@" >/dev/null 2>time.err || { cat time.err >&2; exit 1; }
-        read -r wall kib < time.txt
-        if [ -z "$best" ] || awk "BEGIN{exit !($wall < $best)}"; then best=$wall; fi
+        /usr/bin/time -f '%e %M %U %S' -o time.txt "$@" >/dev/null 2>time.err || { cat time.err >&2; exit 1; }
+        read -r wall kib user sys < time.txt
+        walls+=("$wall"); cpus+=("$(awk "BEGIN{print $user + $sys}")")
         [ "$kib" -gt "$rss" ] && rss=$kib
     done
-    WALL=$best; RSS=$rss
+    WALL=$(median "${walls[@]}"); CPU=$(median "${cpus[@]}"); RSS=$rss
 }
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END{print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 
-printf '%-22s %9s %9s %8s %12s %12s %7s %9s %9s\n' case qemu_s qb_s time× qemu_bytes qb_bytes size× qemu_MiB qb_MiB
+printf '%-22s %8s %8s %8s %8s %7s %12s %12s %7s %8s %8s\n' case qemu_s qemu_cpu qb_s qb_cpu time× qemu_bytes qb_bytes size× qemu_MiB qb_MiB
 row() { # name qemu-cmd... -- qb-cmd...
     local name=$1; shift
     local qcmd=() qbcmd=()
     while [ "$1" != "--" ]; do qcmd+=("$1"); shift; done; shift
     qbcmd=("$@")
-    measure "${qcmd[@]}"; local qw=$WALL qr=$RSS qs; qs=$(stat -c %s out.q)
-    measure "${qbcmd[@]}"; local bw=$WALL br=$RSS bs; bs=$(stat -c %s out.b)
+    measure "${qcmd[@]}"; local qw=$WALL qc=$CPU qr=$RSS qs; qs=$(stat -c %s out.q)
+    measure "${qbcmd[@]}"; local bw=$WALL bc=$CPU br=$RSS bs; bs=$(stat -c %s out.b)
+    QB_WALL=$bw; QB_CPU=$bc; QB_BYTES=$bs
     qemu-img compare -q out.q out.b || { echo "$name: outputs differ!" >&2; exit 1; }
-    printf '%-22s %9.2f %9.2f %8.2f %12d %12d %7.3f %9.1f %9.1f\n' "$name" "$qw" "$bw" \
+    printf '%-22s %8.2f %8.2f %8.2f %8.2f %7.2f %12d %12d %7.3f %8.1f %8.1f\n' "$name" "$qw" "$qc" "$bw" "$bc" \
         "$(awk "BEGIN{print $bw/$qw}")" "$qs" "$bs" "$(awk "BEGIN{print $bs/$qs}")" \
         "$(awk "BEGIN{print $qr/1024}")" "$(awk "BEGIN{print $br/1024}")"
     rm -f out.q out.b
 }
 
+# limit_row NAME CODEC LEVEL THREADS: the codec limit next to the qbackup run
+# just measured (QB_WALL, QB_CPU, QB_BYTES).
+limit_row() {
+    local name=$1 codec=$2 level=$3 t=$4 walls=() cpus=() bytes
+    for _ in $(seq "$runs"); do
+        read -r w c bytes _ < <("$limit" disk.raw "$codec" "$level" "$t")
+        walls+=("$w"); cpus+=("$c")
+    done
+    local lw lc; lw=$(median "${walls[@]}"); lc=$(median "${cpus[@]}")
+    printf '%-22s limit %6.2f s, %6.2f CPU-s, %12d bytes | qbackup/limit: time %5.2f×, CPU %5.2f×, size %6.3f×\n' \
+        "$name" "$lw" "$lc" "$bytes" "$(awk "BEGIN{print $QB_WALL/$lw}")" \
+        "$(awk "BEGIN{print $QB_CPU/$lc}")" "$(awk "BEGIN{print $QB_BYTES/$bytes}")"
+}
+
 row "full zstd" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd disk.qcow2 out.q -- \
     "$qb" backup --threads "$threads" --compress zstd --force disk.qcow2 out.b
+zstd_wall=$QB_WALL zstd_cpu=$QB_CPU zstd_bytes=$QB_BYTES
 row "full zlib" qemu-img convert -m 16 -W -c -O qcow2 disk.qcow2 out.q -- \
     "$qb" backup --threads "$threads" --compress zlib --force disk.qcow2 out.b
+limit_row "limit zlib 6 -T$threads" zlib 6 "$threads"
+QB_WALL=$zstd_wall QB_CPU=$zstd_cpu QB_BYTES=$zstd_bytes
+limit_row "limit zstd 3 -T$threads" zstd 3 "$threads"
 row "full uncompressed" qemu-img convert -m 16 -W -O qcow2 disk.qcow2 out.q -- \
     "$qb" backup --threads "$threads" --compress none --force disk.qcow2 out.b
 # qemu-img does not sync its output; qbackup must (it renames a synced file
@@ -82,6 +109,30 @@ row "full uncompr.+fsync" sh -c 'qemu-img convert -m 16 -W -O qcow2 disk.qcow2 o
     "$qb" backup --threads "$threads" --compress none --force disk.qcow2 out.b
 row "top zstd (10%)" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd -B disk.qcow2 -F qcow2 top.qcow2 out.q -- \
     "$qb" backup --sync top --threads "$threads" --compress zstd --force top.qcow2 out.b
+
+# Scaling: qbackup zstd and the codec limit on 1, 2 and all threads.
+for t in $(printf '%s\n' 1 2 "$threads" | sort -un); do
+    measure "$qb" backup --threads "$t" --compress zstd --force disk.qcow2 out.b
+    QB_WALL=$WALL QB_CPU=$CPU QB_BYTES=$(stat -c %s out.b)
+    printf 'threads %-3s qbackup zstd %6.2f s, %6.2f CPU-s, %5.1f MiB; ' "$t" "$WALL" "$CPU" "$(awk "BEGIN{print $RSS/1024}")"
+    limit_row "" zstd 3 "$t"
+    rm -f out.b
+done
+
+# Memory on a huge sparse image: 2 TiB raw, 4 KiB written every 512 MiB,
+# so that the target has 4096 L2 tables.
+if [ ! -f sparse.raw ]; then
+    truncate -s 2T sparse.raw
+    python3 - <<'PY'
+import os
+fd = os.open("sparse.raw", os.O_WRONLY)
+for i in range((2 << 40) // (512 << 20)):
+    os.pwrite(fd, (b"sparse %d " % i) * 400 + bytes(96), i * (512 << 20))
+os.close(fd)
+PY
+fi
+row "sparse 2 TiB zstd" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd -f raw sparse.raw out.q -- \
+    "$qb" backup --threads "$threads" --compress zstd --force sparse.raw out.b
 
 # Live backups: the same disk served by qemu-nbd (read-only, multi-conn),
 # qemu-img and qbackup both reading the export.

@@ -214,7 +214,8 @@ struct BackupArgs {
     /// Target cluster size (e.g. 64k, 2M); default 64 KiB or the source's, if larger.
     #[arg(long, value_parser = parse_size)]
     cluster_size: Option<u64>,
-    /// Worker threads (default: all cores).
+    /// Worker threads, 1 to 4 per core (at least 8, at most 256); default:
+    /// all cores.
     #[arg(long)]
     threads: Option<usize>,
     /// Rate limit in bytes per second (e.g. 100M).
@@ -282,6 +283,18 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// The most worker threads `--threads` accepts on any machine.
+const MAX_THREADS: usize = 256;
+
+/// The most worker threads `--threads` accepts with `cores` cores: four
+/// per core (threads beyond the cores only help while others wait for
+/// I/O, e.g. on a slow NBD server), at least 8, at most [`MAX_THREADS`].
+/// Each thread holds a bounded amount of memory (see `backup/copier.rs`),
+/// so the cap bounds the whole.
+fn thread_limit(cores: usize) -> usize {
+    cores.saturating_mul(4).clamp(8, MAX_THREADS)
+}
+
 impl BackupArgs {
     /// Validates the arguments into a backup configuration.
     /// Validates the arguments into a backup configuration; a wrong
@@ -326,8 +339,16 @@ impl BackupArgs {
                 usage!("--cluster-size {c} must be a power of two from 512 to 2M");
             }
         }
-        if self.threads == Some(0) {
-            usage!("--threads must be at least 1");
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let max_threads = thread_limit(cores);
+        match self.threads {
+            Some(0) => usage!("--threads must be at least 1"),
+            Some(n) if n > max_threads => usage!(
+                "--threads {n} is above the limit of {max_threads} (4 per core, at least 8, at most {MAX_THREADS}): more threads only add memory"
+            ),
+            _ => {}
         }
         if self.speed == Some(0) {
             usage!("--speed must be positive");
@@ -336,11 +357,7 @@ impl BackupArgs {
             usage!("--backing only applies to --sync top and incremental");
         }
         let clear_bitmap = self.bitmap_policy()?;
-        let threads = self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
+        let threads = self.threads.unwrap_or(cores.min(MAX_THREADS));
         Ok(backup::BackupConfig {
             source: self.source,
             source_format: self.format.map(Into::into),
@@ -701,7 +718,7 @@ pub fn run(args: Args) -> Result<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, thread_limit};
 
     #[test]
     fn sizes() {
@@ -710,5 +727,15 @@ mod tests {
         assert_eq!(parse_size("512"), Ok(512));
         assert!(parse_size("12q").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn thread_limits() {
+        assert_eq!(thread_limit(1), 8);
+        assert_eq!(thread_limit(2), 8);
+        assert_eq!(thread_limit(3), 12);
+        assert_eq!(thread_limit(64), 256);
+        assert_eq!(thread_limit(1000), 256);
+        assert_eq!(thread_limit(usize::MAX), 256);
     }
 }

@@ -15,9 +15,12 @@
 //!
 //! Invariants: the output bytes do not depend on the number of threads
 //! (clusters are compressed independently with deterministic codecs and
-//! written in index order); memory is bounded by the batches in flight
-//! (`IN_FLIGHT_BYTES`), whatever the image size; a cluster that cannot be read or decoded fails
-//! the whole backup (never zeros in its place).
+//! written in index order); memory is bounded by the batches in flight,
+//! whatever the image size: at most `max(IN_FLIGHT_BYTES, (threads + 2)
+//! batches)` taken but not yet written, and each worker's read buffer and
+//! compressor, so about three batches per thread (the CLI caps the thread
+//! count); a cluster that cannot be read or decoded fails the whole backup
+//! (never zeros in its place).
 
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
@@ -161,7 +164,9 @@ pub fn copy(
         .map_err(|source| BackupError::StartThreads { source })?;
     let per_batch = (BATCH_BYTES / params.cluster_size.bytes()).max(1);
     let batch_bytes = params.cluster_size.bytes_in(per_batch);
-    let in_flight = (IN_FLIGHT_BYTES / batch_bytes).max(params.threads as u64 * 2) as usize;
+    // Every worker busy, plus two finished batches for the writer to take
+    // while the oldest one is still being worked on.
+    let in_flight = (IN_FLIGHT_BYTES / batch_bytes).max(params.threads as u64 + 2) as usize;
     let batches = plan.iter().flat_map(move |r| {
         (0..r.count.div_ceil(per_batch)).map(move |b| Batch {
             first: r.first + b * per_batch,

@@ -26,8 +26,14 @@ use super::l2::{self, CompressedDescriptor, EntryFormat, MappingError, Subcluste
 use super::refcount::{RefcountError, RefcountReader};
 use super::table;
 
-/// Bytes of L2 tables the cache may hold.
-const L2_CACHE_BYTES: usize = 32 << 20;
+/// Bytes of L2 tables the cache may hold (per image: each layer of a chain
+/// has its own). Readers go through the disk in guest order (the planner,
+/// and the copier's few batches in flight), so a few tables suffice; at
+/// least [`L2_CACHE_MIN_TABLES`] are kept, which with 2 MiB clusters is
+/// 8 MiB.
+const L2_CACHE_BYTES: usize = 8 << 20;
+/// Tables the cache holds whatever their size.
+const L2_CACHE_MIN_TABLES: usize = 4;
 
 /// Errors from a qcow2 image.
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +231,7 @@ impl Qcow2Image {
             v3: header.version >= 3,
         };
         let bitmaps = load_bitmap_directory(storage.as_ref(), &header)?;
-        let l2_cache_max = (L2_CACHE_BYTES >> header.cluster_bits).max(16);
+        let l2_cache_max = (L2_CACHE_BYTES >> header.cluster_bits).max(L2_CACHE_MIN_TABLES);
         Ok(Qcow2Image {
             bitmaps,
             storage,

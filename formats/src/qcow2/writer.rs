@@ -1,20 +1,20 @@
 //! A streaming qcow2 v3 writer for backups: guest clusters arrive in
-//! increasing order, data is appended once, and every table is written at
-//! the end.
+//! increasing order, data is appended once, and each table is written as
+//! soon as the clusters it describes are final, so memory does not grow
+//! with the image.
 //!
 //! # Layout
 //!
 //! ```text
 //! cluster 0      header (112 bytes), header extensions, backing file name
-//! cluster 1 ..   guest data in call order: normal clusters cluster-aligned,
-//!                compressed streams packed byte by byte into "compressed
-//!                clusters"; a stream that does not fit the rest of the open
-//!                compressed cluster continues into the next host cluster when
-//!                that one is free, and otherwise starts a new one. A normal
-//!                cluster never forces padding: compressed streams after it
-//!                keep filling the open compressed cluster before it (the
-//!                way QEMU packs them), so mixed data wastes no space.
-//! then           L2 tables (in L1 order), L1 table, refcount blocks,
+//! clusters 1..   the L1 table, at a fixed place; each L1 cluster is written
+//!                in place once final, all-zero ones stay holes
+//! then           in call order: guest data, normal clusters cluster-aligned
+//!                and compressed streams packed byte by byte (see
+//!                `appender.rs`); each L2 table once the writes have moved
+//!                past its guest range; each refcount block once every host
+//!                cluster it counts is final
+//! at the end     the last L2 table, the remaining refcount blocks and the
 //!                refcount table, each cluster-aligned
 //! ```
 //!
@@ -24,13 +24,7 @@
 //!
 //! # Invariants (qcow2 spec, docs/interop/qcow2.rst)
 //!
-//! - "Header": version 3, `header_length` 112 including the compression type
-//!   byte 104; incompatible bit 3 is set iff the codec is zstd (the field
-//!   must be non-zero exactly when the bit is set). `refcount_order` is 4
-//!   (16-bit refcounts); no extended L2, no lazy refcounts, no dirty bit.
-//! - "Header extensions": the backing format extension, then the end marker;
-//!   the backing file name follows in the rest of cluster 0 (at most 1023
-//!   bytes), which is checked when the writer is created.
+//! - "Header": see `header_cluster.rs`.
 //! - "Cluster mapping": L1 and standard L2 entries carry bit 63 (COPIED)
 //!   because each table and data cluster has refcount exactly 1; a zero
 //!   cluster is bit 0 with no host offset (only needed over a backing file,
@@ -42,40 +36,41 @@
 //! - "Host cluster management": every host cluster that a compressed stream
 //!   touches gets one reference per stream (QEMU's check counts the
 //!   sector-rounded range, which touches the same clusters), normal data,
-//!   header and metadata clusters get 1. The refcount blocks and table count
-//!   themselves, so their number is found by iterating to a fixed point.
+//!   header and metadata clusters get 1 (`refcount_build.rs`).
 //! - QEMU limits: L1 table <= 32 MiB (bounds the virtual size), refcount
 //!   table <= 8 MiB (bounds the file size).
 //!
-//! Memory use is the L2 tables that have entries, one 16-bit refcount per
-//! host cluster written and a write buffer of about 4 MiB; nothing
-//! else grows with the image. The output depends only on the options and the
-//! sequence of calls.
+//! # Memory
+//!
+//! One L2 table, one L1 cluster, the refcounts of about one refcount block,
+//! one 8-byte refcount table entry per block written (at most 8 MiB) and a
+//! write buffer of about 4 MiB: at most ~20 MiB whatever the virtual size,
+//! cluster size or allocation pattern. The output depends only on the
+//! options and the sequence of calls.
 
 use std::fs::File;
-use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::codec::CompressionType;
-use crate::error::{Classify, ErrorClass};
-use crate::qcow2::header::{
-    encode_extension, ext, incompat, Header, MAX_L1_BYTES, MAX_REFTABLE_BYTES, V3_HEADER_LEN,
-};
+use crate::qcow2::header::{MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use crate::qcow2::l2::{self, COPIED, ZERO};
 use crate::qcow2::table;
 use crate::storage::{FileStorage, Storage, StorageError};
 use crate::units::{ClusterIndex, HostOffset};
 
+mod appender;
+mod error;
+mod header_cluster;
+mod mapping;
 mod refcount_build;
+use appender::{Appender, Stage};
+pub use error::WriterError;
+use mapping::{L2Table, Mapping};
 use refcount_build::{RefcountError, Refcounts};
 
 /// Table entries hold host offsets in bits 9..55, so everything stays below.
 const HOST_LIMIT: u64 = 1 << 56;
-/// Spec limit on `backing_file_size`.
-const MAX_BACKING_NAME: usize = 1023;
-/// Appended bytes are collected up to this size before one positioned write.
-const BUFFER_BYTES: usize = 4 << 20;
 
 /// The backing file recorded in the image header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,189 +111,22 @@ pub enum ClusterWrite<'a> {
     Zero,
 }
 
-/// Why creating or writing an image failed.
-#[derive(Debug, thiserror::Error)]
-pub enum WriterError {
-    /// The cluster size is out of range.
-    #[error("cluster_bits {0} is out of range (9 to 21)")]
-    ClusterBits(u32),
-    /// The virtual size is not a multiple of 512 bytes (QEMU would ignore
-    /// the partial sector; `qemu-img create` rounds up instead).
-    #[error("virtual size {0} is not a multiple of 512 bytes")]
-    UnalignedSize(u64),
-    /// The virtual size needs a larger L1 table than QEMU accepts.
-    #[error("virtual size {size} is too large for {cluster_size}-byte clusters (at most {max})")]
-    VirtualSize {
-        /// The requested size.
-        size: u64,
-        /// The cluster size.
-        cluster_size: u64,
-        /// The largest size this cluster size allows.
-        max: u64,
-    },
-    /// The backing reference cannot be stored.
-    #[error("cannot record backing file {name:?}: {why}")]
-    Backing {
-        /// The backing file name.
-        name: String,
-        /// What is wrong.
-        why: &'static str,
-    },
-    /// Querying the output file failed.
-    #[error("cannot inspect the output file: {source}")]
-    InspectFile {
-        /// Why.
-        source: StorageError,
-    },
-    /// The output file is not usable as given.
-    #[error("output file is unusable: {why}")]
-    OutputFile {
-        /// What is wrong.
-        why: &'static str,
-    },
-    /// Cluster indices must strictly increase.
-    #[error("cluster {index} written after cluster {previous}")]
-    OutOfOrder {
-        /// The cluster being written.
-        index: ClusterIndex,
-        /// The cluster written before it.
-        previous: ClusterIndex,
-    },
-    /// The cluster lies past the virtual size.
-    #[error("cluster {index} is beyond the end of the disk ({clusters} clusters)")]
-    BeyondEnd {
-        /// The cluster being written.
-        index: ClusterIndex,
-        /// Number of guest clusters.
-        clusters: u64,
-    },
-    /// A data cluster is not exactly one cluster long.
-    #[error("data for cluster {index} is {len} bytes, expected {cluster_size}")]
-    DataLength {
-        /// The cluster being written.
-        index: ClusterIndex,
-        /// The length given.
-        len: usize,
-        /// The cluster size.
-        cluster_size: u64,
-    },
-    /// A compressed stream is empty or not smaller than a cluster.
-    #[error(
-        "compressed stream for cluster {index} is {len} bytes, must be 1 to {cluster_size} - 1"
-    )]
-    CompressedLength {
-        /// The cluster being written.
-        index: ClusterIndex,
-        /// The length given.
-        len: usize,
-        /// The cluster size.
-        cluster_size: u64,
-    },
-    /// The image outgrew what qcow2 (or QEMU) can address.
-    #[error("image too large: {why}")]
-    TooLarge {
-        /// Which limit was hit.
-        why: &'static str,
-    },
-    /// A host cluster is shared by more compressed clusters than a 16-bit
-    /// refcount can count.
-    #[error("refcount of host cluster at {offset} would overflow")]
-    RefcountOverflow {
-        /// Start of the host cluster.
-        offset: HostOffset,
-    },
-    /// Writing guest data failed.
-    #[error("cannot write data at host offset {offset} ({len} bytes): {source}")]
-    WriteData {
-        /// Where the failed write started.
-        offset: HostOffset,
-        /// Its length.
-        len: usize,
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// Writing the tables failed.
-    #[error("cannot write metadata at host offset {offset} ({len} bytes): {source}")]
-    WriteMetadata {
-        /// Where the failed write started.
-        offset: HostOffset,
-        /// Its length.
-        len: usize,
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// Writing the header cluster failed.
-    #[error("cannot write the image header: {source}")]
-    WriteHeader {
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// An earlier write failed, so the file's content is unknown.
-    #[error("an earlier write failed; the image cannot be completed")]
-    Poisoned,
-}
-
-impl Classify for WriterError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            WriterError::ClusterBits(_)
-            | WriterError::UnalignedSize(_)
-            | WriterError::VirtualSize { .. }
-            | WriterError::Backing { .. }
-            | WriterError::OutputFile { .. } => ErrorClass::Usage,
-            WriterError::InspectFile { source } => source.class(),
-            WriterError::WriteData { source, .. }
-            | WriterError::WriteMetadata { source, .. }
-            | WriterError::WriteHeader { source } => ErrorClass::of_io(source),
-            WriterError::TooLarge { .. } | WriterError::RefcountOverflow { .. } => {
-                ErrorClass::Unsupported
-            }
-            // Misuse of the API, or a write after a failed one: bugs in
-            // the caller.
-            WriterError::OutOfOrder { .. }
-            | WriterError::BeyondEnd { .. }
-            | WriterError::DataLength { .. }
-            | WriterError::CompressedLength { .. }
-            | WriterError::Poisoned => ErrorClass::Internal,
-        }
-    }
-}
-
-/// One in-memory L2 table and the L1 slot it belongs to.
-struct L2Table {
-    l1_index: u64,
-    entries: Box<[u64]>,
-}
-
-/// Which kind of bytes a buffer flush carries, for error reports.
-#[derive(Clone, Copy)]
-enum Stage {
-    Data,
-    Metadata,
-}
-
 /// Writes one qcow2 image front to back; see the module docs.
 pub struct Qcow2Writer {
-    storage: Arc<dyn Storage>,
     opts: WriterOptions,
     /// Guest clusters in the virtual disk.
     guest_clusters: u64,
-    /// Entries in the L1 table.
+    /// Entries in the L1 table, which starts at cluster 1.
     l1_size: u64,
-    /// Tables with at least one entry, in increasing `l1_index`.
-    l2_tables: Vec<L2Table>,
-    /// Refcount of each host cluster, starting at cluster 0.
+    /// Host space, packing and the write buffer.
+    out: Appender,
+    /// The L2 table and L1 cluster being filled.
+    mapping: Mapping,
+    /// Refcounts of the host clusters whose block is not written yet.
     refcounts: Refcounts,
-    /// Bytes not yet written, which belong at `buf_start`.
-    buf: Vec<u8>,
-    buf_start: u64,
-    /// First host byte not yet allocated; always cluster aligned.
-    alloc_end: u64,
-    /// The open compressed region: where the next stream may go, and the
-    /// (cluster-aligned) end of the clusters reserved for streams.
-    compressed: Option<(u64, u64)>,
+    /// Reused buffer for encoding one table cluster.
+    scratch: Vec<u8>,
     last_index: Option<u64>,
-    poisoned: bool,
 }
 
 impl Qcow2Writer {
@@ -326,31 +154,31 @@ impl Qcow2Writer {
             });
         }
         if let Some(b) = &opts.backing {
-            check_backing(b, cluster_size)?;
+            header_cluster::check_backing(b, cluster_size)?;
         }
         if !storage.is_empty() {
             return Err(WriterError::OutputFile {
                 why: "file is not empty",
             });
         }
-        let mut refcounts = Refcounts::default();
-        refcounts
-            .set_one(0)
-            .map_err(|e| refcount_error(e, opts.cluster_bits))?;
+        let bits = opts.cluster_bits;
+        // The header cluster, then the L1 table.
+        let reserved = 1 + (l1_size * 8).div_ceil(cluster_size);
+        let mut refcounts = Refcounts::new(bits, MAX_REFTABLE_BYTES);
+        for cluster in 0..reserved {
+            refcounts
+                .set_one(cluster)
+                .map_err(|e| refcount_error(e, bits))?;
+        }
         Ok(Qcow2Writer {
-            storage,
+            out: Appender::new(storage, bits, reserved << bits)?,
+            mapping: Mapping::new(bits),
+            refcounts,
+            scratch: Vec::with_capacity(usize_of(cluster_size)?),
             opts,
             guest_clusters,
             l1_size,
-            l2_tables: Vec::new(),
-            // Cluster 0 holds the header.
-            refcounts,
-            buf: Vec::with_capacity(BUFFER_BYTES + usize_of(cluster_size)?),
-            buf_start: cluster_size,
-            alloc_end: cluster_size,
-            compressed: None,
             last_index: None,
-            poisoned: false,
         })
     }
 
@@ -366,14 +194,15 @@ impl Qcow2Writer {
 
     /// Stores guest cluster `index`. Indices must strictly increase; clusters
     /// never written stay unallocated (they read from the backing file, or
-    /// as zeros without one). A rejected call changes nothing; after an I/O
-    /// error every later call fails with [`WriterError::Poisoned`].
+    /// as zeros without one). A call rejected for its arguments (order,
+    /// range, length) changes nothing; after an I/O error every later call
+    /// fails with [`WriterError::Poisoned`].
     pub fn write_cluster(
         &mut self,
         index: ClusterIndex,
         w: ClusterWrite<'_>,
     ) -> Result<(), WriterError> {
-        if self.poisoned {
+        if self.out.poisoned() {
             return Err(WriterError::Poisoned);
         }
         if index.0 >= self.guest_clusters {
@@ -390,31 +219,44 @@ impl Qcow2Writer {
         }
         let cluster_size = self.cluster_size();
         match w {
+            ClusterWrite::Data(data) if data.len() as u64 != cluster_size => {
+                return Err(WriterError::DataLength {
+                    index,
+                    len: data.len(),
+                    cluster_size,
+                });
+            }
+            ClusterWrite::Compressed(stream)
+                if stream.is_empty() || stream.len() as u64 >= cluster_size =>
+            {
+                return Err(WriterError::CompressedLength {
+                    index,
+                    len: stream.len(),
+                    cluster_size,
+                });
+            }
+            ClusterWrite::Zero if self.opts.backing.is_none() => {
+                // Nothing is stored: the entry stays 0.
+                self.last_index = Some(index.0);
+                return Ok(());
+            }
+            _ => {}
+        }
+        // The writes have moved past the table being filled: it is final.
+        if let Some(table) = self.mapping.take_passed(index.0) {
+            self.append_l2(table)?;
+        }
+        let entry = match w {
             ClusterWrite::Data(data) => {
-                if data.len() as u64 != cluster_size {
-                    return Err(WriterError::DataLength {
-                        index,
-                        len: data.len(),
-                        cluster_size,
-                    });
-                }
-                let offset = self.alloc_end;
+                let offset = self.out.pos();
                 check_room(offset, cluster_size)?;
                 self.set_refcount_one(offset)?;
-                self.write_at(offset, data, Stage::Data)?;
-                self.alloc_end += cluster_size;
-                self.set_l2(index, offset | COPIED);
+                self.out.append_cluster(data, Stage::Data)?;
+                offset | COPIED
             }
             ClusterWrite::Compressed(stream) => {
-                if stream.is_empty() || stream.len() as u64 >= cluster_size {
-                    return Err(WriterError::CompressedLength {
-                        index,
-                        len: stream.len(),
-                        cluster_size,
-                    });
-                }
                 let len = stream.len() as u64;
-                let (offset, region_end) = self.place_compressed(len)?;
+                let (offset, region_end) = self.out.place_compressed(len)?;
                 let descriptor = compressed_descriptor(self.opts.cluster_bits, offset, len)?;
                 check_room(offset, len)?;
                 check_room(region_end, 0)?;
@@ -425,66 +267,48 @@ impl Qcow2Writer {
                 self.refcounts
                     .add_ref(first, last)
                     .map_err(|e| refcount_error(e, bits))?;
-                // Record the region first: a flush inside `write_at` may
-                // close it, and that decision must stick.
-                self.compressed = Some((offset + len, region_end));
-                self.alloc_end = self.alloc_end.max(region_end);
-                self.write_at(offset, stream, Stage::Data)?;
-                self.set_l2(index, descriptor);
+                self.out.put_compressed(offset, region_end, stream)?;
+                descriptor
             }
-            ClusterWrite::Zero => {
-                if self.opts.backing.is_some() {
-                    self.set_l2(index, ZERO);
-                }
-            }
-        }
+            ClusterWrite::Zero => ZERO,
+        };
+        self.mapping.set(index.0, entry);
         self.last_index = Some(index.0);
-        Ok(())
+        self.write_final_refcount_blocks()
     }
 
-    /// Host bytes of the image so far: the reserved header cluster, the
-    /// data and its padding. The tables written by [`Self::finish`] come on
-    /// top.
+    /// Host bytes of the image so far: the header and L1 clusters, the data
+    /// and its padding, and the tables written so far. The rest of the
+    /// tables, written by [`Self::finish`], come on top.
     pub fn bytes_written(&self) -> u64 {
-        self.alloc_end
+        self.out.pos()
     }
 
-    /// Writes the L2 tables, L1 table, refcount blocks and table, then the
-    /// header cluster. The caller syncs the storage (and renames the file);
-    /// nothing here syncs.
+    /// Writes the last L2 table and L1 cluster, the remaining refcount
+    /// blocks and the refcount table, then the header cluster. The caller
+    /// syncs the storage (and renames the file); nothing here syncs.
     pub fn finish(mut self) -> Result<(), WriterError> {
-        if self.poisoned {
+        if self.out.poisoned() {
             return Err(WriterError::Poisoned);
         }
         let bits = self.opts.cluster_bits;
-        self.compressed = None;
-
-        // L2 tables, then the L1 table pointing at them (COPIED: refcount 1).
-        let tables = std::mem::take(&mut self.l2_tables);
-        let mut l2_offsets = Vec::with_capacity(tables.len());
-        let mut cluster = Vec::with_capacity(usize_of(self.cluster_size())?);
-        for table in tables {
-            let offset = self.pos();
-            cluster.clear();
-            table::encode_into(table.entries.iter().copied(), &mut cluster);
-            self.append_metadata_cluster(&cluster)?;
-            l2_offsets.push((table.l1_index, offset | COPIED));
+        self.out.close_region();
+        if let Some(table) = self.mapping.take_last() {
+            self.append_l2(table)?;
         }
-        // An image without an L1 table (virtual size 0) records offset 0.
-        let l1_offset = if self.l1_size == 0 { 0 } else { self.pos() };
-        let mut next = l2_offsets.into_iter().peekable();
-        self.append_table(
-            (0..self.l1_size).map(|i| match next.next_if(|(l1, _)| *l1 == i) {
-                Some((_, entry)) => entry,
-                None => 0,
-            }),
-        )?;
+        if let Some(cluster) = self.mapping.take_l1() {
+            self.write_l1_cluster(cluster)?;
+        }
+        self.write_final_refcount_blocks()?;
 
-        // Refcount blocks, then the table, sized to count themselves.
-        let used = self.pos() >> bits;
-        let layout = refcount_build::layout(bits, used, MAX_REFTABLE_BYTES)
+        // The remaining refcount blocks, then the table, sized to count
+        // themselves; their refcounts are set before any is encoded.
+        let used = self.out.pos() >> bits;
+        let layout = self
+            .refcounts
+            .finish_layout(used)
             .map_err(|why| WriterError::TooLarge { why })?;
-        // `layout` checked that this sum does not overflow.
+        // `finish_layout` checked that this sum does not overflow.
         let end = used + layout.blocks + layout.table_clusters;
         if end > HOST_LIMIT >> bits {
             return Err(WriterError::TooLarge {
@@ -494,115 +318,47 @@ impl Qcow2Writer {
         for c in used..end {
             self.set_refcount_one(c << bits)?;
         }
-        for block in 0..layout.blocks {
+        for _ in 0..layout.blocks {
+            let offset = self.out.pos();
+            let mut cluster = std::mem::take(&mut self.scratch);
             cluster.clear();
-            self.refcounts.encode_block(bits, block, &mut cluster);
-            self.append_metadata_cluster(&cluster)?;
+            self.refcounts.encode_next_block(&mut cluster);
+            let appended = self.out.append_cluster(&cluster, Stage::Metadata);
+            self.scratch = cluster;
+            appended?;
+            self.refcounts
+                .next_block_placed(offset)
+                .map_err(|e| refcount_error(e, bits))?;
         }
-        let table_offset = self.pos();
-        self.append_table((used..used + layout.blocks).map(|c| c << bits))?;
-        self.flush(Stage::Metadata)?;
+        let table_offset = self.out.pos();
+        let cluster_size = usize_of(self.cluster_size())?;
+        let mut cluster = Vec::with_capacity(cluster_size);
+        for chunk in self.refcounts.table().chunks(cluster_size / 8) {
+            cluster.clear();
+            table::encode_into(chunk.iter().copied(), &mut cluster);
+            cluster.resize(cluster_size, 0);
+            self.out.append_cluster(&cluster, Stage::Metadata)?;
+        }
+        self.out.flush(Stage::Metadata)?;
 
-        let header = self.header_cluster(l1_offset, table_offset, layout.table_clusters)?;
-        self.storage
-            .write_at(&header, HostOffset(0))
-            .map_err(|source| WriterError::WriteHeader { source })?;
-        Ok(())
+        let l1_offset = if self.l1_size == 0 {
+            // An image without an L1 table (virtual size 0) records offset 0.
+            0
+        } else {
+            self.cluster_size()
+        };
+        let header = header_cluster::header_cluster(
+            &self.opts,
+            self.l1_size,
+            l1_offset,
+            table_offset,
+            layout.table_clusters,
+        )?;
+        self.out.write_header(&header)
     }
 
     fn cluster_size(&self) -> u64 {
         1 << self.opts.cluster_bits
-    }
-
-    /// The host offset the next appended cluster gets.
-    fn pos(&self) -> u64 {
-        self.alloc_end
-    }
-
-    /// Where a compressed stream of `len` bytes goes, and the end of the
-    /// compressed region afterwards. Does not change any state.
-    fn place_compressed(&self, len: u64) -> Result<(u64, u64), WriterError> {
-        match self.compressed {
-            Some((cursor, end)) if cursor + len <= end => Ok((cursor, end)),
-            // The region ends where free space begins: grow it.
-            Some((cursor, end)) if end == self.alloc_end => {
-                Ok((cursor, self.align_up(cursor + len)?))
-            }
-            _ => Ok((self.alloc_end, self.align_up(self.alloc_end + len)?)),
-        }
-    }
-
-    /// Places `bytes` at host `offset` (at or after the buffer's start),
-    /// zero-filling any gap, and flushes when the buffer is full.
-    fn write_at(&mut self, offset: u64, bytes: &[u8], stage: Stage) -> Result<(), WriterError> {
-        check_room(offset, bytes.len() as u64)?;
-        let at = usize_of(offset - self.buf_start)?;
-        let end = at + bytes.len();
-        if at == self.buf.len() {
-            self.buf.extend_from_slice(bytes);
-        } else {
-            if self.buf.len() < end {
-                self.buf.resize(end, 0);
-            }
-            self.buf[at..end].copy_from_slice(bytes);
-        }
-        if self.buf.len() >= BUFFER_BYTES {
-            self.flush_keeping_open_region(stage)?;
-        }
-        Ok(())
-    }
-
-    /// Writes out the buffer except the open compressed cluster (and what
-    /// follows it), which later streams may still fill. When that tail is
-    /// large (a long run of normal clusters), the region is closed instead.
-    fn flush_keeping_open_region(&mut self, stage: Stage) -> Result<(), WriterError> {
-        let buf_end = self.buf_start + self.buf.len() as u64;
-        let mask = self.cluster_size() - 1;
-        let keep_from = match self.compressed {
-            // Bytes before `buf_start` are on disk already.
-            Some((cursor, end)) if cursor < end => (cursor & !mask).max(self.buf_start),
-            _ => buf_end,
-        };
-        let max_tail = ((BUFFER_BYTES / 2) as u64).max(4 * self.cluster_size());
-        let keep_from = if buf_end - keep_from > max_tail {
-            self.compressed = None;
-            buf_end
-        } else {
-            keep_from
-        };
-        let n = usize_of(keep_from - self.buf_start)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let offset = HostOffset(self.buf_start);
-        if let Err(source) = self.storage.write_at(&self.buf[..n], offset) {
-            self.poisoned = true;
-            return Err(match stage {
-                Stage::Data => WriterError::WriteData {
-                    offset,
-                    len: n,
-                    source,
-                },
-                Stage::Metadata => WriterError::WriteMetadata {
-                    offset,
-                    len: n,
-                    source,
-                },
-            });
-        }
-        self.buf.drain(..n);
-        self.buf_start = keep_from;
-        Ok(())
-    }
-
-    fn align_up(&self, offset: u64) -> Result<u64, WriterError> {
-        let mask = self.cluster_size() - 1;
-        offset
-            .checked_add(mask)
-            .map(|o| o & !mask)
-            .ok_or(WriterError::TooLarge {
-                why: "host offset overflow",
-            })
     }
 
     fn set_refcount_one(&mut self, offset: u64) -> Result<(), WriterError> {
@@ -612,160 +368,48 @@ impl Qcow2Writer {
             .map_err(|e| refcount_error(e, bits))
     }
 
-    /// Records an L2 entry; the caller guarantees `index` is in range and
-    /// larger than any before it, so the table is the last one or new.
-    fn set_l2(&mut self, index: ClusterIndex, entry: u64) {
-        let l2_bits = self.opts.cluster_bits - 3;
-        let l1_index = index.0 >> l2_bits;
-        let slot = (index.0 & ((1 << l2_bits) - 1)) as usize;
-        if self.l2_tables.last().is_none_or(|t| t.l1_index != l1_index) {
-            self.l2_tables.push(L2Table {
-                l1_index,
-                entries: vec![0; 1 << l2_bits].into_boxed_slice(),
-            });
-        }
-        if let Some(table) = self.l2_tables.last_mut() {
-            table.entries[slot] = entry;
-        }
-    }
-
-    /// Appends one full table cluster with refcount 1.
-    fn append_metadata_cluster(&mut self, cluster: &[u8]) -> Result<(), WriterError> {
-        let offset = self.alloc_end;
-        check_room(offset, cluster.len() as u64)?;
+    /// Appends a metadata cluster (refcount 1) encoded into `scratch`.
+    fn append_scratch(&mut self) -> Result<u64, WriterError> {
+        let offset = self.out.pos();
+        check_room(offset, self.cluster_size())?;
         self.set_refcount_one(offset)?;
-        self.write_at(offset, cluster, Stage::Metadata)?;
-        self.alloc_end += self.cluster_size();
+        let cluster = std::mem::take(&mut self.scratch);
+        let appended = self.out.append_cluster(&cluster, Stage::Metadata);
+        self.scratch = cluster;
+        appended.map(|()| offset)
+    }
+
+    /// Appends a final L2 table and records it in the L1 table.
+    fn append_l2(&mut self, table: L2Table) -> Result<(), WriterError> {
+        self.scratch.clear();
+        table::encode_into(table.entries.iter().copied(), &mut self.scratch);
+        let offset = self.append_scratch()?;
+        if let Some(cluster) = self.mapping.l2_placed(table.l1_index, offset) {
+            self.write_l1_cluster(cluster)?;
+        }
+        self.write_final_refcount_blocks()
+    }
+
+    /// Writes a final L1 cluster in place (the L1 table starts at cluster 1).
+    fn write_l1_cluster(&mut self, cluster: mapping::L1Cluster) -> Result<(), WriterError> {
+        let offset = (1 + cluster.number) << self.opts.cluster_bits;
+        self.out.write_in_place(offset, &cluster.bytes)
+    }
+
+    /// Appends every refcount block whose clusters are all final.
+    fn write_final_refcount_blocks(&mut self) -> Result<(), WriterError> {
+        let bits = self.opts.cluster_bits;
+        while self.refcounts.next_block_final(self.out.frontier()) {
+            self.scratch.clear();
+            self.refcounts.encode_next_block(&mut self.scratch);
+            // The block lands beyond the clusters it counts.
+            let offset = self.append_scratch()?;
+            self.refcounts
+                .next_block_placed(offset)
+                .map_err(|e| refcount_error(e, bits))?;
+        }
         Ok(())
     }
-
-    /// Appends a table of big-endian entries as whole clusters, zero-padded,
-    /// each with refcount 1.
-    fn append_table(&mut self, entries: impl Iterator<Item = u64>) -> Result<(), WriterError> {
-        let cluster_size = usize_of(self.cluster_size())?;
-        let mut cluster = Vec::with_capacity(cluster_size);
-        for entry in entries {
-            table::encode_into([entry], &mut cluster);
-            if cluster.len() == cluster_size {
-                self.append_metadata_cluster(&cluster)?;
-                cluster.clear();
-            }
-        }
-        if !cluster.is_empty() {
-            cluster.resize(cluster_size, 0);
-            self.append_metadata_cluster(&cluster)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, stage: Stage) -> Result<(), WriterError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let offset = HostOffset(self.buf_start);
-        let len = self.buf.len();
-        if let Err(source) = self.storage.write_at(&self.buf, offset) {
-            self.poisoned = true;
-            return Err(match stage {
-                Stage::Data => WriterError::WriteData {
-                    offset,
-                    len,
-                    source,
-                },
-                Stage::Metadata => WriterError::WriteMetadata {
-                    offset,
-                    len,
-                    source,
-                },
-            });
-        }
-        self.buf_start += len as u64;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Cluster 0: header, extensions, end marker, backing name, zeros.
-    fn header_cluster(
-        &self,
-        l1: u64,
-        reftable: u64,
-        reftable_clusters: u64,
-    ) -> Result<Vec<u8>, WriterError> {
-        let too_large = |why| WriterError::TooLarge { why };
-        let mut h = Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: self.opts.cluster_bits,
-            size: self.opts.virtual_size,
-            crypt_method: 0,
-            l1_size: u32::try_from(self.l1_size).map_err(|_| too_large("L1 table"))?,
-            l1_table_offset: HostOffset(l1),
-            refcount_table_offset: HostOffset(reftable),
-            refcount_table_clusters: u32::try_from(reftable_clusters)
-                .map_err(|_| too_large("refcount table"))?,
-            nb_snapshots: 0,
-            snapshots_offset: HostOffset(0),
-            incompatible_features: match self.opts.compression {
-                CompressionType::Zlib => 0,
-                CompressionType::Zstd => incompat::COMPRESSION_TYPE,
-            },
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: refcount_build::REFCOUNT_ORDER,
-            header_length: V3_HEADER_LEN,
-            compression_type: self.opts.compression,
-            backing_format: None,
-            data_file: None,
-            bitmaps: None,
-            backing_file: None,
-        };
-        let mut extensions = Vec::new();
-        if let Some(b) = &self.opts.backing {
-            extensions = encode_extension(ext::BACKING_FORMAT, b.format.as_bytes());
-            h.backing_file_offset = u64::from(V3_HEADER_LEN) + extensions.len() as u64 + 8;
-            // Checked by `check_backing`.
-            h.backing_file_size = b.name.len() as u32;
-        }
-        extensions.extend(encode_extension(ext::END, &[]));
-        let mut bytes = h.encode_v3();
-        bytes.extend_from_slice(&extensions);
-        if let Some(b) = &self.opts.backing {
-            bytes.extend_from_slice(b.name.as_bytes());
-        }
-        bytes.resize(usize_of(self.cluster_size())?, 0);
-        Ok(bytes)
-    }
-}
-
-/// Checks that the backing name and format fit in cluster 0 after the
-/// header and extensions (spec "Header extensions").
-fn check_backing(b: &BackingRef, cluster_size: u64) -> Result<(), WriterError> {
-    let bad = |why| WriterError::Backing {
-        name: b.name.clone(),
-        why,
-    };
-    if b.name.is_empty() {
-        return Err(bad("the name is empty"));
-    }
-    if b.name.len() > MAX_BACKING_NAME {
-        return Err(bad("the name is longer than 1023 bytes"));
-    }
-    if b.format.is_empty() {
-        return Err(bad("the format is empty"));
-    }
-    if b.name.contains('\0') || b.format.contains('\0') {
-        return Err(bad("the name or format contains a NUL byte"));
-    }
-    // Header, format extension (8 + padded data), end marker (8), name.
-    let needed = (b.format.len() as u64)
-        .div_ceil(8)
-        .checked_mul(8)
-        .and_then(|f| f.checked_add(u64::from(V3_HEADER_LEN) + 16 + b.name.len() as u64));
-    if needed.is_none_or(|n| n > cluster_size) {
-        return Err(bad("the name and format do not fit in the header cluster"));
-    }
-    Ok(())
 }
 
 /// Encodes a compressed cluster descriptor (spec "Compressed Clusters
@@ -777,7 +421,7 @@ fn compressed_descriptor(cluster_bits: u32, offset: u64, len: u64) -> Result<u64
 
 /// Fails unless `len` bytes at `offset` stay below the 2^56 limit of host
 /// offsets in table entries.
-fn check_room(offset: u64, len: u64) -> Result<(), WriterError> {
+pub(super) fn check_room(offset: u64, len: u64) -> Result<(), WriterError> {
     match offset.checked_add(len) {
         Some(end) if end <= HOST_LIMIT => Ok(()),
         _ => Err(WriterError::TooLarge {
@@ -794,10 +438,16 @@ fn refcount_error(e: RefcountError, cluster_bits: u32) -> WriterError {
         RefcountError::TooManyClusters => WriterError::TooLarge {
             why: "too many host clusters to count",
         },
+        RefcountError::TableFull => WriterError::TooLarge {
+            why: "refcount table larger than QEMU's 8 MiB limit",
+        },
+        RefcountError::Written(cluster) => WriterError::RefcountWritten {
+            offset: HostOffset(cluster << cluster_bits),
+        },
     }
 }
 
-fn usize_of(n: u64) -> Result<usize, WriterError> {
+pub(super) fn usize_of(n: u64) -> Result<usize, WriterError> {
     usize::try_from(n).map_err(|_| WriterError::TooLarge {
         why: "size exceeds the address space",
     })

@@ -1,16 +1,26 @@
 //! Refcounts for the streaming writer (qcow2 spec, "Host cluster
-//! management"): counted per host cluster while data is appended, then
-//! encoded as refcount blocks and a refcount table placed after everything
-//! else.
+//! management"), kept only for the host clusters whose refcount block is
+//! not written yet.
+//!
+//! Host clusters are allocated in increasing order, so the refcount of a
+//! cluster below the writer's *frontier* (the first cluster a later write
+//! may still touch) never changes again. As soon as every cluster a block
+//! covers is below the frontier, the writer encodes the block, appends it
+//! like any metadata cluster and records its offset in the refcount table;
+//! the counts it covered are dropped. Memory is one block's worth of counts
+//! plus the clusters between the block's start and the frontier, and one
+//! 8-byte table entry per written block (at most QEMU's 8 MiB table).
 //!
 //! Invariants:
 //! - Refcounts are 16 bits wide (`refcount_order` 4): entry `i` of block `b`
 //!   counts host cluster `b * (cluster_size / 2) + i`, big-endian.
-//! - The blocks and the table are clusters of the image too, so they count
-//!   themselves: [`layout`] finds the smallest number of blocks that covers
-//!   the used clusters plus the blocks plus the table.
+//! - A block is placed after the clusters it covers, so it is counted by a
+//!   later block, never by itself. The blocks written by
+//!   [`Refcounts::finish_layout`]'s tail and the table count themselves: the
+//!   smallest fixed point is found by iteration.
 //! - A count never wraps: adding a reference to a cluster already at
-//!   `u16::MAX` is refused before anything changes.
+//!   `u16::MAX` is refused before anything changes. Changing a count whose
+//!   block is written is refused too (a writer bug, never a wrong count).
 
 /// log2 of the refcount width in bits.
 pub(super) const REFCOUNT_ORDER: u32 = 4;
@@ -22,21 +32,20 @@ pub(super) enum RefcountError {
     Overflow(u64),
     /// The cluster index does not fit in memory addressing.
     TooManyClusters,
+    /// The block counting this cluster is already written.
+    Written(u64),
+    /// More blocks than QEMU's refcount table limit allows.
+    TableFull,
 }
 
-/// The refcount of every host cluster from cluster 0 on, in memory until
-/// the image is finished (two bytes per host cluster, as on disk).
-#[derive(Debug, Default)]
-pub(super) struct Refcounts {
-    counts: Vec<u16>,
-}
-
-/// How many refcount blocks and refcount table clusters an image needs.
+/// How many more refcount blocks and how many refcount table clusters an
+/// image needs at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Layout {
-    /// Refcount blocks, one cluster each.
+    /// Refcount blocks still to write, one cluster each.
     pub blocks: u64,
-    /// Clusters of the refcount table (8-byte entries, one per block).
+    /// Clusters of the refcount table (8-byte entries, one per block,
+    /// written or not).
     pub table_clusters: u64,
 }
 
@@ -45,11 +54,39 @@ pub(super) fn per_block(cluster_bits: u32) -> u64 {
     (1u64 << cluster_bits << 3) >> REFCOUNT_ORDER
 }
 
+/// The counts of the host clusters not yet covered by a written block, and
+/// the refcount table entries of the blocks written so far.
+#[derive(Debug)]
+pub(super) struct Refcounts {
+    cluster_bits: u32,
+    /// First cluster of the next block to write.
+    base: u64,
+    /// `counts[i]` is the refcount of host cluster `base + i`.
+    counts: Vec<u16>,
+    /// Host offsets of the written blocks, in block order.
+    table: Vec<u64>,
+    /// QEMU's limit on the refcount table, in bytes.
+    max_table_bytes: u64,
+}
+
 impl Refcounts {
-    /// The refcount of host cluster `cluster` (0 when never set).
+    /// No cluster counted, no block written.
+    pub fn new(cluster_bits: u32, max_table_bytes: u64) -> Self {
+        Refcounts {
+            cluster_bits,
+            base: 0,
+            counts: Vec::new(),
+            table: Vec::new(),
+            max_table_bytes,
+        }
+    }
+
+    /// The refcount of host cluster `cluster` (0 when never set or when its
+    /// block is written).
     pub fn get(&self, cluster: u64) -> u16 {
-        usize::try_from(cluster)
-            .ok()
+        cluster
+            .checked_sub(self.base)
+            .and_then(|c| usize::try_from(c).ok())
             .and_then(|c| self.counts.get(c))
             .copied()
             .unwrap_or(0)
@@ -64,6 +101,9 @@ impl Refcounts {
     /// Adds one reference to each cluster in `first..=last`; on overflow
     /// nothing changes.
     pub fn add_ref(&mut self, first: u64, last: u64) -> Result<(), RefcountError> {
+        if first < self.base {
+            return Err(RefcountError::Written(first));
+        }
         if let Some(full) = (first..=last).find(|&c| self.get(c) == u16::MAX) {
             return Err(RefcountError::Overflow(full));
         }
@@ -76,7 +116,10 @@ impl Refcounts {
     }
 
     fn slot(&mut self, cluster: u64) -> Result<&mut u16, RefcountError> {
-        let c = usize::try_from(cluster).map_err(|_| RefcountError::TooManyClusters)?;
+        let rel = cluster
+            .checked_sub(self.base)
+            .ok_or(RefcountError::Written(cluster))?;
+        let c = usize::try_from(rel).map_err(|_| RefcountError::TooManyClusters)?;
         if self.counts.len() <= c {
             let len = c.checked_add(1).ok_or(RefcountError::TooManyClusters)?;
             self.counts.resize(len, 0);
@@ -84,52 +127,76 @@ impl Refcounts {
         Ok(&mut self.counts[c])
     }
 
-    /// Appends refcount block `block` (one cluster) to `out`.
-    pub fn encode_block(&self, cluster_bits: u32, block: u64, out: &mut Vec<u8>) {
-        let n = per_block(cluster_bits);
-        let first = block.saturating_mul(n);
-        for cluster in first..first.saturating_add(n) {
+    /// Whether the next block is final: every cluster it covers lies below
+    /// `frontier`, the first host cluster a later write may still change.
+    pub fn next_block_final(&self, frontier: u64) -> bool {
+        frontier >= self.base.saturating_add(per_block(self.cluster_bits))
+    }
+
+    /// Appends the next block (one cluster) to `out`.
+    pub fn encode_next_block(&self, out: &mut Vec<u8>) {
+        let n = per_block(self.cluster_bits);
+        for cluster in self.base..self.base.saturating_add(n) {
             out.extend_from_slice(&self.get(cluster).to_be_bytes());
         }
     }
-}
 
-/// Sizes the refcount structures for an image whose first `used` host
-/// clusters are taken, with the structures placed right after them.
-///
-/// The blocks must also cover themselves and the table, so this iterates
-/// to the smallest fixed point: each step can only grow the counts, and it
-/// settles within a few steps because one block covers at least 256
-/// clusters. Fails when QEMU's 8 MiB refcount table limit is exceeded.
-pub(super) fn layout(
-    cluster_bits: u32,
-    used: u64,
-    max_table_bytes: u64,
-) -> Result<Layout, &'static str> {
-    let cluster_size = 1u64 << cluster_bits;
-    let per_block = per_block(cluster_bits);
-    let mut current = Layout {
-        blocks: 0,
-        table_clusters: 0,
-    };
-    loop {
-        let total = used
-            .checked_add(current.blocks)
-            .and_then(|t| t.checked_add(current.table_clusters))
-            .ok_or("refcount structures beyond the largest file offset")?;
-        let blocks = total.div_ceil(per_block);
-        let next = Layout {
-            blocks,
-            // blocks <= 2^64 / 256, so the entry bytes cannot overflow.
-            table_clusters: (blocks * 8).div_ceil(cluster_size),
+    /// Records that the next block was written at host byte `offset` and
+    /// forgets the counts it covers.
+    pub fn next_block_placed(&mut self, offset: u64) -> Result<(), RefcountError> {
+        let entries = self.table.len() as u64 + 1;
+        if entries.saturating_mul(8) > self.max_table_bytes {
+            return Err(RefcountError::TableFull);
+        }
+        let n = per_block(self.cluster_bits);
+        let drop = self.counts.len().min(n as usize);
+        self.counts.drain(..drop);
+        self.base += n;
+        self.table.push(offset);
+        Ok(())
+    }
+
+    /// The refcount table's entries so far.
+    pub fn table(&self) -> &[u64] {
+        &self.table
+    }
+
+    /// Sizes the rest of the refcount structures for an image whose first
+    /// `used` host clusters are taken (all of them final), with the
+    /// remaining blocks and then the table placed right after them.
+    ///
+    /// The blocks must also cover themselves and the table, so this
+    /// iterates to the smallest fixed point: each step can only grow the
+    /// counts, and it settles within a few steps because one block covers
+    /// at least 256 clusters. Fails when QEMU's refcount table limit is
+    /// exceeded.
+    pub fn finish_layout(&self, used: u64) -> Result<Layout, &'static str> {
+        let cluster_size = 1u64 << self.cluster_bits;
+        let per_block = per_block(self.cluster_bits);
+        let written = self.table.len() as u64;
+        let mut current = Layout {
+            blocks: 0,
+            table_clusters: 0,
         };
-        if next.table_clusters > max_table_bytes / cluster_size {
-            return Err("refcount table larger than QEMU's 8 MiB limit");
+        loop {
+            let total = used
+                .checked_add(current.blocks)
+                .and_then(|t| t.checked_add(current.table_clusters))
+                .ok_or("refcount structures beyond the largest file offset")?;
+            let blocks = total.div_ceil(per_block).max(written);
+            let next = Layout {
+                blocks: blocks - written,
+                // blocks <= 2^64 / 256, so the entry bytes cannot overflow.
+                table_clusters: (blocks * 8).div_ceil(cluster_size),
+            };
+            if next.table_clusters > self.max_table_bytes / cluster_size {
+                return Err("refcount table larger than QEMU's 8 MiB limit");
+            }
+            if next == current {
+                return Ok(current);
+            }
+            current = next;
         }
-        if next == current {
-            return Ok(current);
-        }
-        current = next;
     }
 }
 
@@ -139,13 +206,16 @@ mod tests {
 
     const MAX: u64 = 8 << 20;
 
-    #[test]
-    fn fixed_point() {
-        let layout = |bits, used| layout(bits, used, MAX).unwrap();
-        let l = |blocks, table_clusters| Layout {
+    fn l(blocks: u64, table_clusters: u64) -> Layout {
+        Layout {
             blocks,
             table_clusters,
-        };
+        }
+    }
+
+    #[test]
+    fn fixed_point() {
+        let layout = |bits, used| Refcounts::new(bits, MAX).finish_layout(used).unwrap();
         // 512-byte clusters: 256 refcounts per block, 64 table entries per
         // table cluster.
         assert_eq!(layout(9, 1), l(1, 1));
@@ -168,22 +238,52 @@ mod tests {
     }
 
     #[test]
+    fn fixed_point_after_written_blocks() {
+        // 512-byte clusters, two blocks (clusters 0..512) written already.
+        let mut r = Refcounts::new(9, MAX);
+        for c in 0..600 {
+            r.set_one(c).unwrap();
+        }
+        assert!(r.next_block_final(256));
+        r.next_block_placed(300 << 9).unwrap();
+        r.next_block_placed(301 << 9).unwrap();
+        // 600 used + 1 block + 1 table cluster fit in block 2.
+        assert_eq!(r.finish_layout(600).unwrap(), l(1, 1));
+        // 766 + 1 + 1 = 768 fill block 2 exactly.
+        assert_eq!(r.finish_layout(766).unwrap(), l(1, 1));
+        assert_eq!(r.finish_layout(767).unwrap(), l(2, 1));
+        // The two written blocks are among the used clusters: 16321 + 62
+        // blocks + 1 table cluster fill 64 blocks; one more needs a 65th
+        // block, whose entry needs a second table cluster.
+        assert_eq!(r.finish_layout(64 * 256 - 63).unwrap(), l(62, 1));
+        assert_eq!(r.finish_layout(64 * 256 - 62).unwrap(), l(63, 2));
+    }
+
+    #[test]
     fn table_limit() {
+        let layout = |used, max| Refcounts::new(9, max).finish_layout(used);
         // 8 MiB of table = 2^20 blocks of 256 clusters = 2^28 clusters.
         assert_eq!(
-            layout(9, (1 << 28) - (1 << 20) - (1 << 14), MAX)
+            layout((1 << 28) - (1 << 20) - (1 << 14), MAX)
                 .unwrap()
                 .table_clusters,
             1 << 14
         );
-        assert!(layout(9, 1 << 28, MAX).is_err());
-        assert!(layout(9, u64::MAX - 1, MAX).is_err());
-        assert!(layout(9, u64::MAX, u64::MAX).is_err());
+        assert!(layout(1 << 28, MAX).is_err());
+        assert!(layout(u64::MAX - 1, MAX).is_err());
+        assert!(layout(u64::MAX, u64::MAX).is_err());
+        // Written blocks count against the limit too: one 512-byte table
+        // cluster holds 64 entries.
+        let mut r = Refcounts::new(9, 512);
+        for b in 0..64 {
+            r.next_block_placed(b << 9).unwrap();
+        }
+        assert_eq!(r.next_block_placed(64 << 9), Err(RefcountError::TableFull));
     }
 
     #[test]
-    fn counting_and_encoding() {
-        let mut r = Refcounts::default();
+    fn counting_encoding_and_streaming() {
+        let mut r = Refcounts::new(9, MAX);
         r.set_one(0).unwrap();
         r.add_ref(2, 3).unwrap();
         r.add_ref(3, 3).unwrap();
@@ -191,22 +291,34 @@ mod tests {
             (r.get(0), r.get(1), r.get(2), r.get(3), r.get(99)),
             (1, 0, 1, 2, 0)
         );
+        r.set_one(300).unwrap();
+        // Block 0 covers clusters 0..256: final once nothing below 256 can
+        // change.
+        assert!(!r.next_block_final(255));
+        assert!(r.next_block_final(256));
         let mut block = Vec::new();
-        r.encode_block(9, 0, &mut block);
+        r.encode_next_block(&mut block);
         assert_eq!(block.len(), 512);
         assert_eq!(&block[..10], &[0, 1, 0, 0, 0, 1, 0, 2, 0, 0]);
+        assert!(block[10..].iter().all(|&b| b == 0));
+        r.next_block_placed(0x2_0000).unwrap();
+        assert_eq!(r.table(), &[0x2_0000]);
+        // Its counts are gone, and may not change any more.
+        assert_eq!(r.get(0), 0);
+        assert_eq!(r.set_one(255), Err(RefcountError::Written(255)));
+        assert_eq!(r.add_ref(255, 256), Err(RefcountError::Written(255)));
+        assert_eq!(r.get(256), 0);
+        // Block 1 (clusters 256..512) holds cluster 300 at entry 44.
         block.clear();
-        r.encode_block(9, 1, &mut block);
-        assert_eq!(block, vec![0; 512]);
-        r.set_one(300).unwrap();
-        block.clear();
-        r.encode_block(9, 1, &mut block);
-        assert_eq!(&block[88..90], &[0, 1]);
+        r.encode_next_block(&mut block);
+        assert_eq!(&block[86..90], &[0, 0, 0, 1]);
+        assert_eq!(block.iter().filter(|&&b| b != 0).count(), 1);
+        assert!(!r.next_block_final(511));
     }
 
     #[test]
     fn overflow_changes_nothing() {
-        let mut r = Refcounts::default();
+        let mut r = Refcounts::new(16, MAX);
         for _ in 0..u16::MAX {
             r.add_ref(5, 5).unwrap();
         }

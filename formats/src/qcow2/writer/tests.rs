@@ -2,6 +2,7 @@
 //! descriptors, header fields and error paths.
 
 use super::*;
+use crate::qcow2::header::{incompat, Header};
 use crate::storage::fault::{Fault, FaultKind, FaultyStorage};
 use std::fs::OpenOptions;
 
@@ -117,15 +118,15 @@ fn layout_of_small_image_with_512_byte_clusters() {
             (6, ClusterWrite::Zero),
         ],
     );
-    // header | data 0x200 | a 0x400..0x464, b 0x464..0x658 | pad | data
-    // 0x800 | L2 0xa00 | L1 0xc00 | refcount block 0xe00 | table 0x1000
+    // header | L1 0x200 | data 0x400 | a 0x600..0x664, b 0x664..0x858 |
+    // pad | data 0xa00 | L2 0xc00 | refcount block 0xe00 | table 0x1000
     assert_eq!(img.len(), 0x1200);
     let h = Header::decode(&img[..512], img.len() as u64).unwrap();
     assert_eq!(
         (h.version, h.cluster_bits, h.size, h.l1_size),
         (3, 9, 4096, 1)
     );
-    assert_eq!(h.l1_table_offset, HostOffset(0xc00));
+    assert_eq!(h.l1_table_offset, HostOffset(0x200));
     assert_eq!(h.refcount_table_offset, HostOffset(0x1000));
     assert_eq!(
         (h.refcount_table_clusters, h.refcount_order, h.header_length),
@@ -133,28 +134,30 @@ fn layout_of_small_image_with_512_byte_clusters() {
     );
     assert_eq!(h.incompatible_features, 0);
     assert_eq!(h.backing_file_offset, 0);
-    assert_eq!(&img[0x200..0x400], &data[..]);
-    assert_eq!(&img[0x400..0x464], &a[..]);
-    assert_eq!(&img[0x464..0x658], &b[..]);
-    assert!(img[0x658..0x800].iter().all(|&x| x == 0));
-    assert_eq!(be64(&img, 0xc00), 0x8000_0000_0000_0a00);
-    let l2: Vec<u64> = (0..8).map(|i| be64(&img, 0xa00 + 8 * i)).collect();
+    assert_eq!(&img[0x400..0x600], &data[..]);
+    assert_eq!(&img[0x600..0x664], &a[..]);
+    assert_eq!(&img[0x664..0x858], &b[..]);
+    assert!(img[0x858..0xa00].iter().all(|&x| x == 0));
+    assert_eq!(&img[0xa00..0xc00], &data[..]);
+    assert_eq!(be64(&img, 0x200), 0x8000_0000_0000_0c00);
+    assert!(img[0x208..0x400].iter().all(|&x| x == 0));
+    let l2: Vec<u64> = (0..8).map(|i| be64(&img, 0xc00 + 8 * i)).collect();
     assert_eq!(
         l2,
         [
-            0x8000_0000_0000_0200,
+            0x8000_0000_0000_0400,
             0,
-            0x4000_0000_0000_0400, // one sector
-            0x6000_0000_0000_0464, // 0x464..0x657: one more sector
+            0x4000_0000_0000_0600, // one sector
+            0x6000_0000_0000_0664, // 0x664..0x857: one more sector
             0,
-            0x8000_0000_0000_0800,
+            0x8000_0000_0000_0a00,
             0, // zero without a backing file: unallocated
             0,
         ]
     );
     assert_eq!(be64(&img, 0x1000), 0xe00);
     let refcounts: Vec<u16> = (0..10).map(|i| be16(&img, 0xe00 + 2 * i)).collect();
-    assert_eq!(refcounts, [1, 1, 2, 1, 1, 1, 1, 1, 1, 0]);
+    assert_eq!(refcounts, [1, 1, 1, 2, 1, 1, 1, 1, 1, 0]);
 }
 
 #[test]
@@ -166,7 +169,7 @@ fn backing_header_and_zero_flag() {
         format: "qcow2".into(),
     });
     let img = image(o, &[(3, ClusterWrite::Zero)]);
-    // header | L2 | L1 | refcount block | refcount table
+    // header | L1 | L2 | refcount block | refcount table
     assert_eq!(img.len(), 5 << 16);
     let h = Header::decode(&img[..1 << 16], img.len() as u64).unwrap();
     assert_eq!(h.backing_file.as_deref(), Some("base.qcow2"));
@@ -180,8 +183,9 @@ fn backing_header_and_zero_flag() {
     assert_eq!(&img[128..136], &[0; 8]);
     assert_eq!(h.backing_file_offset, 136);
     assert_eq!(&img[136..146], b"base.qcow2");
-    assert_eq!(be64(&img, 2 << 16), 0x8000_0000_0001_0000);
-    assert_eq!(be64(&img, (1 << 16) + 3 * 8), ZERO);
+    assert_eq!(h.l1_table_offset, HostOffset(1 << 16));
+    assert_eq!(be64(&img, 1 << 16), 0x8000_0000_0002_0000);
+    assert_eq!(be64(&img, (2 << 16) + 3 * 8), ZERO);
     let refcounts: Vec<u16> = (0..6).map(|i| be16(&img, (3 << 16) + 2 * i)).collect();
     assert_eq!(refcounts, [1, 1, 1, 1, 1, 0]);
 }
@@ -298,7 +302,8 @@ fn rejects_bad_writes_without_changing_state() {
     w.write_cluster(ClusterIndex(3), ClusterWrite::Data(&data))
         .unwrap();
     let before = w.bytes_written();
-    assert_eq!(before, 8192);
+    // Header, L1 table, data.
+    assert_eq!(before, 3 * 4096);
     let mut bad = |i, cw| w.write_cluster(ClusterIndex(i), cw).unwrap_err();
     assert!(matches!(
         bad(3, ClusterWrite::Zero),
@@ -331,11 +336,11 @@ fn rejects_bad_writes_without_changing_state() {
         .unwrap();
     w.write_cluster(ClusterIndex(9), ClusterWrite::Data(&data))
         .unwrap();
-    assert_eq!(w.bytes_written(), 5 * 4096);
+    assert_eq!(w.bytes_written(), 6 * 4096);
     w.finish().unwrap();
     let img = std::fs::File::open(dir.path().join("img")).unwrap();
-    // Data, compressed stream spilling into the next cluster, padding,
-    // data, then L2, L1, refcount block and table.
+    // Header, L1, data, compressed stream spilling into the next cluster,
+    // padding, data, then L2, refcount block and table.
     assert_eq!(img.metadata().unwrap().len(), 9 * 4096);
 }
 
@@ -352,10 +357,11 @@ fn refcount_overflow_is_an_error() {
     assert!(matches!(
         w.write_cluster(ClusterIndex(65535), ClusterWrite::Compressed(&[0])),
         Err(WriterError::RefcountOverflow {
-            offset: HostOffset(0x20_0000)
+            offset: HostOffset(0x40_0000)
         })
     ));
-    assert_eq!(w.refcounts.get(1), u16::MAX);
+    // Cluster 1 holds the L1 table, the streams share cluster 2.
+    assert_eq!(w.refcounts.get(2), u16::MAX);
 }
 
 #[test]
@@ -370,7 +376,8 @@ fn io_errors_poison_the_writer() {
     };
     let mut w = Qcow2Writer::new(full().unwrap(), opts(16, 1 << 30)).unwrap();
     let data = vec![1u8; 1 << 16];
-    // The buffer holds 4 MiB: the 64th cluster fills it.
+    // The buffer holds 4 MiB from cluster 2 on (after the header and the
+    // L1 table): the 64th cluster fills it.
     for i in 0..63 {
         w.write_cluster(ClusterIndex(i), ClusterWrite::Data(&data))
             .unwrap();
@@ -379,7 +386,7 @@ fn io_errors_poison_the_writer() {
     assert!(matches!(
         err,
         Err(WriterError::WriteData {
-            offset: HostOffset(0x10000),
+            offset: HostOffset(0x20000),
             len: 0x40_0000,
             ..
         })
@@ -391,6 +398,8 @@ fn io_errors_poison_the_writer() {
     let mut w = Qcow2Writer::new(full().unwrap(), opts(16, 1 << 30)).unwrap();
     w.write_cluster(ClusterIndex(0), ClusterWrite::Data(&data))
         .unwrap();
+    // The L2 table stays in the buffer; the L1 cluster is written in place
+    // first.
     assert!(matches!(
         w.finish(),
         Err(WriterError::WriteMetadata {
@@ -476,4 +485,82 @@ fn two_mib_clusters_region_close_during_flush() {
         w.write_cluster(ClusterIndex(i as u64), w_).unwrap();
     }
     w.finish().unwrap();
+}
+
+#[test]
+fn l2_tables_are_written_once_passed() {
+    // 512-byte clusters: one L2 table covers 64 guest clusters.
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = new_writer(&dir, opts(9, 64 << 10)).unwrap();
+    let data = [0x11u8; 512];
+    w.write_cluster(ClusterIndex(0), ClusterWrite::Data(&data))
+        .unwrap();
+    // Header, L1, data.
+    assert_eq!(w.bytes_written(), 0x600);
+    w.write_cluster(ClusterIndex(64), ClusterWrite::Data(&data))
+        .unwrap();
+    // The first table went out before the second table's data.
+    assert_eq!(w.bytes_written(), 0xa00);
+    w.finish().unwrap();
+    let img = std::fs::read(dir.path().join("img")).unwrap();
+    // ... | L2(0) 0x600 | data 0x800 | L2(1) 0xa00 | block 0xc00 | table 0xe00
+    assert_eq!(img.len(), 0x1000);
+    assert_eq!(be64(&img, 0x200), 0x8000_0000_0000_0600);
+    assert_eq!(be64(&img, 0x208), 0x8000_0000_0000_0a00);
+    assert_eq!(be64(&img, 0x600), 0x8000_0000_0000_0400);
+    assert_eq!(be64(&img, 0xa00), 0x8000_0000_0000_0800);
+    assert_eq!(be64(&img, 0xe00), 0xc00);
+    let refcounts: Vec<u16> = (0..9).map(|i| be16(&img, 0xc00 + 2 * i)).collect();
+    assert_eq!(refcounts, [1, 1, 1, 1, 1, 1, 1, 1, 0]);
+}
+
+#[test]
+fn refcount_blocks_are_written_once_final() {
+    // 512-byte clusters: 256 refcounts per block, 64 entries per table.
+    // Guest cluster g goes to host cluster 2 + g + (tables before it), and
+    // L2 table t to 2 + 64 (t + 1) + t, until host cluster 255 is taken
+    // (by guest 250): block 0 is final and goes to cluster 256.
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = new_writer(&dir, opts(9, 300 * 512)).unwrap();
+    let data = [0x22u8; 512];
+    for g in 0..300 {
+        w.write_cluster(ClusterIndex(g), ClusterWrite::Data(&data))
+            .unwrap();
+        if g == 250 {
+            assert_eq!(w.bytes_written(), 257 * 512);
+        }
+    }
+    w.finish().unwrap();
+    let img = std::fs::read(dir.path().join("img")).unwrap();
+    // After guest 299 at 306: L2(4) 307, block 1 308, table 309.
+    assert_eq!(img.len(), 310 * 512);
+    let h = Header::decode(&img[..512], img.len() as u64).unwrap();
+    assert_eq!(h.refcount_table_offset, HostOffset(309 * 512));
+    assert_eq!(h.refcount_table_clusters, 1);
+    assert_eq!(be64(&img, 309 * 512), 256 * 512);
+    assert_eq!(be64(&img, 309 * 512 + 8), 308 * 512);
+    assert!(img[309 * 512 + 16..].iter().all(|&b| b == 0));
+    let l1: Vec<u64> = (0..6).map(|i| be64(&img, 512 + 8 * i)).collect();
+    let copied = |c: u64| COPIED | (c * 512);
+    assert_eq!(
+        l1,
+        [
+            copied(66),
+            copied(131),
+            copied(196),
+            copied(262),
+            copied(307),
+            0
+        ]
+    );
+    // Guest 250 at 255, 251 after the block at 257.
+    assert_eq!(be64(&img, 262 * 512 + (250 - 192) * 8), copied(255));
+    assert_eq!(be64(&img, 262 * 512 + (251 - 192) * 8), copied(257));
+    assert_eq!(be64(&img, 307 * 512 + (299 - 256) * 8), copied(306));
+    // Every cluster is used once: block 0 all ones, block 1 up to 310.
+    let block = |b: usize| -> Vec<u16> { (0..256).map(|i| be16(&img, b * 512 + 2 * i)).collect() };
+    assert!(block(256).iter().all(|&r| r == 1));
+    let b1 = block(308);
+    assert!(b1[..54].iter().all(|&r| r == 1));
+    assert!(b1[54..].iter().all(|&r| r == 0));
 }
