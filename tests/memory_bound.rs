@@ -98,7 +98,7 @@ fn threads_above_the_limit_are_a_usage_error() {
         s.dir(),
         &["backup", "--threads", "100000", "src.raw", "out.qcow2"],
     );
-    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(code, 2, "usage error: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(
         stderr.starts_with("qbackup: ") && stderr.contains("--threads 100000 is above the limit"),
