@@ -696,7 +696,9 @@ pub fn qemu_map_extents(cwd: &Path, image: &str, fmt: Option<&str>) -> Vec<Exten
             present: b(e, "present"),
             zero: b(e, "zero"),
             data: b(e, "data"),
-            compressed: b(e, "compressed"),
+            // Older qemu-img (Debian 12's 7.2) has no "compressed" key:
+            // such a map says nothing about compression; read it as false.
+            compressed: e.get("compressed").is_some_and(|_| b(e, "compressed")),
             offset: e.get("offset").and_then(Value::as_u64),
         })
         .collect()
