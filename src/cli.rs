@@ -10,7 +10,6 @@ pub mod status;
 use std::io::Write;
 use std::path::PathBuf;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -249,6 +248,11 @@ struct BackupArgs {
     /// incremental: the previous backup, which the new one is an overlay on.
     #[arg(long)]
     backing: Option<String>,
+    /// With --sync top --backing NAME: record NAME without checking that it
+    /// opens from TARGET's directory with the size of the source's backing
+    /// file (like qemu-img create -u).
+    #[arg(long)]
+    backing_unchecked: bool,
     /// Read even if another process writes the image (ignores QEMU's image
     /// locks; the backup may be inconsistent). Back up a running VM through
     /// an NBD export instead.
@@ -356,6 +360,9 @@ impl BackupArgs {
         if self.backing.is_some() && self.sync == SyncArg::Full {
             usage!("--backing only applies to --sync top and incremental");
         }
+        if self.backing_unchecked && (self.sync != SyncArg::Top || self.backing.is_none()) {
+            usage!("--backing-unchecked only applies to --sync top --backing NAME");
+        }
         let clear_bitmap = self.bitmap_policy()?;
         let threads = self.threads.unwrap_or(cores.min(MAX_THREADS));
         Ok(backup::BackupConfig {
@@ -381,6 +388,7 @@ impl BackupArgs {
             in_place: self.no_create,
             recompress: self.recompress,
             backing: self.backing,
+            backing_unchecked: self.backing_unchecked,
         })
     }
 }
@@ -467,7 +475,7 @@ fn run_backup(args: BackupArgs) -> Result<()> {
     let files = Files::new(args.force_share);
     let reporter = Reporter::new(args.progress);
     let cfg = args.into_config()?;
-    let cancel = Arc::new(AtomicBool::new(false));
+    let cancel = Arc::new(backup::Cancel::new());
     let signals: Vec<i32> = [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -477,9 +485,7 @@ fn run_backup(args: BackupArgs) -> Result<()> {
     .filter(|&s| !status::ignored_at_start(s))
     .collect();
     status::record_signals(&signals)?;
-    for sig in signals {
-        signal_hook::flag::register(sig, Arc::clone(&cancel))?;
-    }
+    crate::signals::watch(Arc::clone(&cancel), &signals)?;
     let mut on_plan = |total: u64| reporter.start(total);
     let result = backup::run(&cfg, files.opener(), &reporter, &mut on_plan, &cancel);
     let report = match result {

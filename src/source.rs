@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qbackup_formats::extent::LayerExtent;
+use qbackup_formats::fingerprint::Fingerprint;
 use qbackup_formats::image::{self, ImageErrorKind};
 use qbackup_formats::layer::{BitmapClear, DirtyMap};
 use qbackup_formats::open::{nbd_uri, resolve_backing, Opener};
@@ -30,6 +31,8 @@ pub struct BackingFile {
     pub path: PathBuf,
     /// Its format.
     pub format: Format,
+    /// Its virtual size (the source's, unless the top image was resized).
+    pub virtual_size: u64,
 }
 
 /// Something a backup reads; see the module docs.
@@ -92,6 +95,9 @@ pub trait Source: Sync {
     /// be cleared (the source must have been opened for update) and returns
     /// the clearing, which writes nothing until committed.
     fn prepare_bitmap_clear(&self, name: &str) -> Result<Box<dyn BitmapClear>, SourceError>;
+
+    /// The state of the files it reads, to detect a change during a backup.
+    fn fingerprint(&self) -> Result<Fingerprint, SourceError>;
 }
 
 /// The dirty bitmap a source is opened with.
@@ -200,6 +206,7 @@ impl Source for ImageSource {
         Some(BackingFile {
             path: resolve_backing(top.path(), &spec.name),
             format: below.format(),
+            virtual_size: below.virtual_size(),
         })
     }
 
@@ -221,5 +228,9 @@ impl Source for ImageSource {
 
     fn prepare_bitmap_clear(&self, name: &str) -> Result<Box<dyn BitmapClear>, SourceError> {
         self.chain.top().prepare_bitmap_clear(name)
+    }
+
+    fn fingerprint(&self) -> Result<Fingerprint, SourceError> {
+        self.chain.fingerprint()
     }
 }

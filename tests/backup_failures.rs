@@ -3,13 +3,12 @@
 //!
 //! - `fail_*`: bad arguments and damaged sources fail with exit status 1 and
 //!   one line, leave nothing at TARGET and no temporary file.
-//! - `sigkill_*`, `sigterm_*`: an interrupted backup leaves nothing at TARGET;
-//!   SIGTERM stops it promptly and cleans up.
+//! - `sigkill_*`: a killed backup leaves nothing at TARGET (signals that
+//!   can be handled: `signals.rs`).
 //! - `speed_*`: the rate limit is honoured.
 
 mod common;
 
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 

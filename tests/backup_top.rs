@@ -309,3 +309,95 @@ fn top_backing_name_that_does_not_open_is_refused() {
     );
     assert_identical(s.dir(), "top.qcow2", "qcow2", "sub/out.qcow2", "qcow2");
 }
+
+/// `--backing NAME` must open from TARGET's directory with the size of the
+/// backing file it replaces (the source's, unless the top image was
+/// resized); `--backing-unchecked` records any name, as `qemu-img create -u`.
+#[test]
+fn top_backing_of_another_size_is_refused_unless_unchecked() {
+    let s = Scratch::new();
+    s.create("base.qcow2", "qcow2", MIB, "");
+    s.io("base.qcow2", "qcow2", &["write -P 0x22 0 1M"]);
+    s.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    s.io("top.qcow2", "qcow2", &["write -P 0x11 64k 64k"]);
+    s.create("small.qcow2", "qcow2", 512 * KIB, "");
+    s.create("big.qcow2", "qcow2", 2 * MIB, "");
+    for wrong in ["small.qcow2", "big.qcow2"] {
+        s.backup(&[
+            "--sync",
+            "top",
+            "--backing",
+            wrong,
+            "top.qcow2",
+            "out.qcow2",
+        ])
+        .assert_clean_failure(&[wrong])
+        .assert_clean_failure_mentioning(&["1048576"]);
+        assert!(!s.path("out.qcow2").exists());
+        assert_no_leftovers(s.dir());
+    }
+    // Unchecked: a name that does not exist yet is recorded as given, and
+    // the overlay reads right once the file is there.
+    s.backup(&[
+        "--sync",
+        "top",
+        "--backing",
+        "later.qcow2",
+        "--backing-unchecked",
+        "top.qcow2",
+        "out.qcow2",
+    ])
+    .assert_ok();
+    assert_eq!(
+        s.qemu_info("out.qcow2", "qcow2")["backing-filename"],
+        "later.qcow2"
+    );
+    std::fs::copy(s.path("base.qcow2"), s.path("later.qcow2")).unwrap();
+    assert_check_clean(s.dir(), "out.qcow2");
+    assert_identical(s.dir(), "top.qcow2", "qcow2", "out.qcow2", "qcow2");
+    // The flag means nothing without --sync top --backing.
+    s.backup(&[
+        "--sync",
+        "top",
+        "--backing-unchecked",
+        "top.qcow2",
+        "x.qcow2",
+    ])
+    .assert_clean_failure_mentioning(&["--backing-unchecked"]);
+}
+
+/// A top image resized beyond its backing file: the size that counts is
+/// the backing file's (past its end the guest reads zeros, which a bigger
+/// backing file would replace with its data).
+#[test]
+fn top_backing_size_of_a_resized_overlay() {
+    let s = Scratch::new();
+    s.create("base.qcow2", "qcow2", MIB, "");
+    s.io("base.qcow2", "qcow2", &["write -P 0x22 0 1M"]);
+    s.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    s.img(&["resize", "-q", "top.qcow2", "2M"]);
+    s.io("top.qcow2", "qcow2", &["write -P 0x11 1536k 64k"]);
+    s.create("big.qcow2", "qcow2", 2 * MIB, "");
+    s.io("big.qcow2", "qcow2", &["write -P 0x33 0 2M"]);
+    s.backup(&[
+        "--sync",
+        "top",
+        "--backing",
+        "big.qcow2",
+        "top.qcow2",
+        "bad.qcow2",
+    ])
+    .assert_clean_failure(&["big.qcow2"]);
+    std::fs::copy(s.path("base.qcow2"), s.path("copy.qcow2")).unwrap();
+    s.backup(&[
+        "--sync",
+        "top",
+        "--backing",
+        "copy.qcow2",
+        "top.qcow2",
+        "out.qcow2",
+    ])
+    .assert_ok();
+    assert_check_clean(s.dir(), "out.qcow2");
+    assert_identical(s.dir(), "top.qcow2", "qcow2", "out.qcow2", "qcow2");
+}

@@ -13,7 +13,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +49,7 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         in_place: false,
         recompress: false,
         backing: None,
+        backing_unchecked: false,
     }
 }
 
@@ -68,7 +68,7 @@ fn backup_with_faults(
             s
         }
     });
-    let cancel = AtomicBool::new(false);
+    let cancel = backup::Cancel::new();
     backup::run(cfg, &opener, &NoProgress, &mut |_| {}, &cancel).map(|_| ())
 }
 

@@ -481,8 +481,10 @@ fn missing_external_data_file() {
     assert_map_rejected(s.dir(), &img, &["nodata.qcow2", "data.raw"]);
 }
 
+/// Deeper than the 64 images qbackup once refused: read as QEMU reads it
+/// (long chains: `long_chains.rs`).
 #[test]
-fn backing_chain_too_deep() {
+fn backing_chain_of_70_is_fine() {
     let s = Scratch::new();
     s.create("layer-000.qcow2", "qcow2", MIB, "");
     for i in 1..=70 {
@@ -494,8 +496,7 @@ fn backing_chain_too_deep() {
         );
     }
     let img = s.p("layer-070.qcow2");
-    assert_info_ok_or_rejected(s.dir(), &img, &["layer-"]);
-    assert_map_rejected(s.dir(), &img, &["layer-"]);
+    assert_map_json_matches(s.dir(), &img, None);
 }
 
 #[test]

@@ -9,9 +9,12 @@
 //! The chain only composes layers: what a format stores and how it is
 //! decoded is each driver's business ([`Layer`]).
 //!
-//! Invariants: at most [`MAX_DEPTH`] images, no image appears twice (loops
-//! are refused at open, by canonical name as QEMU does), every layer's data is readable
-//! (not encrypted, not marked corrupt).
+//! Invariants: no image appears twice (loops are refused at open, by
+//! canonical name as QEMU does), every layer's data is readable (not
+//! encrypted, not marked corrupt). There is no depth limit, as in QEMU:
+//! each layer keeps one file open, so the process's open-file limit bounds
+//! a chain (reaching it is reported as such), and no walk recurses per
+//! layer (a chain of thousands of images cannot overflow a stack).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -22,9 +25,6 @@ use crate::image::{self, Format, ImageError, ImageErrorKind};
 use crate::layer::{Layer, LayerRead};
 use crate::open::{resolve_backing, FileOpener, Opener, Role};
 use crate::units::{ClusterSize, GuestOffset};
-
-/// The deepest chain qbackup opens.
-pub const MAX_DEPTH: usize = 64;
 
 /// Errors from a chain are image errors: they name the file concerned.
 pub type ChainError = ImageError;
@@ -79,12 +79,6 @@ impl Chain {
                         .ok_or_else(|| err(ImageErrorKind::UnsupportedBackingFormat(f.into())))?,
                 ),
             };
-            if layers.len() >= MAX_DEPTH {
-                return Err(ImageError::new(
-                    path,
-                    ImageErrorKind::ChainTooDeep(MAX_DEPTH),
-                ));
-            }
             let canon = opener.canonical(&backing).map_err(|source| {
                 err(ImageErrorKind::OpenBacking {
                     path: backing.clone(),
@@ -116,6 +110,12 @@ impl Chain {
     /// Every storage the chain reads (images and external data files).
     pub fn files(&self) -> Vec<std::sync::Arc<dyn crate::storage::Storage>> {
         self.layers.iter().flat_map(|l| l.files()).collect()
+    }
+
+    /// The state of every file the chain reads, to compare with a later
+    /// one (see [`crate::fingerprint`]).
+    pub fn fingerprint(&self) -> Result<crate::fingerprint::Fingerprint, ChainError> {
+        crate::fingerprint::Fingerprint::of(&self.layers)
     }
 
     /// The top image.
@@ -172,55 +172,48 @@ impl Chain {
 
     /// Reads the guest bytes at `offset` into `buf`. The range must lie
     /// inside the virtual size. Safe to call from many threads at once.
+    ///
+    /// Each layer fills what it allocates; the pieces it leaves go to the
+    /// layer below, through a work list rather than recursion.
     pub fn read(&self, offset: GuestOffset, buf: &mut [u8]) -> Result<(), ChainError> {
-        self.read_from(0, offset, buf)
-    }
-
-    /// Like [`Chain::read`], but as seen from layer `depth` downwards.
-    fn read_from(
-        &self,
-        depth: usize,
-        offset: GuestOffset,
-        buf: &mut [u8],
-    ) -> Result<(), ChainError> {
-        let layer = &self.layers[depth];
-        let size = layer.virtual_size();
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            if off.0 >= size {
-                // A backing file shorter than its overlay reads as zeros.
-                buf[pos..].fill(0);
-                break;
-            }
-            let dst = &mut buf[pos..];
-            let asked = dst.len() as u64;
-            let answer = layer.read(off, dst)?;
-            let (LayerRead::Filled(n) | LayerRead::Unallocated(n)) = answer;
-            if n == 0 || n > asked {
-                // Would spin forever or slice out of bounds.
-                return Err(ImageError::new(
-                    layer.path(),
-                    ImageErrorKind::BrokenRead {
-                        format: layer.format(),
-                        asked,
-                        answered: n,
-                    },
-                ));
-            }
-            let n = match answer {
-                LayerRead::Filled(n) => n,
-                LayerRead::Unallocated(n) => {
-                    let dst = &mut dst[..n as usize];
-                    if depth + 1 < self.layers.len() {
-                        self.read_from(depth + 1, off, dst)?;
-                    } else {
-                        dst.fill(0);
-                    }
-                    n
+        // (depth, start, end): a piece of `buf` to read from that layer down.
+        let mut work = vec![(0usize, 0usize, buf.len())];
+        while let Some((depth, start, end)) = work.pop() {
+            let layer = &self.layers[depth];
+            let size = layer.virtual_size();
+            let mut pos = start;
+            while pos < end {
+                let off = offset + pos as u64;
+                if off.0 >= size {
+                    // A backing file shorter than its overlay reads as zeros.
+                    buf[pos..end].fill(0);
+                    break;
                 }
-            };
-            pos += n as usize;
+                let dst = &mut buf[pos..end];
+                let asked = dst.len() as u64;
+                let answer = layer.read(off, dst)?;
+                let (LayerRead::Filled(n) | LayerRead::Unallocated(n)) = answer;
+                if n == 0 || n > asked {
+                    // Would spin forever or slice out of bounds.
+                    return Err(ImageError::new(
+                        layer.path(),
+                        ImageErrorKind::BrokenRead {
+                            format: layer.format(),
+                            asked,
+                            answered: n,
+                        },
+                    ));
+                }
+                let n = n as usize;
+                if let LayerRead::Unallocated(_) = answer {
+                    if depth + 1 < self.layers.len() {
+                        work.push((depth + 1, pos, pos + n));
+                    } else {
+                        dst[..n].fill(0);
+                    }
+                }
+                pos += n;
+            }
         }
         Ok(())
     }

@@ -79,9 +79,6 @@ pub enum ImageErrorKind {
     /// The chain refers back to one of its own images.
     #[error("backing chain loops back to {}", .0.display())]
     BackingLoop(PathBuf),
-    /// The chain is deeper than qbackup accepts.
-    #[error("backing chain deeper than {0} images")]
-    ChainTooDeep(usize),
     /// An incremental backup asked an image that cannot hold a dirty
     /// bitmap.
     #[error("this image cannot hold a persistent dirty bitmap: incremental backups need a qcow2 image's bitmap or an NBD export's qemu:dirty-bitmap context")]
@@ -109,7 +106,6 @@ impl Classify for ImageErrorKind {
             ImageErrorKind::BackingLoop(_) => ErrorClass::Corrupt,
             ImageErrorKind::ForeignFormat(_)
             | ImageErrorKind::UnsupportedBackingFormat(_)
-            | ImageErrorKind::ChainTooDeep(_)
             | ImageErrorKind::NoDirtyBitmap => ErrorClass::Unsupported,
             ImageErrorKind::BrokenRead { .. } => ErrorClass::Internal,
         }

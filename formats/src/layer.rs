@@ -17,7 +17,7 @@ use crate::codec::CompressionType;
 use crate::extent::LayerExtent;
 use crate::image::{Format, ImageError};
 use crate::storage::Storage;
-use crate::units::{ClusterSize, GuestOffset};
+use crate::units::{ClusterSize, GuestOffset, HostOffset};
 
 /// The backing file an image names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +138,14 @@ pub trait Layer: Send + Sync + fmt::Debug {
 
     /// What `info` reports.
     fn info(&self) -> Result<LayerInfo, ImageError>;
+
+    /// Byte ranges of the image file (offset, length) that say where the
+    /// guest data is (qcow2: the header cluster and the L1 table): re-read
+    /// at the end of a backup to detect a writer (see `fingerprint.rs`).
+    /// Default: none (a raw image has no such metadata).
+    fn metadata_ranges(&self) -> Vec<(HostOffset, u64)> {
+        Vec::new()
+    }
 
     /// The persistent dirty bitmap `name`, ready to answer queries. A
     /// disabled bitmap (one that does not record writes) is refused unless

@@ -21,6 +21,7 @@ pub mod chain;
 pub mod codec;
 pub mod error;
 pub mod extent;
+pub mod fingerprint;
 pub mod image;
 pub mod layer;
 pub mod nbd;

@@ -24,7 +24,6 @@
 
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use qbackup_formats::codec::{self, CompressionType, Compressor};
@@ -33,7 +32,7 @@ use qbackup_formats::{ClusterIndex, ClusterSize};
 use super::ordered::Ordered;
 use super::plan::{Action, PlanRange};
 use super::target::{Output, Target};
-use super::BackupError;
+use super::{BackupError, Cancel};
 use crate::manifest::{self, Entry, ManifestBuilder, ManifestReader};
 use crate::source::Source;
 
@@ -97,6 +96,9 @@ impl CopyStats {
 pub trait Progress: Sync {
     /// `bytes` more guest bytes are done.
     fn advance(&self, bytes: u64);
+    /// A leftover temporary file of an earlier, killed backup was removed
+    /// from TARGET's directory.
+    fn removed_leftover(&self, _path: &std::path::Path, _bytes: u64) {}
 }
 
 /// Guest bytes between two early-writeback requests.
@@ -152,7 +154,7 @@ pub fn copy(
     mut target: Box<dyn Target>,
     recording: Recording<'_>,
     progress: &dyn Progress,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<CopyStats, BackupError> {
     let Recording {
         builder,
@@ -185,7 +187,7 @@ pub fn copy(
                 while let Some((seq, batch)) = queue.take() {
                     let result = match batch {
                         Err(e) => Err(e),
-                        Ok(_) if cancel.load(Ordering::Relaxed) => Err(BackupError::Interrupted),
+                        Ok(_) if cancel.is_set() => Err(cancel.error()),
                         Ok(batch) => {
                             let first = batch.first;
                             // A panic must still hand in a result, or the
@@ -263,7 +265,7 @@ fn write_in_order(
     mut builder: Option<&mut ManifestBuilder>,
     params: &CopyParams,
     progress: &dyn Progress,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<CopyStats, BackupError> {
     let start = Instant::now();
     let mut stats = CopyStats::default();
@@ -287,8 +289,8 @@ fn write_in_order(
             }
             done += params.cluster_size.bytes();
             progress.advance(params.cluster_size.bytes());
-            if cancel.load(Ordering::Relaxed) {
-                return Err(BackupError::Interrupted);
+            if cancel.is_set() {
+                return Err(cancel.error());
             }
             if done - flushed_at >= WRITEBACK_BYTES {
                 target.storage().start_writeback();
@@ -296,8 +298,12 @@ fn write_in_order(
             }
             if let Some(speed) = params.speed {
                 let due = Duration::from_secs_f64(done as f64 / speed as f64);
+                // One cluster can be worth minutes at a low speed: the
+                // sleep wakes up for a stop request.
                 if let Some(wait) = due.checked_sub(start.elapsed()) {
-                    std::thread::sleep(wait);
+                    if !cancel.sleep(wait) {
+                        return Err(cancel.error());
+                    }
                 }
             }
         }

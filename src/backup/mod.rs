@@ -9,24 +9,27 @@
 //! then renamed over TARGET in one step. On any error or interruption the
 //! temporary file is removed and nothing appears at TARGET.
 
+pub mod cancel;
 pub mod copier;
 pub mod device;
 pub mod ordered;
 pub mod plan;
 pub mod record;
 pub mod target;
+pub mod temp;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qbackup_formats::codec::{CodecError, CompressionType};
+use qbackup_formats::fingerprint::Fingerprint;
 use qbackup_formats::open::{Opener, UpdatingOpener};
 use qbackup_formats::qcow2::writer::{BackingRef, Qcow2Writer, WriterOptions};
 use qbackup_formats::storage::{FileStorage, Identity, Storage};
 use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, Format};
 
+pub use cancel::Cancel;
 pub use copier::{CopyStats, Progress};
 pub use plan::SyncMode;
 use target::{Qcow2Target, RawTarget, Target, TargetError};
@@ -79,6 +82,10 @@ pub struct BackupConfig {
     /// default). `--sync incremental`: the previous backup, which becomes
     /// the target's backing file.
     pub backing: Option<String>,
+    /// `--sync top --backing NAME`: record NAME without opening it (like
+    /// `qemu-img create -u`); the caller vouches that it will resolve to
+    /// the right image.
+    pub backing_unchecked: bool,
 }
 
 /// What a finished backup did (the CLI formats it).
@@ -240,6 +247,17 @@ pub enum BackupError {
     /// target's directory.
     #[error("--backing: {0}")]
     BackingUnusable(SourceError),
+    /// The backing file named with `--backing` is not the size of the one
+    /// it replaces: the overlay would read other data past the shorter end.
+    #[error("{}: --backing: this image is {found} bytes but the source's backing file is {expected}; the overlay needs a backing file of the same size (--backing-unchecked records the name anyway)", path.display())]
+    BackingSize {
+        /// The resolved backing path.
+        path: PathBuf,
+        /// Its virtual size.
+        found: u64,
+        /// The virtual size of the source's backing file.
+        expected: u64,
+    },
     /// The worker pool could not be started.
     #[error("cannot start worker threads: {source}")]
     StartThreads {
@@ -254,6 +272,10 @@ pub enum BackupError {
         /// Why.
         source: CodecError,
     },
+    /// A file of the source changed while it was read: the backup would mix
+    /// two states of the disk.
+    #[error("{}: source changed during backup; nothing was written to the target", .0.display())]
+    SourceChanged(PathBuf),
     /// A bug: a worker panicked.
     #[error("internal error: worker failed on cluster {index}")]
     WorkerPanicked {
@@ -263,9 +285,12 @@ pub enum BackupError {
     /// A bug: the writer panicked.
     #[error("internal error: writer failed")]
     WriterPanicked,
-    /// Ctrl-C or SIGTERM.
-    #[error("interrupted; nothing was written to the target")]
-    Interrupted,
+    /// A signal (SIGINT, SIGTERM, SIGHUP) or another stop request.
+    #[error("interrupted{}; nothing was written to the target", if *signal == 0 { String::new() } else { format!(" by {}", cancel::signal_name(*signal)) })]
+    Interrupted {
+        /// The signal number, 0 when the stop did not come from a signal.
+        signal: i32,
+    },
     /// The backup is durable at its path, but clearing the source's dirty
     /// bitmap failed.
     #[error("{}: the backup is complete, but {source}", target.display())]
@@ -297,16 +322,29 @@ impl Classify for BackupError {
             | BackupError::PreviousNotQcow2 { .. }
             | BackupError::PreviousManifestMismatch { .. }
             | BackupError::PreviousHasNoManifest { .. }
-            | BackupError::PreviousSize { .. } => ErrorClass::Usage,
+            | BackupError::PreviousSize { .. }
+            | BackupError::BackingSize { .. } => ErrorClass::Usage,
             BackupError::Manifest(e) => e.class(),
             BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
-            BackupError::StartThreads { .. } => ErrorClass::Io,
+            BackupError::StartThreads { .. } | BackupError::SourceChanged(_) => ErrorClass::Io,
             BackupError::Compress { source, .. } => source.class(),
             BackupError::WorkerPanicked { .. } | BackupError::WriterPanicked => {
                 ErrorClass::Internal
             }
-            BackupError::Interrupted => ErrorClass::Interrupted,
+            BackupError::Interrupted { .. } => ErrorClass::Interrupted,
             BackupError::ClearBitmap { source, .. } => source.class(),
+        }
+    }
+}
+
+impl BackupError {
+    /// The signal that interrupted the backup, if that is what happened
+    /// (a shell's exit status for it is 128 + the number).
+    pub fn signal(&self) -> Option<i32> {
+        match self {
+            BackupError::Interrupted { signal } if *signal > 0 => Some(*signal),
+            BackupError::Target { source, .. } => source.signal(),
+            _ => None,
         }
     }
 }
@@ -336,15 +374,14 @@ fn backing_name_for(target: &Path, backing: &Path) -> Result<String, std::io::Er
     })
 }
 
-/// Runs a backup, opening files through `opener`. `cancel` is polled
-/// between batches; when it becomes true the backup stops and leaves
-/// nothing behind.
+/// Runs a backup, opening files through `opener`. `cancel` is polled in
+/// every phase; once it is set the backup stops and leaves nothing behind.
 pub fn run(
     cfg: &BackupConfig,
     opener: &dyn Opener,
     progress: &dyn Progress,
     on_plan: &mut dyn FnMut(u64),
-    cancel: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
     // What TARGET is decides before any work (a directory fails at once).
@@ -356,6 +393,8 @@ pub fn run(
         (Some(name), true) => Some(source.prepare_bitmap_clear(name)?),
         _ => None,
     };
+    // Before anything is read: compared at the end (see `verify_unchanged`).
+    let before = source.fingerprint()?;
     let target_err = |e: BackupError| BackupError::Target {
         path: cfg.target.clone(),
         source: Box::new(e),
@@ -422,7 +461,8 @@ pub fn run(
         _ => None,
     };
 
-    let ranges = plan::plan(source, mode, cluster_size, cancel)?.ok_or(BackupError::Interrupted)?;
+    let ranges =
+        plan::plan(source, mode, cluster_size, cancel.flag())?.ok_or_else(|| cancel.error())?;
     let planned: u64 = ranges.iter().map(|r| cluster_size.bytes_in(r.count)).sum();
     let guest_bytes_read: u64 = ranges
         .iter()
@@ -436,9 +476,15 @@ pub fn run(
     let (tmp, storage) = if kind == device::TargetKind::Device {
         (None, device::open(&cfg.target, size)?)
     } else {
-        let (tmp, storage) = create_temporary(cfg, &dir)?;
+        let (tmp, storage) = create_temporary(cfg, &dir, progress)?;
         (Some(tmp), storage)
     };
+    // Registered until the backup ends, for a signal thread that cannot
+    // wait for it to unwind.
+    if let Some(t) = &tmp {
+        cancel.set_temp(Some(t.path()));
+    }
+    let _registered = TempRegistration(cancel);
     let storage = opener.target(storage);
     let compression = match cfg.target_format {
         Format::Qcow2 => cfg.compression,
@@ -462,6 +508,9 @@ pub fn run(
             },
         )?)
     };
+    if let Some(r) = &recorder {
+        cancel.set_temp(Some(r.temp_path()));
+    }
     let target: Box<dyn Target> = match cfg.target_format {
         Format::Qcow2 => {
             let opts = WriterOptions {
@@ -500,15 +549,33 @@ pub fn run(
         })?;
     let manifest = recorder.map(record::Recorder::finish).transpose()?;
     storage.sync().map_err(|e| commit_err("sync", e))?;
+    // A signal during the sync: stop before anything appears at TARGET.
+    if cancel.is_set() {
+        return Err(cancel.error());
+    }
+    verify_unchanged(source, &before)?;
+    if cfg.target_format == Format::Qcow2 {
+        // Only a complete, durable image gets the magic (see temp.rs).
+        Qcow2Writer::seal(storage.as_ref())
+            .map_err(|e| target_err(BackupError::Write(TargetError::Qcow2(e))))?;
+        storage.sync().map_err(|e| commit_err("sync", e))?;
+    }
     let target_size = storage.len();
     drop(storage);
     let manifest = match tmp {
         Some(tmp) => {
-            let persisted = if cfg.force {
-                tmp.persist(&cfg.target)
-            } else {
-                tmp.persist_noclobber(&cfg.target)
-            };
+            // The rename and a signal thread giving up on the backup
+            // exclude each other: either TARGET is complete, or the
+            // temporary file is removed.
+            let persisted = cancel
+                .commit(|| {
+                    if cfg.force {
+                        tmp.persist(&cfg.target)
+                    } else {
+                        tmp.persist_noclobber(&cfg.target)
+                    }
+                })
+                .ok_or_else(|| cancel.error())?;
             persisted.map_err(|e| {
                 if e.error.kind() == std::io::ErrorKind::AlreadyExists {
                     BackupError::TargetExists(cfg.target.clone())
@@ -553,6 +620,7 @@ pub fn run(
 fn create_temporary(
     cfg: &BackupConfig,
     dir: &Path,
+    progress: &dyn Progress,
 ) -> Result<(tempfile::NamedTempFile, Arc<dyn Storage>), BackupError> {
     let commit_err = |action, source| BackupError::Commit {
         path: cfg.target.clone(),
@@ -569,11 +637,13 @@ fn create_temporary(
         }
         Err(e) => return Err(commit_err("use its directory", e)),
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(".qbackup-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| commit_err("create a temporary file in its directory", e))?;
+    // Leftovers of killed backups go first (see temp.rs), then ours,
+    // locked for as long as it exists.
+    for r in temp::remove_stale(dir) {
+        progress.removed_leftover(&r.path, r.bytes);
+    }
+    let tmp =
+        temp::create(dir).map_err(|e| commit_err("create a temporary file in its directory", e))?;
     set_backup_permissions(tmp.path())
         .map_err(|e| commit_err("set permissions on the temporary file", e))?;
     let file = tmp
@@ -622,6 +692,30 @@ fn open_source(
             Ok((plain(opener)?, SyncMode::Changed, false))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Fails when a file of the source changed since `before` was taken. The
+/// source's files stayed open (with QEMU's shared locks) throughout, so
+/// this compares the very files that were read.
+fn verify_unchanged(source: &dyn Source, before: &Fingerprint) -> Result<(), BackupError> {
+    match source.fingerprint() {
+        Ok(now) => match before.first_change(&now) {
+            Some(path) => Err(BackupError::SourceChanged(path.to_path_buf())),
+            None => Ok(()),
+        },
+        // Its metadata can no longer be read where it was: it changed.
+        Err(e) => Err(BackupError::SourceChanged(e.path)),
+    }
+}
+
+/// Unregisters the temporary file from the [`Cancel`] when the backup ends,
+/// whichever way.
+struct TempRegistration<'a>(&'a Cancel);
+
+impl Drop for TempRegistration<'_> {
+    fn drop(&mut self) {
+        self.0.set_temp(None);
     }
 }
 
@@ -711,7 +805,10 @@ fn previous_backup(
 /// The backing file of a `--sync top` overlay: the source's, named to
 /// resolve from the target's directory, or the name given with `--backing`,
 /// which must then open from there (as `qemu-img create -b` checks), or the
-/// overlay would be an image nothing can read.
+/// overlay would be an image nothing can read, and have the virtual size of
+/// the backing file it replaces, or the guest would see other data where
+/// the shorter one ends. `--backing-unchecked` skips both checks, as
+/// `qemu-img create -u` does.
 fn backing_ref(
     cfg: &BackupConfig,
     opener: &dyn Opener,
@@ -721,10 +818,18 @@ fn backing_ref(
         return Ok(None);
     };
     let name = match &cfg.backing {
+        Some(b) if cfg.backing_unchecked => b.clone(),
         Some(b) => {
             let resolved = qbackup_formats::open::resolve_backing(&cfg.target, b);
-            qbackup_formats::Chain::open_with(opener, &resolved, Some(below.format))
+            let chain = qbackup_formats::Chain::open_with(opener, &resolved, Some(below.format))
                 .map_err(BackupError::BackingUnusable)?;
+            if chain.virtual_size() != below.virtual_size {
+                return Err(BackupError::BackingSize {
+                    path: resolved,
+                    found: chain.virtual_size(),
+                    expected: below.virtual_size,
+                });
+            }
             b.clone()
         }
         None => backing_name_for(&cfg.target, &below.path).map_err(|e| BackupError::Commit {

@@ -49,6 +49,13 @@ pub struct Recorder {
     tmp: NamedTempFile,
 }
 
+impl Recorder {
+    /// The temporary file the manifest is written to.
+    pub fn temp_path(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
 /// What the manifest records about the backup.
 pub struct About<'a> {
     /// The effective sync mode.
@@ -77,11 +84,10 @@ pub fn start(
         action,
         source,
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".qbackup-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| io("create a temporary file in its directory", e))?;
+    // Locked like the target's temporary file, so that a concurrent
+    // backup never takes it for a leftover (see `temp.rs`).
+    let tmp =
+        super::temp::create(dir).map_err(|e| io("create a temporary file in its directory", e))?;
     super::set_backup_permissions(tmp.path())
         .map_err(|e| io("set permissions on the temporary file", e))?;
     let file = tmp

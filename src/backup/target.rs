@@ -51,7 +51,8 @@ pub trait Target: Send {
     /// Stores cluster `index`; returns the bytes it stored for it (0 for a
     /// zero cluster), for the backup's report.
     fn put(&mut self, index: ClusterIndex, out: Output) -> Result<u64, TargetError>;
-    /// Writes what remains (metadata). The caller syncs the storage.
+    /// Writes what remains (metadata). The caller syncs the storage, and
+    /// for qcow2 then writes the magic ([`Qcow2Writer::seal`]).
     fn finish(self: Box<Self>) -> Result<(), TargetError>;
     /// The storage being written, for early writeback.
     fn storage(&self) -> &dyn Storage;
@@ -82,7 +83,7 @@ impl Target for Qcow2Target {
     }
 
     fn finish(self: Box<Self>) -> Result<(), TargetError> {
-        Ok(self.writer.finish()?)
+        Ok(self.writer.finish_unsealed()?)
     }
 
     fn storage(&self) -> &dyn Storage {

@@ -155,6 +155,21 @@ impl backup::Progress for Reporter {
             }
         }
     }
+
+    fn removed_leftover(&self, path: &std::path::Path, bytes: u64) {
+        let line = format!(
+            "qbackup: {}: removed the temporary file of an interrupted backup ({bytes} bytes)",
+            path.display()
+        );
+        // Never panic on a closed stderr (a hung-up terminal).
+        let say = || {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        };
+        match self {
+            Reporter::Bar(b) => b.suspend(say),
+            _ => say(),
+        }
+    }
 }
 
 impl LineState {

@@ -78,6 +78,13 @@ pub fn of_error(err: &anyhow::Error, failure: u8) -> u8 {
     if err.downcast_ref::<UsageError>().is_some() {
         return USAGE;
     }
+    // The error names the signal that stopped the backup.
+    if let Some(signal) = err
+        .downcast_ref::<BackupError>()
+        .and_then(BackupError::signal)
+    {
+        return interrupted_status(signal);
+    }
     let interrupted =
         err.downcast_ref::<BackupError>().map(Classify::class) == Some(ErrorClass::Interrupted);
     if interrupted {

@@ -15,7 +15,7 @@ use crate::extent::LayerExtent;
 use crate::image::{Format, ImageError};
 use crate::layer::{BackingSpec, BitmapClear, DirtyMap, Layer, LayerInfo, LayerRead};
 use crate::storage::{Storage, StorageError};
-use crate::units::{ClusterSize, GuestOffset};
+use crate::units::{ClusterSize, GuestOffset, HostOffset};
 
 use super::bitmap_clear;
 use super::bitmap_data::DirtyBitmap;
@@ -243,6 +243,16 @@ impl Layer for Qcow2Image {
             path: self.path().to_path_buf(),
             clear,
         }))
+    }
+
+    fn metadata_ranges(&self) -> Vec<(HostOffset, u64)> {
+        let h = self.header();
+        let file_len = Qcow2Image::storage(self).len();
+        let mut v = vec![(HostOffset(0), h.cluster_size().min(file_len))];
+        if h.l1_size > 0 {
+            v.push((h.l1_table_offset, u64::from(h.l1_size) * 8));
+        }
+        v
     }
 
     fn info(&self) -> Result<LayerInfo, ImageError> {

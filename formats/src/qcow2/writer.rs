@@ -20,7 +20,11 @@
 //!
 //! Cluster 0 is written last, by [`Qcow2Writer::finish`], so a file left
 //! behind by a crash or an error has no magic and is never mistaken for an
-//! image. The file ends exactly at the end of the refcount table.
+//! image. A caller that syncs before making the file visible (a backup)
+//! splits that step: [`Qcow2Writer::finish_unsealed`] writes cluster 0
+//! without its first four bytes, and [`Qcow2Writer::seal`] writes the magic
+//! once everything else is durable, so even a file synced up to the last
+//! moment only ever has the magic when it is complete. The file ends exactly at the end of the refcount table.
 //!
 //! # Invariants (qcow2 spec, docs/interop/qcow2.rst)
 //!
@@ -53,7 +57,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::codec::CompressionType;
-use crate::qcow2::header::{MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use crate::qcow2::header::{MAGIC, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use crate::qcow2::l2::{self, COPIED, ZERO};
 use crate::qcow2::table;
 use crate::storage::{FileStorage, Storage, StorageError};
@@ -287,7 +291,16 @@ impl Qcow2Writer {
     /// Writes the last L2 table and L1 cluster, the remaining refcount
     /// blocks and the refcount table, then the header cluster. The caller
     /// syncs the storage (and renames the file); nothing here syncs.
-    pub fn finish(mut self) -> Result<(), WriterError> {
+    pub fn finish(self) -> Result<(), WriterError> {
+        let storage = self.out.storage();
+        self.finish_unsealed()?;
+        Qcow2Writer::seal(storage.as_ref())
+    }
+
+    /// Like [`Self::finish`], but the magic (the header's first four
+    /// bytes) stays zero until [`Self::seal`]: until then no reader takes
+    /// the file for a qcow2 image.
+    pub fn finish_unsealed(mut self) -> Result<(), WriterError> {
         if self.out.poisoned() {
             return Err(WriterError::Poisoned);
         }
@@ -347,14 +360,22 @@ impl Qcow2Writer {
         } else {
             self.cluster_size()
         };
-        let header = header_cluster::header_cluster(
+        let mut header = header_cluster::header_cluster(
             &self.opts,
             self.l1_size,
             l1_offset,
             table_offset,
             layout.table_clusters,
         )?;
+        header[..4].fill(0);
         self.out.write_header(&header)
+    }
+
+    /// Writes the magic into an image [`Self::finish_unsealed`] completed.
+    pub fn seal(storage: &dyn Storage) -> Result<(), WriterError> {
+        storage
+            .write_at(&MAGIC.to_be_bytes(), HostOffset(0))
+            .map_err(|source| WriterError::WriteHeader { source })
     }
 
     fn cluster_size(&self) -> u64 {

@@ -160,6 +160,10 @@ impl Storage for FaultyStorage {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         self.inner.allocated_size()
     }
+
+    fn change_stamp(&self) -> Option<super::ChangeStamp> {
+        self.inner.change_stamp()
+    }
 }
 
 #[cfg(test)]

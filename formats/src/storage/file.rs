@@ -73,7 +73,7 @@ impl FileStorage {
             .write(write)
             .custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
             .open(path)
-            .map_err(|source| StorageError::Open { source })?;
+            .map_err(StorageError::open)?;
         let meta = file
             .metadata()
             .map_err(|source| StorageError::Stat { source })?;
@@ -115,7 +115,7 @@ impl FileStorage {
         match super::lock::lock_for_consistent_read(&self.file) {
             Ok(None) => Ok(()),
             Ok(Some(conflict)) => Err(StorageError::InUse { conflict }),
-            Err(source) => Err(StorageError::Open { source }),
+            Err(source) => Err(StorageError::open(source)),
         }
     }
 
@@ -260,6 +260,16 @@ impl Storage for FileStorage {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         let meta = self.file.metadata()?;
         Ok(Some(meta.blocks().saturating_mul(512)))
+    }
+
+    fn change_stamp(&self) -> Option<super::ChangeStamp> {
+        let meta = self.file.metadata().ok()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Some(super::ChangeStamp {
+            len: meta.size(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        })
     }
 }
 

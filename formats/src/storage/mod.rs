@@ -52,6 +52,18 @@ pub struct Identity {
     pub ino: u64,
 }
 
+/// What changes when a file is written: its length and its modification
+/// and status-change times (nanoseconds since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChangeStamp {
+    /// Length in bytes (`st_size`).
+    pub len: u64,
+    /// `st_mtime` in nanoseconds.
+    pub mtime_ns: i128,
+    /// `st_ctime` in nanoseconds.
+    pub ctime_ns: i128,
+}
+
 /// A byte container: a file, a block device, an export.
 pub trait Storage: Send + Sync + fmt::Debug {
     /// The name messages use for it (a path, or a URI).
@@ -120,6 +132,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn allocated_size(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+
+    /// Its length and times as they are now, when it has them (a file;
+    /// not an NBD export). Equal stamps at two moments mean no write
+    /// in between, as far as the file system's timestamps can tell.
+    fn change_stamp(&self) -> Option<ChangeStamp> {
+        None
+    }
 }
 
 /// [`Storage::write_zeroes`] by writing zero buffers (at most 1 MiB each).
@@ -151,6 +170,13 @@ pub enum StorageError {
     #[error("cannot open: {source}")]
     Open {
         /// Why.
+        source: io::Error,
+    },
+    /// The process (EMFILE) or the system (ENFILE) has no file
+    /// descriptor left: a real limit on how deep a chain can be.
+    #[error("cannot open: {}", too_many_files(source))]
+    TooManyOpenFiles {
+        /// EMFILE or ENFILE.
         source: io::Error,
     },
     /// The file is a kind that cannot hold an image (a FIFO, a socket, a
@@ -255,12 +281,36 @@ pub enum StorageError {
     },
 }
 
+impl StorageError {
+    /// An error opening a file: running out of file descriptors gets its
+    /// own message, the rest stays [`StorageError::Open`].
+    pub fn open(source: io::Error) -> StorageError {
+        match source.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => StorageError::TooManyOpenFiles { source },
+            _ => StorageError::Open { source },
+        }
+    }
+}
+
+/// Says which limit was reached and what to do about it.
+fn too_many_files(source: &io::Error) -> String {
+    if source.raw_os_error() == Some(libc::ENFILE) {
+        return format!("{source}: the system's open-file table is full");
+    }
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .map_or_else(|| "no".to_string(), |n| n.to_string());
+    format!(
+        "too many open files: the process may have {limit} open, and each image of a backing chain keeps one (raise the limit with `ulimit -n`)"
+    )
+}
+
 impl Classify for StorageError {
     fn class(&self) -> ErrorClass {
         match self {
-            StorageError::Open { source } | StorageError::Stat { source } => {
-                ErrorClass::of_io(source)
-            }
+            StorageError::Open { source }
+            | StorageError::Stat { source }
+            | StorageError::TooManyOpenFiles { source } => ErrorClass::of_io(source),
             StorageError::UnsupportedKind { kind } if kind.ends_with("directory") => {
                 ErrorClass::Usage
             }

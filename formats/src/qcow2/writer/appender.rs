@@ -155,6 +155,11 @@ impl Appender {
             })
     }
 
+    /// The storage written to.
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        Arc::clone(&self.storage)
+    }
+
     /// Writes cluster 0, the header, last of all.
     pub fn write_header(&mut self, header: &[u8]) -> Result<(), WriterError> {
         if self.poisoned {

@@ -563,4 +563,22 @@ fn refcount_blocks_are_written_once_final() {
     let b1 = block(308);
     assert!(b1[..54].iter().all(|&r| r == 1));
     assert!(b1[54..].iter().all(|&r| r == 0));
+
+/// `finish_unsealed` writes everything but the magic; `seal` adds it, and
+/// the result is the image `finish` writes.
+#[test]
+fn magic_is_written_last() {
+    let whole = image(opts(16, 1 << 20), &[(3, ClusterWrite::Data(&[7u8; 65536]))]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, path) = new_file(&dir, "img");
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::writable(file, &path).unwrap());
+    let mut w = Qcow2Writer::new(Arc::clone(&storage), opts(16, 1 << 20)).unwrap();
+    w.write_cluster(ClusterIndex(3), ClusterWrite::Data(&[7u8; 65536]))
+        .unwrap();
+    w.finish_unsealed().unwrap();
+    let unsealed = std::fs::read(&path).unwrap();
+    assert_eq!(&unsealed[..4], &[0, 0, 0, 0]);
+    assert_eq!(unsealed[4..], whole[4..]);
+    Qcow2Writer::seal(storage.as_ref()).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), whole);
 }
