@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 

@@ -170,8 +170,13 @@ mod tests {
         let e = anyhow::Error::new(UsageError("x".into()));
         assert_eq!(of_error(&e, ERROR), USAGE);
         assert_eq!(of_error(&anyhow::anyhow!("io"), ERROR), ERROR);
-        let e = anyhow::Error::new(BackupError::Interrupted);
+        let e = anyhow::Error::new(BackupError::Interrupted { signal: 0 });
         assert_eq!(of_error(&e, ERROR), INTERRUPTED);
+        // The signal the error carries decides.
+        let e = anyhow::Error::new(BackupError::Interrupted {
+            signal: libc::SIGHUP,
+        });
+        assert_eq!(of_error(&e, ERROR), 129);
     }
 
     #[test]
