@@ -563,6 +563,7 @@ fn refcount_blocks_are_written_once_final() {
     let b1 = block(308);
     assert!(b1[..54].iter().all(|&r| r == 1));
     assert!(b1[54..].iter().all(|&r| r == 0));
+}
 
 /// `finish_unsealed` writes everything but the magic; `seal` adds it, and
 /// the result is the image `finish` writes.
