@@ -12,6 +12,7 @@
 pub mod cancel;
 pub mod copier;
 pub mod device;
+mod error;
 pub mod ordered;
 pub mod plan;
 pub mod record;
@@ -22,19 +23,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qbackup_formats::codec::{CodecError, CompressionType};
+use qbackup_formats::codec::CompressionType;
 use qbackup_formats::fingerprint::Fingerprint;
 use qbackup_formats::open::{Opener, UpdatingOpener};
 use qbackup_formats::qcow2::writer::{BackingRef, Qcow2Writer, WriterOptions};
 use qbackup_formats::storage::{FileStorage, Identity, Storage};
-use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, Format};
+use qbackup_formats::{ClusterSize, Format};
 
 pub use cancel::Cancel;
 pub use copier::{CopyStats, Progress};
+pub use error::BackupError;
 pub use plan::SyncMode;
 use target::{Qcow2Target, RawTarget, Target, TargetError};
 
-use crate::source::{self, Source, SourceError};
+use crate::source::{self, Source};
 
 /// A validated backup request.
 #[derive(Debug, Clone)]
@@ -114,239 +116,6 @@ pub struct BackupReport {
     pub target_size: u64,
     /// Wall time from opening the source to the target in place.
     pub elapsed: Duration,
-}
-
-/// Errors of a backup. Each displays as one line that names the file
-/// concerned and says its cause once.
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    /// The source could not be opened or planned.
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    /// A cluster could not be read from the source.
-    #[error("{source} (while copying cluster {index})")]
-    ReadCluster {
-        /// The target cluster being copied.
-        index: ClusterIndex,
-        /// Why.
-        source: SourceError,
-    },
-    /// The target could not be written (the path is attached by
-    /// [`BackupError::Target`]).
-    #[error(transparent)]
-    Write(TargetError),
-    /// A write error with the target path attached.
-    #[error("{}: {source}", path.display())]
-    Target {
-        /// The target path.
-        path: PathBuf,
-        /// Why.
-        source: Box<BackupError>,
-    },
-    /// Creating, syncing or renaming the target file failed.
-    #[error("{}: cannot {action}: {source}", path.display())]
-    Commit {
-        /// The target path.
-        path: PathBuf,
-        /// What failed.
-        action: &'static str,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The target exists and `--force` was not given.
-    #[error("{}: target already exists (use --force to replace it)", .0.display())]
-    TargetExists(PathBuf),
-    /// TARGET is a directory.
-    #[error("{}: target is a directory; name the backup file to create in it", .0.display())]
-    TargetIsDirectory(PathBuf),
-    /// TARGET is a block device and `-n` was not given.
-    #[error("{}: target is a block device; to restore onto it (written in place, never replaced), pass -n (--no-create) with -O raw", .0.display())]
-    TargetIsDevice(PathBuf),
-    /// TARGET is a character device, a FIFO or a socket.
-    #[error("{}: target is {what}; a backup goes to a new file, or with -n into a block device", path.display())]
-    TargetUnsupported {
-        /// The target path.
-        path: PathBuf,
-        /// What it is.
-        what: &'static str,
-    },
-    /// `-n` with a TARGET that is not an existing block device.
-    #[error("{}: -n (--no-create) writes in place into an existing block device, and this is not one", .0.display())]
-    InPlaceNeedsDevice(PathBuf),
-    /// The device is smaller than the virtual size.
-    #[error("{}: the device holds {device} bytes, smaller than the image's virtual size of {needed} bytes", path.display())]
-    DeviceTooSmall {
-        /// The device.
-        path: PathBuf,
-        /// Its size.
-        device: u64,
-        /// The virtual size.
-        needed: u64,
-    },
-    /// The target is one of the files the source reads.
-    #[error("{}: target is {}, which the source reads", target.display(), file.display())]
-    TargetIsSource {
-        /// The target path.
-        target: PathBuf,
-        /// The source file it is.
-        file: PathBuf,
-    },
-    /// The requested cluster size is not one qcow2 allows.
-    #[error("cluster size {0} must be a power of two from 512 to 2M")]
-    ClusterSize(u64),
-    /// `--sync top` or `incremental` with a raw target.
-    #[error(
-        "--sync top and incremental need a qcow2 target: a raw file cannot refer to a backing file"
-    )]
-    TopNeedsQcow2,
-    /// `--sync incremental` without the previous backup.
-    #[error(
-        "--sync incremental needs --backing PREV, the previous backup the new one is an overlay on"
-    )]
-    IncrementalNeedsBacking,
-    /// The previous backup of an incremental backup cannot be used.
-    #[error(transparent)]
-    PreviousBackup(SourceError),
-    /// The previous backup is not a qcow2 image.
-    #[error("--backing: {} is a {format} image, not a qcow2 backup; an incremental backup is an overlay on the previous qcow2 backup (full or incremental)", path.display())]
-    PreviousNotQcow2 {
-        /// PREV.
-        path: PathBuf,
-        /// Its format.
-        format: &'static str,
-    },
-    /// The previous backup's manifest is of another disk or cluster size.
-    #[error("{}: the previous backup's manifest records {cluster_size}-byte clusters, this backup uses {wanted}-byte clusters (an incremental backup by content needs the same: pass --cluster-size {cluster_size})", path.display())]
-    PreviousManifestMismatch {
-        /// PREV's manifest.
-        path: PathBuf,
-        /// Its cluster size.
-        cluster_size: u64,
-        /// This backup's.
-        wanted: u64,
-    },
-    /// An incremental backup by content needs the previous backup's
-    /// manifest.
-    #[error("{}: no manifest beside the previous backup; an incremental backup without a dirty bitmap compares each cluster with the previous backup's manifest (take a full backup first)", path.display())]
-    PreviousHasNoManifest {
-        /// The manifest path looked for.
-        path: PathBuf,
-    },
-    /// A manifest could not be read or written.
-    #[error(transparent)]
-    Manifest(crate::manifest::ManifestError),
-    /// The previous backup's virtual size differs from the source's.
-    #[error("--backing: the previous backup is {prev} bytes but the source is {current}; an incremental backup needs a previous backup of the same disk size")]
-    PreviousSize {
-        /// PREV's virtual size.
-        prev: u64,
-        /// The source's.
-        current: u64,
-    },
-    /// The backing file named with `--backing` does not open from the
-    /// target's directory.
-    #[error("--backing: {0}")]
-    BackingUnusable(SourceError),
-    /// The backing file named with `--backing` is not the size of the one
-    /// it replaces: the overlay would read other data past the shorter end.
-    #[error("{}: --backing: this image is {found} bytes but the source's backing file is {expected}; the overlay needs a backing file of the same size (--backing-unchecked records the name anyway)", path.display())]
-    BackingSize {
-        /// The resolved backing path.
-        path: PathBuf,
-        /// Its virtual size.
-        found: u64,
-        /// The virtual size of the source's backing file.
-        expected: u64,
-    },
-    /// The worker pool could not be started.
-    #[error("cannot start worker threads: {source}")]
-    StartThreads {
-        /// Why.
-        source: rayon::ThreadPoolBuildError,
-    },
-    /// Compressing a cluster failed.
-    #[error("cluster {index}: {source}")]
-    Compress {
-        /// The target cluster.
-        index: ClusterIndex,
-        /// Why.
-        source: CodecError,
-    },
-    /// A file of the source changed while it was read: the backup would mix
-    /// two states of the disk.
-    #[error("{}: source changed during backup; nothing was written to the target", .0.display())]
-    SourceChanged(PathBuf),
-    /// A bug: a worker panicked.
-    #[error("internal error: worker failed on cluster {index}")]
-    WorkerPanicked {
-        /// The cluster it was working on.
-        index: ClusterIndex,
-    },
-    /// A bug: the writer panicked.
-    #[error("internal error: writer failed")]
-    WriterPanicked,
-    /// A signal (SIGINT, SIGTERM, SIGHUP) or another stop request.
-    #[error("interrupted{}; nothing was written to the target", if *signal == 0 { String::new() } else { format!(" by {}", cancel::signal_name(*signal)) })]
-    Interrupted {
-        /// The signal number, 0 when the stop did not come from a signal.
-        signal: i32,
-    },
-    /// The backup is durable at its path, but clearing the source's dirty
-    /// bitmap failed.
-    #[error("{}: the backup is complete, but {source}", target.display())]
-    ClearBitmap {
-        /// The (complete) target.
-        target: PathBuf,
-        /// Why clearing failed (boxed: rare, and large).
-        source: Box<SourceError>,
-    },
-}
-
-impl Classify for BackupError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            BackupError::Source(e) | BackupError::ReadCluster { source: e, .. } => e.class(),
-            BackupError::Write(e) => e.class(),
-            BackupError::Target { source, .. } => source.class(),
-            BackupError::Commit { source, .. } => ErrorClass::of_io(source),
-            BackupError::TargetExists(_)
-            | BackupError::TargetIsDirectory(_)
-            | BackupError::TargetIsDevice(_)
-            | BackupError::TargetUnsupported { .. }
-            | BackupError::InPlaceNeedsDevice(_)
-            | BackupError::DeviceTooSmall { .. }
-            | BackupError::TargetIsSource { .. }
-            | BackupError::ClusterSize(_)
-            | BackupError::TopNeedsQcow2
-            | BackupError::IncrementalNeedsBacking
-            | BackupError::PreviousNotQcow2 { .. }
-            | BackupError::PreviousManifestMismatch { .. }
-            | BackupError::PreviousHasNoManifest { .. }
-            | BackupError::PreviousSize { .. }
-            | BackupError::BackingSize { .. } => ErrorClass::Usage,
-            BackupError::Manifest(e) => e.class(),
-            BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
-            BackupError::StartThreads { .. } | BackupError::SourceChanged(_) => ErrorClass::Io,
-            BackupError::Compress { source, .. } => source.class(),
-            BackupError::WorkerPanicked { .. } | BackupError::WriterPanicked => {
-                ErrorClass::Internal
-            }
-            BackupError::Interrupted { .. } => ErrorClass::Interrupted,
-            BackupError::ClearBitmap { source, .. } => source.class(),
-        }
-    }
-}
-
-impl BackupError {
-    /// The signal that interrupted the backup, if that is what happened
-    /// (a shell's exit status for it is 128 + the number).
-    pub fn signal(&self) -> Option<i32> {
-        match self {
-            BackupError::Interrupted { signal } if *signal > 0 => Some(*signal),
-            BackupError::Target { source, .. } => source.signal(),
-            _ => None,
-        }
-    }
 }
 
 /// QEMU's backup rule: 64 KiB, or the source's cluster size when larger.
