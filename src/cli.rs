@@ -201,6 +201,11 @@ struct BackupArgs {
     /// backup without a bitmap.
     #[arg(long)]
     no_manifest: bool,
+    /// Back up a source image that QEMU marked corrupt (its corrupt bit
+    /// set: QEMU found its metadata inconsistent), reading it as QEMU reads
+    /// it, with a warning. Refused otherwise.
+    #[arg(long)]
+    allow_corrupt: bool,
     /// Cluster compression for a qcow2 target (default zstd).
     #[arg(long, value_enum)]
     compress: Option<CompressArg>,
@@ -380,6 +385,7 @@ impl BackupArgs {
             allow_disabled_bitmap: self.allow_disabled_bitmap,
             bitmap_fallback: !self.require_bitmap,
             no_manifest: self.no_manifest,
+            allow_corrupt: self.allow_corrupt,
             compression,
             cluster_size: self.cluster_size,
             threads,
@@ -586,6 +592,17 @@ fn run_verify(output: OutputArg, backup: PathBuf) -> Result<u8> {
     Ok(if report.ok() { 0 } else { 1 })
 }
 
+/// One warning line per image of `source` that QEMU marked corrupt: it is
+/// read as QEMU reads it read-only, but its metadata was found inconsistent.
+fn warn_marked_corrupt(source: &dyn source::Source) {
+    for f in source.marked_corrupt() {
+        eprintln!(
+            "qbackup: warning: {}: image is marked corrupt (QEMU found its metadata inconsistent); showing what it reads, as qemu-img does",
+            f.display()
+        );
+    }
+}
+
 fn run_compare(
     (format_a, format_b): (Option<FormatArg>, Option<FormatArg>),
     strict: bool,
@@ -596,6 +613,8 @@ fn run_compare(
     let files = Files::new(force_share);
     let sa = source::open(files.opener(), &a, format_a.map(Into::into), None)?;
     let sb = source::open(files.opener(), &b, format_b.map(Into::into), None)?;
+    warn_marked_corrupt(sa.as_ref());
+    warn_marked_corrupt(sb.as_ref());
     let outcome = compare::compare(sa.as_ref(), sb.as_ref(), strict)?;
     files.warn_in_use();
     let mut lines = Vec::new();
@@ -710,6 +729,7 @@ pub fn run(args: Args) -> Result<u8> {
             };
             let files = Files::new(force_share);
             let src = source::open(files.opener(), &image, format.map(Into::into), None)?;
+            warn_marked_corrupt(src.as_ref());
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
             match output {
                 OutputArg::Json => map::write_json(src.as_ref(), range, &mut out)?,

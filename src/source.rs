@@ -85,6 +85,10 @@ pub trait Source: Sync {
     /// is one of them).
     fn files(&self) -> Vec<Arc<dyn Storage>>;
 
+    /// The images of the source that QEMU marked corrupt (read anyway, as
+    /// QEMU reads them read-only).
+    fn marked_corrupt(&self) -> Vec<PathBuf>;
+
     /// The names of the chain's images, top first (index = depth).
     fn layer_names(&self) -> Vec<PathBuf>;
 
@@ -212,6 +216,10 @@ impl Source for ImageSource {
 
     fn files(&self) -> Vec<Arc<dyn Storage>> {
         self.chain.files()
+    }
+
+    fn marked_corrupt(&self) -> Vec<PathBuf> {
+        self.chain.marked_corrupt()
     }
 
     fn layer_names(&self) -> Vec<PathBuf> {

@@ -40,6 +40,7 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         clear_bitmap: false,
         bitmap_fallback: false,
         no_manifest: false,
+        allow_corrupt: false,
         allow_disabled_bitmap: false,
         compression: Some((CompressionType::Zstd, 3)),
         cluster_size: None,

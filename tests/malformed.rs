@@ -369,8 +369,22 @@ fn corrupt_bit_set() {
     // info reports it, as qemu-img does...
     let info = assert_info_matches(s.dir(), &s.p("corrupt.qcow2"), None);
     assert_eq!(info["format-specific"]["data"]["corrupt"], true);
-    // ...but we do not back up an image that QEMU marked corrupt.
-    assert_map_rejected(s.dir(), &s.p("corrupt.qcow2"), &["corrupt.qcow2"]);
+    // map reads it as qemu-img does (read-only), with a warning line...
+    assert_map_json_matches(s.dir(), &s.p("corrupt.qcow2"), None);
+    let run = qbackup_map_json(s.dir(), &s.p("corrupt.qcow2"), None);
+    run.assert_ok();
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("warning") && run.stderr.contains("marked corrupt"));
+    // ...backup refuses it, naming the flag that allows it...
+    s.backup(&["corrupt.qcow2", "out.qcow2"])
+        .assert_clean_failure_mentioning(&["marked corrupt", "--allow-corrupt"]);
+    assert!(!s.path("out.qcow2").exists());
+    // ...which backs up what QEMU reads, with a warning.
+    let run = s.backup(&["-q", "--allow-corrupt", "corrupt.qcow2", "out.qcow2"]);
+    run.assert_ok();
+    assert!(run.stderr.contains("marked corrupt"), "{}", run.stderr);
+    let (code, out) = qemu_img_status(s.dir(), &["compare", "-U", "corrupt.qcow2", "out.qcow2"]);
+    assert_eq!(code, Some(0), "{out}");
 }
 
 #[test]

@@ -102,6 +102,15 @@ impl Chain {
         })
     }
 
+    /// The images of the chain that QEMU marked corrupt.
+    pub fn marked_corrupt(&self) -> Vec<std::path::PathBuf> {
+        self.layers
+            .iter()
+            .filter(|l| l.marked_corrupt())
+            .map(|l| l.path().to_path_buf())
+            .collect()
+    }
+
     /// The layers, top first.
     pub fn layers(&self) -> &[Box<dyn Layer>] {
         &self.layers

@@ -106,10 +106,16 @@ pub trait Layer: Send + Sync + fmt::Debug {
         None
     }
 
-    /// Refuses images whose data cannot be read correctly (encrypted,
-    /// marked corrupt). `info` works on them; reading does not.
+    /// Refuses images whose data cannot be read (encrypted). `info` works
+    /// on them; reading does not.
     fn check_readable(&self) -> Result<(), ImageError> {
         Ok(())
+    }
+
+    /// QEMU marked the image corrupt (qcow2's corrupt bit): it is read as
+    /// QEMU reads it read-only, and callers warn or refuse.
+    fn marked_corrupt(&self) -> bool {
+        false
     }
 
     /// What this layer alone stores over the range at `offset` (below the

@@ -102,6 +102,9 @@ pub enum BackupError {
     /// The previous backup of an incremental backup cannot be used.
     #[error(transparent)]
     PreviousBackup(SourceError),
+    /// An image of the source carries the corrupt bit.
+    #[error("{}: image is marked corrupt (QEMU found its metadata inconsistent); run 'qemu-img check -r all' on a copy first, or pass --allow-corrupt to back up what it reads", .0.display())]
+    MarkedCorrupt(PathBuf),
     /// The previous backup is not a qcow2 image.
     #[error("--backing: {} is a {format} image, not a qcow2 backup; an incremental backup is an overlay on the previous qcow2 backup (full or incremental)", path.display())]
     PreviousNotQcow2 {
@@ -220,6 +223,7 @@ impl Classify for BackupError {
             | BackupError::PreviousSize { .. }
             | BackupError::BackingSize { .. } => ErrorClass::Usage,
             BackupError::Manifest(e) => e.class(),
+            BackupError::MarkedCorrupt(_) => ErrorClass::Corrupt,
             BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
             BackupError::StartThreads { .. } | BackupError::SourceChanged(_) => ErrorClass::Io,
             BackupError::Compress { source, .. } => source.class(),

@@ -65,6 +65,9 @@ pub struct BackupConfig {
     /// Write no manifest beside the target (then it cannot be verified,
     /// nor serve as the previous backup of an incremental by content).
     pub no_manifest: bool,
+    /// Back up a source QEMU marked corrupt (with a warning) instead of
+    /// refusing it.
+    pub allow_corrupt: bool,
     /// Codec and level, or no compression.
     pub compression: Option<(CompressionType, i32)>,
     /// Target cluster size; `None` for QEMU's rule.
@@ -158,6 +161,15 @@ pub fn run(
     let mut warnings = Vec::new();
     let (source, mode, clear_bitmap) = open_source(cfg, opener, &mut warnings)?;
     let source: &dyn Source = source.as_ref();
+    for f in source.marked_corrupt() {
+        if !cfg.allow_corrupt {
+            return Err(BackupError::MarkedCorrupt(f));
+        }
+        warnings.push(format!(
+            "{}: image is marked corrupt (QEMU found its metadata inconsistent); backing up what it reads, as --allow-corrupt asks",
+            f.display()
+        ));
+    }
     let clear = match (&cfg.bitmap, clear_bitmap) {
         (Some(name), true) => Some(source.prepare_bitmap_clear(name)?),
         _ => None,

@@ -78,9 +78,6 @@ pub enum Qcow2Error {
     /// The guest data is encrypted.
     #[error("image is encrypted; reading its data needs the key, which qbackup does not support")]
     Encrypted,
-    /// The image carries the corrupt bit.
-    #[error("image is marked corrupt; run 'qemu-img check -r all' on a copy first")]
-    MarkedCorrupt,
 }
 
 impl Classify for Qcow2Error {
@@ -94,7 +91,7 @@ impl Classify for Qcow2Error {
             Qcow2Error::ClearBitmap(e) => e.class(),
             Qcow2Error::Decompress { source, .. } => source.class(),
             Qcow2Error::OpenDataFile { source, .. } => source.class(),
-            Qcow2Error::MissingDataFileName | Qcow2Error::MarkedCorrupt => ErrorClass::Corrupt,
+            Qcow2Error::MissingDataFileName => ErrorClass::Corrupt,
             Qcow2Error::Encrypted => ErrorClass::Unsupported,
         }
     }
@@ -267,15 +264,19 @@ impl Qcow2Image {
         self.header.size & !511
     }
 
-    /// Refuses images whose data cannot be read correctly.
+    /// Refuses images whose data cannot be read (encrypted). An image
+    /// marked corrupt is read, as QEMU reads it read-only; callers decide
+    /// (see `Layer::marked_corrupt`).
     pub(crate) fn check_readable(&self) -> Result<(), Qcow2Error> {
         if self.header.crypt_method != 0 {
             return Err(Qcow2Error::Encrypted);
         }
-        if self.header.incompatible_features & incompat::CORRUPT != 0 {
-            return Err(Qcow2Error::MarkedCorrupt);
-        }
         Ok(())
+    }
+
+    /// QEMU set the corrupt bit: it found the metadata inconsistent.
+    pub(crate) fn marked_corrupt(&self) -> bool {
+        self.header.incompatible_features & incompat::CORRUPT != 0
     }
 
     /// The bitmap directory, validated when the image was opened (empty

@@ -143,6 +143,10 @@ impl Layer for Qcow2Image {
         Qcow2Image::check_readable(self).map_err(|e| self.err(e))
     }
 
+    fn marked_corrupt(&self) -> bool {
+        Qcow2Image::marked_corrupt(self)
+    }
+
     fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(LayerExtent, u64), ImageError> {
         Qcow2Image::status(self, offset, max_len).map_err(|e| self.err(e))
     }
