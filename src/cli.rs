@@ -603,6 +603,18 @@ fn warn_marked_corrupt(source: &dyn source::Source) {
     }
 }
 
+/// One warning line per image in which reading found damage that does not
+/// change what the guest reads (damaged refcounts).
+fn warn_harmless_damage(source: &dyn source::Source) {
+    for (f, what) in source.harmless_damage() {
+        eprintln!(
+            "qbackup: warning: {}: {}",
+            f.display(),
+            backup::harmless_damage_text(&what)
+        );
+    }
+}
+
 fn run_compare(
     (format_a, format_b): (Option<FormatArg>, Option<FormatArg>),
     strict: bool,
@@ -617,6 +629,8 @@ fn run_compare(
     warn_marked_corrupt(sb.as_ref());
     let outcome = compare::compare(sa.as_ref(), sb.as_ref(), strict)?;
     files.warn_in_use();
+    warn_harmless_damage(sa.as_ref());
+    warn_harmless_damage(sb.as_ref());
     let mut lines = Vec::new();
     let status = match outcome {
         compare::Outcome::Identical { sizes_differ } => {
@@ -737,6 +751,7 @@ pub fn run(args: Args) -> Result<u8> {
             }
             out.flush()?;
             files.warn_in_use();
+            warn_harmless_damage(src.as_ref());
         }
     }
     Ok(0)

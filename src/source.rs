@@ -89,6 +89,10 @@ pub trait Source: Sync {
     /// QEMU reads them read-only).
     fn marked_corrupt(&self) -> Vec<PathBuf>;
 
+    /// Damage found so far that does not change what the guest reads
+    /// (damaged qcow2 refcounts): (image, what), for a warning.
+    fn harmless_damage(&self) -> Vec<(PathBuf, String)>;
+
     /// The names of the chain's images, top first (index = depth).
     fn layer_names(&self) -> Vec<PathBuf>;
 
@@ -220,6 +224,10 @@ impl Source for ImageSource {
 
     fn marked_corrupt(&self) -> Vec<PathBuf> {
         self.chain.marked_corrupt()
+    }
+
+    fn harmless_damage(&self) -> Vec<(PathBuf, String)> {
+        self.chain.harmless_damage()
     }
 
     fn layer_names(&self) -> Vec<PathBuf> {

@@ -578,3 +578,58 @@ fn unknown_crypt_method() {
     let s = Scratch::new();
     damaged_rejected_everywhere(&s, "crypt9.qcow2", |p| patch_u32(p, hdr::CRYPT_METHOD, 9));
 }
+
+/// Damaged refcounts (a refcount table or block past the end of the file,
+/// a refcount block at an unaligned offset) do not change what the guest
+/// reads: QEMU maps and converts such images, and so do `map` and
+/// `backup`, with one warning line naming the file.
+#[test]
+fn damaged_refcounts_are_read_as_qemu_reads_them() {
+    let s = Scratch::new();
+    type Damage = (&'static str, fn(&Path), &'static str);
+    let cases: [Damage; 3] = [
+        (
+            "rt_eof.qcow2",
+            |p| patch_u64(p, hdr::REFCOUNT_TABLE_OFFSET, 64 * MIB),
+            "refcount table",
+        ),
+        (
+            "rb_unal.qcow2",
+            |p| {
+                let table = read_u64(p, hdr::REFCOUNT_TABLE_OFFSET);
+                let block = read_u64(p, table);
+                patch_u64(p, table, block + 512);
+            },
+            "unaligned",
+        ),
+        (
+            "rb_eof.qcow2",
+            |p| {
+                let table = read_u64(p, hdr::REFCOUNT_TABLE_OFFSET);
+                patch_u64(p, table, 64 * MIB);
+            },
+            "refcount block",
+        ),
+    ];
+    for (name, damage, says) in cases {
+        damage(&good_image(&s, name));
+        assert_map_json_matches(s.dir(), &s.p(name), None);
+        let run = qbackup_map_json(s.dir(), &s.p(name), None);
+        run.assert_ok();
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+        assert!(
+            run.stderr.contains("warning")
+                && run.stderr.contains(name)
+                && run.stderr.contains(says),
+            "{}",
+            run.stderr
+        );
+        let out = format!("{name}.out");
+        let run = s.backup(&["-q", name, &out]);
+        run.assert_ok();
+        assert!(run.stderr.contains("damaged refcounts"), "{}", run.stderr);
+        let (code, text) = qemu_img_status(s.dir(), &["compare", "-U", name, &out]);
+        assert_eq!(code, Some(0), "{name}: {text}");
+        assert_check_clean(s.dir(), &out);
+    }
+}

@@ -111,6 +111,15 @@ impl Chain {
             .collect()
     }
 
+    /// Damage found so far in the chain's images that does not change what
+    /// the guest reads (see [`Layer::harmless_damage`]): (image, what).
+    pub fn harmless_damage(&self) -> Vec<(std::path::PathBuf, String)> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.harmless_damage().map(|d| (l.path().to_path_buf(), d)))
+            .collect()
+    }
+
     /// The layers, top first.
     pub fn layers(&self) -> &[Box<dyn Layer>] {
         &self.layers

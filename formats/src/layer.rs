@@ -118,6 +118,12 @@ pub trait Layer: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Metadata found damaged on the way that does not change what the
+    /// guest reads (qcow2 refcounts), said in one phrase; callers warn.
+    fn harmless_damage(&self) -> Option<String> {
+        None
+    }
+
     /// What this layer alone stores over the range at `offset` (below the
     /// virtual size): the answer and how many bytes (at most `max_len`, > 0)
     /// it covers.

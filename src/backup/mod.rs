@@ -121,6 +121,11 @@ pub struct BackupReport {
     pub elapsed: Duration,
 }
 
+/// The warning for damage that does not change what the guest reads.
+pub fn harmless_damage_text(what: &str) -> String {
+    format!("{what}; the guest data does not depend on them and was read as QEMU reads it (qemu-img check -r all repairs them)")
+}
+
 /// QEMU's backup rule: 64 KiB, or the source's cluster size when larger.
 pub fn default_cluster_size(source: &dyn Source) -> ClusterSize {
     let min = ClusterSize::new(64 << 10).expect("64 KiB is a cluster size");
@@ -382,6 +387,9 @@ pub fn run(
         })?),
         None => None,
     };
+    for (f, what) in source.harmless_damage() {
+        warnings.push(format!("{}: {}", f.display(), harmless_damage_text(&what)));
+    }
     Ok(BackupReport {
         virtual_size: size,
         cluster_size,

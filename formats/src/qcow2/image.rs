@@ -108,6 +108,9 @@ pub struct Qcow2Image {
     l2_cache: Mutex<HashMap<u64, Arc<[u64]>>>,
     l2_cache_max: usize,
     prealloc: Mutex<Option<bool>>,
+    /// Why the refcounts could not be read, when the preallocation
+    /// heuristic found them damaged.
+    refcount_damage: Mutex<Option<String>>,
     bitmaps: Vec<BitmapEntry>,
 }
 
@@ -240,6 +243,7 @@ impl Qcow2Image {
             l2_cache: Mutex::new(HashMap::new()),
             l2_cache_max,
             prealloc: Mutex::new(None),
+            refcount_damage: Mutex::new(None),
         })
     }
 
@@ -484,22 +488,35 @@ impl Qcow2Image {
         let covered = (u64::from(h.refcount_table_clusters) << h.cluster_bits) / 8
             * ((cluster_size * 8) >> h.refcount_order);
         let end_cluster = self.storage.len().div_ceil(cluster_size).min(covered);
-        let mut refcounts = RefcountReader::new(
-            self.storage.as_ref(),
-            h.refcount_table_offset,
-            h.refcount_table_clusters,
-            h.cluster_bits,
-            h.refcount_order,
-        )?;
-        let mut count = 0u64;
-        let mut i = 0u64;
-        while i < end_cluster && count < threshold {
-            count += u64::from(refcounts.get(i)? != 0);
-            i += 1;
-        }
-        let result = count >= threshold;
+        let scan = || -> Result<bool, RefcountError> {
+            let mut refcounts = RefcountReader::new(
+                self.storage.as_ref(),
+                h.refcount_table_offset,
+                h.refcount_table_clusters,
+                h.cluster_bits,
+                h.refcount_order,
+            )?;
+            let mut count = 0u64;
+            let mut i = 0u64;
+            while i < end_cluster && count < threshold {
+                count += u64::from(refcounts.get(i)? != 0);
+                i += 1;
+            }
+            Ok(count >= threshold)
+        };
+        // Refcounts never change what a reader sees: like QEMU, damaged
+        // ones only mean "not preallocated" (and are reported).
+        let result = scan().unwrap_or_else(|e| {
+            *self.refcount_damage.lock().expect("damage lock") = Some(e.to_string());
+            false
+        });
         *cached = Some(result);
         Ok(result)
+    }
+
+    /// Why the refcounts could not be read, if reading found them damaged.
+    pub(crate) fn refcount_damage(&self) -> Option<String> {
+        self.refcount_damage.lock().expect("damage lock").clone()
     }
 
     /// Reads one compressed cluster into `out` (exactly one cluster long).

@@ -147,6 +147,11 @@ impl Layer for Qcow2Image {
         Qcow2Image::marked_corrupt(self)
     }
 
+    fn harmless_damage(&self) -> Option<String> {
+        self.refcount_damage()
+            .map(|e| format!("damaged refcounts ({e})"))
+    }
+
     fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(LayerExtent, u64), ImageError> {
         Qcow2Image::status(self, offset, max_len).map_err(|e| self.err(e))
     }
