@@ -400,7 +400,18 @@ impl Header {
         Ok(())
     }
 
+    /// True when `first` ends at the end of a file shorter than a cluster,
+    /// not at the end of the first cluster (messages name the right limit).
+    fn cut_by_eof(&self, first: &[u8]) -> bool {
+        (first.len() as u64) < (1u64 << self.cluster_bits.min(63))
+    }
+
     fn decode_extensions(&mut self, first: &[u8]) -> Result<(), HeaderError> {
+        let past = if self.cut_by_eof(first) {
+            "runs past the end of the file"
+        } else {
+            "runs past the first cluster"
+        };
         // Like QEMU: the extension area ends where the backing file name
         // begins (old v2 images put the name right after the header).
         let end = match self.backing_file_offset {
@@ -425,7 +436,7 @@ impl Header {
             }
             let data_at = at + 8;
             if len > end - data_at {
-                return Err(bad("runs past the first cluster"));
+                return Err(bad(past));
             }
             let data = &first[data_at..data_at + len];
             match kind {
@@ -470,15 +481,18 @@ impl Header {
             .checked_add(len as u64)
             .filter(|&e| e <= first.len() as u64);
         let Some(end) = end else {
-            return Err(invalid(
-                "backing_file_offset",
-                start,
-                "backing file name lies outside the first cluster",
-            ));
+            let why = if self.cut_by_eof(first) {
+                "backing file name runs past the end of the file"
+            } else {
+                "backing file name lies outside the first cluster"
+            };
+            return Err(invalid("backing_file_offset", start, why));
         };
         let name = text(&first[start as usize..end as usize])
             .map_err(|why| invalid("backing_file_offset", start, why))?;
-        self.backing_file = Some(name);
+        // A name that ends before its first byte (NULs) is no name: QEMU
+        // opens no backing file for it.
+        self.backing_file = (!name.is_empty()).then_some(name);
         Ok(())
     }
 
@@ -650,5 +664,43 @@ mod tests {
     fn truncated_file() {
         let b = fixture();
         assert!(Header::decode(&b[..50], 50).is_err());
+    }
+
+    /// Regression: a file cut inside a header extension (or its backing
+    /// name) is reported as running past the end of the file, not past the
+    /// first cluster.
+    #[test]
+    fn cut_file_names_the_end_of_the_file() {
+        let mut b = fixture();
+        put32(&mut b, 112, ext::BACKING_FORMAT);
+        put32(&mut b, 116, 64);
+        let cut = &b[..140];
+        let err = Header::decode(cut, cut.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("past the end of the file"), "{err}");
+        assert!(
+            Header::decode(&b, b.len() as u64).is_ok(),
+            "the whole cluster holds the extension"
+        );
+        let mut b = fixture();
+        b[8..16].copy_from_slice(&512u64.to_be_bytes());
+        put32(&mut b, 16, 10);
+        let cut = &b[..515];
+        let err = Header::decode(cut, cut.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runs past the end of the file"), "{err}");
+    }
+
+    /// Regression: a backing name made of NUL bytes is no backing file, as
+    /// QEMU reads it (it used to name the image's own directory).
+    #[test]
+    fn nul_backing_name_is_no_backing_file() {
+        let mut b = fixture();
+        b[8..16].copy_from_slice(&512u64.to_be_bytes());
+        put32(&mut b, 16, 8);
+        let h = Header::decode(&b, b.len() as u64).unwrap();
+        assert_eq!(h.backing_file, None);
     }
 }
