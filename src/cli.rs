@@ -151,6 +151,19 @@ enum SyncArg {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum SourceErrorArg {
+    Report,
+    Retry,
+    Ignore,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TargetErrorArg {
+    Report,
+    Retry,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum BitmapModeArg {
     OnSuccess,
     Never,
@@ -206,6 +219,15 @@ struct BackupArgs {
     /// it, with a warning. Refused otherwise.
     #[arg(long)]
     allow_corrupt: bool,
+    /// What a failed read of the source does: report (fail the backup),
+    /// retry (5 attempts over 1.5 s, then fail), ignore (write the clusters
+    /// that cannot be read as zeros, list them, exit status 3).
+    #[arg(long, value_enum, default_value = "report")]
+    on_source_error: SourceErrorArg,
+    /// What a failed write or sync of the target does: report (fail the
+    /// backup) or retry (5 attempts over 1.5 s, then fail).
+    #[arg(long, value_enum, default_value = "report")]
+    on_target_error: TargetErrorArg,
     /// Cluster compression for a qcow2 target (default zstd).
     #[arg(long, value_enum)]
     compress: Option<CompressArg>,
@@ -386,6 +408,15 @@ impl BackupArgs {
             bitmap_fallback: !self.require_bitmap,
             no_manifest: self.no_manifest,
             allow_corrupt: self.allow_corrupt,
+            on_source_error: match self.on_source_error {
+                SourceErrorArg::Report => backup::policy::OnSourceError::Report,
+                SourceErrorArg::Retry => backup::policy::OnSourceError::Retry,
+                SourceErrorArg::Ignore => backup::policy::OnSourceError::Ignore,
+            },
+            on_target_error: match self.on_target_error {
+                TargetErrorArg::Report => backup::policy::OnTargetError::Report,
+                TargetErrorArg::Retry => backup::policy::OnTargetError::Retry,
+            },
             compression,
             cluster_size: self.cluster_size,
             threads,
@@ -476,7 +507,7 @@ impl Files {
     }
 }
 
-fn run_backup(args: BackupArgs) -> Result<()> {
+fn run_backup(args: BackupArgs) -> Result<u8> {
     let (quiet, output) = (args.quiet, args.output);
     let files = Files::new(args.force_share);
     let reporter = Reporter::new(args.progress);
@@ -506,6 +537,13 @@ fn run_backup(args: BackupArgs) -> Result<()> {
     for w in &report.warnings {
         eprintln!("qbackup: warning: {w}");
     }
+    for (start, len) in &report.stats.unreadable {
+        eprintln!(
+            "qbackup: warning: {}: guest bytes {start}..{} could not be read and were written as zeros (--on-source-error ignore)",
+            cfg.source.display(),
+            start + len
+        );
+    }
     match output {
         OutputArg::Json => {
             let mut out = std::io::stdout().lock();
@@ -515,7 +553,11 @@ fn run_backup(args: BackupArgs) -> Result<()> {
         OutputArg::Human if !quiet => eprintln!("{}", report::human(&report)),
         OutputArg::Human => {}
     }
-    Ok(())
+    Ok(if report.stats.unreadable.is_empty() {
+        status::SUCCESS
+    } else {
+        status::UNREADABLE
+    })
 }
 
 /// The names of the commands, for a command line without one.
@@ -713,7 +755,7 @@ pub fn run(args: Args) -> Result<u8> {
             files.warn_in_use();
             stdout.lock().write_all(text.as_bytes())?;
         }
-        Command::Backup(b) => run_backup(b)?,
+        Command::Backup(b) => return run_backup(b),
         Command::Completions { shell } => {
             let mut out = stdout.lock();
             clap_complete::generate(shell, &mut Args::command(), "qbackup", &mut out);

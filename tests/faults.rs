@@ -41,6 +41,8 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         bitmap_fallback: false,
         no_manifest: false,
         allow_corrupt: false,
+        on_source_error: backup::policy::OnSourceError::Report,
+        on_target_error: backup::policy::OnTargetError::Report,
         allow_disabled_bitmap: false,
         compression: Some((CompressionType::Zstd, 3)),
         cluster_size: None,
@@ -61,7 +63,7 @@ fn backup_with_faults(
     role: Role,
     name: Option<PathBuf>,
     faults: Vec<Fault>,
-) -> Result<(), BackupError> {
+) -> Result<backup::BackupReport, BackupError> {
     let opener = WrappingOpener::new(FileOpener, move |n, r, s| {
         if r == role && name.as_deref().is_none_or(|want| want == n) {
             Arc::new(FaultyStorage::new(s, faults.clone())) as Arc<dyn Storage>
@@ -70,7 +72,7 @@ fn backup_with_faults(
         }
     });
     let cancel = backup::Cancel::new();
-    backup::run(cfg, &opener, &NoProgress, &mut |_| {}, &cancel).map(|_| ())
+    backup::run(cfg, &opener, &NoProgress, &mut |_| {}, &cancel)
 }
 
 /// The error contract: one line, naming `file`, saying `cause` once.
@@ -352,4 +354,85 @@ fn failed_target_sync_keeps_the_bitmap() {
     assert_ne!(std::fs::read(&src).unwrap(), before, "bitmap cleared");
     assert_check_clean(s.dir(), "src.qcow2");
     assert_identical(s.dir(), "src.qcow2", "qcow2", "inc.qcow2", "qcow2");
+}
+
+/// The host offset of guest offset `guest`'s data cluster in `src`.
+fn host_of(src: &Path, guest: u64) -> u64 {
+    let host = Layout::read(src).l2_entry(src, guest) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(host, 0, "guest {guest} is allocated");
+    host
+}
+
+/// `--on-source-error retry`: a read that fails twice then works gives an
+/// identical backup; `report` (the default) fails on the first error.
+#[test]
+fn transient_read_errors_are_retried() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let host = host_of(&src, MIB);
+    let target = s.path("out.qcow2");
+    let faults = vec![Fault::new(FaultKind::ReadEioFirst(2), host..host + 512)];
+    let err =
+        backup_with_faults(&config(&src, &target), Role::Image, None, faults.clone()).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Io, "{err}");
+    assert!(!target.exists());
+    let cfg = BackupConfig {
+        on_source_error: backup::policy::OnSourceError::Retry,
+        ..config(&src, &target)
+    };
+    backup_with_faults(&cfg, Role::Image, None, faults).unwrap();
+    assert_check_clean(s.dir(), "out.qcow2");
+    assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
+}
+
+/// `--on-target-error retry` with a sync that keeps failing: the backup
+/// still fails, after its retries, with one line and nothing left behind
+/// (that transient errors are retried is `storage::retry`'s unit test).
+#[test]
+fn target_errors_that_last_fail_after_the_retries() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let target = s.path("out.qcow2");
+    let cfg = BackupConfig {
+        on_target_error: backup::policy::OnTargetError::Retry,
+        ..config(&src, &target)
+    };
+    // A sync that always fails still fails, after the retries.
+    let err = backup_with_faults(
+        &cfg,
+        Role::Target,
+        None,
+        vec![Fault::new(FaultKind::SyncEio, 0..0)],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("cannot sync"), "{err}");
+    assert!(!target.exists());
+    assert_no_leftovers(s.dir());
+}
+
+/// `--on-source-error ignore`: a cluster that cannot be read is written as
+/// zeros and reported as a guest range; everything else is copied.
+#[test]
+fn unreadable_clusters_are_zeroed_and_reported_when_ignored() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let host = host_of(&src, MIB);
+    let target = s.path("out.qcow2");
+    let cfg = BackupConfig {
+        on_source_error: backup::policy::OnSourceError::Ignore,
+        ..config(&src, &target)
+    };
+    let report = backup_with_faults(
+        &cfg,
+        Role::Image,
+        None,
+        vec![Fault::new(FaultKind::ReadEio, host..host + 512)],
+    )
+    .unwrap();
+    assert_eq!(report.stats.unreadable, vec![(MIB, 64 * KIB)]);
+    assert_check_clean(s.dir(), "out.qcow2");
+    // The backup equals the source with that cluster zeroed.
+    s.img(&["convert", "-O", "raw", "src.qcow2", "expected.raw"]);
+    s.io("expected.raw", "raw", &["write -z 1M 64k"]);
+    assert_identical(s.dir(), "expected.raw", "raw", "out.qcow2", "qcow2");
 }

@@ -295,3 +295,48 @@ fn multi_conn_server_with_fewer_clients_than_workers() {
     );
     assert_identical(s.dir(), "d.qcow2", "qcow2", "out.qcow2", "qcow2");
 }
+
+/// `--on-source-error ignore` against a server whose every read fails:
+/// the backup completes with exit status 3, every cluster listed as
+/// unreadable (one merged range, on stderr and in the JSON result), and
+/// the target reads as zeros.
+#[test]
+fn ignored_read_errors_complete_with_status_3() {
+    let s = Scratch::new();
+    s.write_file("disk.raw", &random_bytes(4 * MIB as usize, 9));
+    let sock = s.path("k.sock");
+    let mut cmd = std::process::Command::new("nbdkit");
+    cmd.arg("-f")
+        .arg("-U")
+        .arg(&sock)
+        .arg("--filter=error")
+        .arg("file")
+        .arg(s.path("disk.raw"))
+        .arg("error-pread=EIO")
+        .arg("error-pread-rate=100%");
+    let _server = hold(&mut cmd, &sock);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    // -f raw: probing the format would need a read, which fails.
+    let run = s.backup(&[
+        "-f",
+        "raw",
+        "--on-source-error",
+        "ignore",
+        "--output=json",
+        &uri,
+        "out.qcow2",
+    ]);
+    assert_eq!(run.code, Some(3), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("guest bytes 0..4194304 could not be read"),
+        "{}",
+        run.stderr
+    );
+    let v = run.json();
+    assert_eq!(v["unreadable-ranges"][0]["start"], 0);
+    assert_eq!(v["unreadable-ranges"][0]["length"], 4 * MIB);
+    assert_check_clean(s.dir(), "out.qcow2");
+    s.create("zeros.raw", "raw", 4 * MIB, "");
+    assert_identical(s.dir(), "zeros.raw", "raw", "out.qcow2", "qcow2");
+}

@@ -48,6 +48,9 @@ pub struct CopyParams {
     /// Copy source clusters that are already compressed with the target's
     /// codec and cluster size as they are.
     pub passthrough: bool,
+    /// Clusters the source cannot read are written as zeros and reported
+    /// instead of failing the backup.
+    pub ignore_read_errors: bool,
     /// Rate limit in guest bytes per second.
     pub speed: Option<u64>,
     /// The source's virtual size (the last cluster may be partial).
@@ -55,7 +58,7 @@ pub struct CopyParams {
 }
 
 /// What the copier stored, by kind of cluster, for the backup's report.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CopyStats {
     /// Clusters stored uncompressed.
     pub data_clusters: u64,
@@ -74,6 +77,10 @@ pub struct CopyStats {
     pub data_guest_bytes: u64,
     /// Bytes the target stored for those clusters (metadata excluded).
     pub data_stored_bytes: u64,
+    /// Guest ranges (start, length) the source could not read, written as
+    /// zeros because read errors are ignored (`--on-source-error ignore`),
+    /// merged, in guest order.
+    pub unreadable: Vec<(u64, u64)>,
 }
 
 impl CopyStats {
@@ -129,6 +136,8 @@ struct Batch {
 struct Done {
     out: Option<Output>,
     entry: Entry,
+    /// The source could not read it; it is written as zeros.
+    unreadable: bool,
 }
 
 /// Where the copier records manifest entries, and the previous backup's
@@ -275,6 +284,14 @@ fn write_in_order(
     while let Some(result) = queue.next() {
         let (first, outs) = result?;
         for (index, cluster) in (0..).map(|i| first + i).zip(outs) {
+            if cluster.unreadable {
+                let start = params.cluster_size.start_of(index).0;
+                let len = params.cluster_size.bytes_below(index, size);
+                match stats.unreadable.last_mut() {
+                    Some(last) if last.0 + last.1 == start => last.1 += len,
+                    _ => stats.unreadable.push((start, len)),
+                }
+            }
             match cluster.out {
                 Some(out) => {
                     stats.count(&out, params.cluster_size.bytes_below(index, size));
@@ -341,6 +358,7 @@ fn process_batch(
             .map(|i| Done {
                 out: (!unchanged(i, &Entry::Zero)).then_some(Output::Zero),
                 entry: Entry::Zero,
+                unreadable: false,
             })
             .collect());
     }
@@ -352,11 +370,12 @@ fn process_batch(
         for (i, out) in outs.iter_mut().enumerate() {
             let index = batch.first + i as u64;
             let valid = cs.bytes_below(index, size);
-            let Some(stream) = source
-                .stored_compressed(cs.start_of(index), valid, cs, codec)
-                .map_err(|source| BackupError::ReadCluster { index, source })?
-            else {
-                continue;
+            let stream = match source.stored_compressed(cs.start_of(index), valid, cs, codec) {
+                Ok(Some(stream)) => stream,
+                Ok(None) => continue,
+                // Read below, cluster by cluster, where the error is handled.
+                Err(_) if params.ignore_read_errors => continue,
+                Err(source) => return Err(BackupError::ReadCluster { index, source }),
             };
             let entry = if hash {
                 plain.resize(cs.usize(), 0);
@@ -369,6 +388,7 @@ fn process_batch(
             *out = Some(Done {
                 out: (!unchanged(i, &entry)).then_some(Output::Stored(stream)),
                 entry,
+                unreadable: false,
             });
         }
     }
@@ -387,12 +407,28 @@ fn process_batch(
             .min(cs.bytes_in(run as u64));
         buf.clear();
         buf.resize(cs.usize() * run, 0);
-        source
-            .read(start, &mut buf[..valid as usize])
-            .map_err(|source| BackupError::ReadCluster {
-                index: first,
-                source,
-            })?;
+        let mut unreadable = vec![false; run];
+        if let Err(err) = source.read(start, &mut buf[..valid as usize]) {
+            if !params.ignore_read_errors {
+                return Err(BackupError::ReadCluster {
+                    index: first,
+                    source: err,
+                });
+            }
+            // Find the clusters that fail alone; they read as zeros.
+            buf.fill(0);
+            for (k, chunk) in buf.chunks_exact_mut(cs.usize()).enumerate() {
+                let index = first + k as u64;
+                let valid = cs.bytes_below(index, size) as usize;
+                if source
+                    .read(cs.start_of(index), &mut chunk[..valid])
+                    .is_err()
+                {
+                    chunk.fill(0);
+                    unreadable[k] = true;
+                }
+            }
+        }
         for (k, cluster) in buf.chunks_exact(cs.usize()).enumerate() {
             let zero = is_zero(cluster);
             let entry = entry_of(cluster, zero);
@@ -403,6 +439,7 @@ fn process_batch(
                     Some(finish_cluster(params, first + k as u64, cluster, zero)?)
                 },
                 entry,
+                unreadable: unreadable[k],
             });
         }
         i += run;

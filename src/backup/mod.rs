@@ -15,6 +15,7 @@ pub mod device;
 mod error;
 pub mod ordered;
 pub mod plan;
+pub mod policy;
 pub mod record;
 pub mod target;
 pub mod temp;
@@ -68,6 +69,10 @@ pub struct BackupConfig {
     /// Back up a source QEMU marked corrupt (with a warning) instead of
     /// refusing it.
     pub allow_corrupt: bool,
+    /// What a failed read of the source does.
+    pub on_source_error: policy::OnSourceError,
+    /// What a failed write of the target does.
+    pub on_target_error: policy::OnTargetError,
     /// Codec and level, or no compression.
     pub compression: Option<(CompressionType, i32)>,
     /// Target cluster size; `None` for QEMU's rule.
@@ -161,6 +166,8 @@ pub fn run(
     cancel: &Cancel,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
+    let policy = policy::PolicyOpener::new(opener, cfg.on_source_error, cfg.on_target_error);
+    let opener: &dyn Opener = &policy;
     // What TARGET is decides before any work (a directory fails at once).
     let kind = device::check_target(cfg)?;
     let mut warnings = Vec::new();
@@ -321,6 +328,7 @@ pub fn run(
         cluster_size,
         compression,
         passthrough: !cfg.recompress,
+        ignore_read_errors: cfg.on_source_error == policy::OnSourceError::Ignore,
         speed: cfg.speed,
         virtual_size: size,
     };

@@ -46,6 +46,11 @@ pub fn json(r: &BackupReport) -> Value {
         "bytes-per-second": throughput(r).round() as u64,
         "bitmap-cleared": r.bitmap_cleared.is_some(),
         "manifest": r.manifest.as_ref().map(|p| p.display().to_string()),
+        "unreadable-ranges": s
+            .unreadable
+            .iter()
+            .map(|&(start, length)| json!({"start": start, "length": length}))
+            .collect::<Vec<_>>(),
     })
 }
 

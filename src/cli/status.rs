@@ -21,6 +21,9 @@ pub const SUCCESS: u8 = 0;
 pub const ERROR: u8 = 1;
 /// A wrong command line.
 pub const USAGE: u8 = 2;
+/// `backup --on-source-error ignore` completed, but some source ranges
+/// could not be read and were written as zeros.
+pub const UNREADABLE: u8 = 3;
 /// Interrupted by a signal we cannot name (Ctrl-C's status).
 pub const INTERRUPTED: u8 = 130;
 
@@ -30,6 +33,8 @@ Exit status:
   0    success (compare: images identical)
   1    error (compare: images differ)
   2    usage error: the command line is wrong (compare: cannot compare)
+  3    backup --on-source-error ignore completed with unreadable ranges
+       (written as zeros, listed on stderr and in the JSON result)
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP";
 
 /// A wrong command line (exit status 2).

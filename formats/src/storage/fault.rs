@@ -23,6 +23,9 @@ use crate::units::HostOffset;
 pub enum FaultKind {
     /// A read fails with EIO.
     ReadEio,
+    /// The first N reads in the range fail with EIO, later ones work (a
+    /// transient error, for retry policies).
+    ReadEioFirst(u64),
     /// A read returns the bytes before the fault's range and then
     /// end-of-file, as if the storage ended there.
     ShortRead,
@@ -59,6 +62,8 @@ impl Fault {
 pub struct FaultyStorage {
     inner: Arc<dyn Storage>,
     faults: Vec<Fault>,
+    /// Reads each fault has seen (for `ReadEioFirst`).
+    seen: Vec<AtomicU64>,
     triggered: AtomicU64,
 }
 
@@ -67,6 +72,7 @@ impl FaultyStorage {
     pub fn new(inner: Arc<dyn Storage>, faults: Vec<Fault>) -> FaultyStorage {
         FaultyStorage {
             inner,
+            seen: faults.iter().map(|_| AtomicU64::new(0)).collect(),
             faults,
             triggered: AtomicU64::new(0),
         }
@@ -98,11 +104,22 @@ impl Storage for FaultyStorage {
     fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {
         let len = buf.len() as u64;
         let mut limit = buf.len();
-        for f in self.faults.iter().filter(|f| f.overlaps(offset.0, len)) {
+        let overlapping = self
+            .faults
+            .iter()
+            .zip(&self.seen)
+            .filter(|(f, _)| f.overlaps(offset.0, len));
+        for (f, seen) in overlapping {
             match &f.kind {
                 FaultKind::ReadEio => {
                     self.hit();
                     return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                FaultKind::ReadEioFirst(n) => {
+                    if seen.fetch_add(1, Ordering::SeqCst) < *n {
+                        self.hit();
+                        return Err(io::Error::from_raw_os_error(libc::EIO));
+                    }
                 }
                 FaultKind::ShortRead => {
                     self.hit();

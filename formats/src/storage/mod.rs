@@ -19,6 +19,7 @@ pub mod fault;
 pub mod file;
 pub mod lock;
 pub mod nbd;
+pub mod retry;
 
 use std::fmt;
 use std::io;

@@ -1,0 +1,101 @@
+//! Error policies, like the backup job's `on-source-error` and
+//! `on-target-error`: what a failed read of the source or write of the
+//! target does. `report` fails the backup (the default); `retry` tries the
+//! operation again a few times with growing pauses before failing (a
+//! storage wrapper put under every file through the opener seam); `ignore`
+//! (source only) writes the clusters that cannot be read as zeros (the
+//! copier reads a failed run again cluster by cluster to find them) and
+//! reports them, and the backup ends with its own exit status.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qbackup_formats::open::{Opener, Role};
+use qbackup_formats::storage::retry::{RetryPolicy, RetryingStorage};
+use qbackup_formats::storage::{Storage, StorageError};
+
+/// What a failed read of the source does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnSourceError {
+    /// Fail the backup.
+    #[default]
+    Report,
+    /// Retry, then fail.
+    Retry,
+    /// Write the clusters that cannot be read as zeros and report them.
+    Ignore,
+}
+
+/// What a failed write (or sync) of the target does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnTargetError {
+    /// Fail the backup.
+    #[default]
+    Report,
+    /// Retry, then fail.
+    Retry,
+}
+
+/// Attempts in all for `retry`, and the first pause (doubling: 0.1, 0.2,
+/// 0.4, 0.8 s, 1.5 s of waiting at most per operation).
+const RETRY: RetryPolicy = RetryPolicy {
+    attempts: 5,
+    first_pause: Duration::from_millis(100),
+    reads: false,
+    writes: false,
+};
+
+/// An opener that puts the retry wrapper under the source's files and the
+/// target, as the policies ask.
+pub struct PolicyOpener<'a> {
+    inner: &'a dyn Opener,
+    source: OnSourceError,
+    target: OnTargetError,
+}
+
+impl<'a> PolicyOpener<'a> {
+    /// Wraps `inner`.
+    pub fn new(inner: &'a dyn Opener, source: OnSourceError, target: OnTargetError) -> Self {
+        PolicyOpener {
+            inner,
+            source,
+            target,
+        }
+    }
+}
+
+impl Opener for PolicyOpener<'_> {
+    fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        let storage = self.inner.open(name, role)?;
+        Ok(match self.source {
+            // ignore: the copier isolates the clusters that fail, at once.
+            OnSourceError::Report | OnSourceError::Ignore => storage,
+            OnSourceError::Retry => Arc::new(RetryingStorage::new(
+                storage,
+                RetryPolicy {
+                    reads: true,
+                    ..RETRY
+                },
+            )),
+        })
+    }
+
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        self.inner.canonical(name)
+    }
+
+    fn target(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        let storage = self.inner.target(storage);
+        match self.target {
+            OnTargetError::Report => storage,
+            OnTargetError::Retry => Arc::new(RetryingStorage::new(
+                storage,
+                RetryPolicy {
+                    writes: true,
+                    ..RETRY
+                },
+            )),
+        }
+    }
+}
