@@ -185,13 +185,23 @@ fn enospc_writing_the_target() {
     let target = s.path("out.qcow2");
     let mut cfg = config(&src, &target);
     cfg.compression = None;
-    expect_io_failure(
+    let err = expect_io_failure(
         &s,
         &cfg,
         (Role::Target, None),
         vec![Fault::new(FaultKind::WriteNoSpace, MIB..u64::MAX)],
         &target,
-        "No space left on device",
+        "no space left on the file system",
+    );
+    assert_says_needed_and_free(&err);
+}
+
+/// ENOSPC says what the backup needed, what it wrote and what is free.
+fn assert_says_needed_and_free(err: &BackupError) {
+    let msg = err.to_string();
+    assert!(
+        msg.contains("needs up to 2097152 bytes") && msg.contains("bytes are free there"),
+        "{msg}"
     );
 }
 
@@ -202,14 +212,15 @@ fn enospc_writing_a_raw_target() {
     let target = s.path("out.raw");
     let mut cfg = config(&src, &target);
     cfg.target_format = Format::Raw;
-    expect_io_failure(
+    let err = expect_io_failure(
         &s,
         &cfg,
         (Role::Target, None),
         vec![Fault::new(FaultKind::WriteNoSpace, MIB..u64::MAX)],
         &target,
-        "No space left on device",
+        "no space left on the file system",
     );
+    assert_says_needed_and_free(&err);
 }
 
 #[test]

@@ -102,6 +102,20 @@ pub enum BackupError {
     /// The previous backup of an incremental backup cannot be used.
     #[error(transparent)]
     PreviousBackup(SourceError),
+    /// The target's file system filled up.
+    #[error("{}: no space left on the file system: the backup needs up to {planned} bytes (its guest data before compression, plus metadata) and had written {written}; {free} bytes are free there", path.display())]
+    NoSpace {
+        /// The target.
+        path: PathBuf,
+        /// Guest bytes planned.
+        planned: u64,
+        /// Bytes written to the temporary file so far.
+        written: u64,
+        /// Bytes free for an unprivileged user on the target's file system.
+        free: u64,
+        /// The write or sync that failed.
+        source: Box<BackupError>,
+    },
     /// An image of the source carries the corrupt bit.
     #[error("{}: image is marked corrupt (QEMU found its metadata inconsistent); run 'qemu-img check -r all' on a copy first, or pass --allow-corrupt to back up what it reads", .0.display())]
     MarkedCorrupt(PathBuf),
@@ -224,6 +238,7 @@ impl Classify for BackupError {
             | BackupError::BackingSize { .. } => ErrorClass::Usage,
             BackupError::Manifest(e) => e.class(),
             BackupError::MarkedCorrupt(_) => ErrorClass::Corrupt,
+            BackupError::NoSpace { .. } => ErrorClass::Io,
             BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
             BackupError::StartThreads { .. } | BackupError::SourceChanged(_) => ErrorClass::Io,
             BackupError::Compress { source, .. } => source.class(),
@@ -246,4 +261,18 @@ impl BackupError {
             _ => None,
         }
     }
+}
+
+/// True when an ENOSPC is somewhere in `e`'s chain of causes.
+pub fn caused_by_enospc(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::ENOSPC) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }

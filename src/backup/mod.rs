@@ -336,13 +336,28 @@ pub fn run(
         builder: recorder.as_mut().map(|r| &mut r.builder),
         skip_unchanged,
     };
+    // ENOSPC says how much was needed and how much is free.
+    let no_space = |e: BackupError| {
+        if !error::caused_by_enospc(&e) {
+            return e;
+        }
+        BackupError::NoSpace {
+            path: cfg.target.clone(),
+            planned,
+            written: storage.len(),
+            free: rustix::fs::statvfs(&dir).map_or(0, |v| v.f_bavail * v.f_frsize),
+            source: Box::new(e),
+        }
+    };
     let stats = copier::copy(source, &ranges, params, target, recording, progress, cancel)
         .map_err(|e| match e {
-            BackupError::Write(_) => target_err(e),
+            BackupError::Write(_) => no_space(target_err(e)),
             other => other,
         })?;
     let manifest = recorder.map(record::Recorder::finish).transpose()?;
-    storage.sync().map_err(|e| commit_err("sync", e))?;
+    storage
+        .sync()
+        .map_err(|e| no_space(commit_err("sync", e)))?;
     // A signal during the sync: stop before anything appears at TARGET.
     if cancel.is_set() {
         return Err(cancel.error());
