@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -233,15 +234,11 @@ fn live_vm_fleecing_full_and_incremental() {
     assert_eq!(code, Some(1), "the live disk moved on: {text}");
 }
 
-/// A server that starts failing reads mid-backup (nbdkit's error filter,
-/// switched on by a trigger file): one line naming the export and the
-/// server's error, nothing at TARGET.
-#[test]
-fn server_read_errors_mid_backup() {
-    let s = Scratch::new();
-    s.write_file("disk.raw", &random_bytes(32 * MIB as usize, 7));
+/// nbdkit serving disk.raw through its error filter (every read fails with
+/// EIO, or only while a trigger file exists, as `extra` says): the guard,
+/// the socket and the URI.
+fn failing_reads_server(s: &Scratch, extra: &[&str]) -> (Holder, PathBuf, String) {
     let sock = s.path("k.sock");
-    let trigger = s.path("fail-now");
     let mut cmd = std::process::Command::new("nbdkit");
     cmd.arg("-f")
         .arg("-U")
@@ -251,9 +248,22 @@ fn server_read_errors_mid_backup() {
         .arg(s.path("disk.raw"))
         .arg("error-pread=EIO")
         .arg("error-pread-rate=100%")
-        .arg(format!("error-pread-file={}", trigger.display()));
-    let _server = hold(&mut cmd, &sock);
+        .args(extra);
+    let server = hold(&mut cmd, &sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
+    (server, sock, uri)
+}
+
+/// A server that starts failing reads mid-backup (nbdkit's error filter,
+/// switched on by a trigger file): one line naming the export and the
+/// server's error, nothing at TARGET.
+#[test]
+fn server_read_errors_mid_backup() {
+    let s = Scratch::new();
+    s.write_file("disk.raw", &random_bytes(32 * MIB as usize, 7));
+    let trigger = s.path("fail-now");
+    let trigger_arg = format!("error-pread-file={}", trigger.display());
+    let (_server, sock, uri) = failing_reads_server(&s, &[&trigger_arg]);
     let run = backup_while(&s, &uri, || std::fs::write(&trigger, b"").unwrap());
     run.assert_clean_failure(&[&sock.display().to_string()])
         .assert_clean_failure_mentioning(&["EIO"]);
@@ -304,18 +314,7 @@ fn multi_conn_server_with_fewer_clients_than_workers() {
 fn ignored_read_errors_complete_with_status_3() {
     let s = Scratch::new();
     s.write_file("disk.raw", &random_bytes(4 * MIB as usize, 9));
-    let sock = s.path("k.sock");
-    let mut cmd = std::process::Command::new("nbdkit");
-    cmd.arg("-f")
-        .arg("-U")
-        .arg(&sock)
-        .arg("--filter=error")
-        .arg("file")
-        .arg(s.path("disk.raw"))
-        .arg("error-pread=EIO")
-        .arg("error-pread-rate=100%");
-    let _server = hold(&mut cmd, &sock);
-    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let (_server, _, uri) = failing_reads_server(&s, &[]);
     // -f raw: probing the format would need a read, which fails.
     let run = s.backup(&[
         "-f",
