@@ -62,7 +62,7 @@ impl Storage for MemStorage {
 /// must never make the harness touch the file system.
 #[derive(Debug)]
 pub struct MemOpener {
-    data: Arc<[u8]>,
+    pub(crate) data: Arc<[u8]>,
 }
 
 impl Opener for MemOpener {
@@ -168,5 +168,7 @@ fn walk(layer: &dyn Layer) {
     }
 }
 
+mod clear;
 mod nbd;
+pub use clear::exercise_bitmap_clear;
 pub use nbd::exercise_client;

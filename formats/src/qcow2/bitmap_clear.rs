@@ -8,7 +8,13 @@
 //! (QEMU's write locks held, so no VM or tool has it open), it is neither
 //! marked corrupt nor dirty (with lazy refcounts a dirty image's refcounts
 //! may be stale), the bitmap exists and is not in use, its table is valid,
-//! and each of its data clusters appears once and has refcount exactly 1.
+//! each of its data clusters appears once and has refcount exactly 1, and
+//! nothing that will be written (the table, the refcount blocks) or freed
+//! (the data clusters) overlaps other metadata: the header cluster, the L1
+//! and L2 tables, the refcount table and blocks, the snapshot table, the
+//! bitmap directory, other bitmaps' tables and data (QEMU's overlap checks
+//! before metadata writes; an inconsistent image must not be damaged
+//! further).
 //!
 //! [`Qcow2BitmapClear::commit`] writes in this order, syncing after each
 //! step, so that a crash at any instant leaves an image QEMU opens with no
@@ -74,6 +80,18 @@ pub enum ClearError {
         /// Its refcount.
         refcount: u64,
     },
+    /// Something to be written or freed overlaps other metadata.
+    #[error("cannot clear dirty bitmap '{name}': its {what} at host offset {offset} overlaps the image's {other} (the image is inconsistent: qemu-img check reports it)")]
+    Overlap {
+        /// The bitmap.
+        name: String,
+        /// What would be written or freed.
+        what: &'static str,
+        /// Where.
+        offset: HostOffset,
+        /// What it overlaps.
+        other: &'static str,
+    },
     /// Reading the bitmap or the refcounts failed.
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
@@ -98,7 +116,8 @@ impl Classify for ClearError {
             ClearError::ReadOnly { .. } => ErrorClass::Internal,
             ClearError::MarkedCorrupt { .. }
             | ClearError::Dirty { .. }
-            | ClearError::Refcount { .. } => ErrorClass::Corrupt,
+            | ClearError::Refcount { .. }
+            | ClearError::Overlap { .. } => ErrorClass::Corrupt,
             ClearError::Bitmap(e) => e.class(),
             ClearError::Refcounts(e) => e.class(),
             ClearError::Write { source, .. } => ErrorClass::of_io(source),
@@ -198,6 +217,7 @@ pub fn prepare(image: &Qcow2Image, name: &str) -> Result<Qcow2BitmapClear, Qcow2
         }
         entries.push((index, offset));
     }
+    check_overlaps(image, name, entry, &table, &freed, &refcounts)?;
     Ok(Qcow2BitmapClear {
         storage: Arc::clone(storage),
         name: name.to_string(),
@@ -207,6 +227,115 @@ pub fn prepare(image: &Qcow2Image, name: &str) -> Result<Qcow2BitmapClear, Qcow2
         refcount_order: h.refcount_order,
         freed,
     })
+}
+
+/// Host byte ranges of the image's metadata, by what they are.
+fn metadata(
+    image: &Qcow2Image,
+    cleared: &str,
+    refcounts: &RefcountReader<'_>,
+) -> Vec<(&'static str, u64, u64)> {
+    let h = image.header();
+    let cs = 1u64 << h.cluster_bits;
+    let mut m = vec![
+        ("header cluster", 0, cs),
+        ("L1 table", h.l1_table_offset.0, u64::from(h.l1_size) * 8),
+        (
+            "refcount table",
+            h.refcount_table_offset.0,
+            u64::from(h.refcount_table_clusters) << h.cluster_bits,
+        ),
+    ];
+    if h.nb_snapshots > 0 {
+        // Its length is not in the header: at least its first cluster.
+        m.push(("snapshot table", h.snapshots_offset.0, cs));
+    }
+    if let Some(ext) = &h.bitmaps {
+        m.push((
+            "bitmap directory",
+            ext.directory_offset.0,
+            ext.directory_size,
+        ));
+    }
+    m.extend(
+        refcounts
+            .block_offsets()
+            .map(|b| ("refcount block", b.0, cs)),
+    );
+    m.extend(
+        image
+            .l1()
+            .iter()
+            .map(|e| e & 0x00ff_ffff_ffff_fe00)
+            .filter(|&o| o != 0)
+            .map(|o| ("L2 table", o, cs)),
+    );
+    for b in image.bitmaps().iter().filter(|b| b.name != cleared) {
+        m.push((
+            "other bitmap's table",
+            b.table_offset.0,
+            u64::from(b.table_size) * 8,
+        ));
+        if b.flags & flags::IN_USE == 0 {
+            if let Ok(t) = read_table(
+                image.storage().as_ref(),
+                b,
+                h.cluster_bits,
+                image.virtual_size(),
+            ) {
+                m.extend(data_clusters(&t).map(|o| ("other bitmap's data", o.0, cs)));
+            }
+        }
+    }
+    m
+}
+
+/// Fails when the table to be zeroed, a refcount block to be written, or
+/// a data cluster to be freed overlaps other metadata (see the module docs).
+fn check_overlaps(
+    image: &Qcow2Image,
+    name: &str,
+    entry: &super::bitmaps::BitmapEntry,
+    table: &[u64],
+    freed: &BTreeMap<HostOffset, Vec<(usize, HostOffset)>>,
+    refcounts: &RefcountReader<'_>,
+) -> Result<(), Qcow2Error> {
+    let cs = 1u64 << image.header().cluster_bits;
+    let meta = metadata(image, name, refcounts);
+    let overlap = |what: &'static str, at: u64, len: u64, skip: &[&str]| {
+        for &(other, start, mlen) in &meta {
+            if skip.contains(&other) {
+                continue;
+            }
+            if at < start.saturating_add(mlen) && start < at.saturating_add(len) {
+                return Err(Qcow2Error::from(ClearError::Overlap {
+                    name: name.to_string(),
+                    what,
+                    offset: HostOffset(at),
+                    other,
+                }));
+            }
+        }
+        Ok(())
+    };
+    let table_len = table.len() as u64 * 8;
+    overlap("bitmap table", entry.table_offset.0, table_len, &[])?;
+    for o in data_clusters(table) {
+        overlap("data cluster", o.0, cs, &[])?;
+        if o.0 < entry.table_offset.0 + table_len && entry.table_offset.0 < o.0 + cs {
+            return Err(Qcow2Error::from(ClearError::Overlap {
+                name: name.to_string(),
+                what: "data cluster",
+                offset: o,
+                other: "bitmap table",
+            }));
+        }
+    }
+    for &block in freed.keys() {
+        // A refcount block may be (and is) a refcount block.
+        overlap("refcount block", block.0, cs, &["refcount block"])?;
+    }
+    Ok(())
 }
 
 impl Qcow2BitmapClear {

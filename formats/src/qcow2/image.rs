@@ -247,6 +247,11 @@ impl Qcow2Image {
         })
     }
 
+    /// The L1 table's entries.
+    pub(crate) fn l1(&self) -> &[u64] {
+        &self.l1
+    }
+
     /// The decoded header.
     pub(crate) fn header(&self) -> &Header {
         &self.header

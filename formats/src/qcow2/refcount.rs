@@ -103,6 +103,15 @@ impl<'a> RefcountReader<'a> {
         })
     }
 
+    /// The refcount blocks the table points to (host offsets, nonzero).
+    pub fn block_offsets(&self) -> impl Iterator<Item = HostOffset> + '_ {
+        self.table
+            .iter()
+            .map(|e| e & !0x1ff)
+            .filter(|&o| o != 0)
+            .map(HostOffset)
+    }
+
     /// Where the refcount of host cluster `cluster` lives; `None` when no
     /// refcount block covers it (its refcount is 0).
     pub fn slot(&self, cluster: u64) -> Result<Option<RefcountSlot>, RefcountError> {
