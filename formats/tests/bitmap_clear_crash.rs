@@ -7,6 +7,8 @@
 //! clearing is only started once the backup holding them is durable), with
 //! every bit either kept or cleared as a whole table entry at a time.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::listening;
 use qbackup_formats::image::open_storage;
 use qbackup_formats::open::FileOpener;
 use qbackup_formats::storage::{FileStorage, Identity, Storage};
@@ -92,18 +95,7 @@ fn dirty_set(img: &Path) -> BTreeSet<(u64, u64)> {
         .spawn()
         .expect("qemu-nbd");
     let deadline = Instant::now() + Duration::from_secs(10);
-    let want = sock.to_string_lossy().into_owned();
-    // Listening (not merely bound): /proc/net/unix flag __SO_ACCEPTCON.
-    while !std::fs::read_to_string("/proc/net/unix")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() >= 8
-                && f[7] == want
-                && u32::from_str_radix(f[3], 16).is_ok_and(|x| x & 0x1_0000 != 0)
-        })
-    {
+    while !listening(&sock) {
         assert!(Instant::now() < deadline, "qemu-nbd did not start");
         std::thread::sleep(Duration::from_millis(10));
     }

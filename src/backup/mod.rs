@@ -211,48 +211,22 @@ pub fn run(
     };
     // An incremental backup keeps the previous backup's cluster size, so
     // that its manifest lines up with the previous one.
-    let prev_path = cfg.backing.as_deref().map(Path::new);
-    let incremental = matches!(mode, SyncMode::Incremental | SyncMode::Changed);
-    let prev_cluster = match (incremental, prev_path) {
-        (true, Some(p)) => record::previous_cluster_size(p),
-        _ => None,
+    let chosen = match cfg.cluster_size {
+        Some(bytes) => Some(ClusterSize::new(bytes).ok_or(BackupError::ClusterSize(bytes))?),
+        None => None,
     };
-    let cluster_size = match cfg.cluster_size {
-        Some(bytes) => ClusterSize::new(bytes).ok_or(BackupError::ClusterSize(bytes))?,
-        None => prev_cluster.unwrap_or_else(|| default_cluster_size(source)),
-    };
-    // The previous backup's manifest: its entries fill the clusters this
-    // backup does not write when they line up (same cluster size), and
-    // its BLAKE3 is recorded as the parent's in any case.
-    let (previous, parent_digest) = match (incremental, prev_path) {
-        (true, Some(p)) => match record::previous_manifest(p)? {
-            Some(m) => {
-                let digest = m.digest().to_string();
-                let lines_up = record::lines_up(&m, cluster_size, size);
-                (lines_up.then_some(m), Some(digest))
-            }
-            None => (None, None),
-        },
-        _ => (None, None),
-    };
-    let skip_unchanged = match (mode, prev_path) {
-        (SyncMode::Changed, Some(p)) => {
-            let m = record::previous_manifest(p)?.ok_or_else(|| {
-                BackupError::PreviousHasNoManifest {
-                    path: crate::manifest::path_for(p),
-                }
-            })?;
-            if !record::lines_up(&m, cluster_size, size) {
-                return Err(BackupError::PreviousManifestMismatch {
-                    path: m.path().to_path_buf(),
-                    cluster_size: m.meta().cluster_size,
-                    wanted: cluster_size.bytes(),
-                });
-            }
-            Some(m)
-        }
-        _ => None,
-    };
+    let record::Previous {
+        cluster_size,
+        gaps: previous,
+        parent_digest,
+        skip_unchanged,
+    } = record::previous(
+        cfg.backing.as_deref().map(Path::new),
+        mode,
+        chosen,
+        default_cluster_size(source),
+        size,
+    )?;
 
     let ranges =
         plan::plan(source, mode, cluster_size, cancel.flag())?.ok_or_else(|| cancel.error())?;

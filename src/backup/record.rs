@@ -19,7 +19,7 @@ use crate::manifest::{self, Gaps, ManifestBuilder, ManifestReader, ManifestWrite
 use crate::source::Source;
 
 /// The manifest of the previous backup `prev`, or `None` when it has none.
-pub fn previous_manifest(prev: &Path) -> Result<Option<ManifestReader>, BackupError> {
+fn previous_manifest(prev: &Path) -> Result<Option<ManifestReader>, BackupError> {
     let path = manifest::path_for(prev);
     if !path.exists() {
         return Ok(None);
@@ -31,15 +31,76 @@ pub fn previous_manifest(prev: &Path) -> Result<Option<ManifestReader>, BackupEr
 
 /// Whether a manifest's entries line up with a backup of `virtual_size`
 /// in clusters of `cluster_size`.
-pub fn lines_up(m: &ManifestReader, cluster_size: ClusterSize, virtual_size: u64) -> bool {
+fn lines_up(m: &ManifestReader, cluster_size: ClusterSize, virtual_size: u64) -> bool {
     m.meta().cluster_size == cluster_size.bytes() && m.meta().virtual_size == virtual_size
 }
 
-/// The cluster size of the previous backup's manifest, if it has a
-/// readable one (an incremental backup keeps it by default).
-pub fn previous_cluster_size(prev: &Path) -> Option<ClusterSize> {
-    let reader = ManifestReader::open(&manifest::path_for(prev)).ok()?;
-    ClusterSize::new(reader.meta().cluster_size)
+/// What a backup takes from the previous backup's manifest.
+pub struct Previous {
+    /// The target cluster size: `chosen`, else the previous backup's
+    /// (so that the manifests line up), else the default.
+    pub cluster_size: ClusterSize,
+    /// Its entries for the clusters this backup does not write, when they
+    /// line up.
+    pub gaps: Option<ManifestReader>,
+    /// Its BLAKE3 (hex), recorded as the parent's.
+    pub parent_digest: Option<String>,
+    /// A second stream of its entries, for an incremental by content.
+    pub skip_unchanged: Option<ManifestReader>,
+}
+
+/// Reads what an incremental backup in `mode` on `prev` needs from
+/// PREV's manifest (opened once, and once more for a second stream when
+/// unchanged clusters are skipped); `chosen` is `--cluster-size`.
+pub fn previous(
+    prev: Option<&Path>,
+    mode: SyncMode,
+    chosen: Option<ClusterSize>,
+    default: ClusterSize,
+    virtual_size: u64,
+) -> Result<Previous, BackupError> {
+    let incremental = matches!(mode, SyncMode::Incremental | SyncMode::Changed);
+    let (Some(prev), true) = (prev, incremental) else {
+        return Ok(Previous {
+            cluster_size: chosen.unwrap_or(default),
+            gaps: None,
+            parent_digest: None,
+            skip_unchanged: None,
+        });
+    };
+    let m = previous_manifest(prev)?;
+    let cluster_size = chosen
+        .or_else(|| {
+            m.as_ref()
+                .and_then(|m| ClusterSize::new(m.meta().cluster_size))
+        })
+        .unwrap_or(default);
+    let skip_unchanged = match (&m, mode) {
+        (None, SyncMode::Changed) => {
+            return Err(BackupError::PreviousHasNoManifest {
+                path: manifest::path_for(prev),
+            })
+        }
+        (Some(m), SyncMode::Changed) if !lines_up(m, cluster_size, virtual_size) => {
+            return Err(BackupError::PreviousManifestMismatch {
+                path: m.path().to_path_buf(),
+                cluster_size: m.meta().cluster_size,
+                wanted: cluster_size.bytes(),
+            });
+        }
+        (Some(m), SyncMode::Changed) => {
+            Some(ManifestReader::open(m.path()).map_err(BackupError::Manifest)?)
+        }
+        _ => None,
+    };
+    let parent_digest = m.as_ref().map(|m| m.digest().to_string());
+    let gaps = m.filter(|m| lines_up(m, cluster_size, virtual_size));
+    Ok(Previous {
+        cluster_size,
+        gaps,
+        parent_digest,
+        skip_unchanged,
+    })
 }
 
 /// A manifest being written beside the target.
