@@ -1,6 +1,7 @@
 //! Injected storage faults during a backup: an EIO while reading a data
 //! cluster, a short read inside an L2 table, ENOSPC while writing the target
-//! and EIO on the final sync. Each must fail the backup with one line that
+//! and EIO on a sync (the final one, a background one, one that fails only
+//! once). Each must fail the backup with one line that
 //! names the file and says the cause once, the right error class, nothing at
 //! TARGET and no temporary file left behind.
 //!
@@ -233,6 +234,54 @@ fn eio_on_the_final_sync() {
         &config(&src, &target),
         (Role::Target, None),
         vec![Fault::new(FaultKind::SyncEio, 0..0)],
+        &target,
+        "Input/output error",
+    );
+    assert!(err.to_string().contains("cannot sync"), "{err}");
+}
+
+/// A sync that fails once and then "succeeds" (Linux reports a failed
+/// writeback once and may drop the pages): retrying it would turn lost
+/// data into a good-looking backup, so `--on-target-error retry` does not
+/// retry syncs. Regression test: the retry policy used to.
+#[test]
+fn a_failed_sync_is_not_retried() {
+    let s = Scratch::new();
+    let src = source(&s);
+    let target = s.path("out.qcow2");
+    let cfg = BackupConfig {
+        on_target_error: backup::policy::OnTargetError::Retry,
+        ..config(&src, &target)
+    };
+    let err = expect_io_failure(
+        &s,
+        &cfg,
+        (Role::Target, None),
+        vec![Fault::new(FaultKind::SyncEioOnce, 0..0)],
+        &target,
+        "Input/output error",
+    );
+    assert!(err.to_string().contains("cannot sync"), "{err}");
+}
+
+/// The target is synced in the background while the copy runs (every
+/// 64 MiB stored); when such a sync fails, the backup fails, even though
+/// the final sync would report success.
+#[test]
+fn a_failed_background_sync_fails_the_backup() {
+    let s = Scratch::new();
+    s.create("src.qcow2", "qcow2", 80 * MIB, "");
+    s.io("src.qcow2", "qcow2", &["write -P 0x5a 0 80M"]);
+    let target = s.path("out.qcow2");
+    let cfg = BackupConfig {
+        compression: None,
+        ..config(&s.path("src.qcow2"), &target)
+    };
+    let err = expect_io_failure(
+        &s,
+        &cfg,
+        (Role::Target, None),
+        vec![Fault::new(FaultKind::SyncEioOnce, 0..0)],
         &target,
         "Input/output error",
     );

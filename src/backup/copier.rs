@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use qbackup_formats::codec::{self, CompressionType, Compressor};
 use qbackup_formats::{ClusterIndex, ClusterSize};
 
+use super::early_sync::{EarlySync, SYNC_BYTES};
 use super::ordered::Ordered;
 use super::plan::{Action, PlanRange};
 use super::target::{Output, Target};
@@ -151,6 +152,8 @@ pub struct Recording<'a> {
 }
 
 thread_local! {
+    /// A worker's read buffer (one batch), kept between batches.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static COMPRESSOR: RefCell<Option<(CompressionType, i32, Compressor)>> = const { RefCell::new(None) };
 }
 
@@ -189,43 +192,70 @@ pub fn copy(
     let hash = builder.is_some();
     let batches = with_previous(batches, skip_unchanged);
     let queue = Ordered::new(batches, in_flight);
+    let storage = std::sync::Arc::clone(target.storage());
+    let early = EarlySync::default();
 
-    let written = pool.in_place_scope(|scope| {
-        for _ in 0..params.threads {
-            scope.spawn(|_| {
-                while let Some((seq, batch)) = queue.take() {
-                    let result = match batch {
-                        Err(e) => Err(e),
-                        Ok(_) if cancel.is_set() => Err(cancel.error()),
-                        Ok(batch) => {
-                            let first = batch.first;
-                            // A panic must still hand in a result, or the
-                            // writer would wait for this batch forever.
-                            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                                process_batch(source, &params, hash, batch)
-                            }))
-                            .unwrap_or(Err(BackupError::WorkerPanicked { index: first }))
-                            .map(|outs| (first, outs))
-                        }
-                    };
-                    queue.put(seq, result);
-                }
-            });
-        }
-        // The writer: this thread, in cluster order.
-        // Whatever happens to the writer, the workers must be released, or
-        // the scope would wait for them forever.
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            write_in_order(&queue, target.as_mut(), builder, &params, progress, cancel)
-        }))
-        .unwrap_or(Err(BackupError::WriterPanicked));
-        queue.stop();
-        result
+    let written = std::thread::scope(|threads| {
+        threads.spawn(|| early.run(storage.as_ref()));
+        let written = pool.in_place_scope(|scope| {
+            for _ in 0..params.threads {
+                scope.spawn(|_| work(&queue, source, &params, hash, cancel));
+            }
+            // The writer: this thread, in cluster order.
+            // Whatever happens to the writer, the workers must be released, or
+            // the scope would wait for them forever.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let out = Sink {
+                    target: target.as_mut(),
+                    early: &early,
+                    builder,
+                };
+                write_in_order(&queue, out, &params, progress, cancel)
+            }))
+            .unwrap_or(Err(BackupError::WriterPanicked));
+            queue.stop();
+            result
+        });
+        early.stop();
+        written
     });
     let stats = written?;
+    if let Some(source) = early.take_failure() {
+        return Err(BackupError::EarlySync { source });
+    }
     target.finish().map_err(BackupError::Write)?;
     Ok(stats)
 }
+
+/// A worker: takes batches until there are none, hands in their results.
+fn work(
+    queue: &Ordered<impl Iterator<Item = Result<Batch, BackupError>>, BatchResult>,
+    source: &dyn Source,
+    params: &CopyParams,
+    hash: bool,
+    cancel: &Cancel,
+) {
+    while let Some((seq, batch)) = queue.take() {
+        let result = match batch {
+            Err(e) => Err(e),
+            Ok(_) if cancel.is_set() => Err(cancel.error()),
+            Ok(batch) => {
+                let first = batch.first;
+                // A panic must still hand in a result, or the writer would
+                // wait for this batch forever.
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    process_batch(source, params, hash, batch)
+                }))
+                .unwrap_or(Err(BackupError::WorkerPanicked { index: first }))
+                .map(|outs| (first, outs))
+            }
+        };
+        queue.put(seq, result);
+    }
+}
+
+/// A batch's first cluster and what became of each of its clusters.
+type BatchResult = Result<(ClusterIndex, Vec<Done>), BackupError>;
 
 /// Attaches the previous backup's entries to each batch, read in step
 /// (the plan is in cluster order). A manifest that cannot be read yields
@@ -268,10 +298,17 @@ fn short_manifest(reader: &ManifestReader) -> BackupError {
     })
 }
 
+/// Where the writer puts what it takes from the queue.
+struct Sink<'a> {
+    target: &'a mut dyn Target,
+    /// Syncs the target in the background as it grows.
+    early: &'a EarlySync,
+    builder: Option<&'a mut ManifestBuilder>,
+}
+
 fn write_in_order(
-    queue: &Ordered<impl Iterator, Result<(ClusterIndex, Vec<Done>), BackupError>>,
-    target: &mut dyn Target,
-    mut builder: Option<&mut ManifestBuilder>,
+    queue: &Ordered<impl Iterator, BatchResult>,
+    out: Sink<'_>,
     params: &CopyParams,
     progress: &dyn Progress,
     cancel: &Cancel,
@@ -281,8 +318,21 @@ fn write_in_order(
     let size = params.virtual_size;
     let mut done = 0u64;
     let mut flushed_at = 0u64;
+    let mut synced_at = 0u64;
+    let Sink {
+        target,
+        early,
+        mut builder,
+    } = out;
     while let Some(result) = queue.next() {
         let (first, outs) = result?;
+        if let Some(source) = early.take_failure() {
+            return Err(BackupError::EarlySync { source });
+        }
+        if stats.data_stored_bytes - synced_at >= SYNC_BYTES {
+            early.request();
+            synced_at = stats.data_stored_bytes;
+        }
         for (index, cluster) in (0..).map(|i| first + i).zip(outs) {
             if cluster.unreadable {
                 let start = params.cluster_size.start_of(index).0;
@@ -392,7 +442,39 @@ fn process_batch(
             });
         }
     }
-    let mut buf = Vec::new();
+    READ_BUF.with(|buf| {
+        read_runs(
+            source,
+            params,
+            &batch,
+            &mut buf.borrow_mut(),
+            &mut outs,
+            &entry_of,
+            &unchanged,
+        )
+    })?;
+    Ok(outs
+        .into_iter()
+        .map(|o| o.expect("every cluster handled"))
+        .collect())
+}
+
+/// Reads the clusters of `batch` not handled yet (`None` in `outs`), one
+/// read per run, then zero-detects, hashes and compresses them one by one.
+/// `buf` is the worker's read buffer, kept between batches: only bytes past
+/// the disk's end are zeroed, the rest is overwritten by the read.
+fn read_runs(
+    source: &dyn Source,
+    params: &CopyParams,
+    batch: &Batch,
+    buf: &mut Vec<u8>,
+    outs: &mut [Option<Done>],
+    entry_of: &dyn Fn(&[u8], bool) -> Entry,
+    unchanged: &dyn Fn(usize, &Entry) -> bool,
+) -> Result<(), BackupError> {
+    let n = outs.len();
+    let cs = params.cluster_size;
+    let size = source.virtual_size();
     let mut i = 0;
     while i < n {
         if outs[i].is_some() {
@@ -405,8 +487,15 @@ fn process_batch(
         let valid = start
             .until(qbackup_formats::GuestOffset(size))
             .min(cs.bytes_in(run as u64));
-        buf.clear();
-        buf.resize(cs.usize() * run, 0);
+        let buf = {
+            let len = cs.usize() * run;
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let buf = &mut buf[..len];
+            buf[valid as usize..].fill(0);
+            buf
+        };
         let mut unreadable = vec![false; run];
         if let Err(err) = source.read(start, &mut buf[..valid as usize]) {
             if !params.ignore_read_errors {
@@ -444,10 +533,7 @@ fn process_batch(
         }
         i += run;
     }
-    Ok(outs
-        .into_iter()
-        .map(|o| o.expect("every cluster handled"))
-        .collect())
+    Ok(())
 }
 
 /// Compression of one cluster's bytes (`zero`: they are all zeros).

@@ -188,6 +188,13 @@ pub enum BackupError {
     /// two states of the disk.
     #[error("{}: source changed during backup; nothing was written to the target", .0.display())]
     SourceChanged(PathBuf),
+    /// A sync of the target made while the copy ran failed; the caller
+    /// names the target ([`BackupError::Commit`]).
+    #[error("cannot sync: {source}")]
+    EarlySync {
+        /// Why.
+        source: std::io::Error,
+    },
     /// A bug: a worker panicked.
     #[error("internal error: worker failed on cluster {index}")]
     WorkerPanicked {
@@ -220,7 +227,9 @@ impl Classify for BackupError {
             BackupError::Source(e) | BackupError::ReadCluster { source: e, .. } => e.class(),
             BackupError::Write(e) => e.class(),
             BackupError::Target { source, .. } => source.class(),
-            BackupError::Commit { source, .. } => ErrorClass::of_io(source),
+            BackupError::Commit { source, .. } | BackupError::EarlySync { source } => {
+                ErrorClass::of_io(source)
+            }
             BackupError::TargetExists(_)
             | BackupError::TargetIsDirectory(_)
             | BackupError::TargetIsDevice(_)

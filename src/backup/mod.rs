@@ -12,6 +12,7 @@
 pub mod cancel;
 pub mod copier;
 pub mod device;
+mod early_sync;
 mod error;
 pub mod ordered;
 pub mod plan;
@@ -326,6 +327,7 @@ pub fn run(
     let stats = copier::copy(source, &ranges, params, target, recording, progress, cancel)
         .map_err(|e| match e {
             BackupError::Write(_) => no_space(target_err(e)),
+            BackupError::EarlySync { source } => no_space(commit_err("sync", source)),
             other => other,
         })?;
     let manifest = recorder.map(record::Recorder::finish).transpose()?;

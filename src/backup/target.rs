@@ -54,8 +54,8 @@ pub trait Target: Send {
     /// Writes what remains (metadata). The caller syncs the storage, and
     /// for qcow2 then writes the magic ([`Qcow2Writer::seal`]).
     fn finish(self: Box<Self>) -> Result<(), TargetError>;
-    /// The storage being written, for early writeback.
-    fn storage(&self) -> &dyn Storage;
+    /// The storage being written, for early writeback and syncs.
+    fn storage(&self) -> &Arc<dyn Storage>;
 }
 
 /// A qcow2 target: the writer and the storage it writes to.
@@ -86,8 +86,8 @@ impl Target for Qcow2Target {
         Ok(self.writer.finish_unsealed()?)
     }
 
-    fn storage(&self) -> &dyn Storage {
-        self.storage.as_ref()
+    fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
     }
 }
 
@@ -177,7 +177,7 @@ impl Target for RawTarget {
         Ok(())
     }
 
-    fn storage(&self) -> &dyn Storage {
-        self.storage.as_ref()
+    fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
     }
 }

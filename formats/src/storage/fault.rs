@@ -33,6 +33,9 @@ pub enum FaultKind {
     WriteNoSpace,
     /// A sync fails with EIO (the range is ignored).
     SyncEio,
+    /// The first sync fails with EIO and later ones succeed, as Linux
+    /// reports a failed writeback once (the range is ignored).
+    SyncEioOnce,
     /// Reads in the range take this long first.
     ReadDelay(Duration),
 }
@@ -62,7 +65,8 @@ impl Fault {
 pub struct FaultyStorage {
     inner: Arc<dyn Storage>,
     faults: Vec<Fault>,
-    /// Reads each fault has seen (for `ReadEioFirst`).
+    /// Reads (or syncs) each fault has seen (for `ReadEioFirst`,
+    /// `SyncEioOnce`).
     seen: Vec<AtomicU64>,
     triggered: AtomicU64,
 }
@@ -129,7 +133,7 @@ impl Storage for FaultyStorage {
                     self.hit();
                     std::thread::sleep(*d);
                 }
-                FaultKind::WriteNoSpace | FaultKind::SyncEio => {}
+                FaultKind::WriteNoSpace | FaultKind::SyncEio | FaultKind::SyncEioOnce => {}
             }
         }
         if limit == 0 {
@@ -159,9 +163,16 @@ impl Storage for FaultyStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
-        if self.faults.iter().any(|f| f.kind == FaultKind::SyncEio) {
-            self.hit();
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        for (f, seen) in self.faults.iter().zip(&self.seen) {
+            let fails = match f.kind {
+                FaultKind::SyncEio => true,
+                FaultKind::SyncEioOnce => seen.fetch_add(1, Ordering::SeqCst) == 0,
+                _ => false,
+            };
+            if fails {
+                self.hit();
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
         }
         self.inner.sync()
     }

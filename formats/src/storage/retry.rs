@@ -7,6 +7,11 @@
 //! callers treat it as the end of the data). Invariant: a retried write
 //! rewrites the same bytes at the same offset, so the result does not depend
 //! on how many attempts it took.
+//!
+//! A sync is never retried: when a sync fails, Linux may mark the pages it
+//! could not write clean and report the next sync as a success, so a
+//! retried sync could turn lost data into a backup that looks good (the
+//! failure PostgreSQL calls "fsyncgate").
 
 use std::io;
 use std::path::Path;
@@ -26,7 +31,7 @@ pub struct RetryPolicy {
     pub first_pause: Duration,
     /// Retry reads.
     pub reads: bool,
-    /// Retry writes and syncs.
+    /// Retry writes (never syncs: see the module docs).
     pub writes: bool,
 }
 
@@ -124,7 +129,8 @@ impl Storage for RetryingStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.attempt(self.policy.writes, || self.inner.sync())
+        // Never retried: see the module docs.
+        self.inner.sync()
     }
 
     fn start_writeback(&self) {
@@ -229,5 +235,24 @@ mod tests {
         let s = RetryingStorage::new(file(&dir), policy(5));
         assert!(s.write_at(b"x", HostOffset(0)).is_err());
         assert_eq!(s.retries(), 0);
+    }
+
+    /// A failed sync is final: the next one may succeed having lost the
+    /// data the first could not write.
+    #[test]
+    fn a_failed_sync_is_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w");
+        let f = std::fs::File::create(&p).unwrap();
+        let inner: Arc<dyn Storage> = Arc::new(FileStorage::writable(f, &p).unwrap());
+        let faulty = Arc::new(FaultyStorage::new(
+            inner,
+            vec![Fault::new(FaultKind::SyncEioOnce, 0..0)],
+        ));
+        let retrying = RetryingStorage::new(faulty.clone(), policy(5));
+        let err = retrying.sync().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert_eq!(retrying.retries(), 0);
+        assert_eq!(faulty.triggered(), 1);
     }
 }
