@@ -241,7 +241,8 @@ struct BackupArgs {
     #[arg(long, value_parser = parse_size)]
     cluster_size: Option<u64>,
     /// Worker threads, 1 to 4 per core (at least 8, at most 256); default:
-    /// all cores.
+    /// all cores. Fewer run when more would not fit in 64 MiB of memory
+    /// (large clusters, or very many threads).
     #[arg(long)]
     threads: Option<usize>,
     /// Rate limit in bytes per second (e.g. 100M).
@@ -320,8 +321,8 @@ const MAX_THREADS: usize = 256;
 /// The most worker threads `--threads` accepts with `cores` cores: four
 /// per core (threads beyond the cores only help while others wait for
 /// I/O, e.g. on a slow NBD server), at least 8, at most [`MAX_THREADS`].
-/// Each thread holds a bounded amount of memory (see `backup/copier.rs`),
-/// so the cap bounds the whole.
+/// The copier then starts as many of them as fit its memory budget (see
+/// `backup/budget.rs`).
 fn thread_limit(cores: usize) -> usize {
     cores.saturating_mul(4).clamp(8, MAX_THREADS)
 }

@@ -2,9 +2,12 @@
 //! detect zeros and compress; the calling thread writes the results in
 //! cluster order (see `ordered.rs` for the queue between them).
 //!
-//! Workers take batches of consecutive clusters (`BATCH_BYTES`): one read
-//! per run of clusters, so a network source answers one request instead of
-//! sixteen, then zero detection and compression per cluster.
+//! Workers take batches of consecutive clusters (up to 1 MiB, see
+//! `budget.rs`): one read per run of clusters, so a network source answers
+//! one request instead of sixteen, then zero detection and compression per
+//! cluster. The number of workers and the batch size come from the memory
+//! budget (`budget.rs`), so many threads or large clusters cannot take the
+//! process past it.
 //!
 //! Each cluster's manifest entry (CRC32 and BLAKE3 of its guest bytes) is
 //! computed by the worker from the bytes it already holds, before
@@ -15,12 +18,12 @@
 //!
 //! Invariants: the output bytes do not depend on the number of threads
 //! (clusters are compressed independently with deterministic codecs and
-//! written in index order); memory is bounded by the batches in flight,
-//! whatever the image size: at most `max(IN_FLIGHT_BYTES, (threads + 2)
-//! batches)` taken but not yet written, and each worker's read buffer and
-//! compressor, so about three batches per thread (the CLI caps the thread
-//! count); a cluster that cannot be read or decoded fails the whole backup
-//! (never zeros in its place).
+//! written in index order; the batch size only groups reads); memory is
+//! bounded by the batches in flight, whatever the image size: at most
+//! `max(IN_FLIGHT_BYTES, (workers + 2) batches)` taken but not yet written,
+//! and each worker's read buffer and compressor, with the worker count and
+//! batch size planned to fit `budget::RSS_BUDGET`; a cluster that cannot be
+//! read or decoded fails the whole backup (never zeros in its place).
 
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
@@ -29,6 +32,7 @@ use std::time::{Duration, Instant};
 use qbackup_formats::codec::{self, CompressionType, Compressor};
 use qbackup_formats::{ClusterIndex, ClusterSize};
 
+use super::budget;
 use super::early_sync::{EarlySync, SYNC_BYTES};
 use super::ordered::Ordered;
 use super::plan::{Action, PlanRange};
@@ -115,12 +119,6 @@ const WRITEBACK_BYTES: u64 = 32 << 20;
 /// Bytes of clusters taken by workers but not yet written, at most.
 const IN_FLIGHT_BYTES: u64 = 8 << 20;
 
-/// Guest bytes a worker takes at a time: one read for the run (one request
-/// to an NBD server instead of one per cluster), then each cluster is
-/// compressed on its own. Small enough that the two cores share the work
-/// evenly.
-const BATCH_BYTES: u64 = 1 << 20;
-
 /// Consecutive clusters with one action, handled by one worker; with the
 /// previous backup's entries for them when unchanged clusters are skipped.
 #[derive(Debug, Clone)]
@@ -172,15 +170,16 @@ pub fn copy(
         builder,
         skip_unchanged,
     } = recording;
+    let shares = budget::plan(params.threads, params.cluster_size);
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(params.threads)
+        .num_threads(shares.workers)
         .build()
         .map_err(|source| BackupError::StartThreads { source })?;
-    let per_batch = (BATCH_BYTES / params.cluster_size.bytes()).max(1);
+    let per_batch = shares.clusters_per_batch;
     let batch_bytes = params.cluster_size.bytes_in(per_batch);
     // Every worker busy, plus two finished batches for the writer to take
     // while the oldest one is still being worked on.
-    let in_flight = (IN_FLIGHT_BYTES / batch_bytes).max(params.threads as u64 + 2) as usize;
+    let in_flight = (IN_FLIGHT_BYTES / batch_bytes).max(shares.workers as u64 + 2) as usize;
     let batches = plan.iter().flat_map(move |r| {
         (0..r.count.div_ceil(per_batch)).map(move |b| Batch {
             first: r.first + b * per_batch,
@@ -198,7 +197,7 @@ pub fn copy(
     let written = std::thread::scope(|threads| {
         threads.spawn(|| early.run(storage.as_ref()));
         let written = pool.in_place_scope(|scope| {
-            for _ in 0..params.threads {
+            for _ in 0..shares.workers {
                 scope.spawn(|_| work(&queue, source, &params, hash, cancel));
             }
             // The writer: this thread, in cluster order.

@@ -9,6 +9,7 @@
 //! then renamed over TARGET in one step. On any error or interruption the
 //! temporary file is removed and nothing appears at TARGET.
 
+pub mod budget;
 pub mod cancel;
 pub mod copier;
 pub mod device;
