@@ -305,7 +305,7 @@ impl Qcow2Writer {
             return Err(WriterError::Poisoned);
         }
         let bits = self.opts.cluster_bits;
-        self.out.close_region();
+        self.out.close_region()?;
         if let Some(table) = self.mapping.take_last() {
             self.append_l2(table)?;
         }

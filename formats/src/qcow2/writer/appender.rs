@@ -11,12 +11,20 @@
 //! Bytes are collected in a buffer of about [`BUFFER_BYTES`] and written
 //! with one positioned write. A flush keeps the open compressed cluster
 //! (and what follows it) in the buffer, since later streams may still fill
-//! it; when that tail grows large the region is closed instead, so the
-//! buffer stays bounded.
+//! it; when that tail grows large (tables and normal clusters appended
+//! after the open cluster, as on a sparse disk where each tiny stream is
+//! followed by an L2 table), the open cluster is *detached*: its bytes move
+//! to a buffer of their own, the rest is written, and later streams keep
+//! filling it. It is written when its region ends (a stream goes
+//! elsewhere, or the region is closed), or when the file has grown
+//! [`DETACHED_REACH`] past it (the refcount blocks after it cannot be
+//! final while it is open, so this bounds them).
 //!
 //! Invariants: `buf_start <= alloc_end`, both cluster aligned after a flush;
-//! the open region's cursor is never below `buf_start`'s cluster; after a
-//! failed write every later write fails ([`WriterError::Poisoned`]).
+//! the open region's cursor is in the detached cluster or not below
+//! `buf_start`'s cluster; a stream placed in a detached cluster fits in it
+//! (a region grows only where free space begins); after a failed write
+//! every later write fails ([`WriterError::Poisoned`]).
 
 use std::sync::Arc;
 
@@ -27,6 +35,10 @@ use super::{check_room, usize_of, WriterError};
 
 /// Appended bytes are collected up to this size before one positioned write.
 pub(super) const BUFFER_BYTES: usize = 4 << 20;
+
+/// How far the file may grow past a detached compressed cluster before it
+/// is written and its region closed.
+const DETACHED_REACH: u64 = 64 << 20;
 
 /// Which kind of bytes a write carries, for error reports.
 #[derive(Clone, Copy)]
@@ -47,6 +59,9 @@ pub(super) struct Appender {
     /// The open compressed region: where the next stream may go, and the
     /// (cluster-aligned) end of the clusters reserved for streams.
     compressed: Option<(u64, u64)>,
+    /// The open compressed cluster when it was detached from `buf`: its
+    /// offset and bytes.
+    detached: Option<(u64, Vec<u8>)>,
     poisoned: bool,
 }
 
@@ -64,6 +79,7 @@ impl Appender {
             buf_start: start,
             alloc_end: start,
             compressed: None,
+            detached: None,
             poisoned: false,
         })
     }
@@ -114,6 +130,12 @@ impl Appender {
         region_end: u64,
         stream: &[u8],
     ) -> Result<(), WriterError> {
+        // A stream outside the detached cluster starts a new region: the
+        // detached one is final.
+        if matches!(&self.detached, Some((at, _)) if offset >> self.cluster_bits != at >> self.cluster_bits)
+        {
+            self.write_detached()?;
+        }
         // Record the region first: a flush inside `write_at` may close it,
         // and that decision must stick.
         self.compressed = Some((offset + stream.len() as u64, region_end));
@@ -132,8 +154,29 @@ impl Appender {
     }
 
     /// Closes the open compressed region: later streams start a new one.
-    pub fn close_region(&mut self) {
+    pub fn close_region(&mut self) -> Result<(), WriterError> {
         self.compressed = None;
+        self.write_detached()
+    }
+
+    /// Writes the detached compressed cluster, if any: it is final.
+    fn write_detached(&mut self) -> Result<(), WriterError> {
+        let Some((offset, bytes)) = self.detached.take() else {
+            return Ok(());
+        };
+        if self.poisoned {
+            return Err(WriterError::Poisoned);
+        }
+        self.storage
+            .write_at(&bytes, HostOffset(offset))
+            .map_err(|source| {
+                self.poisoned = true;
+                WriterError::WriteData {
+                    offset: HostOffset(offset),
+                    len: bytes.len(),
+                    source,
+                }
+            })
     }
 
     /// Writes `bytes` at `offset`, below the appended area (the L1 table),
@@ -177,6 +220,14 @@ impl Appender {
     /// zero-filling any gap, and flushes when the buffer is full.
     fn write_at(&mut self, offset: u64, bytes: &[u8], stage: Stage) -> Result<(), WriterError> {
         check_room(offset, bytes.len() as u64)?;
+        if let Some((start, cluster)) = &mut self.detached {
+            if offset >= *start && offset < *start + cluster.len() as u64 {
+                // It fits (see the invariants).
+                let at = usize_of(offset - *start)?;
+                cluster[at..at + bytes.len()].copy_from_slice(bytes);
+                return Ok(());
+            }
+        }
         let at = usize_of(offset - self.buf_start)?;
         let end = at + bytes.len();
         if at == self.buf.len() {
@@ -200,17 +251,29 @@ impl Appender {
         let buf_end = self.buf_start + self.buf.len() as u64;
         let mask = self.cluster_size() - 1;
         let keep_from = match self.compressed {
-            // Bytes before `buf_start` are on disk already.
-            Some((cursor, end)) if cursor < end => (cursor & !mask).max(self.buf_start),
+            // An open cluster below `buf_start` is the detached one.
+            Some((cursor, end)) if cursor < end && cursor & !mask >= self.buf_start => {
+                cursor & !mask
+            }
             _ => buf_end,
         };
         let max_tail = ((BUFFER_BYTES / 2) as u64).max(4 * self.cluster_size());
         let keep_from = if buf_end - keep_from > max_tail {
-            self.compressed = None;
+            // Detach the open cluster (it is whole in the buffer: the tail
+            // holds more than four clusters); its stale bytes are written
+            // below and overwritten when it is final.
+            self.write_detached()?;
+            let at = usize_of(keep_from - self.buf_start)?;
+            let cluster = self.buf[at..at + usize_of(self.cluster_size())?].to_vec();
+            self.detached = Some((keep_from, cluster));
             buf_end
         } else {
             keep_from
         };
+        if matches!(&self.detached, Some((at, _)) if self.alloc_end - at > DETACHED_REACH) {
+            self.compressed = None;
+            self.write_detached()?;
+        }
         let n = usize_of(keep_from - self.buf_start)?;
         self.write_out(n, stage)?;
         self.buf.drain(..n);
@@ -218,8 +281,9 @@ impl Appender {
         Ok(())
     }
 
-    /// Writes the whole buffer out.
+    /// Writes the whole buffer out, and the detached cluster.
     pub fn flush(&mut self, stage: Stage) -> Result<(), WriterError> {
+        self.write_detached()?;
         let n = self.buf.len();
         self.write_out(n, stage)?;
         self.buf_start += n as u64;
