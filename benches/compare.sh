@@ -101,6 +101,11 @@ row "full zlib" qemu-img convert -m 16 -W -c -O qcow2 disk.qcow2 out.q -- \
 limit_row "limit zlib 6 -T$threads" zlib 6 "$threads"
 QB_WALL=$zstd_wall QB_CPU=$zstd_cpu QB_BYTES=$zstd_bytes
 limit_row "limit zstd 3 -T$threads" zstd 3 "$threads"
+# The manifest's share: the same backup without it (no CRC32/BLAKE3 per
+# cluster, no sidecar file).
+row "full zstd no manifest" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd disk.qcow2 out.q -- \
+    "$qb" backup --threads "$threads" --compress zstd --no-manifest --force disk.qcow2 out.b
+limit_row "limit zstd 3 -T$threads" zstd 3 "$threads"
 row "full uncompressed" qemu-img convert -m 16 -W -O qcow2 disk.qcow2 out.q -- \
     "$qb" backup --threads "$threads" --compress none --force disk.qcow2 out.b
 # qemu-img does not sync its output; qbackup must (it renames a synced file
@@ -110,11 +115,16 @@ row "full uncompr.+fsync" sh -c 'qemu-img convert -m 16 -W -O qcow2 disk.qcow2 o
 row "top zstd (10%)" qemu-img convert -m 16 -W -c -O qcow2 -o compression_type=zstd -B disk.qcow2 -F qcow2 top.qcow2 out.q -- \
     "$qb" backup --sync top --threads "$threads" --compress zstd --force top.qcow2 out.b
 
-# Scaling: qbackup zstd and the codec limit on 1, 2 and all threads.
+# Scaling: qbackup zstd and the codec limit on 1, 2 and all threads, and
+# how busy the cores are kept: wall time over (CPU time with one thread /
+# threads), the issue-12 measure (target <= 1.15).
+cpu1=
 for t in $(printf '%s\n' 1 2 "$threads" | sort -un); do
     measure "$qb" backup --threads "$t" --compress zstd --force disk.qcow2 out.b
     QB_WALL=$WALL QB_CPU=$CPU QB_BYTES=$(stat -c %s out.b)
-    printf 'threads %-3s qbackup zstd %6.2f s, %6.2f CPU-s, %5.1f MiB; ' "$t" "$WALL" "$CPU" "$(awk "BEGIN{print $RSS/1024}")"
+    [ -z "$cpu1" ] && cpu1=$CPU
+    printf 'threads %-3s qbackup zstd %6.2f s, %6.2f CPU-s, %5.1f MiB, busy ratio %5.2f; ' "$t" "$WALL" "$CPU" \
+        "$(awk "BEGIN{print $RSS/1024}")" "$(awk "BEGIN{print $WALL / ($cpu1 / $t)}")"
     limit_row "" zstd 3 "$t"
     rm -f out.b
 done
