@@ -240,6 +240,20 @@ fn eio_on_the_final_sync() {
     assert!(err.to_string().contains("cannot sync"), "{err}");
 }
 
+/// Runs `cfg` with the target's first sync failing (later ones succeed):
+/// the backup must fail, saying it cannot sync.
+fn sync_fails_once(s: &Scratch, cfg: &BackupConfig) {
+    let err = expect_io_failure(
+        s,
+        cfg,
+        (Role::Target, None),
+        vec![Fault::new(FaultKind::SyncEioOnce, 0..0)],
+        &cfg.target,
+        "Input/output error",
+    );
+    assert!(err.to_string().contains("cannot sync"), "{err}");
+}
+
 /// A sync that fails once and then "succeeds" (Linux reports a failed
 /// writeback once and may drop the pages): retrying it would turn lost
 /// data into a good-looking backup, so `--on-target-error retry` does not
@@ -253,15 +267,7 @@ fn a_failed_sync_is_not_retried() {
         on_target_error: backup::policy::OnTargetError::Retry,
         ..config(&src, &target)
     };
-    let err = expect_io_failure(
-        &s,
-        &cfg,
-        (Role::Target, None),
-        vec![Fault::new(FaultKind::SyncEioOnce, 0..0)],
-        &target,
-        "Input/output error",
-    );
-    assert!(err.to_string().contains("cannot sync"), "{err}");
+    sync_fails_once(&s, &cfg);
 }
 
 /// The target is synced in the background while the copy runs (every
@@ -277,15 +283,7 @@ fn a_failed_background_sync_fails_the_backup() {
         compression: None,
         ..config(&s.path("src.qcow2"), &target)
     };
-    let err = expect_io_failure(
-        &s,
-        &cfg,
-        (Role::Target, None),
-        vec![Fault::new(FaultKind::SyncEioOnce, 0..0)],
-        &target,
-        "Input/output error",
-    );
-    assert!(err.to_string().contains("cannot sync"), "{err}");
+    sync_fails_once(&s, &cfg);
 }
 
 /// A slow source still produces an exact backup (delays change timing, never

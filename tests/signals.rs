@@ -43,6 +43,22 @@ fn wait_for_temp(dir: &Path, child: &mut std::process::Child) {
     }
 }
 
+/// Sends `signo` to `child` and waits for it, which must be prompt.
+fn signal(child: std::process::Child, cmdline: String, signo: i32) -> Run {
+    let pid = child.id() as i32;
+    let started = Instant::now();
+    // SAFETY: plain kill(2) of our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, signo) }, 0, "kill");
+    let run = wait_qbackup(child, cmdline, started, Duration::from_secs(30));
+    assert!(
+        run.elapsed < PROMPT,
+        "signal {signo} took {:?} to stop the backup\n{}",
+        run.elapsed,
+        run.describe()
+    );
+    run
+}
+
 /// Sends `signo` to `child`, waits for it, and checks the contract.
 fn interrupt(
     s: &Scratch,
@@ -51,17 +67,7 @@ fn interrupt(
     signo: i32,
     name: &str,
 ) -> Run {
-    let pid = child.id() as i32;
-    let started = Instant::now();
-    // SAFETY: plain kill(2) of our own child, which has not been reaped.
-    assert_eq!(unsafe { libc::kill(pid, signo) }, 0, "kill");
-    let run = wait_qbackup(child, cmdline, started, Duration::from_secs(30));
-    assert!(
-        run.elapsed < PROMPT,
-        "{name} took {:?} to stop the backup\n{}",
-        run.elapsed,
-        run.describe()
-    );
+    let run = signal(child, cmdline, signo);
     assert_eq!(run.code, Some(128 + signo), "{}", run.describe());
     let body = run.stderr.strip_suffix('\n').unwrap_or(&run.stderr);
     assert!(
@@ -191,17 +197,7 @@ fn signals_across_every_phase() {
         ];
         let (child, cmdline) = spawn_qbackup(s.dir(), &args);
         thread::sleep(Duration::from_millis(delay_ms));
-        let pid = child.id() as i32;
-        let started = Instant::now();
-        // SAFETY: plain kill(2) of our own child, which has not been reaped.
-        assert_eq!(unsafe { libc::kill(pid, signo) }, 0, "kill");
-        let run = wait_qbackup(child, cmdline, started, Duration::from_secs(30));
-        assert!(
-            run.elapsed < PROMPT,
-            "signal {signo} after {delay_ms} ms took {:?}\n{}",
-            run.elapsed,
-            run.describe()
-        );
+        let run = signal(child, cmdline, signo);
         assert_no_leftovers(&s.path("out"));
         let outcome = match run.code {
             Some(0) => {
