@@ -16,6 +16,10 @@
 //! bitmap), a cluster whose entry is unchanged is not written: the target
 //! reads it from its backing file, the previous backup.
 //!
+//! While the writer stores clusters, a thread of its own syncs the target
+//! every 64 MiB stored (`early_sync.rs`), so the disk's work overlaps the
+//! copy instead of waiting for the final sync.
+//!
 //! Invariants: the output bytes do not depend on the number of threads
 //! (clusters are compressed independently with deterministic codecs and
 //! written in index order; the batch size only groups reads); memory is
