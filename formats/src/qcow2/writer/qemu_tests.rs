@@ -596,3 +596,24 @@ fn other_cluster_sizes() {
         run_case(bits, size, codec, bits == 14, plan);
     }
 }
+
+/// Single compressed clusters each followed by 2.5 MiB of data clusters:
+/// the writer detaches the open compressed cluster from its buffer while
+/// the data piles up behind it, and the next streams go back into it
+/// (`appender.rs`); a run of compressed clusters at the end crosses host
+/// cluster boundaries. QEMU must read it all back.
+#[test]
+fn detached_compressed_clusters_64k() {
+    use Plan::*;
+    let mut plan = Vec::new();
+    for _ in 0..12 {
+        plan.push(Compressed);
+        plan.extend(std::iter::repeat_n(Data, 38));
+        plan.extend([Zero, Skip]);
+    }
+    plan.extend(std::iter::repeat_n(Compressed, 10));
+    let size = (plan.len() as u64) << 16;
+    for codec in [CompressionType::Zlib, CompressionType::Zstd] {
+        run_case(16, size, codec, false, plan.clone());
+    }
+}
