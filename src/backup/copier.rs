@@ -39,7 +39,7 @@ use qbackup_formats::{ClusterIndex, ClusterSize};
 use super::budget;
 use super::early_sync::{EarlySync, SYNC_BYTES};
 use super::ordered::Ordered;
-use super::plan::{Action, PlanRange};
+use super::plan::{Action, PlanError, PlanRange};
 use super::target::{Output, Target};
 use super::{BackupError, Cancel};
 use crate::manifest::{self, Entry, ManifestBuilder, ManifestReader};
@@ -163,7 +163,7 @@ thread_local! {
 /// (the caller syncs); returns what was stored.
 pub fn copy(
     source: &dyn Source,
-    plan: &[PlanRange],
+    plan: impl Iterator<Item = Result<PlanRange, PlanError>> + Send,
     params: CopyParams,
     mut target: Box<dyn Target>,
     recording: Recording<'_>,
@@ -184,13 +184,34 @@ pub fn copy(
     // Every worker busy, plus two finished batches for the writer to take
     // while the oldest one is still being worked on.
     let in_flight = (IN_FLIGHT_BYTES / batch_bytes).max(shares.workers as u64 + 2) as usize;
-    let batches = plan.iter().flat_map(move |r| {
-        (0..r.count.div_ceil(per_batch)).map(move |b| Batch {
-            first: r.first + b * per_batch,
-            count: per_batch.min(r.count - b * per_batch),
-            action: r.action,
-            previous: None,
-        })
+    // The plan is made as the workers take batches (planning overlaps
+    // copying, in memory that does not grow with the disk).
+    let batches = plan.flat_map(move |r| {
+        let (r, err) = match r {
+            Ok(r) => (r, None),
+            Err(e) => {
+                let e = match e {
+                    PlanError::Source(e) => BackupError::Source(e),
+                    PlanError::Cancelled => cancel.error(),
+                };
+                let none = PlanRange {
+                    first: ClusterIndex(0),
+                    count: 0,
+                    action: Action::Zero,
+                };
+                (none, Some(e))
+            }
+        };
+        err.map(Err)
+            .into_iter()
+            .chain((0..r.count.div_ceil(per_batch)).map(move |b| {
+                Ok(Batch {
+                    first: r.first + b * per_batch,
+                    count: per_batch.min(r.count - b * per_batch),
+                    action: r.action,
+                    previous: None,
+                })
+            }))
     });
     let hash = builder.is_some();
     let batches = with_previous(batches, skip_unchanged);
@@ -265,11 +286,12 @@ type BatchResult = Result<(ClusterIndex, Vec<Done>), BackupError>;
 /// a batch carrying the error's text as no entries: the worker then fails
 /// it.
 fn with_previous(
-    batches: impl Iterator<Item = Batch>,
+    batches: impl Iterator<Item = Result<Batch, BackupError>>,
     previous: Option<ManifestReader>,
 ) -> impl Iterator<Item = Result<Batch, BackupError>> {
     let mut previous = previous.map(|r| (r, 0u64));
-    batches.map(move |mut b| {
+    batches.map(move |b| {
+        let mut b = b?;
         if let Some((reader, next)) = previous.as_mut() {
             // Skip the clusters the plan leaves out.
             while *next < b.first.0 {

@@ -230,15 +230,22 @@ pub fn run(
         size,
     )?;
 
-    let ranges =
-        plan::plan(source, mode, cluster_size, cancel.flag())?.ok_or_else(|| cancel.error())?;
-    let planned: u64 = ranges.iter().map(|r| cluster_size.bytes_in(r.count)).sum();
-    let guest_bytes_read: u64 = ranges
-        .iter()
-        .filter(|r| r.action == plan::Action::Copy)
-        .flat_map(|r| (0..r.count).map(move |i| r.first + i))
-        .map(|i| cluster_size.bytes_below(i, size))
-        .sum();
+    // A first pass over the plan for its totals (the progress bar's and the
+    // report's); the copier plans again as it goes, so the plan is never
+    // held whole.
+    let plan_err = |e| match e {
+        plan::PlanError::Source(e) => BackupError::Source(e),
+        plan::PlanError::Cancelled => cancel.error(),
+    };
+    let (mut planned, mut guest_bytes_read) = (0u64, 0u64);
+    for r in plan::Planner::new(source, mode, cluster_size, cancel.flag()) {
+        let r = r.map_err(plan_err)?;
+        planned += cluster_size.bytes_in(r.count);
+        if r.action == plan::Action::Copy {
+            let end = cluster_size.start_of(r.first + r.count).0.min(size);
+            guest_bytes_read += end - cluster_size.start_of(r.first).0;
+        }
+    }
     on_plan(planned);
 
     let dir = target_dir(&cfg.target);
@@ -325,11 +332,14 @@ pub fn run(
             source: Box::new(e),
         }
     };
-    let stats = copier::copy(source, &ranges, params, target, recording, progress, cancel)
-        .map_err(|e| match e {
-            BackupError::Write(_) => no_space(target_err(e)),
-            BackupError::EarlySync { source } => no_space(commit_err("sync", source)),
-            other => other,
+    let ranges = plan::Planner::new(source, mode, cluster_size, cancel.flag());
+    let stats =
+        copier::copy(source, ranges, params, target, recording, progress, cancel).map_err(|e| {
+            match e {
+                BackupError::Write(_) => no_space(target_err(e)),
+                BackupError::EarlySync { source } => no_space(commit_err("sync", source)),
+                other => other,
+            }
         })?;
     let manifest = recorder.map(record::Recorder::finish).transpose()?;
     storage

@@ -18,6 +18,7 @@
 //!   cluster that is entirely a top-layer zero range stays a zero cluster,
 //!   because it hides backing data.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use qbackup_formats::extent::Allocation;
@@ -100,66 +101,145 @@ impl Seen {
     }
 }
 
-/// Plans a backup of `source` into clusters of `cluster_size`.
-/// Returns `None` when `cancel` becomes true on the way (planning a huge
-/// sparse image can take a while, and Ctrl-C must work meanwhile).
-pub fn plan(
-    source: &dyn Source,
+/// Why planning stopped.
+#[derive(Debug)]
+pub enum PlanError {
+    /// The source could not answer a status question.
+    Source(SourceError),
+    /// A stop was requested (planning a huge sparse image can take a
+    /// while, and Ctrl-C must work meanwhile).
+    Cancelled,
+}
+
+/// Plans a backup of `source` into clusters of `cluster_size`, lazily:
+/// an iterator of ranges in cluster order, each yielded once it can no
+/// longer grow. Planning runs ahead of the copier only as far as the copier
+/// takes ranges, so memory does not depend on how many ranges the disk has
+/// (a hostile allocation pattern of alternating clusters would need
+/// gigabytes as a list). After an error it yields nothing more.
+pub struct Planner<'a> {
+    source: &'a dyn Source,
     mode: SyncMode,
     cluster_size: ClusterSize,
-    cancel: &AtomicBool,
-) -> Result<Option<Vec<PlanRange>>, SourceError> {
-    let size = source.virtual_size();
-    let mut out: Vec<PlanRange> = Vec::new();
-    let mut push = |first: u64, count: u64, action: Option<Action>| {
-        let action = match (mode, action) {
+    cancel: &'a AtomicBool,
+    size: u64,
+    /// Next guest byte to classify.
+    pos: u64,
+    /// What the cluster under way has seen so far.
+    seen: Seen,
+    /// The last range, which may still grow.
+    open: Option<PlanRange>,
+    /// Complete ranges not yet yielded (at most two per step).
+    ready: VecDeque<PlanRange>,
+    done: bool,
+}
+
+impl<'a> Planner<'a> {
+    /// A planner over the whole of `source`.
+    pub fn new(
+        source: &'a dyn Source,
+        mode: SyncMode,
+        cluster_size: ClusterSize,
+        cancel: &'a AtomicBool,
+    ) -> Self {
+        Planner {
+            source,
+            mode,
+            cluster_size,
+            cancel,
+            size: source.virtual_size(),
+            pos: 0,
+            seen: Seen::default(),
+            open: None,
+            ready: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    fn push(&mut self, first: u64, count: u64, action: Option<Action>) {
+        let action = match (self.mode, action) {
             (_, None) | (SyncMode::Full, Some(Action::Zero)) => return,
             (_, Some(a)) => a,
         };
         if count == 0 {
             return;
         }
-        if let Some(last) = out.last_mut() {
+        if let Some(last) = self.open.as_mut() {
             if last.action == action && last.first.0 + last.count == first {
                 last.count += count;
                 return;
             }
         }
-        out.push(PlanRange {
+        let range = PlanRange {
             first: ClusterIndex(first),
             count,
             action,
-        });
-    };
-    let cluster_end = |c: u64| cluster_size.start_of(ClusterIndex(c + 1)).0.min(size);
-    let mut seen = Seen::default();
-    let mut pos = 0u64;
-    while pos < size {
-        if cancel.load(Ordering::Relaxed) {
-            return Ok(None);
+        };
+        if let Some(done) = self.open.replace(range) {
+            self.ready.push_back(done);
         }
-        let (class, len) = classify(source, mode, GuestOffset(pos), size - pos)?;
+    }
+
+    /// Classifies the next extent and records the clusters it completes.
+    fn step(&mut self) -> Result<(), SourceError> {
+        let (size, cs) = (self.size, self.cluster_size);
+        let cluster_end = |c: u64| cs.start_of(ClusterIndex(c + 1)).0.min(size);
+        let pos = self.pos;
+        let (class, len) = classify(self.source, self.mode, GuestOffset(pos), size - pos)?;
         let end = pos + len;
-        let c0 = cluster_size.index_of(GuestOffset(pos)).0;
-        let c_last = cluster_size.index_of(GuestOffset(end - 1)).0;
-        seen.add(class);
+        let c0 = cs.index_of(GuestOffset(pos)).0;
+        let c_last = cs.index_of(GuestOffset(end - 1)).0;
+        self.seen.add(class);
         if end >= cluster_end(c0) {
-            push(c0, 1, seen.action());
-            seen = Seen::default();
+            let action = self.seen.action();
+            self.push(c0, 1, action);
+            self.seen = Seen::default();
         }
         if c_last > c0 {
             let mut alone = Seen::default();
             alone.add(class);
-            push(c0 + 1, c_last - c0 - 1, alone.action());
-            seen.add(class);
+            self.push(c0 + 1, c_last - c0 - 1, alone.action());
+            self.seen.add(class);
             if end >= cluster_end(c_last) {
-                push(c_last, 1, seen.action());
-                seen = Seen::default();
+                let action = self.seen.action();
+                self.push(c_last, 1, action);
+                self.seen = Seen::default();
             }
         }
-        pos = end;
+        self.pos = end;
+        Ok(())
     }
-    Ok(Some(out))
+}
+
+impl Iterator for Planner<'_> {
+    type Item = Result<PlanRange, PlanError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return Some(Ok(r));
+            }
+            if self.done {
+                return self.open.take().map(Ok);
+            }
+            if self.pos >= self.size {
+                self.done = true;
+                continue;
+            }
+            let stop = |s: &mut Self, e| {
+                s.done = true;
+                s.open = None;
+                s.ready.clear();
+                Some(Err(e))
+            };
+            if self.cancel.load(Ordering::Relaxed) {
+                return stop(self, PlanError::Cancelled);
+            }
+            if let Err(e) = self.step() {
+                return stop(self, PlanError::Source(e));
+            }
+        }
+    }
 }
 
 fn classify(
@@ -216,5 +296,122 @@ mod tests {
         assert_eq!(s(false, true, true), Some(Action::Copy));
         assert_eq!(s(false, false, true), None);
         assert_eq!(s(false, false, false), None);
+    }
+
+    /// A source whose dirty bitmap alternates every `run` bytes (dirty
+    /// first) and counts the questions asked.
+    struct Alternating {
+        size: u64,
+        run: u64,
+        asked: std::sync::atomic::AtomicU64,
+    }
+
+    impl Source for Alternating {
+        fn name(&self) -> &std::path::Path {
+            std::path::Path::new("alternating")
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn cluster_size(&self) -> Option<ClusterSize> {
+            None
+        }
+        fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), SourceError> {
+            self.asked.fetch_add(1, Ordering::Relaxed);
+            let left = self.run - offset.0 % self.run;
+            Ok(((offset.0 / self.run) % 2 == 0, left.min(max_len)))
+        }
+        fn status(
+            &self,
+            _: GuestOffset,
+            _: u64,
+        ) -> Result<(qbackup_formats::Extent, u64), SourceError> {
+            unimplemented!()
+        }
+        fn top_status(
+            &self,
+            _: GuestOffset,
+            _: u64,
+        ) -> Result<(qbackup_formats::extent::LayerExtent, u64), SourceError> {
+            unimplemented!()
+        }
+        fn read(&self, _: GuestOffset, _: &mut [u8]) -> Result<(), SourceError> {
+            unimplemented!()
+        }
+        fn stored_compressed(
+            &self,
+            _: GuestOffset,
+            _: u64,
+            _: ClusterSize,
+            _: qbackup_formats::CompressionType,
+        ) -> Result<Option<Vec<u8>>, SourceError> {
+            unimplemented!()
+        }
+        fn top_backing(&self) -> Option<crate::source::BackingFile> {
+            None
+        }
+        fn files(&self) -> Vec<std::sync::Arc<dyn qbackup_formats::storage::Storage>> {
+            Vec::new()
+        }
+        fn marked_corrupt(&self) -> Vec<std::path::PathBuf> {
+            Vec::new()
+        }
+        fn harmless_damage(&self) -> Vec<(std::path::PathBuf, String)> {
+            Vec::new()
+        }
+        fn layer_names(&self) -> Vec<std::path::PathBuf> {
+            Vec::new()
+        }
+        fn top_backing_name(&self) -> Option<String> {
+            None
+        }
+        fn prepare_bitmap_clear(
+            &self,
+            _: &str,
+        ) -> Result<Box<dyn qbackup_formats::layer::BitmapClear>, SourceError> {
+            unimplemented!()
+        }
+        fn fingerprint(&self) -> Result<qbackup_formats::fingerprint::Fingerprint, SourceError> {
+            unimplemented!()
+        }
+    }
+
+    /// The plan is made as it is taken: a disk of 64 Ti alternating dirty
+    /// and clean clusters (2^29 ranges, 12 GiB as a list) yields its first
+    /// ranges after a handful of questions, and ranges stay merged and in
+    /// order. A stop request ends it with `Cancelled`, then nothing.
+    #[test]
+    fn planning_is_lazy_and_bounded() {
+        let cs = ClusterSize::from_bits(16).unwrap();
+        let src = Alternating {
+            size: 64 << 40,
+            run: 64 << 10,
+            asked: Default::default(),
+        };
+        let cancel = AtomicBool::new(false);
+        let mut planner = Planner::new(&src, SyncMode::Incremental, cs, &cancel);
+        let first: Vec<PlanRange> = planner.by_ref().take(1000).map(|r| r.unwrap()).collect();
+        for (i, r) in first.iter().enumerate() {
+            assert_eq!(
+                (r.first.0, r.count, r.action),
+                (2 * i as u64, 1, Action::Copy)
+            );
+        }
+        assert!(src.asked.load(Ordering::Relaxed) <= 2002);
+        // Whole runs merge into one range.
+        let src2 = Alternating {
+            size: 8 << 20,
+            run: 1 << 20,
+            asked: Default::default(),
+        };
+        let all: Vec<PlanRange> = Planner::new(&src2, SyncMode::Incremental, cs, &cancel)
+            .map(|r| r.unwrap())
+            .collect();
+        let spans: Vec<(u64, u64)> = all.iter().map(|r| (r.first.0, r.count)).collect();
+        assert_eq!(spans, [(0, 16), (32, 16), (64, 16), (96, 16)]);
+        // A stop request.
+        cancel.store(true, Ordering::Relaxed);
+        assert!(matches!(planner.next(), Some(Err(PlanError::Cancelled))));
+        assert!(planner.next().is_none());
     }
 }
