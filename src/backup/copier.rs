@@ -185,7 +185,21 @@ pub fn copy(
     // while the oldest one is still being worked on.
     let in_flight = (IN_FLIGHT_BYTES / batch_bytes).max(shares.workers as u64 + 2) as usize;
     // The plan is made as the workers take batches (planning overlaps
-    // copying, in memory that does not grow with the disk).
+    // copying, in memory that does not grow with the disk). It runs inside
+    // the queue's `take`, outside the workers' `catch_unwind`: a panic in
+    // it (a driver bug on a hostile image) becomes an error item, then the
+    // end of the plan, never a lost range or a hang.
+    let mut plan = plan;
+    let mut planner_failed = false;
+    let plan = std::iter::from_fn(move || {
+        if planner_failed {
+            return None;
+        }
+        std::panic::catch_unwind(AssertUnwindSafe(|| plan.next())).unwrap_or_else(|_| {
+            planner_failed = true;
+            Some(Err(PlanError::Panicked))
+        })
+    });
     let batches = plan.flat_map(move |r| {
         let (r, err) = match r {
             Ok(r) => (r, None),
@@ -193,6 +207,7 @@ pub fn copy(
                 let e = match e {
                     PlanError::Source(e) => BackupError::Source(e),
                     PlanError::Cancelled => cancel.error(),
+                    PlanError::Panicked => BackupError::PlannerPanicked,
                 };
                 let none = PlanRange {
                     first: ClusterIndex(0),
@@ -221,6 +236,9 @@ pub fn copy(
 
     let written = std::thread::scope(|threads| {
         threads.spawn(|| early.run(storage.as_ref()));
+        // The scope waits for the syncing thread even when unwinding from
+        // a panic: it must be told to stop on every way out.
+        let _stop = StopOnDrop(&early);
         let written = pool.in_place_scope(|scope| {
             for _ in 0..shares.workers {
                 scope.spawn(|_| work(&queue, source, &params, hash, cancel));
@@ -249,6 +267,15 @@ pub fn copy(
     }
     target.finish().map_err(BackupError::Write)?;
     Ok(stats)
+}
+
+/// Stops the background syncs when dropped.
+struct StopOnDrop<'a>(&'a EarlySync);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// A worker: takes batches until there are none, hands in their results.
@@ -610,7 +637,64 @@ pub fn is_zero(buf: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use qbackup_formats::storage::{FileStorage, Storage};
+
+    use super::*;
+    use crate::backup::plan::{testing::Alternating, Planner, SyncMode};
+    use crate::backup::target::RawTarget;
+
+    struct NoProgress;
+
+    impl Progress for NoProgress {
+        fn advance(&self, _bytes: u64) {}
+    }
+
+    /// A panic in the planner, which runs inside the queue where the
+    /// workers' `catch_unwind` does not reach, fails the copy with an
+    /// internal error: no range is lost, and the background-sync thread
+    /// is stopped (it used to keep the scope, and the backup, waiting).
+    #[test]
+    fn a_planner_panic_fails_the_copy() {
+        let src = Alternating {
+            size: 8 << 20,
+            run: 64 << 10,
+            asked: Default::default(),
+            panic_at: Some(4 << 20),
+        };
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let storage: Arc<dyn Storage> =
+            Arc::new(FileStorage::writable(f.reopen().unwrap(), f.path()).unwrap());
+        let cs = ClusterSize::from_bits(16).unwrap();
+        let target = Box::new(RawTarget::new(storage, src.size, cs, false));
+        let params = CopyParams {
+            threads: 2,
+            cluster_size: cs,
+            compression: None,
+            passthrough: false,
+            ignore_read_errors: false,
+            speed: None,
+            virtual_size: src.size,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Not a scoped thread: if the copy hangs, the test still fails.
+        std::thread::spawn(move || {
+            let (cancel, flag) = (Cancel::new(), AtomicBool::new(false));
+            let plan = Planner::new(&src, SyncMode::Incremental, cs, &flag);
+            let recording = Recording {
+                builder: None,
+                skip_unchanged: None,
+            };
+            let r = copy(&src, plan, params, target, recording, &NoProgress, &cancel);
+            let _ = tx.send(r.map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the copy hung");
+        assert!(matches!(r, Err(BackupError::PlannerPanicked)), "{r:?}");
+    }
 
     #[test]
     fn zero_detection() {

@@ -204,6 +204,9 @@ pub enum BackupError {
     /// A bug: the writer panicked.
     #[error("internal error: writer failed")]
     WriterPanicked,
+    /// A bug: planning panicked.
+    #[error("internal error: planning failed")]
+    PlannerPanicked,
     /// A signal (SIGINT, SIGTERM, SIGHUP) or another stop request.
     #[error("interrupted{}; nothing was written to the target", if *signal == 0 { String::new() } else { format!(" by {}", cancel::signal_name(*signal)) })]
     Interrupted {
@@ -251,9 +254,9 @@ impl Classify for BackupError {
             BackupError::PreviousBackup(e) | BackupError::BackingUnusable(e) => e.class(),
             BackupError::StartThreads { .. } | BackupError::SourceChanged(_) => ErrorClass::Io,
             BackupError::Compress { source, .. } => source.class(),
-            BackupError::WorkerPanicked { .. } | BackupError::WriterPanicked => {
-                ErrorClass::Internal
-            }
+            BackupError::WorkerPanicked { .. }
+            | BackupError::WriterPanicked
+            | BackupError::PlannerPanicked => ErrorClass::Internal,
             BackupError::Interrupted { .. } => ErrorClass::Interrupted,
             BackupError::ClearBitmap { source, .. } => source.class(),
         }

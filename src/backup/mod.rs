@@ -236,6 +236,7 @@ pub fn run(
     let plan_err = |e| match e {
         plan::PlanError::Source(e) => BackupError::Source(e),
         plan::PlanError::Cancelled => cancel.error(),
+        plan::PlanError::Panicked => BackupError::PlannerPanicked,
     };
     let (mut planned, mut guest_bytes_read) = (0u64, 0u64);
     for r in plan::Planner::new(source, mode, cluster_size, cancel.flag()) {

@@ -109,6 +109,8 @@ pub enum PlanError {
     /// A stop was requested (planning a huge sparse image can take a
     /// while, and Ctrl-C must work meanwhile).
     Cancelled,
+    /// A bug: planning panicked (the copier catches it).
+    Panicked,
 }
 
 /// Plans a backup of `source` into clusters of `cluster_size`, lazily:
@@ -277,33 +279,19 @@ fn classify(
     }
 }
 
+/// A test source for the planner and the copier.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-
-    #[test]
-    fn seen_actions() {
-        let s = |d, z, b| {
-            Seen {
-                data: d,
-                zero: z,
-                below: b,
-            }
-            .action()
-        };
-        assert_eq!(s(true, false, false), Some(Action::Copy));
-        assert_eq!(s(false, true, false), Some(Action::Zero));
-        assert_eq!(s(false, true, true), Some(Action::Copy));
-        assert_eq!(s(false, false, true), None);
-        assert_eq!(s(false, false, false), None);
-    }
 
     /// A source whose dirty bitmap alternates every `run` bytes (dirty
     /// first) and counts the questions asked.
-    struct Alternating {
-        size: u64,
-        run: u64,
-        asked: std::sync::atomic::AtomicU64,
+    pub(crate) struct Alternating {
+        pub size: u64,
+        pub run: u64,
+        pub asked: std::sync::atomic::AtomicU64,
+        /// `dirty` panics from this offset on (a driver bug).
+        pub panic_at: Option<u64>,
     }
 
     impl Source for Alternating {
@@ -318,6 +306,9 @@ mod tests {
         }
         fn dirty(&self, offset: GuestOffset, max_len: u64) -> Result<(bool, u64), SourceError> {
             self.asked.fetch_add(1, Ordering::Relaxed);
+            if self.panic_at.is_some_and(|p| offset.0 >= p) {
+                panic!("a planner bug");
+            }
             let left = self.run - offset.0 % self.run;
             Ok(((offset.0 / self.run) % 2 == 0, left.min(max_len)))
         }
@@ -335,8 +326,9 @@ mod tests {
         ) -> Result<(qbackup_formats::extent::LayerExtent, u64), SourceError> {
             unimplemented!()
         }
-        fn read(&self, _: GuestOffset, _: &mut [u8]) -> Result<(), SourceError> {
-            unimplemented!()
+        fn read(&self, _: GuestOffset, buf: &mut [u8]) -> Result<(), SourceError> {
+            buf.fill(0x5a);
+            Ok(())
         }
         fn stored_compressed(
             &self,
@@ -375,6 +367,29 @@ mod tests {
             unimplemented!()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Alternating;
+    use super::*;
+
+    #[test]
+    fn seen_actions() {
+        let s = |d, z, b| {
+            Seen {
+                data: d,
+                zero: z,
+                below: b,
+            }
+            .action()
+        };
+        assert_eq!(s(true, false, false), Some(Action::Copy));
+        assert_eq!(s(false, true, false), Some(Action::Zero));
+        assert_eq!(s(false, true, true), Some(Action::Copy));
+        assert_eq!(s(false, false, true), None);
+        assert_eq!(s(false, false, false), None);
+    }
 
     /// The plan is made as it is taken: a disk of 64 Ti alternating dirty
     /// and clean clusters (2^29 ranges, 12 GiB as a list) yields its first
@@ -387,6 +402,7 @@ mod tests {
             size: 64 << 40,
             run: 64 << 10,
             asked: Default::default(),
+            panic_at: None,
         };
         let cancel = AtomicBool::new(false);
         let mut planner = Planner::new(&src, SyncMode::Incremental, cs, &cancel);
@@ -403,6 +419,7 @@ mod tests {
             size: 8 << 20,
             run: 1 << 20,
             asked: Default::default(),
+            panic_at: None,
         };
         let all: Vec<PlanRange> = Planner::new(&src2, SyncMode::Incremental, cs, &cancel)
             .map(|r| r.unwrap())

@@ -281,8 +281,10 @@ impl Appender {
         Ok(())
     }
 
-    /// Writes the whole buffer out, and the detached cluster.
+    /// Writes the whole buffer out, and the detached cluster; closes the
+    /// compressed region (its bytes are no longer in the buffer).
     pub fn flush(&mut self, stage: Stage) -> Result<(), WriterError> {
+        self.compressed = None;
         self.write_detached()?;
         let n = self.buf.len();
         self.write_out(n, stage)?;
