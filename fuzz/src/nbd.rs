@@ -133,31 +133,48 @@ fn ranges(size: u64) -> [(u64, u64); 2] {
     [(0, first), (size - last, last)]
 }
 
-fn session(mut conn: Connection, contexts: &[String]) {
-    let size = conn.size();
+/// One session's questions, the same through either connection type:
+/// both ends of the disk read, then block status for each context.
+fn ask(
+    size: u64,
+    contexts: &[String],
+    mut read: impl FnMut(u64, &mut [u8]),
+    mut status: impl FnMut(&str, u64) -> Option<Vec<(u64, u32)>>,
+) {
     for (off, len) in ranges(size) {
         let mut buf = vec![0u8; len as usize];
-        let _ = conn.read(off, &mut buf);
+        read(off, &mut buf);
     }
     for c in contexts {
-        if let Ok(descs) = conn.block_status(c, 0, size) {
+        if let Some(descs) = status(c, size) {
             check_descriptors(&descs, size);
         }
     }
+}
+
+fn session(mut conn: Connection, contexts: &[String]) {
+    let size = conn.size();
+    let cell = std::cell::RefCell::new(&mut conn);
+    ask(
+        size,
+        contexts,
+        |off, buf| {
+            let _ = cell.borrow_mut().read(off, buf);
+        },
+        |c, len| cell.borrow_mut().block_status(c, 0, len).ok(),
+    );
     let _ = conn.disconnect();
 }
 
 fn session_shared(conn: SharedConnection, contexts: &[String]) {
-    let size = conn.size();
-    for (off, len) in ranges(size) {
-        let mut buf = vec![0u8; len as usize];
-        let _ = conn.read(off, &mut buf);
-    }
-    for c in contexts {
-        if let Ok(descs) = conn.block_status(c, 0, size) {
-            check_descriptors(&descs, size);
-        }
-    }
+    ask(
+        conn.size(),
+        contexts,
+        |off, buf| {
+            let _ = conn.read(off, buf);
+        },
+        |c, len| conn.block_status(c, 0, len).ok(),
+    );
 }
 
 /// The documented contract of a block status answer: at least one

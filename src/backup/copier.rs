@@ -184,50 +184,13 @@ pub fn copy(
     // Every worker busy, plus two finished batches for the writer to take
     // while the oldest one is still being worked on.
     let in_flight = (IN_FLIGHT_BYTES / batch_bytes).max(shares.workers as u64 + 2) as usize;
-    // The plan is made as the workers take batches (planning overlaps
-    // copying, in memory that does not grow with the disk). It runs inside
-    // the queue's `take`, outside the workers' `catch_unwind`: a panic in
-    // it (a driver bug on a hostile image) becomes an error item, then the
-    // end of the plan, never a lost range or a hang.
-    let mut plan = plan;
-    let mut planner_failed = false;
-    let plan = std::iter::from_fn(move || {
-        if planner_failed {
-            return None;
-        }
-        std::panic::catch_unwind(AssertUnwindSafe(|| plan.next())).unwrap_or_else(|_| {
-            planner_failed = true;
-            Some(Err(PlanError::Panicked))
-        })
-    });
-    let batches = plan.flat_map(move |r| {
-        let (r, err) = match r {
-            Ok(r) => (r, None),
-            Err(e) => {
-                let e = match e {
-                    PlanError::Source(e) => BackupError::Source(e),
-                    PlanError::Cancelled => cancel.error(),
-                    PlanError::Panicked => BackupError::PlannerPanicked,
-                };
-                let none = PlanRange {
-                    first: ClusterIndex(0),
-                    count: 0,
-                    action: Action::Zero,
-                };
-                (none, Some(e))
-            }
-        };
-        err.map(Err)
-            .into_iter()
-            .chain((0..r.count.div_ceil(per_batch)).map(move |b| {
-                Ok(Batch {
-                    first: r.first + b * per_batch,
-                    count: per_batch.min(r.count - b * per_batch),
-                    action: r.action,
-                    previous: None,
-                })
-            }))
-    });
+    let batches = Batches {
+        plan,
+        per_batch,
+        current: None,
+        failed: false,
+        cancel,
+    };
     let hash = builder.is_some();
     let batches = with_previous(batches, skip_unchanged);
     let queue = Ordered::new(batches, in_flight);
@@ -302,6 +265,54 @@ fn work(
             }
         };
         queue.put(seq, result);
+    }
+}
+
+/// The batches of a plan, in cluster order, made as the workers take them
+/// (planning overlaps copying, in memory that does not grow with the disk).
+/// The plan runs inside the queue's `take`, outside the workers'
+/// `catch_unwind`: an error or a panic in it (a driver bug on a hostile
+/// image) becomes an error item and the end of the batches, never a lost
+/// range or a hang.
+struct Batches<'a, P> {
+    plan: P,
+    per_batch: u64,
+    /// The range being cut into batches, and how many of its clusters are
+    /// taken.
+    current: Option<(PlanRange, u64)>,
+    failed: bool,
+    cancel: &'a Cancel,
+}
+
+impl<P: Iterator<Item = Result<PlanRange, PlanError>>> Iterator for Batches<'_, P> {
+    type Item = Result<Batch, BackupError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.failed {
+                return None;
+            }
+            if let Some((r, taken)) = self.current.as_mut().filter(|(r, t)| *t < r.count) {
+                let count = self.per_batch.min(r.count - *taken);
+                let batch = Batch {
+                    first: r.first + *taken,
+                    count,
+                    action: r.action,
+                    previous: None,
+                };
+                *taken += count;
+                return Some(Ok(batch));
+            }
+            let next = std::panic::catch_unwind(AssertUnwindSafe(|| self.plan.next()))
+                .unwrap_or(Some(Err(PlanError::Panicked)))?;
+            match next {
+                Ok(r) => self.current = Some((r, 0)),
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e.into_backup_error(self.cancel)));
+                }
+            }
+        }
     }
 }
 

@@ -233,14 +233,9 @@ pub fn run(
     // A first pass over the plan for its totals (the progress bar's and the
     // report's); the copier plans again as it goes, so the plan is never
     // held whole.
-    let plan_err = |e| match e {
-        plan::PlanError::Source(e) => BackupError::Source(e),
-        plan::PlanError::Cancelled => cancel.error(),
-        plan::PlanError::Panicked => BackupError::PlannerPanicked,
-    };
     let (mut planned, mut guest_bytes_read) = (0u64, 0u64);
     for r in plan::Planner::new(source, mode, cluster_size, cancel.flag()) {
-        let r = r.map_err(plan_err)?;
+        let r = r.map_err(|e| e.into_backup_error(cancel))?;
         planned += cluster_size.bytes_in(r.count);
         if r.action == plan::Action::Copy {
             let end = cluster_size.start_of(r.first + r.count).0.min(size);

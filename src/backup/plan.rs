@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use qbackup_formats::extent::Allocation;
 use qbackup_formats::{ClusterIndex, ClusterSize, GuestOffset};
 
+use super::{BackupError, Cancel};
 use crate::source::{Source, SourceError};
 
 /// Which clusters a backup copies.
@@ -111,6 +112,17 @@ pub enum PlanError {
     Cancelled,
     /// A bug: planning panicked (the copier catches it).
     Panicked,
+}
+
+impl PlanError {
+    /// The backup's error for it.
+    pub fn into_backup_error(self, cancel: &Cancel) -> BackupError {
+        match self {
+            PlanError::Source(e) => BackupError::Source(e),
+            PlanError::Cancelled => cancel.error(),
+            PlanError::Panicked => BackupError::PlannerPanicked,
+        }
+    }
 }
 
 /// Plans a backup of `source` into clusters of `cluster_size`, lazily:

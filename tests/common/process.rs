@@ -12,6 +12,11 @@ use serde_json::{json, Value};
 
 use super::Scratch;
 
+// The formats crate's tests have the same need; one copy serves both.
+#[path = "../../formats/tests/common/mod.rs"]
+mod formats_common;
+pub use formats_common::listening;
+
 /// A background process killed when dropped.
 pub struct Holder(pub Child);
 
@@ -20,23 +25,6 @@ impl Drop for Holder {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// True once `socket` is a listening Unix socket (`/proc/net/unix` flag
-/// `__SO_ACCEPTCON`): the file appears at `bind()`, before `listen()`, and a
-/// connect in between is refused. Probing by connecting instead would use
-/// up a server that serves one client.
-pub fn listening(socket: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return socket.exists();
-    };
-    let want = socket.to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        f.len() >= 8
-            && f[7] == want
-            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x0001_0000 != 0)
-    })
 }
 
 /// Starts `cmd` and waits (bounded) until `socket` is listening. A socket

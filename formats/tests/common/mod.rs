@@ -1,4 +1,5 @@
-//! What the formats crate's end-to-end tests share.
+//! What the formats crate's end-to-end tests share (the main crate's
+//! tests include this file too, by path).
 
 use std::path::Path;
 
