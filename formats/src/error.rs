@@ -62,8 +62,38 @@ impl fmt::Display for ErrorClass {
     }
 }
 
+/// What the user can do about a failure, named by the library so that each
+/// front end phrases it in its own terms (the CLI names its option). Library
+/// messages never name command-line options; a front end appends its hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Remedy {
+    /// Read the file although another process writes it, accepting that
+    /// what is read may be inconsistent (qemu-img's `-U`).
+    ForceShare,
+    /// Leave the source's dirty bitmap as it is instead of clearing it.
+    KeepBitmap,
+    /// Accept a disabled dirty bitmap that was disabled on purpose.
+    AllowDisabledBitmap,
+    /// Copy a file of a format qbackup does not read as raw bytes.
+    ReadAsRaw,
+    /// Replace the existing target.
+    ReplaceTarget,
+    /// Write onto an existing block device in place, as raw bytes.
+    WriteInPlace,
+    /// Back up an image QEMU marked corrupt, reading it as QEMU does.
+    AllowCorrupt,
+    /// Use an output form that can show what the human one cannot.
+    JsonOutput,
+}
+
 /// An error that can say its class.
 pub trait Classify {
     /// The kind of failure.
     fn class(&self) -> ErrorClass;
+
+    /// What the user can do about it, when there is one thing to do.
+    fn remedy(&self) -> Option<Remedy> {
+        None
+    }
 }

@@ -34,7 +34,7 @@ pub mod units;
 
 pub use chain::{Chain, ChainError};
 pub use codec::CompressionType;
-pub use error::{Classify, ErrorClass};
+pub use error::{Classify, ErrorClass, Remedy};
 pub use extent::Extent;
 pub use image::{Format, ImageError};
 pub use layer::Layer;
