@@ -525,7 +525,15 @@ fn run_backup(args: BackupArgs) -> Result<u8> {
     status::record_signals(&signals)?;
     crate::signals::watch(Arc::clone(&cancel), &signals)?;
     let mut on_plan = |total: u64| reporter.start(total);
-    let result = backup::run(&cfg, files.opener(), &reporter, &mut on_plan, &cancel);
+    let after = backup::after::requested(&cfg);
+    let result = backup::run(
+        &cfg,
+        files.opener(),
+        after,
+        &reporter,
+        &mut on_plan,
+        &cancel,
+    );
     let report = match result {
         Ok(r) => r,
         Err(e) => {

@@ -73,7 +73,8 @@ fn backup_with_faults(
         }
     });
     let cancel = backup::Cancel::new();
-    backup::run(cfg, &opener, &NoProgress, &mut |_| {}, &cancel)
+    let after = backup::after::requested(cfg);
+    backup::run(cfg, &opener, after, &NoProgress, &mut |_| {}, &cancel)
 }
 
 /// The error contract: one line, naming `file`, saying `cause` once.
@@ -197,13 +198,15 @@ fn enospc_writing_the_target() {
     assert_says_needed_and_free(&err);
 }
 
-/// ENOSPC says what the backup needed, what it wrote and what is free.
+/// ENOSPC says what the backup needed, what it wrote and what is free,
+/// in human sizes (binary units, as the progress bar shows them).
 fn assert_says_needed_and_free(err: &BackupError) {
     let msg = err.to_string();
     assert!(
-        msg.contains("needs up to 2097152 bytes") && msg.contains("bytes are free there"),
+        msg.contains("needs up to 2.00 MiB (") && msg.contains(" is free there"),
         "{msg}"
     );
+    assert!(!msg.contains("2097152"), "raw byte count in: {msg}");
 }
 
 #[test]

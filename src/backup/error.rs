@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use qbackup_formats::codec::CodecError;
-use qbackup_formats::{Classify, ClusterIndex, ErrorClass};
+use qbackup_formats::{Classify, ClusterIndex, ErrorClass, Remedy};
 
 use super::cancel;
 use super::target::TargetError;
@@ -49,16 +49,16 @@ pub enum BackupError {
         source: std::io::Error,
     },
     /// The target exists and `--force` was not given.
-    #[error("{}: target already exists (use --force to replace it)", .0.display())]
+    #[error("{}: target already exists", .0.display())]
     TargetExists(PathBuf),
     /// TARGET is a directory.
     #[error("{}: target is a directory; name the backup file to create in it", .0.display())]
     TargetIsDirectory(PathBuf),
     /// TARGET is a block device and `-n` was not given.
-    #[error("{}: target is a block device; to restore onto it (written in place, never replaced), pass -n (--no-create) with -O raw", .0.display())]
+    #[error("{}: target is a block device, which a backup never replaces; a restore onto it writes it in place, as raw bytes", .0.display())]
     TargetIsDevice(PathBuf),
     /// TARGET is a character device, a FIFO or a socket.
-    #[error("{}: target is {what}; a backup goes to a new file, or with -n into a block device", path.display())]
+    #[error("{}: target is {what}; a backup goes to a new file, or in place into a block device", path.display())]
     TargetUnsupported {
         /// The target path.
         path: PathBuf,
@@ -66,10 +66,10 @@ pub enum BackupError {
         what: &'static str,
     },
     /// `-n` with a TARGET that is not an existing block device.
-    #[error("{}: -n (--no-create) writes in place into an existing block device, and this is not one", .0.display())]
+    #[error("{}: writing in place needs an existing block device, and this is not one", .0.display())]
     InPlaceNeedsDevice(PathBuf),
     /// The device is smaller than the virtual size.
-    #[error("{}: the device holds {device} bytes, smaller than the image's virtual size of {needed} bytes", path.display())]
+    #[error("{}: the device holds {}, smaller than the image's virtual size of {}", path.display(), human(*device), human(*needed))]
     DeviceTooSmall {
         /// The device.
         path: PathBuf,
@@ -91,19 +91,17 @@ pub enum BackupError {
     ClusterSize(u64),
     /// `--sync top` or `incremental` with a raw target.
     #[error(
-        "--sync top and incremental need a qcow2 target: a raw file cannot refer to a backing file"
+        "top-layer and incremental backups need a qcow2 target: a raw file cannot refer to a backing file"
     )]
     TopNeedsQcow2,
     /// `--sync incremental` without the previous backup.
-    #[error(
-        "--sync incremental needs --backing PREV, the previous backup the new one is an overlay on"
-    )]
+    #[error("an incremental backup needs the previous backup, which the new one is an overlay on")]
     IncrementalNeedsBacking,
     /// The previous backup of an incremental backup cannot be used.
     #[error(transparent)]
     PreviousBackup(SourceError),
     /// The target's file system filled up.
-    #[error("{}: no space left on the file system: the backup needs up to {planned} bytes (its guest data before compression, plus metadata) and had written {written}; {free} bytes are free there", path.display())]
+    #[error("{}: no space left on the file system: the backup needs up to {} (its guest data before compression, plus metadata) and had written {}; {} is free there", path.display(), human(*planned), human(*written), human(*free))]
     NoSpace {
         /// The target.
         path: PathBuf,
@@ -117,10 +115,10 @@ pub enum BackupError {
         source: Box<BackupError>,
     },
     /// An image of the source carries the corrupt bit.
-    #[error("{}: image is marked corrupt (QEMU found its metadata inconsistent); run 'qemu-img check -r all' on a copy first, or pass --allow-corrupt to back up what it reads", .0.display())]
+    #[error("{}: image is marked corrupt (QEMU found its metadata inconsistent); run 'qemu-img check -r all' on a copy first", .0.display())]
     MarkedCorrupt(PathBuf),
     /// The previous backup is not a qcow2 image.
-    #[error("--backing: {} is a {format} image, not a qcow2 backup; an incremental backup is an overlay on the previous qcow2 backup (full or incremental)", path.display())]
+    #[error("the previous backup {} is a {format} image, not a qcow2 backup; an incremental backup is an overlay on the previous qcow2 backup (full or incremental)", path.display())]
     PreviousNotQcow2 {
         /// PREV.
         path: PathBuf,
@@ -128,7 +126,7 @@ pub enum BackupError {
         format: &'static str,
     },
     /// The previous backup's manifest is of another disk or cluster size.
-    #[error("{}: the previous backup's manifest records {cluster_size}-byte clusters, this backup uses {wanted}-byte clusters (an incremental backup by content needs the same: pass --cluster-size {cluster_size})", path.display())]
+    #[error("{}: the previous backup's manifest records {cluster_size}-byte clusters, this backup uses {wanted}-byte clusters (an incremental backup by content needs the same)", path.display())]
     PreviousManifestMismatch {
         /// PREV's manifest.
         path: PathBuf,
@@ -148,7 +146,7 @@ pub enum BackupError {
     #[error(transparent)]
     Manifest(crate::manifest::ManifestError),
     /// The previous backup's virtual size differs from the source's.
-    #[error("--backing: the previous backup is {prev} bytes but the source is {current}; an incremental backup needs a previous backup of the same disk size")]
+    #[error("the previous backup is {prev} bytes but the source is {current}; an incremental backup needs a previous backup of the same disk size")]
     PreviousSize {
         /// PREV's virtual size.
         prev: u64,
@@ -157,11 +155,11 @@ pub enum BackupError {
     },
     /// The backing file named with `--backing` does not open from the
     /// target's directory.
-    #[error("--backing: {0}")]
+    #[error("{0} (the backing file to record)")]
     BackingUnusable(SourceError),
     /// The backing file named with `--backing` is not the size of the one
     /// it replaces: the overlay would read other data past the shorter end.
-    #[error("{}: --backing: this image is {found} bytes but the source's backing file is {expected}; the overlay needs a backing file of the same size (--backing-unchecked records the name anyway)", path.display())]
+    #[error("{}: this backing file is {found} bytes but the source's is {expected}; the overlay needs a backing file of the same size", path.display())]
     BackingSize {
         /// The resolved backing path.
         path: PathBuf,
@@ -169,6 +167,15 @@ pub enum BackupError {
         found: u64,
         /// The virtual size of the source's backing file.
         expected: u64,
+    },
+    /// A backing file name was given for an overlay of a source that has
+    /// no backing file: there is nothing to record it for.
+    #[error("{}: this image has no backing file, so a top-layer backup of it is a full backup with no backing file to name; '{backing}' would not be recorded", image.display())]
+    NothingToRebase {
+        /// The source.
+        image: PathBuf,
+        /// The name given.
+        backing: String,
     },
     /// The worker pool could not be started.
     #[error("cannot start worker threads: {source}")]
@@ -247,7 +254,8 @@ impl Classify for BackupError {
             | BackupError::PreviousManifestMismatch { .. }
             | BackupError::PreviousHasNoManifest { .. }
             | BackupError::PreviousSize { .. }
-            | BackupError::BackingSize { .. } => ErrorClass::Usage,
+            | BackupError::BackingSize { .. }
+            | BackupError::NothingToRebase { .. } => ErrorClass::Usage,
             BackupError::Manifest(e) => e.class(),
             BackupError::MarkedCorrupt(_) => ErrorClass::Corrupt,
             BackupError::NoSpace { .. } => ErrorClass::Io,
@@ -259,6 +267,28 @@ impl Classify for BackupError {
             | BackupError::PlannerPanicked => ErrorClass::Internal,
             BackupError::Interrupted { .. } => ErrorClass::Interrupted,
             BackupError::ClearBitmap { source, .. } => source.class(),
+        }
+    }
+
+    /// What the user can do about it (the CLI names its option).
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            BackupError::Source(e)
+            | BackupError::ReadCluster { source: e, .. }
+            | BackupError::PreviousBackup(e)
+            | BackupError::BackingUnusable(e) => e.remedy(),
+            BackupError::ClearBitmap { source, .. } => source.remedy(),
+            BackupError::Target { source, .. } | BackupError::NoSpace { source, .. } => {
+                source.remedy()
+            }
+            BackupError::TargetExists(_) => Some(Remedy::ReplaceTarget),
+            BackupError::TargetIsDevice(_) => Some(Remedy::WriteInPlace),
+            BackupError::MarkedCorrupt(_) => Some(Remedy::AllowCorrupt),
+            BackupError::PreviousManifestMismatch { cluster_size, .. } => {
+                Some(Remedy::ClusterSize(*cluster_size))
+            }
+            BackupError::BackingSize { .. } => Some(Remedy::RecordBackingUnchecked),
+            _ => None,
         }
     }
 }
@@ -273,6 +303,12 @@ impl BackupError {
             _ => None,
         }
     }
+}
+
+/// A size for messages: binary units ("1.50 GiB"), as the progress bar
+/// and the result line show them.
+fn human(bytes: u64) -> indicatif::BinaryBytes {
+    indicatif::BinaryBytes(bytes)
 }
 
 /// True when an ENOSPC is somewhere in `e`'s chain of causes.

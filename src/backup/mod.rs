@@ -1,45 +1,53 @@
 //! `qbackup backup`: copy an image (or the top layer of its chain) into a
 //! compact qcow2 or sparse raw target.
 //!
+//! A backup runs in three phases: **prepare** ([`prepare`]: open the
+//! source, decide the sync mode, check everything that can refuse the
+//! backup, plan the totals), **copy** (the planner and the parallel copier
+//! write through a [`destination::Destination`]'s staged storage) and
+//! **commit** (sync, check the source did not change, publish, then run
+//! the caller's [`after::AfterDurable`] actions).
+//!
 //! Safety invariants: the source is opened read-only, except when its
 //! dirty bitmap is to be cleared (then it is opened for update, with
-//! QEMU's write locks, and only the bitmap is written, after the target is
-//! durable under its name); the target is built in
-//! a temporary file beside TARGET, written through the storage seam, synced,
-//! then renamed over TARGET in one step. On any error or interruption the
-//! temporary file is removed and nothing appears at TARGET.
+//! QEMU's write locks, and only the bitmap is written, by an after-durable
+//! action); nothing appears at TARGET until the backup is complete and
+//! durable; on any error or interruption everything staged is removed.
 
+pub mod after;
 pub mod budget;
 pub mod cancel;
 pub mod copier;
-pub mod device;
+pub mod destination;
 mod early_sync;
 mod error;
 pub mod ordered;
 pub mod plan;
 pub mod policy;
+pub mod prepare;
 pub mod record;
 pub mod target;
-pub mod temp;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qbackup_formats::codec::CompressionType;
 use qbackup_formats::fingerprint::Fingerprint;
-use qbackup_formats::open::{Opener, UpdatingOpener};
-use qbackup_formats::qcow2::writer::{BackingRef, Qcow2Writer, WriterOptions};
-use qbackup_formats::storage::{FileStorage, Identity, Storage};
+use qbackup_formats::open::Opener;
+use qbackup_formats::qcow2::writer::{Qcow2Writer, WriterOptions};
 use qbackup_formats::{ClusterSize, Format};
 
+use after::AfterDurable;
 pub use cancel::Cancel;
 pub use copier::{CopyStats, Progress};
+use destination::{Destination, Published};
 pub use error::BackupError;
 pub use plan::SyncMode;
+use prepare::Prepared;
 use target::{Qcow2Target, RawTarget, Target, TargetError};
 
-use crate::source::{self, Source};
+use crate::source::Source;
 
 /// A validated backup request.
 #[derive(Debug, Clone)]
@@ -103,6 +111,17 @@ pub struct BackupConfig {
 /// What a finished backup did (the CLI formats it).
 #[derive(Debug, Clone)]
 pub struct BackupReport {
+    /// Where the backup is.
+    pub target: PathBuf,
+    /// The sync mode that ran (an incremental by bitmap may have fallen
+    /// back to one by content: see `fallback`).
+    pub mode: SyncMode,
+    /// Why an incremental backup by bitmap ran by content instead.
+    pub fallback: Option<String>,
+    /// What the after-durable actions did.
+    pub actions: Vec<after::Outcome>,
+    /// The backup's identity (its manifest's), when it has a manifest.
+    pub id: Option<String>,
     /// The source's virtual size.
     pub virtual_size: u64,
     /// Target cluster size.
@@ -139,30 +158,13 @@ pub fn default_cluster_size(source: &dyn Source) -> ClusterSize {
     source.cluster_size().map_or(min, |c| c.max(min))
 }
 
-/// The directory TARGET will be created in ("." for a bare file name).
-fn target_dir(target: &Path) -> PathBuf {
-    match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// The name to record for the backing file so that it resolves from the
-/// target's directory: a relative name below that directory, else absolute.
-fn backing_name_for(target: &Path, backing: &Path) -> Result<String, std::io::Error> {
-    let abs = std::fs::canonicalize(backing)?;
-    let dir = std::fs::canonicalize(target_dir(target))?;
-    Ok(match abs.strip_prefix(&dir) {
-        Ok(rel) => rel.display().to_string(),
-        Err(_) => abs.display().to_string(),
-    })
-}
-
-/// Runs a backup, opening files through `opener`. `cancel` is polled in
-/// every phase; once it is set the backup stops and leaves nothing behind.
+/// Runs a backup, opening files through `opener`, then the caller's
+/// `after` actions once it is durable. `cancel` is polled in every phase;
+/// once it is set the backup stops and leaves nothing behind.
 pub fn run(
     cfg: &BackupConfig,
     opener: &dyn Opener,
+    after: Vec<Box<dyn AfterDurable>>,
     progress: &dyn Progress,
     on_plan: &mut dyn FnMut(u64),
     cancel: &Cancel,
@@ -171,25 +173,50 @@ pub fn run(
     let policy = policy::PolicyOpener::new(opener, cfg.on_source_error, cfg.on_target_error);
     let opener: &dyn Opener = &policy;
     // What TARGET is decides before any work (a directory fails at once).
-    let kind = device::check_target(cfg)?;
-    let mut warnings = Vec::new();
-    let (source, mode, clear_bitmap) = open_source(cfg, opener, &mut warnings)?;
-    let source: &dyn Source = source.as_ref();
-    for f in source.marked_corrupt() {
-        if !cfg.allow_corrupt {
-            return Err(BackupError::MarkedCorrupt(f));
-        }
-        warnings.push(format!(
-            "{}: image is marked corrupt (QEMU found its metadata inconsistent); backing up what it reads, as --allow-corrupt asks",
-            f.display()
-        ));
-    }
-    let clear = match (&cfg.bitmap, clear_bitmap) {
-        (Some(name), true) => Some(source.prepare_bitmap_clear(name)?),
-        _ => None,
-    };
-    // Before anything is read: compared at the end (see `verify_unchanged`).
-    let before = source.fingerprint()?;
+    let kind = destination::check_target(cfg)?;
+    let prepared = prepare::prepare(cfg, opener, kind, after, cancel)?;
+    on_plan(prepared.planned);
+    let keep_manifest = !cfg.no_manifest && !prepared.restore;
+    let destination = destination::open(cfg, kind, keep_manifest, cancel);
+    // Staged files stay registered until the backup ends, for a signal
+    // thread that cannot wait for it to unwind.
+    let _registered = TempRegistration(cancel);
+    let mut prepared = prepared;
+    let copied = copy(
+        cfg,
+        opener,
+        &mut prepared,
+        destination,
+        kind,
+        progress,
+        cancel,
+    )?;
+    commit(prepared, copied, started, cancel)
+}
+
+/// What the copy phase leaves for the commit.
+struct Copied<'a> {
+    destination: Box<dyn Destination + 'a>,
+    id: Option<String>,
+    stats: CopyStats,
+    target_size: u64,
+}
+
+/// The copy phase: stages the target and its manifest, copies, syncs, and
+/// checks that the source did not change. On error the destination is
+/// dropped, which removes everything staged.
+fn copy<'a>(
+    cfg: &BackupConfig,
+    opener: &dyn Opener,
+    p: &mut Prepared,
+    mut destination: Box<dyn Destination + 'a>,
+    kind: destination::TargetKind,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<Copied<'a>, BackupError> {
+    let source: &dyn Source = p.source.as_ref();
+    let size = source.virtual_size();
+    let cluster_size = p.previous.cluster_size;
     let target_err = |e: BackupError| BackupError::Target {
         path: cfg.target.clone(),
         source: Box::new(e),
@@ -199,97 +226,34 @@ pub fn run(
         action,
         source,
     };
-    refuse_target_in_source(cfg, source)?;
-    let size = source.virtual_size();
-    let backing = match mode {
-        SyncMode::Top | SyncMode::Incremental | SyncMode::Changed
-            if cfg.target_format == Format::Raw =>
-        {
-            return Err(BackupError::TopNeedsQcow2);
-        }
-        SyncMode::Top => backing_ref(cfg, opener, source)?,
-        SyncMode::Incremental | SyncMode::Changed => Some(previous_backup(cfg, opener, source)?),
-        SyncMode::Full => None,
-    };
-    // An incremental backup keeps the previous backup's cluster size, so
-    // that its manifest lines up with the previous one.
-    let chosen = match cfg.cluster_size {
-        Some(bytes) => Some(ClusterSize::new(bytes).ok_or(BackupError::ClusterSize(bytes))?),
-        None => None,
-    };
-    let record::Previous {
-        cluster_size,
-        gaps: previous,
-        parent_digest,
-        skip_unchanged,
-    } = record::previous(
-        cfg.backing.as_deref().map(Path::new),
-        mode,
-        chosen,
-        default_cluster_size(source),
-        size,
-    )?;
-
-    // A first pass over the plan for its totals (the progress bar's and the
-    // report's); the copier plans again as it goes, so the plan is never
-    // held whole.
-    let (mut planned, mut guest_bytes_read) = (0u64, 0u64);
-    for r in plan::Planner::new(source, mode, cluster_size, cancel.flag()) {
-        let r = r.map_err(|e| e.into_backup_error(cancel))?;
-        planned += cluster_size.bytes_in(r.count);
-        if r.action == plan::Action::Copy {
-            let end = cluster_size.start_of(r.first + r.count).0.min(size);
-            guest_bytes_read += end - cluster_size.start_of(r.first).0;
-        }
-    }
-    on_plan(planned);
-
-    let dir = target_dir(&cfg.target);
-    let (tmp, storage) = if kind == device::TargetKind::Device {
-        (None, device::open(&cfg.target, size)?)
-    } else {
-        let (tmp, storage) = create_temporary(cfg, &dir, progress)?;
-        (Some(tmp), storage)
-    };
-    // Registered until the backup ends, for a signal thread that cannot
-    // wait for it to unwind.
-    if let Some(t) = &tmp {
-        cancel.set_temp(Some(t.path()));
-    }
-    let _registered = TempRegistration(cancel);
-    let storage = opener.target(storage);
+    let in_place = kind == destination::TargetKind::Device;
+    let storage = opener.target(destination.stage_image(size, progress)?);
     let compression = match cfg.target_format {
         Format::Qcow2 => cfg.compression,
         Format::Raw => None,
     };
-    // A restore onto a device writes no manifest: nothing is created
-    // beside a device node.
-    let mut recorder = if cfg.no_manifest || tmp.is_none() {
-        None
-    } else {
-        Some(record::start(
+    let mut recorder = match destination.stage_manifest()? {
+        Some(staged) => Some(record::start(
             cfg,
             source,
-            &dir,
+            staged,
             record::About {
-                mode,
+                mode: p.mode,
                 cluster_size,
-                backing: backing.as_ref().map(|b| b.name.as_str()),
-                previous,
-                parent_digest,
+                backing: p.backing.as_ref().map(|b| b.name.as_str()),
+                previous: p.previous.gaps.take(),
+                parent_digest: p.previous.parent_digest.clone(),
             },
-        )?)
+        )?),
+        None => None,
     };
-    if let Some(r) = &recorder {
-        cancel.set_temp(Some(r.temp_path()));
-    }
     let target: Box<dyn Target> = match cfg.target_format {
         Format::Qcow2 => {
             let opts = WriterOptions {
                 virtual_size: size,
                 cluster_bits: cluster_size.bits(),
                 compression: compression.map(|c| c.0).unwrap_or(CompressionType::Zlib),
-                backing,
+                backing: p.backing.clone(),
             };
             let w = Qcow2Writer::new(Arc::clone(&storage), opts)
                 .map_err(|e| target_err(BackupError::Write(TargetError::Qcow2(e))))?;
@@ -299,7 +263,7 @@ pub fn run(
             Arc::clone(&storage),
             size,
             cluster_size,
-            tmp.is_none(),
+            in_place,
         )),
     };
     let params = copier::CopyParams {
@@ -313,22 +277,23 @@ pub fn run(
     };
     let recording = copier::Recording {
         builder: recorder.as_mut().map(|r| &mut r.builder),
-        skip_unchanged,
+        skip_unchanged: p.previous.skip_unchanged.take(),
     };
     // ENOSPC says how much was needed and how much is free.
+    let free = destination.free_space();
     let no_space = |e: BackupError| {
         if !error::caused_by_enospc(&e) {
             return e;
         }
         BackupError::NoSpace {
             path: cfg.target.clone(),
-            planned,
+            planned: p.planned,
             written: storage.len(),
-            free: rustix::fs::statvfs(&dir).map_or(0, |v| v.f_bavail * v.f_frsize),
+            free: free.unwrap_or(0),
             source: Box::new(e),
         }
     };
-    let ranges = plan::Planner::new(source, mode, cluster_size, cancel.flag());
+    let ranges = plan::Planner::new(source, p.mode, cluster_size, cancel.flag());
     let stats =
         copier::copy(source, ranges, params, target, recording, progress, cancel).map_err(|e| {
             match e {
@@ -337,7 +302,7 @@ pub fn run(
                 other => other,
             }
         })?;
-    let manifest = recorder.map(record::Recorder::finish).transpose()?;
+    let id = recorder.map(record::Recorder::finish).transpose()?;
     storage
         .sync()
         .map_err(|e| no_space(commit_err("sync", e)))?;
@@ -345,149 +310,64 @@ pub fn run(
     if cancel.is_set() {
         return Err(cancel.error());
     }
-    verify_unchanged(source, &before)?;
+    verify_unchanged(source, &p.before)?;
     if cfg.target_format == Format::Qcow2 {
         // Only a complete, durable image gets the magic (see temp.rs).
         Qcow2Writer::seal(storage.as_ref())
             .map_err(|e| target_err(BackupError::Write(TargetError::Qcow2(e))))?;
         storage.sync().map_err(|e| commit_err("sync", e))?;
     }
-    let target_size = storage.len();
-    drop(storage);
-    let manifest = match tmp {
-        Some(tmp) => {
-            // The rename and a signal thread giving up on the backup
-            // exclude each other: either TARGET is complete, or the
-            // temporary file is removed.
-            let persisted = cancel
-                .commit(|| {
-                    if cfg.force {
-                        tmp.persist(&cfg.target)
-                    } else {
-                        tmp.persist_noclobber(&cfg.target)
-                    }
-                })
-                .ok_or_else(|| cancel.error())?;
-            persisted.map_err(|e| {
-                if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-                    BackupError::TargetExists(cfg.target.clone())
-                } else {
-                    commit_err("rename the temporary file into place", e.error)
-                }
-            })?;
-            let manifest = manifest.map(|m| m.place(&cfg.target)).transpose()?;
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = d.sync_all();
-            }
-            manifest
-        }
-        // A device is written in place: there is nothing to rename.
-        None => None,
-    };
-    // Only now, with the backup durable under its name, may the bits it
-    // covers be dropped (a crash before this point leaves them set).
-    let bitmap_cleared = match clear {
-        Some(c) => Some(c.commit().map_err(|source| BackupError::ClearBitmap {
-            target: cfg.target.clone(),
-            source: Box::new(source),
-        })?),
-        None => None,
-    };
-    for (f, what) in source.harmless_damage() {
-        warnings.push(format!("{}: {}", f.display(), harmless_damage_text(&what)));
-    }
-    Ok(BackupReport {
-        virtual_size: size,
-        cluster_size,
-        bitmap_cleared,
-        manifest,
-        warnings,
-        planned_bytes: planned,
-        guest_bytes_read,
+    Ok(Copied {
+        id,
+        target_size: storage.len(),
+        destination,
         stats,
-        target_size,
-        elapsed: started.elapsed(),
     })
 }
 
-/// Creates the temporary file the backup is built in, beside TARGET in
-/// `dir`, with the usual permissions, as writable storage.
-fn create_temporary(
-    cfg: &BackupConfig,
-    dir: &Path,
-    progress: &dyn Progress,
-) -> Result<(tempfile::NamedTempFile, Arc<dyn Storage>), BackupError> {
-    let commit_err = |action, source| BackupError::Commit {
-        path: cfg.target.clone(),
-        action,
-        source,
+/// The commit phase: publishes the durable backup, then runs the
+/// after-durable actions in order.
+fn commit(
+    p: Prepared,
+    copied: Copied<'_>,
+    started: Instant,
+    cancel: &Cancel,
+) -> Result<BackupReport, BackupError> {
+    let Published { target, manifest } = copied.destination.publish(cancel)?;
+    let published = Published {
+        target: target.clone(),
+        manifest: manifest.clone(),
     };
-    // Say what is wrong with the directory itself, not with a temporary
-    // name inside it (only its existence: writing needs no read permission).
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            let e = std::io::Error::from(std::io::ErrorKind::NotADirectory);
-            return Err(commit_err("use its directory", e));
-        }
-        Err(e) => return Err(commit_err("use its directory", e)),
+    // Only now, with the backup durable under its name, may the actions
+    // run (a crash before this point leaves them undone, which is safe).
+    let mut actions = Vec::new();
+    for a in p.actions {
+        actions.extend(a.run(&published)?);
     }
-    // Leftovers of killed backups go first (see temp.rs), then ours,
-    // locked for as long as it exists.
-    for r in temp::remove_stale(dir) {
-        progress.removed_leftover(&r.path, r.bytes);
+    let bitmap_cleared = actions.iter().find_map(|o| match o {
+        after::Outcome::BitmapCleared { clusters_freed, .. } => Some(*clusters_freed),
+    });
+    let mut warnings = p.warnings;
+    for (f, what) in p.source.harmless_damage() {
+        warnings.push(format!("{}: {}", f.display(), harmless_damage_text(&what)));
     }
-    let tmp =
-        temp::create(dir).map_err(|e| commit_err("create a temporary file in its directory", e))?;
-    set_backup_permissions(tmp.path())
-        .map_err(|e| commit_err("set permissions on the temporary file", e))?;
-    let file = tmp
-        .as_file()
-        .try_clone()
-        .map_err(|e| commit_err("open the temporary file", e))?;
-    let storage = FileStorage::writable(file, tmp.path()).map_err(|e| BackupError::Target {
-        path: cfg.target.clone(),
-        source: Box::new(BackupError::Write(e.into())),
-    })?;
-    Ok((tmp, Arc::new(storage)))
-}
-
-/// Opens the source for `cfg` and decides the effective sync mode:
-/// `--sync incremental` without a bitmap, or with an unusable one and
-/// `bitmap_fallback`, becomes [`SyncMode::Changed`] (by content, with a
-/// warning in the second case). Returns the source, the mode, and whether
-/// the bitmap is to be cleared after the backup.
-fn open_source(
-    cfg: &BackupConfig,
-    opener: &dyn Opener,
-    warnings: &mut Vec<String>,
-) -> Result<(Box<dyn Source + Send>, SyncMode, bool), BackupError> {
-    let plain = |o: &dyn Opener| source::open(o, &cfg.source, cfg.source_format, None);
-    // Clearing the bitmap needs the source image to itself, from the
-    // start: no VM may open it between the backup and the clearing.
-    let updating = UpdatingOpener::new(opener);
-    let source_opener: &dyn Opener = if cfg.clear_bitmap { &updating } else { opener };
-    let (SyncMode::Incremental, Some(name)) = (cfg.sync, cfg.bitmap.as_deref()) else {
-        let mode = match cfg.sync {
-            SyncMode::Incremental => SyncMode::Changed,
-            other => other,
-        };
-        return Ok((plain(source_opener)?, mode, cfg.clear_bitmap));
-    };
-    let request = source::BitmapRequest {
-        name,
-        allow_disabled: cfg.allow_disabled_bitmap,
-    };
-    match source::open(source_opener, &cfg.source, cfg.source_format, Some(request)) {
-        Ok(s) => Ok((s, SyncMode::Incremental, cfg.clear_bitmap)),
-        Err(e) if cfg.bitmap_fallback && e.is_unusable_bitmap() => {
-            warnings.push(format!(
-                "{e}; taking the incremental backup by content instead (every cluster read, only those changed since the previous backup written), and leaving the bitmap as it is"
-            ));
-            Ok((plain(opener)?, SyncMode::Changed, false))
-        }
-        Err(e) => Err(e.into()),
-    }
+    Ok(BackupReport {
+        target,
+        mode: p.mode,
+        fallback: p.fallback,
+        actions,
+        id: copied.id,
+        virtual_size: p.source.virtual_size(),
+        cluster_size: p.previous.cluster_size,
+        bitmap_cleared,
+        manifest,
+        warnings,
+        planned_bytes: p.planned,
+        guest_bytes_read: p.guest_bytes_read,
+        stats: copied.stats,
+        target_size: copied.target_size,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// Fails when a file of the source changed since `before` was taken. The
@@ -504,7 +384,7 @@ fn verify_unchanged(source: &dyn Source, before: &Fingerprint) -> Result<(), Bac
     }
 }
 
-/// Unregisters the temporary file from the [`Cancel`] when the backup ends,
+/// Unregisters the staged files from the [`Cancel`] when the backup ends,
 /// whichever way.
 struct TempRegistration<'a>(&'a Cancel);
 
@@ -512,129 +392,4 @@ impl Drop for TempRegistration<'_> {
     fn drop(&mut self) {
         self.0.set_temp(None);
     }
-}
-
-/// Refuses a TARGET that is one of the files the source reads (an image of
-/// the chain or an external data file), by identity (device and inode) so
-/// that other paths and hard links are caught too.
-fn refuse_target_in_source(cfg: &BackupConfig, source: &dyn Source) -> Result<(), BackupError> {
-    refuse_target_in(cfg, &source.files())
-}
-
-/// Refuses a TARGET that is one of `files`, by identity.
-fn refuse_target_in(cfg: &BackupConfig, files: &[Arc<dyn Storage>]) -> Result<(), BackupError> {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(&cfg.target) else {
-        return Ok(());
-    };
-    let target = Identity {
-        dev: meta.dev(),
-        ino: meta.ino(),
-    };
-    match files.iter().find(|f| f.identity() == Some(target)) {
-        Some(f) => Err(BackupError::TargetIsSource {
-            target: cfg.target.clone(),
-            file: f.name().to_path_buf(),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Temporary files are created 0600; a backup (and its manifest) gets the
-/// usual 0666 & !umask.
-fn set_backup_permissions(path: &Path) -> std::io::Result<()> {
-    let perms = 0o666 & !current_umask();
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(perms))
-}
-
-/// The process umask (read by setting and restoring it).
-fn current_umask() -> u32 {
-    use rustix::fs::Mode;
-    let old = rustix::process::umask(Mode::from_raw_mode(0o022));
-    rustix::process::umask(old);
-    old.as_raw_mode()
-}
-
-/// The previous backup an incremental one is an overlay on: it must open
-/// (with its whole chain), and is recorded by a name that resolves from
-/// the target's directory.
-fn previous_backup(
-    cfg: &BackupConfig,
-    opener: &dyn Opener,
-    source: &dyn Source,
-) -> Result<BackingRef, BackupError> {
-    let prev = cfg
-        .backing
-        .as_deref()
-        .ok_or(BackupError::IncrementalNeedsBacking)?;
-    let chain = qbackup_formats::Chain::open_with(opener, Path::new(prev), None)
-        .map_err(BackupError::PreviousBackup)?;
-    // Replacing PREV (or a file under it) with its own overlay would lose
-    // the previous backup and make a chain that loops.
-    refuse_target_in(cfg, &chain.files())?;
-    if chain.top().format() != Format::Qcow2 {
-        return Err(BackupError::PreviousNotQcow2 {
-            path: PathBuf::from(prev),
-            format: chain.top().format().name(),
-        });
-    }
-    // A smaller PREV would make every clean cluster past its end read as
-    // zeros; QEMU's backup job refuses a target of another size too.
-    if chain.virtual_size() != source.virtual_size() {
-        return Err(BackupError::PreviousSize {
-            prev: chain.virtual_size(),
-            current: source.virtual_size(),
-        });
-    }
-    let name = backing_name_for(&cfg.target, Path::new(prev)).map_err(|e| BackupError::Commit {
-        path: cfg.target.clone(),
-        action: "resolve the previous backup's name",
-        source: e,
-    })?;
-    Ok(BackingRef {
-        name,
-        format: chain.top().format().name().to_string(),
-    })
-}
-
-/// The backing file of a `--sync top` overlay: the source's, named to
-/// resolve from the target's directory, or the name given with `--backing`,
-/// which must then open from there (as `qemu-img create -b` checks), or the
-/// overlay would be an image nothing can read, and have the virtual size of
-/// the backing file it replaces, or the guest would see other data where
-/// the shorter one ends. `--backing-unchecked` skips both checks, as
-/// `qemu-img create -u` does.
-fn backing_ref(
-    cfg: &BackupConfig,
-    opener: &dyn Opener,
-    source: &dyn Source,
-) -> Result<Option<BackingRef>, BackupError> {
-    let Some(below) = source.top_backing() else {
-        return Ok(None);
-    };
-    let name = match &cfg.backing {
-        Some(b) if cfg.backing_unchecked => b.clone(),
-        Some(b) => {
-            let resolved = qbackup_formats::open::resolve_backing(&cfg.target, b);
-            let chain = qbackup_formats::Chain::open_with(opener, &resolved, Some(below.format))
-                .map_err(BackupError::BackingUnusable)?;
-            if chain.virtual_size() != below.virtual_size {
-                return Err(BackupError::BackingSize {
-                    path: resolved,
-                    found: chain.virtual_size(),
-                    expected: below.virtual_size,
-                });
-            }
-            b.clone()
-        }
-        None => backing_name_for(&cfg.target, &below.path).map_err(|e| BackupError::Commit {
-            path: cfg.target.clone(),
-            action: "resolve the backing file name",
-            source: e,
-        })?,
-    };
-    Ok(Some(BackingRef {
-        name,
-        format: below.format.name().to_string(),
-    }))
 }

@@ -41,6 +41,18 @@ pub enum SyncMode {
     Changed,
 }
 
+impl SyncMode {
+    /// Its name in manifests and JSON results.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncMode::Full => "full",
+            SyncMode::Top => "top",
+            SyncMode::Incremental => "incremental",
+            SyncMode::Changed => "incremental-by-content",
+        }
+    }
+}
+
 /// What happens to a run of target clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

@@ -2,21 +2,18 @@
 //! clusters the copier does not write come from, the previous backup's
 //! manifest for incremental backups, and writing it beside the target.
 //!
-//! Order on success: the target is synced and renamed into place first,
-//! then the manifest (already synced) is renamed beside it, then the
-//! directory is synced. A crash in between leaves a backup without a
-//! manifest (or, with `--force`, the replaced backup's), which `verify`
-//! reports; never a manifest that silently vouches for other data.
+//! The manifest is written to a file the destination staged, and synced
+//! here; the destination publishes it after the image (see
+//! [`super::destination`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use qbackup_formats::ClusterSize;
-use tempfile::NamedTempFile;
-
+use super::destination::StagedFile;
 use super::{BackupConfig, BackupError, SyncMode};
 use crate::manifest::{self, Gaps, ManifestBuilder, ManifestReader, ManifestWriter, Meta};
 use crate::source::Source;
+use qbackup_formats::ClusterSize;
 
 /// The manifest of the previous backup `prev`, or `None` when it has none.
 fn previous_manifest(prev: &Path) -> Result<Option<ManifestReader>, BackupError> {
@@ -107,14 +104,8 @@ pub fn previous(
 pub struct Recorder {
     /// Receives the copier's entries.
     pub builder: ManifestBuilder,
-    tmp: NamedTempFile,
-}
-
-impl Recorder {
-    /// The temporary file the manifest is written to.
-    pub fn temp_path(&self) -> &Path {
-        self.tmp.path()
-    }
+    /// The backup's identity, as the manifest records it.
+    id: String,
 }
 
 /// What the manifest records about the backup.
@@ -132,12 +123,12 @@ pub struct About<'a> {
     pub parent_digest: Option<String>,
 }
 
-/// Starts the manifest of the backup `cfg` of `source` in the target's
-/// directory `dir`.
+/// Starts the manifest of the backup `cfg` of `source` in the file
+/// `staged`.
 pub fn start(
     cfg: &BackupConfig,
     source: &dyn Source,
-    dir: &Path,
+    staged: StagedFile,
     about: About<'_>,
 ) -> Result<Recorder, BackupError> {
     let io = |action, source| BackupError::Commit {
@@ -145,16 +136,6 @@ pub fn start(
         action,
         source,
     };
-    // Locked like the target's temporary file, so that a concurrent
-    // backup never takes it for a leftover (see `temp.rs`).
-    let tmp =
-        super::temp::create(dir).map_err(|e| io("create a temporary file in its directory", e))?;
-    super::set_backup_permissions(tmp.path())
-        .map_err(|e| io("set permissions on the temporary file", e))?;
-    let file = tmp
-        .as_file()
-        .try_clone()
-        .map_err(|e| io("open the temporary file", e))?;
     let size = source.virtual_size();
     let meta = Meta {
         id: manifest::new_id().map_err(|e| io("read /dev/urandom for the backup's identity", e))?,
@@ -170,13 +151,7 @@ pub fn start(
             .map(|i| (i.dev, i.ino)),
         virtual_size: size,
         cluster_size: about.cluster_size.bytes(),
-        sync: match about.mode {
-            SyncMode::Full => "full",
-            SyncMode::Top => "top",
-            SyncMode::Incremental => "incremental",
-            SyncMode::Changed => "incremental-by-content",
-        }
-        .to_string(),
+        sync: about.mode.name().to_string(),
         bitmap: match about.mode {
             SyncMode::Incremental => cfg.bitmap.clone(),
             _ => None,
@@ -184,7 +159,8 @@ pub fn start(
         backing: about.backing.map(str::to_string),
         backing_manifest: about.parent_digest,
     };
-    let writer = ManifestWriter::new(file, tmp.path(), &meta).map_err(BackupError::Manifest)?;
+    let writer =
+        ManifestWriter::new(staged.file, &staged.path, &meta).map_err(BackupError::Manifest)?;
     let gaps = match (about.mode, about.previous) {
         (SyncMode::Full, _) => Gaps::Zero,
         (_, Some(prev)) => Gaps::Previous(Box::new(prev)),
@@ -193,33 +169,15 @@ pub fn start(
     let clusters = size.div_ceil(about.cluster_size.bytes());
     Ok(Recorder {
         builder: ManifestBuilder::new(writer, gaps, clusters),
-        tmp,
+        id: meta.id,
     })
 }
 
 impl Recorder {
-    /// Ends and syncs the manifest; [`Finished::place`] puts it beside the
-    /// target once the target is in place.
-    pub fn finish(self) -> Result<Finished, BackupError> {
+    /// Ends and syncs the manifest (the destination publishes it);
+    /// returns the backup's identity.
+    pub fn finish(self) -> Result<String, BackupError> {
         self.builder.finish().map_err(BackupError::Manifest)?;
-        Ok(Finished { tmp: self.tmp })
-    }
-}
-
-/// A complete manifest in its temporary file.
-pub struct Finished {
-    tmp: NamedTempFile,
-}
-
-impl Finished {
-    /// Renames the manifest to `TARGET.manifest` (replacing any).
-    pub fn place(self, target: &Path) -> Result<PathBuf, BackupError> {
-        let path = manifest::path_for(target);
-        self.tmp.persist(&path).map_err(|e| BackupError::Commit {
-            path: path.clone(),
-            action: "rename the manifest into place",
-            source: e.error,
-        })?;
-        Ok(path)
+        Ok(self.id)
     }
 }

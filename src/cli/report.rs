@@ -28,6 +28,10 @@ fn throughput(r: &BackupReport) -> f64 {
 pub fn json(r: &BackupReport) -> Value {
     let s = &r.stats;
     json!({
+        "id": r.id,
+        "target": r.target.display().to_string(),
+        "sync": r.mode.name(),
+        "fallback": r.fallback,
         "virtual-size": r.virtual_size,
         "cluster-size": r.cluster_size.bytes(),
         "guest-bytes-read": r.guest_bytes_read,
