@@ -340,13 +340,18 @@ fn commit(
     };
     // Only now, with the backup durable under its name, may the actions
     // run (a crash before this point leaves them undone, which is safe).
-    let mut actions = Vec::new();
+    let (mut actions, mut bitmap_cleared) = (Vec::new(), None);
     for a in p.actions {
-        actions.extend(a.run(&published)?);
+        let Some(outcome) = a.run(&published)? else {
+            continue;
+        };
+        match &outcome {
+            after::Outcome::BitmapCleared { clusters_freed, .. } => {
+                bitmap_cleared = Some(*clusters_freed)
+            }
+        }
+        actions.push(outcome);
     }
-    let bitmap_cleared = actions.iter().find_map(|o| match o {
-        after::Outcome::BitmapCleared { clusters_freed, .. } => Some(*clusters_freed),
-    });
     let mut warnings = p.warnings;
     for (f, what) in p.source.harmless_damage() {
         warnings.push(format!("{}: {}", f.display(), harmless_damage_text(&what)));

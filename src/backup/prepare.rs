@@ -142,14 +142,15 @@ pub fn prepare(
     })
 }
 
+/// An open source, the sync mode that runs, and why an incremental by
+/// bitmap fell back to one by content.
+type Opened = (Box<dyn Source + Send>, SyncMode, Option<String>);
+
 /// Opens the source for `cfg` and decides the effective sync mode:
 /// `--sync incremental` without a bitmap, or with an unusable one and
 /// `bitmap_fallback`, becomes [`SyncMode::Changed`] (by content; the
 /// second case returns why).
-fn open_source(
-    cfg: &BackupConfig,
-    opener: &dyn Opener,
-) -> Result<(Box<dyn Source + Send>, SyncMode, Option<String>), BackupError> {
+fn open_source(cfg: &BackupConfig, opener: &dyn Opener) -> Result<Opened, BackupError> {
     let plain = |o: &dyn Opener| source::open(o, &cfg.source, cfg.source_format, None);
     // Clearing the bitmap needs the source image to itself, from the
     // start: no VM may open it between the backup and the clearing.

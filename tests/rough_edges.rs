@@ -1,0 +1,122 @@
+//! Regressions of the "rough edges" found by trying qbackup as an admin
+//! scripting a nightly cycle would (issue 18): each case once failed
+//! silently or misled.
+
+mod common;
+
+use common::{assert_identical, Scratch, MIB};
+
+/// `--backing` with `--sync top` on an image that has no backing file was
+/// silently ignored; it is refused, naming the image, and nothing is
+/// written.
+#[test]
+fn backing_for_an_image_without_a_backing_file_is_refused() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.io("d.qcow2", "qcow2", &["write -P 0x11 0 1M"]);
+    s.backup(&[
+        "--sync",
+        "top",
+        "--backing",
+        "/nonexistent/x.qcow2",
+        "d.qcow2",
+        "t.qcow2",
+    ])
+    .assert_clean_failure_mentioning(&["d.qcow2: this image has no backing file"]);
+    assert!(!s.path("t.qcow2").exists());
+    // Without --backing it is a plain (full) top-layer backup.
+    s.backup(&["--sync", "top", "d.qcow2", "t.qcow2"])
+        .assert_ok();
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "t.qcow2", "qcow2");
+}
+
+/// `backup disk disk` told the user to pass --force, which was then
+/// refused because TARGET is the source: the real reason comes first.
+#[test]
+fn target_that_is_the_source_is_refused_as_such() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    let run = s.backup(&["d.qcow2", "d.qcow2"]);
+    run.assert_clean_failure_mentioning(&["which the source reads"]);
+    assert!(
+        !run.stderr.contains("--force"),
+        "suggests --force: {}",
+        run.stderr
+    );
+}
+
+/// A restore (a backup, which has a manifest, written out as a raw disk)
+/// left a `disk.raw.manifest` beside the restored disk: a disk is not a
+/// backup, so none is written. A raw backup of a disk still gets one.
+#[test]
+fn a_restore_into_a_raw_file_writes_no_manifest() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.io("d.qcow2", "qcow2", &["write -P 0x22 1M 1M"]);
+    s.backup(&["d.qcow2", "b.qcow2"]).assert_ok();
+    assert!(s.path("b.qcow2.manifest").exists());
+    let run = s.backup(&["-O", "raw", "--output=json", "b.qcow2", "disk.raw"]);
+    run.assert_ok();
+    assert!(!s.path("disk.raw.manifest").exists());
+    assert!(run.json()["manifest"].is_null(), "{}", run.json());
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "disk.raw", "raw");
+    // The disk itself, backed up raw, is a backup: it keeps its manifest.
+    s.backup(&["-O", "raw", "d.qcow2", "copy.raw"]).assert_ok();
+    assert!(s.path("copy.raw.manifest").exists());
+}
+
+/// The JSON result says which mode ran and why: a typo in the bitmap's
+/// name falls back to an incremental by content, and says so.
+#[test]
+fn json_result_says_which_sync_ran_and_why() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.img(&["bitmap", "--add", "d.qcow2", "nightly"]);
+    let full = s.backup(&[
+        "--output=json",
+        "--bitmap",
+        "nightly",
+        "d.qcow2",
+        "full.qcow2",
+    ]);
+    full.assert_ok();
+    let v = full.json();
+    assert_eq!(v["sync"], "full", "{v}");
+    assert!(v["fallback"].is_null(), "{v}");
+    assert_eq!(v["target"], "full.qcow2", "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let manifest = std::fs::read(s.path("full.qcow2.manifest")).unwrap();
+    assert!(
+        !id.is_empty() && manifest.windows(id.len()).any(|w| w == id.as_bytes()),
+        "id {id} not in the manifest"
+    );
+    s.io("d.qcow2", "qcow2", &["write -P 0x33 0 64k"]);
+    let inc = |name: &str, target: &str| {
+        s.backup(&[
+            "--output=json",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            name,
+            "--backing",
+            "full.qcow2",
+            "d.qcow2",
+            target,
+        ])
+    };
+    let typo = inc("nighty", "inc1.qcow2");
+    typo.assert_ok();
+    let v = typo.json();
+    assert_eq!(v["sync"], "incremental-by-content", "{v}");
+    assert!(
+        v["fallback"].as_str().is_some_and(|f| f.contains("nighty")),
+        "{v}"
+    );
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "inc1.qcow2", "qcow2");
+    let good = inc("nightly", "inc2.qcow2");
+    good.assert_ok();
+    let v = good.json();
+    assert_eq!(v["sync"], "incremental", "{v}");
+    assert!(v["fallback"].is_null(), "{v}");
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "inc2.qcow2", "qcow2");
+}
