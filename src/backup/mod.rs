@@ -19,6 +19,7 @@ pub mod ordered;
 pub mod plan;
 pub mod policy;
 pub mod record;
+pub mod request;
 pub mod target;
 pub mod temp;
 
@@ -37,6 +38,7 @@ pub use cancel::Cancel;
 pub use copier::{CopyStats, Progress};
 pub use error::BackupError;
 pub use plan::SyncMode;
+pub use request::{BackupRequest, BitmapMode, Compression, RequestError};
 use target::{Qcow2Target, RawTarget, Target, TargetError};
 
 use crate::source::{self, Source};
