@@ -128,7 +128,7 @@ mod tests {
     /// An error of the library kind that names a remedy.
     #[derive(Debug, thiserror::Error)]
     #[error("{0}: target already exists")]
-    struct Exists(&'static str);
+    pub(super) struct Exists(pub &'static str);
 
     #[test]
     fn each_remedy_has_words_naming_its_option() {
