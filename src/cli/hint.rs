@@ -98,7 +98,8 @@ fn words(remedy: Remedy) -> Option<(&'static str, &'static str)> {
 
 /// `message` with the hint for `remedy`: into the message's closing
 /// parenthesis as one more way out ("(convert with qemu-img, or pass -f
-/// raw ...)"), else as a parenthesis of its own.
+/// raw ...)"), else as a parenthesis of its own, or after a semicolon when
+/// the hint has parentheses itself.
 pub fn with_hint(message: &str, remedy: Option<Remedy>) -> String {
     let Some((option, hint)) = remedy.and_then(words) else {
         return message.to_string();
@@ -108,6 +109,7 @@ pub fn with_hint(message: &str, remedy: Option<Remedy>) -> String {
     }
     match message.strip_suffix(')') {
         Some(head) if head.contains('(') => format!("{head}, or {hint})"),
+        _ if hint.contains('(') => format!("{message}; {hint}"),
         _ => format!("{message} ({hint})"),
     }
 }
@@ -169,6 +171,13 @@ mod tests {
                 Some(Remedy::JsonOutput)
             ),
             "m.img: contains compressed clusters (use --output=json)"
+        );
+        assert_eq!(
+            with_hint(
+                "/dev/loop0: target is a block device",
+                Some(Remedy::WriteInPlace)
+            ),
+            "/dev/loop0: target is a block device; pass -n (--no-create) with -O raw"
         );
         // A parenthesis inside the message is not its end.
         assert_eq!(
