@@ -85,6 +85,10 @@ pub enum Remedy {
     AllowCorrupt,
     /// Use an output form that can show what the human one cannot.
     JsonOutput,
+    /// Use this target cluster size (the previous backup's).
+    ClusterSize(u64),
+    /// Record the backing file name without checking it.
+    RecordBackingUnchecked,
 }
 
 /// An error that can say its class.

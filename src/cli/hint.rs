@@ -68,49 +68,88 @@ pub fn remedy_of(err: &anyhow::Error) -> Option<Remedy> {
     err.chain().filter_map(classified).find_map(|c| c.remedy())
 }
 
-/// The option that carries out `remedy` (to recognise a message that
-/// names it already), and the CLI's words for it.
-fn words(remedy: Remedy) -> Option<(&'static str, &'static str)> {
-    Some(match remedy {
+/// How a hint joins the library's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// Another way out than the one the message gives: ", or ..." (inside
+    /// the message's closing parenthesis when it ends with one).
+    Or,
+    /// What to do about what the message says: "; ..." (": ..." inside the
+    /// message's closing parenthesis).
+    Do,
+    /// A remark of its own: " (...)".
+    Aside,
+}
+
+/// The CLI's words for `remedy`: the option that carries it out (to
+/// recognise a message that names it already), the hint, and how it joins
+/// the message. Chosen so that the joined lines read as they did when the
+/// library's messages named the options.
+fn words(remedy: Remedy) -> Option<(String, String, Join)> {
+    let (option, hint, join) = match remedy {
         Remedy::ForceShare => (
             "--force-share",
-            "pass -U/--force-share to read it anyway; the copy may be inconsistent",
+            "pass -U/--force-share to read it anyway (the copy may be inconsistent)".into(),
+            Join::Or,
         ),
         Remedy::KeepBitmap => (
             "--bitmap-mode never",
-            "pass --bitmap-mode never, which leaves the bitmap as it is",
+            "pass --bitmap-mode never, which leaves the bitmap as it is".into(),
+            Join::Or,
         ),
         Remedy::AllowDisabledBitmap => (
             "--allow-disabled-bitmap",
-            "pass --allow-disabled-bitmap to use it as it is",
+            "pass --allow-disabled-bitmap".into(),
+            Join::Do,
         ),
-        Remedy::ReadAsRaw => ("-f raw", "pass -f raw to copy the file's bytes"),
-        Remedy::ReplaceTarget => ("--force", "use --force to replace it"),
-        Remedy::WriteInPlace => ("--no-create", "pass -n (--no-create) with -O raw"),
+        Remedy::ReadAsRaw => (
+            "-f raw",
+            "pass -f raw to copy the file's bytes".into(),
+            Join::Or,
+        ),
+        Remedy::ReplaceTarget => ("--force", "use --force to replace it".into(), Join::Aside),
+        Remedy::WriteInPlace => (
+            "--no-create",
+            "pass -n (--no-create) with -O raw".into(),
+            Join::Do,
+        ),
         Remedy::AllowCorrupt => (
             "--allow-corrupt",
-            "pass --allow-corrupt to back up what it reads",
+            "pass --allow-corrupt to back up what it reads".into(),
+            Join::Or,
         ),
-        Remedy::JsonOutput => ("--output=json", "use --output=json"),
+        Remedy::JsonOutput => ("--output=json", "use --output=json".into(), Join::Do),
+        Remedy::ClusterSize(bytes) => (
+            "--cluster-size",
+            format!("pass --cluster-size {bytes}"),
+            Join::Do,
+        ),
+        Remedy::RecordBackingUnchecked => (
+            "--backing-unchecked",
+            "--backing-unchecked records the name anyway".into(),
+            Join::Aside,
+        ),
         _ => return None,
-    })
+    };
+    Some((option.to_string(), hint, join))
 }
 
-/// `message` with the hint for `remedy`: into the message's closing
-/// parenthesis as one more way out ("(convert with qemu-img, or pass -f
-/// raw ...)"), else as a parenthesis of its own, or after a semicolon when
-/// the hint has parentheses itself.
+/// `message` with the CLI's hint for `remedy` (see [`Join`]).
 pub fn with_hint(message: &str, remedy: Option<Remedy>) -> String {
-    let Some((option, hint)) = remedy.and_then(words) else {
+    let Some((option, hint, join)) = remedy.and_then(words) else {
         return message.to_string();
     };
-    if message.contains(option) {
+    if message.contains(&option) {
         return message.to_string();
     }
-    match message.strip_suffix(')') {
-        Some(head) if head.contains('(') => format!("{head}, or {hint})"),
-        _ if hint.contains('(') => format!("{message}; {hint}"),
-        _ => format!("{message} ({hint})"),
+    // The message's own closing parenthesis, when it ends with one.
+    let in_paren = message.strip_suffix(')').filter(|head| head.contains('('));
+    match (join, in_paren) {
+        (Join::Or, Some(head)) => format!("{head}, or {hint})"),
+        (Join::Or, None) => format!("{message}, or {hint}"),
+        (Join::Do, Some(head)) => format!("{head}: {hint})"),
+        (Join::Do, None) => format!("{message}; {hint}"),
+        (Join::Aside, _) => format!("{message} ({hint})"),
     }
 }
 
@@ -143,47 +182,74 @@ mod tests {
             Remedy::WriteInPlace,
             Remedy::AllowCorrupt,
             Remedy::JsonOutput,
+            Remedy::ClusterSize(65536),
+            Remedy::RecordBackingUnchecked,
         ] {
-            let (option, hint) = words(r).expect("words");
-            assert!(hint.contains(option), "{r:?}: {hint}");
+            let (option, hint, _) = words(r).expect("words");
+            assert!(hint.contains(&option), "{r:?}: {hint}");
         }
     }
 
+    /// The library's messages with the hints read as the lines did when
+    /// the messages named the options (the texts tests and users know).
     #[test]
-    fn hints_append_or_join_the_closing_parenthesis() {
-        assert_eq!(
-            with_hint(
+    fn hinted_lines_read_as_before() {
+        let cases = [
+            (
                 "t.qcow2: target already exists",
-                Some(Remedy::ReplaceTarget)
+                Remedy::ReplaceTarget,
+                "t.qcow2: target already exists (use --force to replace it)",
             ),
-            "t.qcow2: target already exists (use --force to replace it)"
-        );
-        assert_eq!(
-            with_hint(
+            (
                 "x.vmdk: vmdk images are not supported (convert with qemu-img)",
-                Some(Remedy::ReadAsRaw)
+                Remedy::ReadAsRaw,
+                "x.vmdk: vmdk images are not supported (convert with qemu-img, or pass -f raw to copy the file's bytes)",
             ),
-            "x.vmdk: vmdk images are not supported (convert with qemu-img, or pass -f raw to copy the file's bytes)"
-        );
-        assert_eq!(
-            with_hint(
+            (
+                "c.qcow2: image is marked corrupt (QEMU found its metadata inconsistent); run 'qemu-img check -r all' on a copy first",
+                Remedy::AllowCorrupt,
+                "c.qcow2: image is marked corrupt (QEMU found its metadata inconsistent); run 'qemu-img check -r all' on a copy first, or pass --allow-corrupt to back up what it reads",
+            ),
+            (
+                "p.manifest: the previous backup's manifest records 65536-byte clusters, this backup uses 131072-byte clusters (an incremental backup by content needs the same)",
+                Remedy::ClusterSize(65536),
+                "p.manifest: the previous backup's manifest records 65536-byte clusters, this backup uses 131072-byte clusters (an incremental backup by content needs the same: pass --cluster-size 65536)",
+            ),
+            (
+                "b.qcow2: this backing file is 1 bytes but the source's is 2; the overlay needs a backing file of the same size",
+                Remedy::RecordBackingUnchecked,
+                "b.qcow2: this backing file is 1 bytes but the source's is 2; the overlay needs a backing file of the same size (--backing-unchecked records the name anyway)",
+            ),
+            (
+                "d.qcow2: in use; back up a running VM through an NBD export of its disk",
+                Remedy::ForceShare,
+                "d.qcow2: in use; back up a running VM through an NBD export of its disk, or pass -U/--force-share to read it anyway (the copy may be inconsistent)",
+            ),
+            (
+                "/dev/loop0: target is a block device, which a backup never replaces",
+                Remedy::WriteInPlace,
+                "/dev/loop0: target is a block device, which a backup never replaces; pass -n (--no-create) with -O raw",
+            ),
+            (
                 "m.img: contains compressed clusters",
-                Some(Remedy::JsonOutput)
+                Remedy::JsonOutput,
+                "m.img: contains compressed clusters; use --output=json",
             ),
-            "m.img: contains compressed clusters (use --output=json)"
-        );
-        assert_eq!(
-            with_hint(
-                "/dev/loop0: target is a block device",
-                Some(Remedy::WriteInPlace)
+            (
+                "bitmap 'b' is disabled (enable it, or allow it if it was disabled on purpose)",
+                Remedy::AllowDisabledBitmap,
+                "bitmap 'b' is disabled (enable it, or allow it if it was disabled on purpose: pass --allow-disabled-bitmap)",
             ),
-            "/dev/loop0: target is a block device; pass -n (--no-create) with -O raw"
-        );
-        // A parenthesis inside the message is not its end.
-        assert_eq!(
-            with_hint("a (b) c", Some(Remedy::AllowCorrupt)),
-            "a (b) c (pass --allow-corrupt to back up what it reads)"
-        );
+            // A parenthesis inside the message is not its end.
+            (
+                "a (b) c",
+                Remedy::KeepBitmap,
+                "a (b) c, or pass --bitmap-mode never, which leaves the bitmap as it is",
+            ),
+        ];
+        for (message, remedy, line) in cases {
+            assert_eq!(with_hint(message, Some(remedy)), line);
+        }
     }
 
     #[test]
