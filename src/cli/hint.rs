@@ -74,8 +74,8 @@ enum Join {
     /// Another way out than the one the message gives: ", or ..." (inside
     /// the message's closing parenthesis when it ends with one).
     Or,
-    /// What to do about what the message says: "; ..." (": ..." inside the
-    /// message's closing parenthesis).
+    /// How to do what the message says, or to do it at all: ": ..."
+    /// (inside the message's closing parenthesis when it ends with one).
     Do,
     /// A remark of its own: " (...)".
     Aside,
@@ -83,30 +83,24 @@ enum Join {
 
 /// The CLI's words for `remedy`: the option that carries it out (to
 /// recognise a message that names it already), the hint, and how it joins
-/// the message. Chosen so that the joined lines read as they did when the
-/// library's messages named the options.
+/// the message. The library's messages say the way out in words ("or read
+/// the file anyway, ...", "(or leave the bitmap as it is)") or not at all
+/// ("target already exists"); the joined lines read as they did when the
+/// messages named the options.
 fn words(remedy: Remedy) -> Option<(String, String, Join)> {
     let (option, hint, join) = match remedy {
-        Remedy::ForceShare => (
-            "--force-share",
-            "pass -U/--force-share to read it anyway (the copy may be inconsistent)".into(),
-            Join::Or,
-        ),
+        Remedy::ForceShare => ("--force-share", "pass -U/--force-share".into(), Join::Do),
         Remedy::KeepBitmap => (
             "--bitmap-mode never",
-            "pass --bitmap-mode never, which leaves the bitmap as it is".into(),
-            Join::Or,
+            "pass --bitmap-mode never".into(),
+            Join::Do,
         ),
         Remedy::AllowDisabledBitmap => (
             "--allow-disabled-bitmap",
             "pass --allow-disabled-bitmap".into(),
             Join::Do,
         ),
-        Remedy::ReadAsRaw => (
-            "-f raw",
-            "pass -f raw to copy the file's bytes".into(),
-            Join::Or,
-        ),
+        Remedy::ReadAsRaw => ("-f raw", "pass -f raw".into(), Join::Do),
         Remedy::ReplaceTarget => ("--force", "use --force to replace it".into(), Join::Aside),
         Remedy::WriteInPlace => (
             "--no-create",
@@ -148,7 +142,7 @@ pub fn with_hint(message: &str, remedy: Option<Remedy>) -> String {
         (Join::Or, Some(head)) => format!("{head}, or {hint})"),
         (Join::Or, None) => format!("{message}, or {hint}"),
         (Join::Do, Some(head)) => format!("{head}: {hint})"),
-        (Join::Do, None) => format!("{message}; {hint}"),
+        (Join::Do, None) => format!("{message}: {hint}"),
         (Join::Aside, _) => format!("{message} ({hint})"),
     }
 }
@@ -201,9 +195,9 @@ mod tests {
                 "t.qcow2: target already exists (use --force to replace it)",
             ),
             (
-                "x.vmdk: vmdk images are not supported (convert with qemu-img)",
+                "x.vmdk: vmdk images are not supported (convert it with qemu-img, or copy the file's bytes as a raw image)",
                 Remedy::ReadAsRaw,
-                "x.vmdk: vmdk images are not supported (convert with qemu-img, or pass -f raw to copy the file's bytes)",
+                "x.vmdk: vmdk images are not supported (convert it with qemu-img, or copy the file's bytes as a raw image: pass -f raw)",
             ),
             (
                 "c.qcow2: image is marked corrupt (QEMU found its metadata inconsistent); run 'qemu-img check -r all' on a copy first",
@@ -221,19 +215,24 @@ mod tests {
                 "b.qcow2: this backing file is 1 bytes but the source's is 2; the overlay needs a backing file of the same size (--backing-unchecked records the name anyway)",
             ),
             (
-                "d.qcow2: in use; back up a running VM through an NBD export of its disk",
+                "d.qcow2: in use; back up a running VM through an NBD export of its disk, or read the file anyway, accepting that the copy may be inconsistent",
                 Remedy::ForceShare,
-                "d.qcow2: in use; back up a running VM through an NBD export of its disk, or pass -U/--force-share to read it anyway (the copy may be inconsistent)",
+                "d.qcow2: in use; back up a running VM through an NBD export of its disk, or read the file anyway, accepting that the copy may be inconsistent: pass -U/--force-share",
             ),
             (
-                "/dev/loop0: target is a block device, which a backup never replaces",
+                "d.qcow2: in use; clearing a dirty bitmap in it needs the image to itself (or leave the bitmap as it is)",
+                Remedy::KeepBitmap,
+                "d.qcow2: in use; clearing a dirty bitmap in it needs the image to itself (or leave the bitmap as it is: pass --bitmap-mode never)",
+            ),
+            (
+                "/dev/loop0: target is a block device, which a backup never replaces; a restore onto it writes it in place, as raw bytes",
                 Remedy::WriteInPlace,
-                "/dev/loop0: target is a block device, which a backup never replaces; pass -n (--no-create) with -O raw",
+                "/dev/loop0: target is a block device, which a backup never replaces; a restore onto it writes it in place, as raw bytes: pass -n (--no-create) with -O raw",
             ),
             (
-                "m.img: contains compressed clusters",
+                "m.img: contains compressed clusters, which only the JSON output shows",
                 Remedy::JsonOutput,
-                "m.img: contains compressed clusters; use --output=json",
+                "m.img: contains compressed clusters, which only the JSON output shows: use --output=json",
             ),
             (
                 "bitmap 'b' is disabled (enable it, or allow it if it was disabled on purpose)",
@@ -243,8 +242,13 @@ mod tests {
             // A parenthesis inside the message is not its end.
             (
                 "a (b) c",
-                Remedy::KeepBitmap,
-                "a (b) c, or pass --bitmap-mode never, which leaves the bitmap as it is",
+                Remedy::AllowCorrupt,
+                "a (b) c, or pass --allow-corrupt to back up what it reads",
+            ),
+            (
+                "a (b) c",
+                Remedy::ReadAsRaw,
+                "a (b) c: pass -f raw",
             ),
         ];
         for (message, remedy, line) in cases {
