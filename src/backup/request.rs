@@ -60,6 +60,25 @@ pub enum Compression {
 
 /// An unchecked backup request: the source, the target, and every option
 /// with its default (a full backup into a zstd-compressed qcow2 file).
+///
+/// ```
+/// use qbackup::backup::{BackupRequest, RequestError, SyncMode};
+///
+/// // Tonight's incremental backup by the image's dirty bitmap, which is
+/// // cleared once the backup is durable.
+/// let cfg = BackupRequest::new("vm.qcow2", "vm-2.qcow2")
+///     .sync(SyncMode::Incremental)
+///     .backing("vm-1.qcow2".to_string())
+///     .bitmap("nightly".to_string())
+///     .validate()?;
+/// assert!(cfg.clear_bitmap);
+/// // An incremental backup needs the previous one.
+/// let refused = BackupRequest::new("vm.qcow2", "vm-2.qcow2")
+///     .sync(SyncMode::Incremental)
+///     .validate();
+/// assert_eq!(refused.unwrap_err(), RequestError::IncrementalWithoutBacking);
+/// # Ok::<(), RequestError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct BackupRequest {
     source: PathBuf,
