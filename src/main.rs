@@ -1,6 +1,8 @@
-//! The `qbackup` command line: parse, validate into a config, run, map
-//! errors to exit statuses (see `cli/status.rs`). All work happens in the
-//! library.
+//! The `qbackup` command line: parse, map the flags to library requests
+//! (which validate themselves), run, map errors to exit statuses (see
+//! `cli/status.rs`) and one line with the CLI's hint (`cli/hint.rs`), plus
+//! a JSON error object on stdout with `--output=json`. All work happens in
+//! the library.
 
 mod cli;
 mod signals;
@@ -30,16 +32,22 @@ fn main() -> ExitCode {
         Err(e) => return ExitCode::from(cli::status::clap_error(&e, &cli::commands())),
     };
     let failure = cli::failure_status(&args);
+    let json = cli::json_output(&args);
     match cli::run(args) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            let _ = std::io::stdout().flush();
-            // Each error's message already says its cause: print it alone
-            // (the alternate form would repeat every cause after it).
-            let msg = format!("{e}").replace('\n', " ");
+            let status = cli::status::of_error(&e, failure);
+            let msg = cli::hint::message(&e);
+            let mut out = std::io::stdout();
+            if json {
+                // A wrapper reading the JSON result gets the failure there.
+                let obj = cli::status::json_error(cli::hint::class_of(&e), &msg, status);
+                let _ = writeln!(out, "{obj}");
+            }
+            let _ = out.flush();
             // After SIGHUP the terminal may be gone: never panic on stderr.
             let _ = writeln!(std::io::stderr(), "qbackup: {msg}");
-            ExitCode::from(cli::status::of_error(&e, failure))
+            ExitCode::from(status)
         }
     }
 }

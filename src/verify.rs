@@ -33,6 +33,7 @@ const MAX_LISTED: usize = 100;
 
 /// A damaged guest range.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Damage {
     /// First guest byte.
     pub start: u64,
@@ -46,6 +47,7 @@ pub struct Damage {
 
 /// What `verify` found.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Report {
     /// The backup.
     pub backup: PathBuf,

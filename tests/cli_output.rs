@@ -546,3 +546,181 @@ fn progress_on_a_terminal_is_a_bar() {
     assert!(text.contains("qbackup: backup done:"), "{text}");
     assert_identical(s.dir(), "src.qcow2", "qcow2", "out.qcow2", "qcow2");
 }
+
+/// Regression (issue 18): `verify --output=json` uses kebab-case keys, as
+/// `backup`'s result does; every key of the report is listed here.
+#[test]
+fn verify_json_keys_are_kebab_case() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    s.backup(&["-q", "src.qcow2", "out.qcow2"]).assert_ok();
+    let run = qbackup_in(s.dir(), &["verify", "--output=json", "out.qcow2"]);
+    run.assert_ok();
+    let v = run.json();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "backup",
+            "chain-problems",
+            "clusters-checked",
+            "clusters-not-covered",
+            "damaged",
+            "damaged-count",
+            "manifest",
+            "result",
+        ],
+        "{v:#}"
+    );
+    assert!(u(&v, "clusters-checked") > 0);
+    assert_eq!(
+        (u(&v, "damaged-count"), u(&v, "clusters-not-covered")),
+        (0, 0)
+    );
+}
+
+/// The `{"error": {...}}` object a failed `--output=json` run printed on
+/// stdout, checked against its exit status and its one stderr line.
+fn json_error(run: &Run, status: i32) -> Value {
+    assert_eq!(run.code, Some(status), "{}", run.describe());
+    let v = run.json();
+    let e = &v["error"];
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
+    assert_eq!(e["exit-status"], status, "{v}");
+    let message = e["message"].as_str().expect("message");
+    assert_eq!(
+        run.stderr,
+        format!("qbackup: {message}\n"),
+        "the same message as the line on stderr\n{}",
+        run.describe()
+    );
+    e.clone()
+}
+
+/// Regression (issue 18): with `--output=json`, a failure prints one JSON
+/// object on stdout (class, message, exit status) besides the line on
+/// stderr, for every command with JSON output; without it, stdout stays
+/// empty.
+#[test]
+fn json_output_failures_print_an_error_object() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    let json_run = |args: &[&str]| qbackup_in(s.dir(), args);
+    // A missing file: the user's to fix (class usage), status 1.
+    for cmd in ["info", "map"] {
+        let run = json_run(&[cmd, "--output=json", "missing.qcow2"]);
+        let e = json_error(&run, 1);
+        assert_eq!(e["class"], "usage", "{cmd}: {e}");
+        assert!(e["message"].as_str().unwrap().contains("missing.qcow2"));
+    }
+    let e = json_error(
+        &json_run(&["backup", "--output=json", "missing.qcow2", "o.qcow2"]),
+        1,
+    );
+    assert_eq!(e["class"], "usage", "{e}");
+    // verify cannot verify: 2, as compare.
+    let e = json_error(&json_run(&["verify", "--output=json", "missing.qcow2"]), 2);
+    assert!(
+        e["message"].as_str().unwrap().contains("missing.qcow2"),
+        "{e}"
+    );
+    // A refused combination of options: status 2, the usage line.
+    let run = json_run(&[
+        "backup",
+        "--output=json",
+        "--speed",
+        "0",
+        "src.qcow2",
+        "o.qcow2",
+    ]);
+    let e = json_error(&run, 2);
+    assert_eq!(e["class"], "usage");
+    assert_eq!(e["message"], "--speed must be positive");
+    // An existing target: status 1.
+    s.backup(&["-q", "src.qcow2", "out.qcow2"]).assert_ok();
+    let run = json_run(&["backup", "--output=json", "src.qcow2", "out.qcow2"]);
+    json_error(&run, 1);
+    assert!(!s.path("o.qcow2").exists());
+    // Human output: nothing on stdout.
+    let run = json_run(&["backup", "src.qcow2", "out.qcow2"]);
+    run.assert_clean_failure(&["out.qcow2"]);
+    assert_eq!(run.stdout, "");
+}
+
+/// Regression (issue 18): `--bitmap-mode` offers only the values it
+/// accepts (help, completions), and still explains why `always` is
+/// refused when it is passed.
+#[test]
+fn bitmap_mode_always_is_not_offered_but_explained() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    let help = qbackup_in(s.dir(), &["backup", "--help"]);
+    help.assert_ok();
+    assert!(
+        help.stdout.contains("[possible values: on-success, never]"),
+        "{}",
+        help.stdout
+    );
+    let completions = qbackup_in(s.dir(), &["completions", "bash"]);
+    completions.assert_ok();
+    assert!(completions.stdout.contains("\"on-success never\""));
+    assert!(!completions.stdout.contains("always"));
+    let args = [
+        "backup",
+        "--bitmap",
+        "b",
+        "--bitmap-mode",
+        "always",
+        "src.qcow2",
+        "o",
+    ];
+    qbackup_in(s.dir(), &args)
+        .assert_usage_error(&["--bitmap-mode always is refused: a failed backup leaves no target"]);
+}
+
+/// Regression (issue 18): every size option reads qemu-img's sizes (hex,
+/// fractions before a unit), as `map -s/-l` does; a cluster size that is
+/// not a power of two is still refused by the request's rule.
+#[test]
+fn size_options_read_qemu_img_sizes() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    let run = s.backup(&[
+        "--output=json",
+        "--speed",
+        "1.5G",
+        "--cluster-size",
+        "0x20000",
+        "src.qcow2",
+        "a.qcow2",
+    ]);
+    run.assert_ok();
+    assert_eq!(u(&run.json(), "cluster-size"), 128 * KIB);
+    s.backup(&["-q", "--speed", "0x400000", "src.qcow2", "b.qcow2"])
+        .assert_ok();
+    s.backup(&["--cluster-size", "1.5M", "src.qcow2", "c.qcow2"])
+        .assert_usage_error(&["--cluster-size 1572864 must be a power of two"]);
+    s.backup(&["--speed", "1.5", "src.qcow2", "c.qcow2"])
+        .assert_usage_error(&["invalid speed '1.5'"]);
+}
+
+/// Regression (issue 18): the line about a removed leftover temporary file
+/// gives its size in human units, as the result line does.
+#[test]
+fn removed_leftover_size_is_human() {
+    let s = Scratch::new();
+    source(&s, "src.qcow2", "");
+    s.mkdir("out");
+    s.write_file("out/.qbackup-abc123.tmp", &vec![7u8; 3 << 20]);
+    let run = s.backup(&["-q", "src.qcow2", "out/b.qcow2"]);
+    run.assert_ok();
+    assert!(
+        run.stderr.contains(
+            "out/.qbackup-abc123.tmp: removed the temporary file of an interrupted backup (3.00 MiB)\n"
+        ),
+        "{}",
+        run.describe()
+    );
+    assert!(!s.path("out/.qbackup-abc123.tmp").exists());
+}

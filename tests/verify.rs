@@ -23,7 +23,7 @@ fn assert_verified(s: &Scratch, backup: &str) {
     let (code, v) = verify(s, backup);
     assert_eq!(code, Some(0), "verify {backup}: {v:#}");
     assert_eq!(v["result"], "ok");
-    assert!(v["clusters_checked"].as_u64().unwrap() > 0);
+    assert!(v["clusters-checked"].as_u64().unwrap() > 0);
 }
 
 /// A disk with data, zeros, compressed and plain clusters.
@@ -60,7 +60,7 @@ fn fresh_backups_of_every_kind_verify() {
         .assert_ok();
     let (code, v) = verify(&s, "delta.qcow2");
     assert_eq!(code, Some(0), "{v:#}");
-    assert!(v["clusters_not_covered"].as_u64().unwrap() > 0);
+    assert!(v["clusters-not-covered"].as_u64().unwrap() > 0);
     // Incremental chains, by bitmap and by content, verify at every step.
     s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
     s.backup(&["--bitmap", "bm0", "d.qcow2", "full.qcow2"])
@@ -107,7 +107,7 @@ fn damage_is_found_and_located() {
     assert_eq!(d["start"], 8 * MIB);
     assert_eq!(d["length"], 64 * KIB);
     assert!(d["file"].as_str().unwrap().ends_with("plain.qcow2"));
-    assert_eq!(v["damaged_count"], 1);
+    assert_eq!(v["damaged-count"], 1);
     // Inside a compressed cluster: decoding fails or gives other bytes.
     s.backup(&["d.qcow2", "z.qcow2"]).assert_ok();
     let z = s.path("z.qcow2");
@@ -126,7 +126,7 @@ fn damage_is_found_and_located() {
     set_len(&c, file_len(&c) / 2);
     let (code, v) = verify(&s, "cut.qcow2");
     assert_eq!(code, Some(1), "{v:#}");
-    assert!(v["damaged_count"].as_u64().unwrap() > 0);
+    assert!(v["damaged-count"].as_u64().unwrap() > 0);
     // Human output names the range and the file, and says DAMAGED.
     let run = qbackup_in(s.dir(), &["verify", "plain.qcow2"]);
     assert_eq!(run.code, Some(1));
@@ -168,7 +168,7 @@ fn wrong_parent_and_wrong_manifest_are_caught() {
     .unwrap();
     let (code, v) = verify(&s, "inc.qcow2");
     assert_eq!(code, Some(1), "{v:#}");
-    assert!(v["chain_problems"][0]
+    assert!(v["chain-problems"][0]
         .as_str()
         .unwrap()
         .contains("not the backup this one was made on"));

@@ -26,6 +26,7 @@ pub mod plan;
 pub mod policy;
 pub mod prepare;
 pub mod record;
+pub mod request;
 pub mod target;
 
 use std::path::PathBuf;
@@ -45,6 +46,7 @@ use destination::{Destination, Published};
 pub use error::BackupError;
 pub use plan::SyncMode;
 use prepare::Prepared;
+pub use request::{BackupRequest, BitmapMode, Compression, RequestError};
 use target::{Qcow2Target, RawTarget, Target, TargetError};
 
 use crate::source::Source;

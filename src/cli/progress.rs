@@ -12,8 +12,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
-use indicatif::{BinaryBytes, ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 use qbackup::backup;
+
+use super::size::human;
 
 /// How `-p/--progress` reports.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,8 +160,9 @@ impl backup::Progress for Reporter {
 
     fn removed_leftover(&self, path: &std::path::Path, bytes: u64) {
         let line = format!(
-            "qbackup: {}: removed the temporary file of an interrupted backup ({bytes} bytes)",
-            path.display()
+            "qbackup: {}: removed the temporary file of an interrupted backup ({})",
+            path.display(),
+            human(bytes)
         );
         // Never panic on a closed stderr (a hung-up terminal).
         let say = || {
@@ -206,18 +209,18 @@ impl LineState {
         } else if self.finished && self.done > 0 {
             format!(
                 "qbackup: progress: 100% of {} in {:.1} s, {}/s",
-                BinaryBytes(self.total),
+                human(self.total),
                 secs,
-                BinaryBytes(rate as u64)
+                human(rate as u64)
             )
         } else if self.done == 0 {
-            format!("qbackup: progress: {pct}% of {}", BinaryBytes(self.total))
+            format!("qbackup: progress: {pct}% of {}", human(self.total))
         } else {
             format!(
                 "qbackup: progress: {pct}% ({} of {}), {}/s, ETA {}",
-                BinaryBytes(self.done),
-                BinaryBytes(self.total),
-                BinaryBytes(rate as u64),
+                human(self.done),
+                human(self.total),
+                human(rate as u64),
                 eta.map_or("unknown".into(), |e| format!("{e:.0} s"))
             )
         };

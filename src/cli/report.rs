@@ -3,9 +3,10 @@
 //! interface, documented in README ("Result"); add keys, never rename or
 //! drop them.
 
-use indicatif::BinaryBytes;
 use qbackup::backup::BackupReport;
 use serde_json::{json, Value};
+
+use super::size;
 
 /// Guest bytes of stored data per stored byte, or `None` when nothing was
 /// stored.
@@ -68,13 +69,13 @@ pub fn human(r: &BackupReport) -> String {
     };
     format!(
         "qbackup: backup done: read {} of {}, wrote {} (ratio {}), {} clusters passed through, {:.2} s, {}/s{}",
-        BinaryBytes(r.guest_bytes_read),
-        BinaryBytes(r.virtual_size),
-        BinaryBytes(r.stats.data_stored_bytes),
+        size::human(r.guest_bytes_read),
+        size::human(r.virtual_size),
+        size::human(r.stats.data_stored_bytes),
         ratio,
         r.stats.passthrough_clusters,
         r.elapsed.as_secs_f64(),
-        BinaryBytes(throughput(r) as u64),
+        size::human(throughput(r) as u64),
         cleared,
     )
 }

@@ -1,7 +1,15 @@
 //! Sizes and offsets written the way qemu-img reads them (its
 //! `qemu_strtosz`): a decimal or `0x` hex number, an optional fraction
 //! before a unit, and an optional unit b, k, M, G, T, P, E (powers of 1024,
-//! any case). Values run from 0 to `i64::MAX`, as in qemu-img.
+//! any case). Values run from 0 to `i64::MAX`, as in qemu-img. Every size
+//! option uses this parser. And sizes as the CLI shows them ([`human`]).
+
+/// A byte count as every CLI message shows it: binary units with two
+/// decimals ("3.00 MiB"), plain bytes below 1 KiB ("512 B"); the same as
+/// the progress bar and the result line.
+pub fn human(bytes: u64) -> String {
+    indicatif::BinaryBytes(bytes).to_string()
+}
 
 /// Parses `s`; `what` names the option for the error message.
 pub fn parse_qemu_size(s: &str, what: &str) -> Result<u64, String> {
@@ -74,7 +82,14 @@ pub fn parse_qemu_size(s: &str, what: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_qemu_size;
+    use super::{human, parse_qemu_size};
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(3 << 20), "3.00 MiB");
+        assert_eq!(human(1536), "1.50 KiB");
+    }
 
     fn p(s: &str) -> Option<u64> {
         parse_qemu_size(s, "offset").ok()

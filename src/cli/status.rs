@@ -5,7 +5,8 @@
 //!
 //! A usage error is one the command line alone shows (an unknown option,
 //! options that do not go together, a value out of range): it is raised as
-//! [`UsageError`] by clap's parse or the CLI's validation. Errors found by
+//! [`UsageError`] by clap's parse or the library's validation of the
+//! request (a `RequestError`, worded by the CLI). Errors found by
 //! looking at files (a missing source, an existing target) are errors,
 //! status 1, as with qemu-img.
 
@@ -42,13 +43,25 @@ Exit status:
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// `Err(UsageError)` from a format string.
-macro_rules! usage {
-    ($($t:tt)*) => {
-        return Err(anyhow::Error::new($crate::cli::status::UsageError(format!($($t)*))))
-    };
+impl Classify for UsageError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Usage
+    }
 }
-pub(crate) use usage;
+
+/// The JSON object a failed command prints on stdout with
+/// `--output=json`: `{"error": {"class", "message", "exit-status"}}`, with
+/// the class's name (io, corrupt, unsupported, usage, interrupted,
+/// internal) and the same message as the line on stderr.
+pub fn json_error(class: ErrorClass, message: &str, status: u8) -> serde_json::Value {
+    serde_json::json!({
+        "error": {
+            "class": class.name(),
+            "message": message,
+            "exit-status": status,
+        }
+    })
+}
 
 /// The signal that interrupted the command (0: none yet).
 fn last_signal() -> &'static Arc<AtomicUsize> {
@@ -182,6 +195,19 @@ mod tests {
             signal: libc::SIGHUP,
         });
         assert_eq!(of_error(&e, ERROR), 129);
+    }
+
+    #[test]
+    fn json_error_object() {
+        let v = json_error(ErrorClass::Usage, "--speed must be positive", USAGE);
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"class": "usage", "message": "--speed must be positive", "exit-status": 2}})
+        );
+        assert_eq!(
+            json_error(ErrorClass::Io, "x", ERROR)["error"]["class"],
+            "io"
+        );
     }
 
     #[test]
