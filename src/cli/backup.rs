@@ -279,7 +279,14 @@ pub fn run(args: BackupArgs) -> Result<u8> {
     crate::signals::watch(Arc::clone(&cancel), &signals)?;
     let mut on_plan = |total: u64| reporter.start(total);
     let after = backup::after::requested(&cfg);
-    let result = backup::run(&cfg, files.opener(), after, &reporter, &mut on_plan, &cancel);
+    let result = backup::run(
+        &cfg,
+        files.opener(),
+        after,
+        &reporter,
+        &mut on_plan,
+        &cancel,
+    );
     let report = match result {
         Ok(r) => r,
         Err(e) => {
