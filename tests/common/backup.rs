@@ -7,7 +7,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::*;
+use super::oracle::qemu_img_status;
+use super::process::qemu_nbd_with;
+use super::run::{run_checked, Run};
+use super::scratch::Scratch;
+use super::{KIB, MIB};
 
 pub const CODECS: [&str; 3] = ["zstd", "zlib", "none"];
 
