@@ -11,9 +11,8 @@
 
 mod common;
 
-use common::backup::{
-    assert_check_clean, assert_identical, backup_incremental, dirty_ranges, own_ranges, Round,
-};
+use common::backup::{backup_incremental, dirty_ranges, own_ranges, Round};
+use common::oracle::{assert_check_clean, assert_identical};
 use common::process::qemu_nbd_with;
 use common::qcow2::mark_first_bitmap_in_use;
 use common::run::assert_no_leftovers;

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::backup::{assert_check_clean, assert_identical};
+use common::oracle::{assert_check_clean, assert_identical};
 use common::qcow2::Layout;
 use common::run::{assert_no_leftovers, qbackup_within};
 use common::scratch::Scratch;

@@ -28,9 +28,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::backup::assert_identical;
 use common::compare::assert_image_matches;
-use common::oracle::{qemu_img_in, qemu_img_status, qemu_info_json};
+use common::oracle::{assert_identical, qemu_img_in, qemu_img_status, qemu_info_json};
 use common::qcow2::{ext, patch_u32, qcow2_header_extension};
 use common::run::{
     assert_no_leftovers, qbackup_info_human, qbackup_info_json, qbackup_info_ok, qbackup_map_json,

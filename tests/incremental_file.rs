@@ -12,8 +12,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::backup::{assert_check_clean, assert_identical, backup_incremental, dirty_ranges};
-use common::oracle::qemu_img_status;
+use common::backup::{backup_incremental, dirty_ranges};
+use common::oracle::{assert_check_clean, assert_identical, qemu_img_status};
 use common::qcow2::{
     mark_first_bitmap_in_use, patch_u32, qcow2_header_extension, read_u32, read_u64,
 };

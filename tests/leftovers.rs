@@ -9,7 +9,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::backup::{assert_check_clean, assert_identical};
+use common::oracle::{assert_check_clean, assert_identical};
 use common::process::Holder;
 use common::run::{assert_no_leftovers, leftovers, spawn_qbackup, Run};
 use common::scratch::Scratch;

@@ -7,9 +7,9 @@ mod common;
 
 use std::process::Command;
 
-use common::backup::{assert_check_clean, assert_identical, backup_checked};
+use common::backup::backup_checked;
 use common::compare::{assert_map_json_matches, map_diff};
-use common::oracle::qemu_map_json;
+use common::oracle::{assert_check_clean, assert_identical, qemu_map_json};
 use common::run::{qbackup_bin, qbackup_map_json};
 use common::scratch::Scratch;
 use common::{KIB, MIB};

@@ -12,11 +12,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::backup::assert_check_clean;
 use common::compare::{
     assert_info_matches, assert_map_json_matches, check, map_diff, project_info,
 };
-use common::oracle::{extents, qemu_img_status, qemu_map_json};
+use common::oracle::{assert_check_clean, extents, qemu_img_status, qemu_map_json};
 use common::qcow2::{
     file_len, hdr, patch, patch_u32, patch_u64, read_u32, read_u64, set_len, Layout,
     ENTRY_OFFSET_MASK, OFLAG_COPIED,

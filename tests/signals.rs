@@ -18,8 +18,8 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::backup::assert_identical;
 use common::content::random_bytes;
+use common::oracle::assert_identical;
 use common::process::{hold, Holder};
 use common::run::{assert_no_leftovers, leftovers, spawn_qbackup, wait_qbackup, Run};
 use common::scratch::Scratch;

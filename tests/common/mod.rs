@@ -4,17 +4,19 @@
 //!
 //! Every helper panics with a readable message on failure, so a test body is
 //! a short list of "build this image, then check that". Each test crate
-//! imports the helpers it uses by their module (`use common::scratch::Scratch;`):
-//! the module says what kind of helper it is.
+//! imports the helpers it uses by their module (`use
+//! common::scratch::Scratch;`): the module says what kind of helper it is.
 //!
 //! - [`scratch`]: temporary directories, images built with qemu-img/qemu-io.
 //! - [`run`]: running commands and `qbackup` (with a time limit), its outputs
 //!   and the error contract.
-//! - [`oracle`]: qemu-img's `map`/`info`/`check` and guest bytes, parsed.
+//! - [`oracle`]: qemu-img's `map`/`info` parsed, guest bytes, and the
+//!   verdicts of `check` (clean) and `compare` (identical).
 //! - [`compare`]: `map` and `info` against qemu-img's.
 //! - [`qcow2`]: byte patching and reading, header fields, the L1/L2 walk.
 //! - [`content`]: deterministic compressible and random test content.
-//! - [`backup`]: checks and source images shared by the backup tests.
+//! - [`backup`]: source images and checked or incremental backups shared by
+//!   the backup tests.
 //! - [`map_info`]: fixtures shared by the `map` and `info` tests.
 //! - [`process`]: qemu-nbd and QEMU started by tests, and a QMP client.
 

@@ -1,6 +1,7 @@
-//! QEMU as the oracle: `qemu-img` run checked or for its status, and its
-//! `map` and `info` outputs parsed (as JSON or as typed [`Extent`]s), plus a
-//! guest's bytes as `qemu-img convert` sees them.
+//! QEMU as the oracle: `qemu-img` run checked or for its status; its `map`
+//! and `info` outputs parsed (as JSON or as typed [`Extent`]s); a guest's
+//! bytes as `qemu-img convert` sees them; the verdicts of `qemu-img check`
+//! (clean) and `compare` (identical) on a target.
 
 use std::path::Path;
 use std::process::Command;
@@ -123,4 +124,38 @@ pub fn guest_bytes(cwd: &Path, img: &str, fmt: &str) -> Vec<u8> {
     let out = tmp.path().to_str().expect("utf-8").to_owned();
     qemu_img_in(cwd, &["convert", "-f", fmt, "-O", "raw", img, &out]);
     std::fs::read(&out).expect("read converted image")
+}
+
+/// `qemu-img check` of a qcow2 target: exit 0, no errors, no leaks.
+pub fn assert_check_clean(dir: &Path, target: &str) {
+    let (code, out) = qemu_img_status(dir, &["check", "--output=json", "-f", "qcow2", target]);
+    assert_eq!(code, Some(0), "qemu-img check {target} failed:\n{out}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("check JSON: {e}\n{out}"));
+    for key in [
+        "check-errors",
+        "leaks",
+        "corruptions",
+        "leaks-fixed",
+        "corruptions-fixed",
+    ] {
+        let n = v.get(key).and_then(Value::as_u64).unwrap_or(0);
+        assert_eq!(n, 0, "qemu-img check {target}: {key} = {n}\n{out}");
+    }
+}
+
+/// `qemu-img compare` (not strict): the guest sees identical bytes.
+pub fn assert_identical(dir: &Path, a: &str, a_fmt: &str, b: &str, b_fmt: &str) {
+    let (code, out) = qemu_img_status(dir, &["compare", "-f", a_fmt, "-F", b_fmt, a, b]);
+    assert_eq!(
+        code,
+        Some(0),
+        "qemu-img compare -f {a_fmt} -F {b_fmt} {a} {b} (in {}) says they differ:\n{out}",
+        dir.display()
+    );
+}
+
+/// `qemu-img compare -U` of two qcow2 images (for images a running VM or
+/// server holds): exit code and output.
+pub fn compare_force_share(dir: &Path, a: &str, b: &str) -> (Option<i32>, String) {
+    qemu_img_status(dir, &["compare", "-U", "-f", "qcow2", "-F", "qcow2", a, b])
 }
