@@ -11,7 +11,11 @@ mod common;
 use std::path::Path;
 use std::thread;
 
-use common::*;
+use common::backup::{backup_checked, compressed_source, standard_qcow2};
+use common::oracle::{assert_identical, guest_bytes};
+use common::qcow2::{file_len, read_bytes, Layout};
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 
 // ---------------------------------------------------------------------------
 // qcow2-rs as a second reader

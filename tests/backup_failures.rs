@@ -13,7 +13,12 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::backup::backup_checked;
+use common::oracle::{assert_identical, qemu_img_status};
+use common::qcow2::{file_len, patch, patch_u64, read_u64, Layout, ENTRY_OFFSET_MASK};
+use common::run::{assert_no_leftovers, leftovers, spawn_qbackup, wait_qbackup};
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 
 // ---------------------------------------------------------------------------
 // Failure paths

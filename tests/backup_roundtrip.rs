@@ -17,7 +17,13 @@ mod common;
 
 use std::path::Path;
 
-use common::*;
+use common::backup::{compressed_source, standard_qcow2, CODECS};
+use common::content::{classify, random_bytes, text_bytes, Kind};
+use common::oracle::{assert_check_clean, assert_identical, extents_in, guest_bytes, Extent};
+use common::qcow2::{file_len, patch, set_len};
+use common::run::assert_no_leftovers;
+use common::scratch::Scratch;
+use common::{test_cases, KIB, MIB};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,12 @@ mod common;
 
 use std::path::Path;
 
-use common::*;
+use common::backup::{standard_qcow2, CODECS};
+use common::oracle::{assert_check_clean, assert_identical, extents_in, qemu_img_status, Extent};
+use common::qcow2::file_len;
+use common::run::assert_no_leftovers;
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 
 // ---------------------------------------------------------------------------
 // Verification of a --sync top backup

@@ -11,7 +11,13 @@
 
 mod common;
 
-use common::*;
+use common::backup::{backup_incremental, dirty_ranges, own_ranges, Round};
+use common::oracle::{assert_check_clean, assert_identical};
+use common::process::qemu_nbd_with;
+use common::qcow2::mark_first_bitmap_in_use;
+use common::run::assert_no_leftovers;
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 
 /// The dirty ranges of `bitmap` in d.qcow2, as QEMU reports them.
 fn dirty(s: &Scratch, bitmap: &str) -> Vec<(u64, u64)> {

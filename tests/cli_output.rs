@@ -10,7 +10,14 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::backup::{compressed_source, standard_content};
+use common::oracle::{assert_check_clean, assert_identical};
+use common::run::{
+    assert_no_leftovers, leftovers, qbackup_bin, qbackup_in, qbackup_within, spawn_qbackup,
+    wait_qbackup, Run, QBACKUP_TIMEOUT,
+};
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 use serde_json::Value;
 
 const CLUSTER: u64 = 64 * KIB;

@@ -8,7 +8,11 @@
 
 mod common;
 
-use common::*;
+use common::oracle::qemu_img_status;
+use common::process::qemu_nbd_with;
+use common::run::{qbackup_in, Run};
+use common::scratch::Scratch;
+use common::MIB;
 
 /// Both tools on the same arguments: same stdout, same exit status.
 fn assert_same_as_qemu(s: &Scratch, args: &[&str]) -> Run {

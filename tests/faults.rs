@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use common::oracle::{assert_check_clean, assert_identical};
+use common::qcow2::Layout;
+use common::run::{assert_no_leftovers, qbackup_within};
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 use qbackup::backup::{self, BackupConfig, BackupError, Progress, SyncMode};
 use qbackup_formats::open::{FileOpener, Role, WrappingOpener};
 use qbackup_formats::storage::fault::{Fault, FaultKind, FaultyStorage};

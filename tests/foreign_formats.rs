@@ -28,7 +28,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::*;
+use common::compare::assert_image_matches;
+use common::oracle::{assert_identical, qemu_img_in, qemu_img_status, qemu_info_json};
+use common::qcow2::{ext, patch_u32, qcow2_header_extension};
+use common::run::{
+    assert_no_leftovers, qbackup_info_human, qbackup_info_json, qbackup_info_ok, qbackup_map_json,
+    run_checked, Run,
+};
+use common::scratch::Scratch;
+use common::{test_cases, KIB, MIB};
 
 /// The refusal, after `qbackup: ` and any context the tool adds.
 fn refusal(path: &str, fmt: &str) -> String {

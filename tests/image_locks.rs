@@ -11,7 +11,12 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::backup::backup_checked;
+use common::oracle::compare_force_share;
+use common::process::{qemu_nbd_with, qemu_vm, Holder};
+use common::run::{assert_no_leftovers, qbackup_in, run_unchecked, spawn_qbackup};
+use common::scratch::Scratch;
+use common::MIB;
 
 /// `qemu-nbd` serving `image` (read-write unless `read_only`).
 fn qemu_nbd(s: &Scratch, image: &str, read_only: bool) -> Holder {

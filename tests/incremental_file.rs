@@ -12,7 +12,14 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::*;
+use common::backup::{backup_incremental, dirty_ranges};
+use common::oracle::{assert_check_clean, assert_identical, qemu_img_status};
+use common::qcow2::{
+    mark_first_bitmap_in_use, patch_u32, qcow2_header_extension, read_u32, read_u64,
+};
+use common::run::{assert_no_leftovers, qbackup_in};
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 
 /// Target clusters (of `cluster` bytes) touched by the dirty extents QEMU
 /// reports.

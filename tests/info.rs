@@ -9,7 +9,13 @@
 
 mod common;
 
-use common::*;
+use common::compare::{assert_image_matches, check};
+use common::map_info::MIX;
+use common::oracle::qemu_info_json;
+use common::qcow2::{ext, hdr, patch_u32, patch_u64, qcow2_header_extension, read_u32, read_u64};
+use common::run::qbackup_info_ok;
+use common::scratch::Scratch;
+use common::{test_cases, MIB};
 
 // ---------------------------------------------------------------------------
 // refcounts, lazy refcounts, dirty bit

@@ -9,7 +9,11 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::oracle::{assert_check_clean, assert_identical};
+use common::process::Holder;
+use common::run::{assert_no_leftovers, leftovers, spawn_qbackup, Run};
+use common::scratch::Scratch;
+use common::MIB;
 
 /// A 1 MiB qcow2 of non-zero data: a minute per cluster at `--speed 1k`.
 fn slow_source(s: &Scratch) {

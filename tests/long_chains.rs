@@ -7,7 +7,12 @@ mod common;
 
 use std::process::Command;
 
-use common::*;
+use common::backup::backup_checked;
+use common::compare::{assert_map_json_matches, map_diff};
+use common::oracle::{assert_check_clean, assert_identical, qemu_map_json};
+use common::run::{qbackup_bin, qbackup_map_json};
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 
 /// `layer-000.qcow2` .. `layer-{depth}.qcow2`, each an overlay on the one
 /// before, made by qemu-img; every tenth layer writes its own 64 KiB at its

@@ -12,7 +12,20 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::*;
+use common::compare::{
+    assert_info_matches, assert_map_json_matches, check, map_diff, project_info,
+};
+use common::oracle::{assert_check_clean, extents, qemu_img_status, qemu_map_json};
+use common::qcow2::{
+    file_len, hdr, patch, patch_u32, patch_u64, read_u32, read_u64, set_len, Layout,
+    ENTRY_OFFSET_MASK, OFLAG_COPIED,
+};
+use common::run::{
+    qbackup_info_human, qbackup_info_json, qbackup_info_ok, qbackup_map_human, qbackup_map_json,
+    run_unchecked, Run,
+};
+use common::scratch::Scratch;
+use common::{GIB, KIB, MIB};
 
 /// A valid 4 MiB qcow2 (64 KiB clusters) with data clusters at 0 and 1 MiB.
 fn good_image(s: &Scratch, name: &str) -> PathBuf {

@@ -11,7 +11,14 @@
 
 mod common;
 
-use common::*;
+use common::backup::backup_checked;
+use common::compare::{assert_image_matches, check};
+use common::map_info::noise;
+use common::oracle::{count_extents, extents, qemu_info_json, qemu_map_json};
+use common::qcow2::{ext, patch_u32, qcow2_header_extension};
+use common::run::qbackup_info_ok;
+use common::scratch::Scratch;
+use common::MIB;
 
 // ---------------------------------------------------------------------------
 // layers

@@ -11,7 +11,13 @@
 
 mod common;
 
-use common::*;
+use common::compare::check;
+use common::map_info::{has, noise, MIX};
+use common::oracle::{count_extents, extents, qemu_info_json, qemu_map_human, qemu_map_json};
+use common::qcow2::file_len;
+use common::run::{qbackup_in, qbackup_info_ok, qbackup_map_human};
+use common::scratch::Scratch;
+use common::{test_cases, GIB, KIB, MIB};
 
 // ---------------------------------------------------------------------------
 // qcow2 basics

@@ -9,7 +9,13 @@
 
 mod common;
 
-use common::*;
+use common::compare::check;
+use common::map_info::{has, noise};
+use common::oracle::qemu_map_json;
+use common::qcow2::{patch, set_len};
+use common::run::qbackup_info_ok;
+use common::scratch::Scratch;
+use common::{GIB, MIB};
 
 // ---------------------------------------------------------------------------
 // raw

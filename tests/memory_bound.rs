@@ -18,7 +18,11 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 
-use common::*;
+use common::content::text_bytes;
+use common::oracle::{assert_check_clean, assert_identical};
+use common::run::qbackup_bin;
+use common::scratch::Scratch;
+use common::{GIB, KIB, MIB};
 
 const TIB: u64 = 1 << 40;
 

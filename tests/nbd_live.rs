@@ -11,7 +11,16 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::backup::backup_incremental;
+use common::compare::{assert_map_human_matches, assert_map_json_matches};
+use common::content::random_bytes;
+use common::oracle::{assert_check_clean, assert_identical, compare_force_share, qemu_info_json};
+use common::process::{hold, qemu_nbd_with, qemu_vm, Holder, Qmp};
+use common::run::{
+    assert_no_leftovers, qbackup_in, qbackup_info_ok, spawn_qbackup, wait_qbackup, Run,
+};
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 use serde_json::json;
 
 /// An 8 MiB image with data, a zero range and a small write.

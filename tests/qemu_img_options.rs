@@ -8,7 +8,11 @@ mod common;
 
 use std::path::Path;
 
-use common::*;
+use common::compare::{map_diff, project_info};
+use common::oracle::{qemu_img_in, qemu_img_status};
+use common::run::{qbackup_in, Run};
+use common::scratch::Scratch;
+use common::MIB;
 use serde_json::Value;
 
 /// base.raw (3 MiB) <- mid.qcow2 (4 KiB clusters) <- top.qcow2 (4 MiB,

@@ -16,7 +16,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::backup::standard_qcow2;
+use common::oracle::qemu_img_status;
+use common::run::assert_no_leftovers;
+use common::scratch::Scratch;
+use common::MIB;
 
 /// A loop device attached by this test, detached on drop.
 struct LoopDevice {

@@ -18,7 +18,12 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::content::random_bytes;
+use common::oracle::assert_identical;
+use common::process::{hold, Holder};
+use common::run::{assert_no_leftovers, leftovers, spawn_qbackup, wait_qbackup, Run};
+use common::scratch::Scratch;
+use common::MIB;
 
 /// Loose bound between the signal and the exit (the promise is 200 ms).
 const PROMPT: Duration = Duration::from_millis(1500);

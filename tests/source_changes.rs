@@ -11,7 +11,11 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::content::random_bytes;
+use common::oracle::assert_identical;
+use common::run::{assert_no_leftovers, leftovers, spawn_qbackup, wait_qbackup, Run};
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 
 /// Starts `qbackup backup --speed 4M SRC out/t.qcow2` (about 2 s for the
 /// 8 MiB sources here), waits until it copies (its temporary file exists),

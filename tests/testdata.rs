@@ -7,7 +7,12 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use common::compare::assert_image_matches;
+use common::oracle::{count_extents, qemu_img_status, qemu_map_json};
+use common::qcow2::file_len;
+use common::run::{qbackup_info_ok, run_checked};
+use common::scratch::Scratch;
+use common::MIB;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -5,7 +5,12 @@
 
 mod common;
 
-use common::*;
+use common::backup::{backup_incremental, own_ranges, standard_content, Round};
+use common::oracle::{assert_check_clean, assert_identical};
+use common::qcow2::{file_len, mark_first_bitmap_in_use, patch_u8, read_bytes, set_len, Layout};
+use common::run::qbackup_in;
+use common::scratch::Scratch;
+use common::{KIB, MIB};
 use serde_json::Value;
 
 /// `qbackup verify --output=json BACKUP`: (exit status, report).

@@ -10,71 +10,17 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::listening;
 use qbackup_formats::image::open_storage;
 use qbackup_formats::open::FileOpener;
-use qbackup_formats::storage::{FileStorage, Identity, Storage};
-use qbackup_formats::{Format, HostOffset};
-
-/// A storage that loses power after `writes` complete writes: the next
-/// write stores only its first half (when `torn`) or nothing, and fails;
-/// every later write and sync fails.
-#[derive(Debug)]
-struct PowerCut {
-    inner: Arc<dyn Storage>,
-    writes: AtomicUsize,
-    torn: bool,
-}
-
-impl Storage for PowerCut {
-    fn name(&self) -> &Path {
-        self.inner.name()
-    }
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn writable(&self) -> bool {
-        true
-    }
-    fn write_at(&self, buf: &[u8], offset: HostOffset) -> io::Result<()> {
-        let left = self.writes.load(Ordering::SeqCst);
-        if left == usize::MAX {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        if left == 0 {
-            self.writes.store(usize::MAX, Ordering::SeqCst);
-            if self.torn && buf.len() >= 2 {
-                // Whole sectors, as a disk tears.
-                let half = (buf.len() / 2) & !511;
-                if half > 0 {
-                    self.inner.write_at(&buf[..half], offset)?;
-                }
-            }
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.writes.store(left - 1, Ordering::SeqCst);
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        if self.writes.load(Ordering::SeqCst) == usize::MAX {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.inner.sync()
-    }
-    fn identity(&self) -> Option<Identity> {
-        self.inner.identity()
-    }
-}
+use qbackup_formats::storage::memory::MemoryStorage;
+use qbackup_formats::storage::FileStorage;
+use qbackup_formats::Format;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run tool");
@@ -179,19 +125,19 @@ fn make_image(dir: &Path) -> PathBuf {
     img
 }
 
-/// Cuts power after `writes` writes of the clearing; returns whether the
-/// clearing completed.
+/// Cuts power after `writes` writes of the clearing (the image's bytes in
+/// memory, with the power-cut model of [`MemoryStorage`]: a lost or torn
+/// write, then every write and sync fails) and leaves in `img` what the
+/// disk holds afterwards; returns whether the clearing completed.
 fn clear_with_power_cut(img: &Path, writes: usize, torn: bool) -> bool {
-    let file = FileStorage::open_for_update(img).unwrap();
-    file.lock_for_update().unwrap();
-    let storage = Arc::new(PowerCut {
-        inner: Arc::new(file),
-        writes: AtomicUsize::new(writes),
-        torn,
-    });
-    let layer = open_storage(&FileOpener, storage, Some(Format::Qcow2)).unwrap();
+    let bytes = std::fs::read(img).unwrap();
+    let storage = Arc::new(MemoryStorage::writable(img, bytes).power_cut_after(writes, torn));
+    let layer = open_storage(&FileOpener, storage.clone(), Some(Format::Qcow2)).unwrap();
     let clear = layer.prepare_bitmap_clear("bm0").unwrap();
-    clear.commit().is_ok()
+    let completed = clear.commit().is_ok();
+    drop(layer);
+    std::fs::write(img, storage.bytes()).unwrap();
+    completed
 }
 
 #[test]

@@ -1,6 +1,7 @@
-//! What the fuzz targets share: an in-memory [`Storage`], an [`Opener`]
-//! that serves nothing but that memory, and the walk over an opened image
-//! ([`exercise_image`]) that reaches every parser behind the `Layer` seam.
+//! What the fuzz targets share: an [`Opener`] that serves nothing but the
+//! fuzz input's bytes (as the library's in-memory [`MemoryStorage`]), and
+//! the walk over an opened image ([`exercise_image`]) that reaches every
+//! parser behind the `Layer` seam.
 //!
 //! Invariants every target asserts (beyond libFuzzer's own: no panic, no
 //! hang, no allocation above `-malloc_limit_mb`): errors come back as
@@ -8,54 +9,16 @@
 //! covers > 0 bytes and never more than asked).
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use qbackup_formats::extent::Allocation;
 use qbackup_formats::image::{open_storage, Format};
 use qbackup_formats::layer::{Layer, LayerRead};
 use qbackup_formats::open::{Opener, Role};
+use qbackup_formats::storage::memory::MemoryStorage;
 use qbackup_formats::storage::{Storage, StorageError};
-use qbackup_formats::units::{GuestOffset, HostOffset};
-
-/// Read-only bytes in memory.
-#[derive(Debug)]
-pub struct MemStorage {
-    name: PathBuf,
-    data: Arc<[u8]>,
-}
-
-impl MemStorage {
-    /// Storage named `name` holding `data`.
-    pub fn new(name: &Path, data: Arc<[u8]>) -> MemStorage {
-        MemStorage {
-            name: name.to_path_buf(),
-            data,
-        }
-    }
-}
-
-impl Storage for MemStorage {
-    fn name(&self) -> &Path {
-        &self.name
-    }
-
-    fn len(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {
-        let Ok(start) = usize::try_from(offset.0) else {
-            return Ok(0);
-        };
-        let Some(src) = self.data.get(start..) else {
-            return Ok(0);
-        };
-        let n = src.len().min(buf.len());
-        buf[..n].copy_from_slice(&src[..n]);
-        Ok(n)
-    }
-}
+use qbackup_formats::units::GuestOffset;
 
 /// Serves an external data file from the image's own bytes (so data-file
 /// images are walked too) and refuses every other name: a fuzzed image
@@ -68,7 +31,7 @@ pub struct MemOpener {
 impl Opener for MemOpener {
     fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
         match role {
-            Role::DataFile => Ok(Arc::new(MemStorage::new(name, Arc::clone(&self.data)))),
+            Role::DataFile => Ok(Arc::new(MemoryStorage::read_only(name, &self.data[..]))),
             _ => Err(StorageError::Open {
                 source: io::Error::new(io::ErrorKind::NotFound, "fuzzing: no other files"),
             }),
@@ -95,7 +58,7 @@ pub fn exercise_image(data: &[u8]) {
     let opener = MemOpener {
         data: Arc::clone(&data),
     };
-    let storage = Arc::new(MemStorage::new(Path::new("fuzz.qcow2"), data));
+    let storage = Arc::new(MemoryStorage::read_only("fuzz.qcow2", &data[..]));
     let Ok(layer) = open_storage(&opener, storage, Some(Format::Qcow2)) else {
         return;
     };

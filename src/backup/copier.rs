@@ -651,7 +651,8 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    use qbackup_formats::storage::{FileStorage, Storage};
+    use qbackup_formats::storage::memory::MemoryStorage;
+    use qbackup_formats::storage::Storage;
 
     use super::*;
     use crate::backup::plan::{testing::Alternating, Planner, SyncMode};
@@ -675,9 +676,7 @@ mod tests {
             asked: Default::default(),
             panic_at: Some(4 << 20),
         };
-        let f = tempfile::NamedTempFile::new().unwrap();
-        let storage: Arc<dyn Storage> =
-            Arc::new(FileStorage::writable(f.reopen().unwrap(), f.path()).unwrap());
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::writable("target", Vec::new()));
         let cs = ClusterSize::from_bits(16).unwrap();
         let target = Box::new(RawTarget::new(storage, src.size, cs, false));
         let params = CopyParams {

@@ -89,19 +89,18 @@ mod tests {
     use std::sync::Arc;
 
     use qbackup_formats::storage::fault::{Fault, FaultKind, FaultyStorage};
-    use qbackup_formats::storage::{FileStorage, Storage};
+    use qbackup_formats::storage::memory::MemoryStorage;
+    use qbackup_formats::storage::Storage;
 
     use super::EarlySync;
 
-    fn scratch() -> (tempfile::NamedTempFile, Arc<dyn Storage>) {
-        let f = tempfile::NamedTempFile::new().expect("temporary file");
-        let storage = FileStorage::writable(f.reopen().expect("reopen"), f.path()).expect("open");
-        (f, Arc::new(storage))
+    fn scratch() -> Arc<dyn Storage> {
+        Arc::new(MemoryStorage::writable("target", Vec::new()))
     }
 
     #[test]
     fn a_failed_sync_is_kept_and_ends_the_thread() {
-        let (_f, file) = scratch();
+        let file = scratch();
         let faulty = FaultyStorage::new(file, vec![Fault::new(FaultKind::SyncEio, 0..0)]);
         let early = EarlySync::default();
         std::thread::scope(|s| {
@@ -116,7 +115,7 @@ mod tests {
 
     #[test]
     fn requests_are_served_and_stop_ends_the_thread() {
-        let (_f, storage) = scratch();
+        let storage = scratch();
         let early = EarlySync::default();
         std::thread::scope(|s| {
             s.spawn(|| early.run(storage.as_ref()));

@@ -1,43 +1,15 @@
-//! Checks and fixtures shared by the backup tests (`backup_roundtrip`,
-//! `backup_compressed`, `backup_top`, `backup_failures`): the verdicts of
-//! `qemu-img check` and `compare` on a target, and the source images several
-//! of them back up.
+//! Fixtures shared by the backup tests (`backup_roundtrip`,
+//! `backup_compressed`, `backup_top`, `backup_failures`, the incremental
+//! ones): the source images several of them back up, a backup checked
+//! against the oracle, incremental runs and the dirty ranges QEMU reports.
 
-use std::path::Path;
-
-use serde_json::Value;
-
-use super::*;
+use super::oracle::{assert_check_clean, assert_identical};
+use super::process::qemu_nbd_with;
+use super::run::{run_checked, Run};
+use super::scratch::Scratch;
+use super::{KIB, MIB};
 
 pub const CODECS: [&str; 3] = ["zstd", "zlib", "none"];
-
-/// `qemu-img check` of a qcow2 target: exit 0, no errors, no leaks.
-pub fn assert_check_clean(dir: &Path, target: &str) {
-    let (code, out) = qemu_img_status(dir, &["check", "--output=json", "-f", "qcow2", target]);
-    assert_eq!(code, Some(0), "qemu-img check {target} failed:\n{out}");
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("check JSON: {e}\n{out}"));
-    for key in [
-        "check-errors",
-        "leaks",
-        "corruptions",
-        "leaks-fixed",
-        "corruptions-fixed",
-    ] {
-        let n = v.get(key).and_then(Value::as_u64).unwrap_or(0);
-        assert_eq!(n, 0, "qemu-img check {target}: {key} = {n}\n{out}");
-    }
-}
-
-/// `qemu-img compare` (not strict): the guest sees identical bytes.
-pub fn assert_identical(dir: &Path, a: &str, a_fmt: &str, b: &str, b_fmt: &str) {
-    let (code, out) = qemu_img_status(dir, &["compare", "-f", a_fmt, "-F", b_fmt, a, b]);
-    assert_eq!(
-        code,
-        Some(0),
-        "qemu-img compare -f {a_fmt} -F {b_fmt} {a} {b} (in {}) says they differ:\n{out}",
-        dir.display()
-    );
-}
 
 /// The usual mix for a 4 MiB image with clusters up to 64 KiB: text
 /// (aligned and unaligned), random data, a pattern in a partial cluster, a
@@ -92,12 +64,6 @@ pub fn compressed_source(s: &Scratch, name: &str, ctype: &str) {
     );
     let i = s.qemu_info(name, "qcow2");
     assert_eq!(i["format-specific"]["data"]["compression-type"], ctype);
-}
-
-/// `qemu-img compare -U` of two qcow2 images (for images a running VM or
-/// server holds): exit code and output.
-pub fn compare_force_share(dir: &Path, a: &str, b: &str) -> (Option<i32>, String) {
-    qemu_img_status(dir, &["compare", "-U", "-f", "qcow2", "-F", "qcow2", a, b])
 }
 
 /// `qbackup backup --sync incremental --bitmap BITMAP --backing PREV SRC

@@ -7,7 +7,11 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::*;
+use super::oracle::{qemu_info_json, qemu_map_human, qemu_map_json};
+use super::run::{
+    qbackup_info_human, qbackup_info_json, qbackup_map_human, qbackup_map_json, truncate_for_msg,
+};
+use super::scratch::Scratch;
 
 fn compact(v: &Value) -> String {
     serde_json::to_string(v).unwrap_or_default()

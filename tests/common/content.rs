@@ -3,7 +3,7 @@
 //! classification of a cluster's bytes that the backup tests expect to see
 //! reflected in a target's map.
 
-use super::Scratch;
+use super::scratch::Scratch;
 
 impl Scratch {
     /// A text file of `len` bytes (realistic, compressible content) named

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::*;
+use super::oracle::count_extents;
 
 /// A deterministic, incompressible-looking byte pattern (xorshift).
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {

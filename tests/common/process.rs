@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::Scratch;
+use super::scratch::Scratch;
 
 // The formats crate's tests have the same need; one copy serves both.
 #[path = "../../formats/tests/common/mod.rs"]

@@ -178,14 +178,14 @@ impl DirtyBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::FileStorage;
+    use crate::storage::memory::MemoryStorage;
 
     const CLUSTER_BITS: u32 = 9; // 512-byte clusters: 4096 bits each
     const GRANULARITY: u64 = 512;
 
     /// An image file holding a bitmap table at 512 and data clusters after
     /// it, for a disk of `clusters` bitmap clusters' worth of chunks.
-    fn bitmap(dir: &tempfile::TempDir, entries: &[u64], data: &[(u64, Vec<u8>)]) -> DirtyBitmap {
+    fn bitmap(entries: &[u64], data: &[(u64, Vec<u8>)]) -> DirtyBitmap {
         let mut file = vec![0u8; 4096];
         for (i, e) in entries.iter().enumerate() {
             file[512 + 8 * i..520 + 8 * i].copy_from_slice(&e.to_be_bytes());
@@ -193,8 +193,6 @@ mod tests {
         for (at, bytes) in data {
             file[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes);
         }
-        let p = dir.path().join("img");
-        std::fs::write(&p, &file).unwrap();
         let entry = BitmapEntry {
             name: "b".into(),
             granularity: GRANULARITY,
@@ -203,20 +201,19 @@ mod tests {
             table_size: entries.len() as u32,
         };
         let size = entries.len() as u64 * 4096 * GRANULARITY;
-        let storage = Arc::new(FileStorage::open_read_only(&p).unwrap());
+        let storage = Arc::new(MemoryStorage::read_only("img", file));
         DirtyBitmap::load(storage, &entry, CLUSTER_BITS, size).unwrap()
     }
 
     #[test]
     fn runs_across_zero_one_and_data_clusters() {
-        let dir = tempfile::tempdir().unwrap();
         let chunk = GRANULARITY;
         let per_cluster = 4096 * chunk;
         // Cluster 0: all zeros; 1: all ones; 2: data with bits 0-1 and 9 set.
         let mut data = vec![0u8; 512];
         data[0] = 0b0000_0011;
         data[1] = 0b0000_0010;
-        let b = bitmap(&dir, &[0, ALL_ONES, 1024], &[(1024, data)]);
+        let b = bitmap(&[0, ALL_ONES, 1024], &[(1024, data)]);
         let total = 3 * per_cluster;
         assert_eq!(b.dirty(0, total).unwrap(), (false, per_cluster));
         assert_eq!(
@@ -234,14 +231,11 @@ mod tests {
 
     #[test]
     fn invalid_tables_and_in_use_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("img");
         let load = |entries: &[u64], flags: u32, table_size: u32| {
             let mut file = vec![0u8; 2048];
             for (i, e) in entries.iter().enumerate() {
                 file[512 + 8 * i..520 + 8 * i].copy_from_slice(&e.to_be_bytes());
             }
-            std::fs::write(&p, &file).unwrap();
             let entry = BitmapEntry {
                 name: "b".into(),
                 granularity: GRANULARITY,
@@ -249,7 +243,7 @@ mod tests {
                 table_offset: HostOffset(512),
                 table_size,
             };
-            let storage = Arc::new(FileStorage::open_read_only(&p).unwrap());
+            let storage = Arc::new(MemoryStorage::read_only("img", file));
             DirtyBitmap::load(storage, &entry, CLUSTER_BITS, 4096 * GRANULARITY)
         };
         assert!(load(&[0], 0, 1).is_ok());

@@ -175,7 +175,7 @@ pub fn read_directory(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::FileStorage;
+    use crate::storage::memory::MemoryStorage;
 
     const CLUSTER_BITS: u32 = 16;
     const DIR_AT: u64 = 1 << CLUSTER_BITS;
@@ -204,13 +204,10 @@ mod tests {
         nb: Option<u32>,
         size: Option<u64>,
     ) -> Result<Vec<BitmapEntry>, BitmapError> {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("img");
         let bytes: Vec<u8> = entries.concat();
         let mut file = vec![0u8; 3 << CLUSTER_BITS];
         file[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
-        std::fs::write(&p, &file).unwrap();
-        let storage = FileStorage::open_read_only(&p).unwrap();
+        let storage = MemoryStorage::read_only("img", file);
         let ext = BitmapsExtension {
             nb_bitmaps: nb.unwrap_or(entries.len() as u32),
             directory_size: size.unwrap_or(bytes.len() as u64),

@@ -197,19 +197,17 @@ impl Storage for FaultyStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{FileStorage, StorageError};
+    use crate::storage::memory::MemoryStorage;
+    use crate::storage::StorageError;
 
-    fn storage(dir: &tempfile::TempDir, faults: Vec<Fault>) -> Arc<dyn Storage> {
-        let p = dir.path().join("f");
-        std::fs::write(&p, vec![7u8; 8192]).unwrap();
-        let inner = Arc::new(FileStorage::open_read_only(&p).unwrap());
+    fn storage(faults: Vec<Fault>) -> Arc<dyn Storage> {
+        let inner = Arc::new(MemoryStorage::read_only("f", vec![7u8; 8192]));
         Arc::new(FaultyStorage::new(inner, faults))
     }
 
     #[test]
     fn eio_only_inside_range() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(&dir, vec![Fault::new(FaultKind::ReadEio, 4096..4097)]);
+        let s = storage(vec![Fault::new(FaultKind::ReadEio, 4096..4097)]);
         let mut buf = [0u8; 4096];
         s.read_exact_at("data", &mut buf, HostOffset(0)).unwrap();
         assert_eq!(buf[0], 7);
@@ -222,8 +220,7 @@ mod tests {
 
     #[test]
     fn short_read_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(&dir, vec![Fault::new(FaultKind::ShortRead, 6000..8192)]);
+        let s = storage(vec![Fault::new(FaultKind::ShortRead, 6000..8192)]);
         let mut buf = [0u8; 4096];
         let err = s
             .read_exact_at("L2 table", &mut buf, HostOffset(4096))
@@ -242,16 +239,7 @@ mod tests {
 
     #[test]
     fn sync_and_write_faults() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("w");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
-        let inner = Arc::new(FileStorage::writable(f, &p).unwrap());
+        let inner = Arc::new(MemoryStorage::writable("w", Vec::new()));
         let s = FaultyStorage::new(
             inner,
             vec![

@@ -18,6 +18,7 @@
 pub mod fault;
 pub mod file;
 pub mod lock;
+pub mod memory;
 pub mod nbd;
 pub mod retry;
 

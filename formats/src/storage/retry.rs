@@ -154,33 +154,7 @@ impl Storage for RetryingStorage {
 mod tests {
     use super::*;
     use crate::storage::fault::{Fault, FaultKind, FaultyStorage};
-    use crate::storage::FileStorage;
-
-    /// Fails the first `n` reads with EIO, then passes them through.
-    #[derive(Debug)]
-    struct FlakyReads {
-        inner: Arc<dyn Storage>,
-        left: AtomicU64,
-    }
-
-    impl Storage for FlakyReads {
-        fn name(&self) -> &Path {
-            self.inner.name()
-        }
-        fn len(&self) -> u64 {
-            self.inner.len()
-        }
-        fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {
-            if self
-                .left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            self.inner.read_at(buf, offset)
-        }
-    }
+    use crate::storage::memory::MemoryStorage;
 
     fn policy(attempts: u32) -> RetryPolicy {
         RetryPolicy {
@@ -191,19 +165,15 @@ mod tests {
         }
     }
 
-    fn file(dir: &tempfile::TempDir) -> Arc<dyn Storage> {
-        let p = dir.path().join("f");
-        std::fs::write(&p, b"hello").unwrap();
-        Arc::new(FileStorage::open_read_only(&p).unwrap())
+    fn hello() -> Arc<dyn Storage> {
+        Arc::new(MemoryStorage::read_only("f", b"hello".to_vec()))
     }
 
     #[test]
     fn transient_failures_are_retried_up_to_the_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let flaky = |n| FlakyReads {
-            inner: file(&dir),
-            left: AtomicU64::new(n),
-        };
+        // The first `n` reads fail with EIO, later ones work.
+        let flaky =
+            |n| FaultyStorage::new(hello(), vec![Fault::new(FaultKind::ReadEioFirst(n), 0..5)]);
         let mut buf = [0u8; 5];
         let s = RetryingStorage::new(Arc::new(flaky(2)), policy(3));
         assert_eq!(s.read_at(&mut buf, HostOffset(0)).unwrap(), 5);
@@ -216,9 +186,8 @@ mod tests {
 
     #[test]
     fn disabled_directions_and_lasting_errors_are_not_retried() {
-        let dir = tempfile::tempdir().unwrap();
         let eio = Arc::new(FaultyStorage::new(
-            file(&dir),
+            hello(),
             vec![Fault::new(FaultKind::ReadEio, 0..5)],
         ));
         let s = RetryingStorage::new(
@@ -232,7 +201,7 @@ mod tests {
         assert!(s.read_at(&mut buf, HostOffset(0)).is_err());
         assert_eq!(s.retries(), 0);
         // A read-only storage's refusal to write is not transient.
-        let s = RetryingStorage::new(file(&dir), policy(5));
+        let s = RetryingStorage::new(hello(), policy(5));
         assert!(s.write_at(b"x", HostOffset(0)).is_err());
         assert_eq!(s.retries(), 0);
     }
@@ -241,10 +210,7 @@ mod tests {
     /// data the first could not write.
     #[test]
     fn a_failed_sync_is_not_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("w");
-        let f = std::fs::File::create(&p).unwrap();
-        let inner: Arc<dyn Storage> = Arc::new(FileStorage::writable(f, &p).unwrap());
+        let inner: Arc<dyn Storage> = Arc::new(MemoryStorage::writable("w", Vec::new()));
         let faulty = Arc::new(FaultyStorage::new(
             inner,
             vec![Fault::new(FaultKind::SyncEioOnce, 0..0)],
