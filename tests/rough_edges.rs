@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{assert_identical, Scratch, MIB};
+use common::oracle::assert_identical;
+use common::scratch::Scratch;
+use common::MIB;
 
 /// `--backing` with `--sync top` on an image that has no backing file was
 /// silently ignored; it is refused, naming the image, and nothing is
