@@ -39,7 +39,7 @@ pub use error::BackupError;
 pub use plan::SyncMode;
 use target::{Qcow2Target, RawTarget, Target, TargetError};
 
-use crate::source::{self, Source};
+use crate::source::{self, Source, SourceChecks};
 
 /// A validated backup request.
 #[derive(Debug, Clone)]
@@ -174,7 +174,7 @@ pub fn run(
     let kind = device::check_target(cfg)?;
     let mut warnings = Vec::new();
     let (source, mode, clear_bitmap) = open_source(cfg, opener, &mut warnings)?;
-    let source: &dyn Source = source.as_ref();
+    let source: &source::ImageSource = source.as_ref();
     for f in source.marked_corrupt() {
         if !cfg.allow_corrupt {
             return Err(BackupError::MarkedCorrupt(f));
@@ -461,7 +461,7 @@ fn open_source(
     cfg: &BackupConfig,
     opener: &dyn Opener,
     warnings: &mut Vec<String>,
-) -> Result<(Box<dyn Source + Send>, SyncMode, bool), BackupError> {
+) -> Result<(Box<source::ImageSource>, SyncMode, bool), BackupError> {
     let plain = |o: &dyn Opener| source::open(o, &cfg.source, cfg.source_format, None);
     // Clearing the bitmap needs the source image to itself, from the
     // start: no VM may open it between the backup and the clearing.
@@ -493,7 +493,7 @@ fn open_source(
 /// Fails when a file of the source changed since `before` was taken. The
 /// source's files stayed open (with QEMU's shared locks) throughout, so
 /// this compares the very files that were read.
-fn verify_unchanged(source: &dyn Source, before: &Fingerprint) -> Result<(), BackupError> {
+fn verify_unchanged(source: &dyn SourceChecks, before: &Fingerprint) -> Result<(), BackupError> {
     match source.fingerprint() {
         Ok(now) => match before.first_change(&now) {
             Some(path) => Err(BackupError::SourceChanged(path.to_path_buf())),
@@ -517,7 +517,10 @@ impl Drop for TempRegistration<'_> {
 /// Refuses a TARGET that is one of the files the source reads (an image of
 /// the chain or an external data file), by identity (device and inode) so
 /// that other paths and hard links are caught too.
-fn refuse_target_in_source(cfg: &BackupConfig, source: &dyn Source) -> Result<(), BackupError> {
+fn refuse_target_in_source(
+    cfg: &BackupConfig,
+    source: &dyn SourceChecks,
+) -> Result<(), BackupError> {
     refuse_target_in(cfg, &source.files())
 }
 
@@ -607,7 +610,7 @@ fn previous_backup(
 fn backing_ref(
     cfg: &BackupConfig,
     opener: &dyn Opener,
-    source: &dyn Source,
+    source: &dyn SourceChecks,
 ) -> Result<Option<BackingRef>, BackupError> {
     let Some(below) = source.top_backing() else {
         return Ok(None);

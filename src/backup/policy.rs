@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qbackup_formats::open::{Opener, Role};
+use qbackup_formats::open::{OpenOptions, Opener, Role};
 use qbackup_formats::storage::retry::{RetryPolicy, RetryingStorage};
 use qbackup_formats::storage::{Storage, StorageError};
 
@@ -67,7 +67,18 @@ impl<'a> PolicyOpener<'a> {
 
 impl Opener for PolicyOpener<'_> {
     fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
-        let storage = self.inner.open(name, role)?;
+        self.open_with(name, role, &OpenOptions::default())
+    }
+
+    /// Every source file, and the metadata contexts (an NBD export's dirty
+    /// bitmap) read through it, gets the source policy.
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
+        let storage = self.inner.open_with(name, role, options)?;
         Ok(match self.source {
             // ignore: the copier isolates the clusters that fail, at once.
             OnSourceError::Report | OnSourceError::Ignore => storage,

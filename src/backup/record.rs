@@ -16,7 +16,7 @@ use tempfile::NamedTempFile;
 
 use super::{BackupConfig, BackupError, SyncMode};
 use crate::manifest::{self, Gaps, ManifestBuilder, ManifestReader, ManifestWriter, Meta};
-use crate::source::Source;
+use crate::source::SourceChecks;
 
 /// The manifest of the previous backup `prev`, or `None` when it has none.
 fn previous_manifest(prev: &Path) -> Result<Option<ManifestReader>, BackupError> {
@@ -136,7 +136,7 @@ pub struct About<'a> {
 /// directory `dir`.
 pub fn start(
     cfg: &BackupConfig,
-    source: &dyn Source,
+    source: &dyn SourceChecks,
     dir: &Path,
     about: About<'_>,
 ) -> Result<Recorder, BackupError> {

@@ -145,6 +145,17 @@ impl Classify for NbdError {
 }
 
 impl NbdError {
+    /// True when a later attempt of the same request may succeed: the
+    /// server failed it with EIO or ENOMEM, or the connection broke (a new
+    /// one is opened for the next request when the server allows several).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NbdError::Request { errno, .. } => matches!(*errno, proto::EIO | proto::ENOMEM),
+            NbdError::Timeout { .. } | NbdError::Disconnected { .. } | NbdError::Io { .. } => true,
+            _ => false,
+        }
+    }
+
     /// A protocol violation described by `what`.
     pub(crate) fn protocol(what: impl Into<String>) -> NbdError {
         NbdError::Protocol { what: what.into() }

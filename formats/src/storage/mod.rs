@@ -124,6 +124,26 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// that a later [`Storage::sync`] finds little left. Default: nothing.
     fn start_writeback(&self) {}
 
+    /// The state of the metadata context `context` (an NBD meta context
+    /// such as `qemu:dirty-bitmap:NAME`, negotiated when the storage was
+    /// opened, see [`crate::open::OpenOptions`]) at `offset` (inside the
+    /// storage): the context's flags and for how many bytes (at most
+    /// `max_len`, > 0) they hold. Wrappers forward it (so a retry policy
+    /// applies to it as to reads); the default has no contexts and refuses
+    /// with [`io::ErrorKind::Unsupported`].
+    fn context_status(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> io::Result<(u32, u64)> {
+        let _ = (offset, max_len);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("no metadata context {context:?}: only an NBD export has them"),
+        ))
+    }
+
     /// The identity of the object behind the storage, when it has one.
     fn identity(&self) -> Option<Identity> {
         None
@@ -274,6 +294,24 @@ pub enum StorageError {
     /// and rare).
     #[error(transparent)]
     Nbd(Box<crate::nbd::NbdError>),
+    /// Querying a metadata context failed (other than by the NBD server,
+    /// whose errors are [`StorageError::Nbd`]).
+    #[error("querying metadata context {context:?} at offset {offset} failed: {source}")]
+    ContextStatus {
+        /// The context.
+        context: String,
+        /// Where the query started.
+        offset: HostOffset,
+        /// Why.
+        source: io::Error,
+    },
+    /// Metadata contexts were asked of storage that has none (only an NBD
+    /// export has them).
+    #[error("cannot offer metadata context {context:?}: not an NBD export")]
+    NoContexts {
+        /// The first context asked for.
+        context: String,
+    },
     /// The storage cannot be written as asked.
     #[error("cannot write: {why}")]
     NotWritable {
@@ -315,7 +353,9 @@ impl Classify for StorageError {
             StorageError::UnsupportedKind { kind } if kind.ends_with("directory") => {
                 ErrorClass::Usage
             }
-            StorageError::UnsupportedKind { .. } => ErrorClass::Unsupported,
+            StorageError::UnsupportedKind { .. } | StorageError::NoContexts { .. } => {
+                ErrorClass::Unsupported
+            }
             StorageError::PastEof { .. } => ErrorClass::Corrupt,
             StorageError::NotWritable { .. }
             | StorageError::InUse { .. }
@@ -323,7 +363,8 @@ impl Classify for StorageError {
             StorageError::Read { source, .. }
             | StorageError::Seek { source, .. }
             | StorageError::Write { source, .. }
-            | StorageError::Resize { source, .. } => ErrorClass::of_io(source),
+            | StorageError::Resize { source, .. }
+            | StorageError::ContextStatus { source, .. } => ErrorClass::of_io(source),
             StorageError::EndedEarly { .. } => ErrorClass::Io,
             StorageError::Nbd(e) => e.class(),
         }
@@ -430,6 +471,46 @@ impl dyn Storage + '_ {
             .data_or_hole(offset, to_end)
             .map_err(|source| StorageError::Seek { offset, source })?;
         Ok((kind, n.clamp(1, to_end)))
+    }
+
+    /// The state of metadata context `context` at `offset` (inside the
+    /// storage): its flags and for how many bytes (at most `max_len`, > 0)
+    /// they hold; see [`Storage::context_status`]. An NBD server's error
+    /// stays an NBD error, with its class.
+    pub fn context_status_at(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> Result<(u32, u64), StorageError> {
+        let to_end = self.len().saturating_sub(offset.0).min(max_len);
+        let (flags, n) = self
+            .context_status(context, offset, to_end.max(1))
+            .map_err(|source| {
+                if source
+                    .get_ref()
+                    .is_some_and(|e| e.is::<crate::nbd::NbdError>())
+                {
+                    match source
+                        .into_inner()
+                        .map(|e| e.downcast::<crate::nbd::NbdError>())
+                    {
+                        Some(Ok(nbd)) => return StorageError::Nbd(nbd),
+                        _ => unreachable!("an NBD error, checked above"),
+                    }
+                }
+                if source.kind() == io::ErrorKind::Unsupported {
+                    return StorageError::NoContexts {
+                        context: context.to_string(),
+                    };
+                }
+                StorageError::ContextStatus {
+                    context: context.to_string(),
+                    offset,
+                    source,
+                }
+            })?;
+        Ok((flags, n.clamp(1, max_len.max(1))))
     }
 
     /// Writes all of `buf` at `offset`.

@@ -6,8 +6,11 @@
 //! same data); otherwise through one connection that all workers share with
 //! their requests pipelined ([`SharedConnection`]). Allocation comes from the
 //! `base:allocation` meta context; other contexts (a dirty bitmap,
-//! `qemu:dirty-bitmap:NAME`) are negotiated at connect time and queried with
-//! [`NbdStorage::block_status`]. Each reply's extents are cached, so walking
+//! `qemu:dirty-bitmap:NAME`) are negotiated at connect time (the opener's
+//! [`crate::open::OpenOptions`]) and queried through
+//! [`Storage::context_status`], so storage wrappers (retries, faults) apply
+//! to them too. What a context means (dirty, allocated) is for the layers
+//! above: storage knows only flags. Each reply's extents are cached, so walking
 //! a map costs one request per reply rather than one per extent.
 //!
 //! Invariants: the export's size is fixed at connect time; a connection
@@ -35,44 +38,6 @@ const MAX_CONNECTIONS: usize = 16;
 /// How long an extra connection may take to be greeted: a server at its
 /// client limit (`qemu-nbd -e N`) queues it silently.
 const EXTRA_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// The meta context of QEMU's dirty bitmap `name`.
-pub fn dirty_bitmap_context(name: &str) -> String {
-    format!("qemu:dirty-bitmap:{name}")
-}
-
-/// A dirty bitmap the server exports (`qemu:dirty-bitmap:NAME`): bit 0 of a
-/// context extent's flags says dirty.
-pub struct NbdDirtyMap {
-    export: std::sync::Arc<NbdStorage>,
-    context: String,
-}
-
-impl NbdDirtyMap {
-    /// The bitmap `name` of `export`, which was connected with its context.
-    pub fn new(export: std::sync::Arc<NbdStorage>, name: &str) -> NbdDirtyMap {
-        NbdDirtyMap {
-            export,
-            context: dirty_bitmap_context(name),
-        }
-    }
-}
-
-impl crate::layer::DirtyMap for NbdDirtyMap {
-    fn dirty(
-        &self,
-        offset: crate::units::GuestOffset,
-        max_len: u64,
-    ) -> Result<(bool, u64), crate::image::ImageError> {
-        let (flags, len) = self
-            .export
-            .block_status(&self.context, offset.0, max_len)
-            .map_err(|e| {
-                crate::image::ImageError::new(self.export.name(), StorageError::from(e))
-            })?;
-        Ok((flags & 1 != 0, len))
-    }
-}
 
 struct Pool {
     idle: Vec<Connection>,
@@ -269,6 +234,15 @@ impl Storage for NbdStorage {
         Ok(n)
     }
 
+    fn context_status(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> io::Result<(u32, u64)> {
+        self.block_status(context, offset.0, max_len).map_err(to_io)
+    }
+
     fn data_or_hole(&self, offset: HostOffset, max_len: u64) -> io::Result<(FileExtent, u64)> {
         let (flags, len) = self
             .block_status(BASE_ALLOCATION, offset.0, max_len)
@@ -296,7 +270,8 @@ fn qemu_name(uri: &NbdUri) -> String {
     }
 }
 
-/// Opens an NBD URI as storage, with only `base:allocation`.
-pub fn open(uri: &str) -> Result<NbdStorage, StorageError> {
-    Ok(NbdStorage::connect(uri, &[])?)
+/// Opens an NBD URI as storage, with `base:allocation` and the
+/// `meta_contexts` (a context the server does not offer fails the open).
+pub fn open(uri: &str, meta_contexts: &[String]) -> Result<NbdStorage, StorageError> {
+    Ok(NbdStorage::connect(uri, meta_contexts)?)
 }
