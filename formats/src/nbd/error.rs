@@ -20,7 +20,7 @@ pub enum NbdError {
         reason: String,
     },
     /// The socket could not be connected.
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {}", crate::error::io_text(.source))]
     Connect {
         /// The server, as a URI.
         target: String,
@@ -87,7 +87,7 @@ pub enum NbdError {
         doing: &'static str,
     },
     /// A socket read or write failed.
-    #[error("NBD socket error while {doing}: {source}")]
+    #[error("NBD socket error while {doing}: {}", crate::error::io_text(.source))]
     Io {
         /// What the client was doing.
         doing: &'static str,
@@ -184,7 +184,7 @@ impl NbdError {
             NbdError::Disconnected { doing } => NbdError::Disconnected { doing },
             NbdError::Io { doing, source } => NbdError::Io {
                 doing,
-                source: io::Error::new(source.kind(), source.to_string()),
+                source: io::Error::new(source.kind(), crate::error::io_text(source).to_string()),
             },
             _ => NbdError::Unusable,
         }

@@ -25,7 +25,7 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass, Remedy};
 use crate::units::HostOffset;
 
 pub use file::FileStorage;
@@ -188,7 +188,7 @@ fn read_only() -> io::Error {
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The file could not be opened.
-    #[error("cannot open: {source}")]
+    #[error("cannot open: {}", crate::error::io_text(.source))]
     Open {
         /// Why.
         source: io::Error,
@@ -208,13 +208,13 @@ pub enum StorageError {
         kind: &'static str,
     },
     /// The file's metadata could not be read.
-    #[error("cannot stat: {source}")]
+    #[error("cannot stat: {}", crate::error::io_text(.source))]
     Stat {
         /// Why.
         source: io::Error,
     },
     /// A read failed in the operating system.
-    #[error("read of {len} bytes at offset {offset} failed: {source}")]
+    #[error("read of {len} bytes at offset {offset} failed: {}", crate::error::io_text(.source))]
     Read {
         /// Where the read started.
         offset: HostOffset,
@@ -251,7 +251,7 @@ pub enum StorageError {
         at: HostOffset,
     },
     /// Looking for data or holes failed.
-    #[error("looking for data/holes at offset {offset} failed: {source}")]
+    #[error("looking for data/holes at offset {offset} failed: {}", crate::error::io_text(.source))]
     Seek {
         /// Where the search started.
         offset: HostOffset,
@@ -259,7 +259,7 @@ pub enum StorageError {
         source: io::Error,
     },
     /// A write failed.
-    #[error("write of {len} bytes at offset {offset} failed: {source}")]
+    #[error("write of {len} bytes at offset {offset} failed: {}", crate::error::io_text(.source))]
     Write {
         /// Where the write started.
         offset: HostOffset,
@@ -269,7 +269,7 @@ pub enum StorageError {
         source: io::Error,
     },
     /// Setting the length failed.
-    #[error("cannot set the length to {len} bytes: {source}")]
+    #[error("cannot set the length to {len} bytes: {}", crate::error::io_text(.source))]
     Resize {
         /// The length asked for.
         len: u64,
@@ -278,14 +278,14 @@ pub enum StorageError {
     },
     /// Another process holds the image in a way that rules out a
     /// consistent read (QEMU's image locks).
-    #[error("{}; back up a running VM through an NBD export of its disk, or pass -U/--force-share to read it anyway (the copy may be inconsistent)", in_use_text(*.conflict))]
+    #[error("{}; back up a running VM through an NBD export of its disk, or read the file anyway, accepting that the copy may be inconsistent", in_use_text(*.conflict))]
     InUse {
         /// What the other process holds.
         conflict: lock::Conflict,
     },
     /// Another process has the image open, so it cannot be updated in
     /// place (QEMU's image locks, see [`lock::lock_for_update`]).
-    #[error("{}; clearing a dirty bitmap in it needs the image to itself (or --bitmap-mode never, which leaves the bitmap as it is)", in_use_text(*.conflict))]
+    #[error("{}; clearing a dirty bitmap in it needs the image to itself (or leave the bitmap as it is)", in_use_text(*.conflict))]
     InUseForUpdate {
         /// What the other process holds.
         conflict: lock::Conflict,
@@ -296,7 +296,7 @@ pub enum StorageError {
     Nbd(Box<crate::nbd::NbdError>),
     /// Querying a metadata context failed (other than by the NBD server,
     /// whose errors are [`StorageError::Nbd`]).
-    #[error("querying metadata context {context:?} at offset {offset} failed: {source}")]
+    #[error("querying metadata context {context:?} at offset {offset} failed: {}", crate::error::io_text(.source))]
     ContextStatus {
         /// The context.
         context: String,
@@ -334,7 +334,10 @@ impl StorageError {
 /// Says which limit was reached and what to do about it.
 fn too_many_files(source: &io::Error) -> String {
     if source.raw_os_error() == Some(libc::ENFILE) {
-        return format!("{source}: the system's open-file table is full");
+        return format!(
+            "{}: the system's open-file table is full",
+            crate::error::io_text(source)
+        );
     }
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
@@ -367,6 +370,14 @@ impl Classify for StorageError {
             | StorageError::ContextStatus { source, .. } => ErrorClass::of_io(source),
             StorageError::EndedEarly { .. } => ErrorClass::Io,
             StorageError::Nbd(e) => e.class(),
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            StorageError::InUse { .. } => Some(Remedy::ForceShare),
+            StorageError::InUseForUpdate { .. } => Some(Remedy::KeepBitmap),
+            _ => None,
         }
     }
 }
