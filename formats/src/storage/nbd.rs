@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::{FileExtent, Storage, StorageError};
 use crate::nbd::{ConnectOptions, Connection, NbdError, NbdUri, SharedConnection};
@@ -56,8 +56,9 @@ pub struct NbdStorage {
     name: PathBuf,
     opts: ConnectOptions,
     size: u64,
-    /// Without multi-conn: the one connection every worker shares.
-    shared: Option<SharedConnection>,
+    /// Without multi-conn: the one connection every worker shares,
+    /// replaced by a new one when it broke (see [`NbdStorage::shared`]).
+    shared: Option<Mutex<Arc<SharedConnection>>>,
     pool: Mutex<Pool>,
     returned: Condvar,
     status: Mutex<HashMap<String, Vec<CachedExtent>>>,
@@ -91,7 +92,10 @@ impl NbdStorage {
         let (shared, idle) = if first.can_multi_conn() {
             (None, vec![first])
         } else {
-            (Some(SharedConnection::new(first)), Vec::new())
+            (
+                Some(Mutex::new(Arc::new(SharedConnection::new(first)))),
+                Vec::new(),
+            )
         };
         Ok(NbdStorage {
             name: PathBuf::from(qemu_name(&parsed)),
@@ -107,6 +111,31 @@ impl NbdStorage {
             opts,
             status: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The shared connection (`None` with multi-conn). One that broke (a
+    /// timeout, a disconnection: a server that drops the client on a
+    /// failed read, as qemu-nbd does) is replaced by a new connection to
+    /// the same export, so a retried request can succeed; its size must not
+    /// have changed.
+    fn shared(&self) -> Option<Result<Arc<SharedConnection>, NbdError>> {
+        let slot = self.shared.as_ref()?;
+        let mut conn = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if !conn.is_usable() {
+            let fresh = match Connection::connect(&self.uri, &self.opts) {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            };
+            if fresh.size() != self.size {
+                return Some(Err(NbdError::protocol(format!(
+                    "the export's size changed from {} to {} bytes on reconnecting",
+                    self.size,
+                    fresh.size()
+                ))));
+            }
+            *conn = Arc::new(SharedConnection::new(fresh));
+        }
+        Some(Ok(Arc::clone(&conn)))
     }
 
     fn lock_pool(&self) -> MutexGuard<'_, Pool> {
@@ -188,8 +217,8 @@ impl NbdStorage {
         // Ask for more than needed: servers answer with the extents they
         // have, and the rest of the reply serves the next calls.
         let ask = max_len.max(64 << 20).min(self.size.saturating_sub(offset));
-        let extents = match &self.shared {
-            Some(c) => c.block_status(context, offset, ask)?,
+        let extents = match self.shared() {
+            Some(c) => c?.block_status(context, offset, ask)?,
             None => self.with_connection(|c| c.block_status(context, offset, ask))?,
         };
         let mut entries = Vec::with_capacity(extents.len());
@@ -226,8 +255,8 @@ impl Storage for NbdStorage {
         if n == 0 {
             return Ok(0);
         }
-        match &self.shared {
-            Some(c) => c.read(offset.0, &mut buf[..n]),
+        match self.shared() {
+            Some(c) => c.and_then(|c| c.read(offset.0, &mut buf[..n])),
             None => self.with_connection(|c| c.read(offset.0, &mut buf[..n])),
         }
         .map_err(to_io)?;
