@@ -162,7 +162,7 @@ mod tests {
             _: Role,
             options: &OpenOptions,
         ) -> Result<Arc<dyn Storage>, StorageError> {
-            assert_eq!(options.meta_contexts, [self.want.clone()]);
+            assert_eq!(options.meta_contexts, std::slice::from_ref(&self.want));
             Ok(Arc::new(FlakyContext {
                 failures: AtomicU32::new(1),
             }))

@@ -155,7 +155,8 @@ pub fn open(
         )));
     };
     if nbd_uri(name).is_some() {
-        // The bitmap's context is negotiated when connecting.
+        // The bitmap's context is negotiated when connecting, through the
+        // opener, so that its wrappers (the error policy) apply to it too.
         let options = OpenOptions {
             meta_contexts: vec![dirty_bitmap_context(bitmap.name)],
         };
