@@ -6,7 +6,7 @@
 //! Probing follows QEMU: the bytes decide (see [`crate::probe`]), and raw is
 //! the fallback only when no format QEMU knows is recognised. A recognised
 //! format that qbackup does not read is refused by name rather than copied
-//! as raw bytes (`-f raw` still forces that).
+//! as raw bytes (asking for the raw format explicitly still does that).
 
 pub mod error;
 
