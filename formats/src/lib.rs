@@ -6,7 +6,7 @@
 //!   I/O) and its implementations: files and block devices, and a
 //!   fault-injecting double for tests. [`open`] opens storage by name, in
 //!   one place, for images, backing files and data files.
-//! - [`format`] (the format names) and [`image::error`] (the error that
+//! - [`mod@format`] (the format names) and [`image::error`] (the error that
 //!   names an image file): leaves every driver uses, so that drivers never
 //!   import the code that opens them.
 //! - [`probe`] and [`image`]: format probing like qemu-img's and opening one

@@ -40,7 +40,7 @@ pub enum ImageErrorKind {
     /// bitmap.
     #[error("this image cannot hold a persistent dirty bitmap: incremental backups need a qcow2 image's bitmap or an NBD export's qemu:dirty-bitmap context")]
     NoDirtyBitmap,
-    /// A driver broke the [`Layer`] contract (a bug).
+    /// A driver broke the [`crate::layer::Layer`] contract (a bug).
     #[error(
         "internal error: the {format} driver answered a read of {asked} bytes with {answered}"
     )]

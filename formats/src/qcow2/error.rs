@@ -88,7 +88,7 @@ impl Classify for Qcow2Error {
 
 impl Qcow2Error {
     /// True when the error is about a dirty bitmap that cannot be used
-    /// while the image itself reads fine (see [`BitmapError::is_unusable`]).
+    /// while the image itself reads fine (the bitmap error says which).
     pub fn is_unusable_bitmap(&self) -> bool {
         matches!(self, Qcow2Error::Bitmap(e) if e.is_unusable())
     }
