@@ -23,7 +23,7 @@ use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, GuestOffs
 
 use crate::backup::copier::is_zero;
 use crate::manifest::{self, Entry, ManifestError, ManifestReader};
-use crate::source::{self, Source, SourceError};
+use crate::source::{self, Source, SourceChecks, SourceError};
 
 /// Clusters checked per window (bounded memory: one read buffer each).
 const WINDOW: u64 = 256;
@@ -158,7 +158,7 @@ pub fn verify(opener: &dyn Opener, backup: &Path) -> Result<Report, VerifyError>
 }
 
 /// The manifest describes this image, and each parent is the recorded one.
-fn check_chain(source: &dyn Source, reader: &ManifestReader, report: &mut Report) {
+fn check_chain(source: &dyn SourceChecks, reader: &ManifestReader, report: &mut Report) {
     let meta = reader.meta();
     if meta.virtual_size != source.virtual_size() {
         report.chain_problems.push(format!(

@@ -38,11 +38,12 @@ use common::run::{
 use common::scratch::Scratch;
 use common::{test_cases, KIB, MIB};
 
-/// The refusal, after `qbackup: ` and any context the tool adds.
+/// The refusal, after `qbackup: ` and any context the tool adds: the
+/// library's words, then the CLI's hint naming its option.
 fn refusal(path: &str, fmt: &str) -> String {
     format!(
         "{path}: {fmt} images are not supported \
-         (convert with qemu-img, or pass -f raw to copy the file's bytes)"
+         (convert it with qemu-img, or copy the file's bytes as a raw image: pass -f raw)"
     )
 }
 

@@ -101,6 +101,72 @@ fn incremental_backup_from_a_dirty_bitmap() {
     assert_eq!(top, 64 * KIB + 64 * KIB + MIB, "{map:?}");
 }
 
+/// qemu-nbd exporting `d.qcow2` with its dirty bitmap `bm0`, whose first
+/// data read fails once with EIO (QEMU's blkdebug driver between the qcow2
+/// node and its file): a transient failure of the server's disk, on which
+/// qemu-nbd drops the connection. `extra`: more qemu-nbd options.
+fn bitmap_export_failing_once(s: &Scratch, extra: &[&str]) -> (Holder, String) {
+    let sock = s.path("flaky.sock");
+    let opts = format!(
+        "driver=qcow2,file.driver=blkdebug,file.image.driver=file,file.image.filename={},\
+         file.inject-error.0.event=read_aio,file.inject-error.0.errno=5,file.inject-error.0.once=on",
+        s.path("d.qcow2").display()
+    );
+    let mut cmd = std::process::Command::new("qemu-nbd");
+    cmd.args(["-r", "-t", "-B", "bm0"])
+        .args(extra)
+        .arg("-k")
+        .arg(&sock)
+        .arg("--image-opts")
+        .arg(opts);
+    let server = hold(&mut cmd, &sock);
+    (server, format!("nbd+unix:///?socket={}", sock.display()))
+}
+
+/// Regression: with an NBD source and `--bitmap`, the export was connected
+/// directly instead of through the opener, so `--on-source-error retry`
+/// did nothing there. A read that fails once now fails the incremental
+/// backup without the policy and is retried with it, and the result is the
+/// disk. (`-f raw`: the first read the server fails is then a dirty
+/// cluster's, not the format probe's.)
+#[test]
+fn transient_read_error_with_a_bitmap_is_retried() {
+    let s = Scratch::new();
+    image(&s, "d.qcow2");
+    s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
+    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
+    s.io(
+        "d.qcow2",
+        "qcow2",
+        &["write -P 0x07 300k 8k", "write -P 0x08 6M 1M"],
+    );
+    let (server, uri) = bitmap_export_failing_once(&s, &[]);
+    backup_incremental(&s, &["-f", "raw"], ("bm0", "full.qcow2"), &uri, "inc.qcow2")
+        .assert_clean_failure_mentioning(&["read of", "NBD server"]);
+    assert!(!s.path("inc.qcow2").exists());
+    drop(server);
+    // One connection shared by the workers (reconnected after the server
+    // dropped it), and a pool of them (-e 4: multi-conn).
+    for extra in [&[][..], &["-e", "4"]] {
+        let (server, uri) = bitmap_export_failing_once(&s, extra);
+        let retry = ["-f", "raw", "--on-source-error", "retry"];
+        backup_incremental(&s, &retry, ("bm0", "full.qcow2"), &uri, "inc.qcow2").assert_ok();
+        drop(server);
+        assert_check_clean(s.dir(), "inc.qcow2");
+        assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
+        // Only the dirty clusters are in the overlay: the bitmap was used.
+        let top: u64 = s
+            .qemu_map("inc.qcow2", "qcow2")
+            .iter()
+            .filter(|e| e.depth == 0 && e.present)
+            .map(|e| e.length)
+            .sum();
+        assert_eq!(top, 64 * KIB + MIB, "{extra:?}");
+        std::fs::remove_file(s.path("inc.qcow2")).unwrap();
+        std::fs::remove_file(s.path("inc.qcow2.manifest")).ok();
+    }
+}
+
 #[test]
 fn refused_bitmap_and_missing_server_fail_cleanly() {
     let s = Scratch::new();

@@ -91,6 +91,31 @@ pub enum Remedy {
     RecordBackingUnchecked,
 }
 
+/// Displays an I/O error as its text alone: an OS error as its strerror
+/// text ("No such file or directory", not "No such file or directory (os
+/// error 2)"), any other error as it displays. Every message of this
+/// workspace that includes an I/O error prints it through this.
+#[derive(Debug, Clone, Copy)]
+pub struct IoText<'a>(pub &'a io::Error);
+
+/// See [`IoText`].
+pub fn io_text(e: &io::Error) -> IoText<'_> {
+    IoText(e)
+}
+
+impl fmt::Display for IoText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0.to_string();
+        match self.0.raw_os_error() {
+            Some(code) => {
+                let suffix = format!(" (os error {code})");
+                f.write_str(text.strip_suffix(&suffix).unwrap_or(&text))
+            }
+            None => f.write_str(&text),
+        }
+    }
+}
+
 /// An error that can say its class.
 pub trait Classify {
     /// The kind of failure.
@@ -99,5 +124,20 @@ pub trait Classify {
     /// What the user can do about it, when there is one thing to do.
     fn remedy(&self) -> Option<Remedy> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_text_drops_the_os_error_number() {
+        let e = io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(io_text(&e).to_string(), "No such file or directory");
+        let e = io::Error::other("custom text (os error 2)");
+        assert_eq!(io_text(&e).to_string(), "custom text (os error 2)");
+        let e = io::Error::from(io::ErrorKind::NotFound);
+        assert_eq!(io_text(&e).to_string(), e.to_string());
     }
 }

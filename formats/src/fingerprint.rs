@@ -22,7 +22,7 @@
 use std::hash::{DefaultHasher, Hasher};
 use std::path::{Path, PathBuf};
 
-use crate::image::ImageError;
+use crate::image::error::ImageError;
 use crate::layer::Layer;
 use crate::storage::ChangeStamp;
 

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use crate::codec::CompressionType;
 use crate::extent::LayerExtent;
-use crate::image::{Format, ImageError};
+use crate::format::Format;
+use crate::image::error::ImageError;
 use crate::storage::Storage;
 use crate::units::{ClusterSize, GuestOffset, HostOffset};
 
@@ -170,7 +171,7 @@ pub trait Layer: Send + Sync + fmt::Debug {
         let _ = (name, allow_disabled);
         Err(ImageError::new(
             self.path(),
-            crate::image::ImageErrorKind::NoDirtyBitmap,
+            crate::image::error::ImageErrorKind::NoDirtyBitmap,
         ))
     }
 
@@ -181,7 +182,7 @@ pub trait Layer: Send + Sync + fmt::Debug {
         let _ = name;
         Err(ImageError::new(
             self.path(),
-            crate::image::ImageErrorKind::NoDirtyBitmap,
+            crate::image::error::ImageErrorKind::NoDirtyBitmap,
         ))
     }
 }

@@ -28,10 +28,45 @@ pub enum Role {
     Target,
 }
 
+/// What an open negotiates besides the bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Metadata contexts to negotiate (NBD meta contexts such as
+    /// `qemu:dirty-bitmap:NAME`; `base:allocation` always is), queried
+    /// later with [`Storage::context_status`]. A context the storage cannot
+    /// offer fails the open.
+    pub meta_contexts: Vec<String>,
+}
+
+impl OpenOptions {
+    /// Fails when contexts are asked of storage that has none.
+    pub fn refuse_contexts(&self) -> Result<(), StorageError> {
+        match self.meta_contexts.first() {
+            Some(context) => Err(StorageError::NoContexts {
+                context: context.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Opens storage by name.
 pub trait Opener: Send + Sync {
     /// Opens `name` read-only.
     fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError>;
+
+    /// Opens `name` read-only with `options`. Wrappers forward it to their
+    /// inner opener and wrap the result as [`Opener::open`] does; the
+    /// default opens with [`Opener::open`] and refuses metadata contexts.
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
+        options.refuse_contexts()?;
+        self.open(name, role)
+    }
 
     /// The canonical form of `name`, which a backing chain compares to find
     /// loops (as QEMU compares file names), or why `name` cannot be
@@ -60,12 +95,25 @@ pub fn nbd_uri(name: &Path) -> Option<&str> {
 }
 
 impl Opener for FileOpener {
-    fn open(&self, name: &Path, _role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+    fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        self.open_with(name, role, &OpenOptions::default())
+    }
+
+    fn open_with(
+        &self,
+        name: &Path,
+        _role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
         if let Some(uri) = nbd_uri(name) {
             // The server owns the image and its consistency (QEMU's locks
             // are on its side).
-            return Ok(Arc::new(crate::storage::nbd::open(uri)?));
+            return Ok(Arc::new(crate::storage::nbd::open(
+                uri,
+                &options.meta_contexts,
+            )?));
         }
+        options.refuse_contexts()?;
         let storage = FileStorage::open_read_only(name)?;
         storage.lock_for_consistent_read()?;
         Ok(Arc::new(storage))
@@ -99,9 +147,19 @@ impl ForceShareOpener {
 
 impl Opener for ForceShareOpener {
     fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        self.open_with(name, role, &OpenOptions::default())
+    }
+
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
         if nbd_uri(name).is_some() {
-            return FileOpener.open(name, role);
+            return FileOpener.open_with(name, role, options);
         }
+        options.refuse_contexts()?;
         let storage = FileStorage::open_read_only(name)?;
         if storage.lock_conflict()?.is_some() {
             if let Ok(mut v) = self.in_use.lock() {
@@ -155,6 +213,19 @@ impl Opener for UpdatingOpener<'_> {
         Ok(Arc::new(storage))
     }
 
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
+        if role != Role::Image {
+            return self.inner.open_with(name, role, options);
+        }
+        options.refuse_contexts()?;
+        self.open(name, role)
+    }
+
     fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
         self.inner.canonical(name)
     }
@@ -197,6 +268,16 @@ impl<O> fmt::Debug for WrappingOpener<O> {
 impl<O: Opener> Opener for WrappingOpener<O> {
     fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
         let s = self.inner.open(name, role)?;
+        Ok((self.wrap)(name, role, s))
+    }
+
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
+        let s = self.inner.open_with(name, role, options)?;
         Ok((self.wrap)(name, role, s))
     }
 
@@ -262,5 +343,37 @@ mod tests {
         });
         opener.open(&p, Role::Backing).unwrap();
         assert_eq!(seen.load(Ordering::Relaxed), 1);
+    }
+
+    /// Options reach the inner opener through a wrapper, and the wrapper
+    /// still wraps what it returns; a file cannot offer meta contexts.
+    #[test]
+    fn open_with_goes_through_wrappers() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&seen);
+        let opener = WrappingOpener::new(FileOpener, move |_, _, s| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            s
+        });
+        opener
+            .open_with(&p, Role::Image, &OpenOptions::default())
+            .unwrap();
+        assert_eq!(seen.load(Ordering::Relaxed), 1);
+        let contexts = OpenOptions {
+            meta_contexts: vec!["qemu:dirty-bitmap:b".into()],
+        };
+        let e = opener.open_with(&p, Role::Image, &contexts).unwrap_err();
+        assert!(matches!(e, StorageError::NoContexts { .. }), "{e}");
+        let e = ForceShareOpener::default()
+            .open_with(&p, Role::Image, &contexts)
+            .unwrap_err();
+        assert!(matches!(e, StorageError::NoContexts { .. }), "{e}");
+        let updating = UpdatingOpener::new(&FileOpener);
+        let e = updating.open_with(&p, Role::Image, &contexts).unwrap_err();
+        assert!(matches!(e, StorageError::NoContexts { .. }), "{e}");
     }
 }

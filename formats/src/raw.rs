@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use crate::extent::{Allocation, HostFile, HostLocation, LayerExtent};
-use crate::image::{Format, ImageError};
+use crate::format::Format;
+use crate::image::error::ImageError;
 use crate::layer::{Layer, LayerInfo, LayerRead};
 use crate::storage::{FileExtent, Storage};
 use crate::units::{ClusterSize, GuestOffset, HostOffset};
@@ -29,7 +30,7 @@ impl RawImage {
         }
     }
 
-    fn err(&self, e: impl Into<crate::image::ImageErrorKind>) -> ImageError {
+    fn err(&self, e: impl Into<crate::image::error::ImageErrorKind>) -> ImageError {
         ImageError::new(self.storage.name(), e)
     }
 }

@@ -14,7 +14,7 @@ use qbackup_formats::layer::BitmapClear;
 
 use super::destination::Published;
 use super::{BackupError, SyncMode};
-use crate::source::Source;
+use crate::source::SourceChecks;
 
 /// What an action did, for the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub trait AfterDurable: Send {
     /// Checks, before anything is read, that the action can be done, and
     /// takes what it needs. `mode` is the sync mode that runs (an action
     /// may then have nothing to do).
-    fn prepare(&mut self, source: &dyn Source, mode: SyncMode) -> Result<(), BackupError>;
+    fn prepare(&mut self, source: &dyn SourceChecks, mode: SyncMode) -> Result<(), BackupError>;
 
     /// Does it; the backup is complete at `published`.
     fn run(self: Box<Self>, published: &Published) -> Result<Option<Outcome>, BackupError>;
@@ -57,7 +57,7 @@ impl ClearBitmap {
 }
 
 impl AfterDurable for ClearBitmap {
-    fn prepare(&mut self, source: &dyn Source, mode: SyncMode) -> Result<(), BackupError> {
+    fn prepare(&mut self, source: &dyn SourceChecks, mode: SyncMode) -> Result<(), BackupError> {
         // An incremental backup by content did not use the bitmap (it could
         // not be used): it is left as it is.
         if mode != SyncMode::Changed {

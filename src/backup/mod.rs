@@ -49,7 +49,7 @@ use prepare::Prepared;
 pub use request::{BackupRequest, BitmapMode, Compression, RequestError};
 use target::{Qcow2Target, RawTarget, Target, TargetError};
 
-use crate::source::Source;
+use crate::source::{self, Source, SourceChecks};
 
 /// A validated backup request.
 #[derive(Debug, Clone)]
@@ -216,7 +216,7 @@ fn copy<'a>(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<Copied<'a>, BackupError> {
-    let source: &dyn Source = p.source.as_ref();
+    let source: &source::ImageSource = p.source.as_ref();
     let size = source.virtual_size();
     let cluster_size = p.previous.cluster_size;
     let target_err = |e: BackupError| BackupError::Target {
@@ -380,7 +380,7 @@ fn commit(
 /// Fails when a file of the source changed since `before` was taken. The
 /// source's files stayed open (with QEMU's shared locks) throughout, so
 /// this compares the very files that were read.
-fn verify_unchanged(source: &dyn Source, before: &Fingerprint) -> Result<(), BackupError> {
+fn verify_unchanged(source: &dyn SourceChecks, before: &Fingerprint) -> Result<(), BackupError> {
     match source.fingerprint() {
         Ok(now) => match before.first_change(&now) {
             Some(path) => Err(BackupError::SourceChanged(path.to_path_buf())),

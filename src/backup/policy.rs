@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qbackup_formats::open::{Opener, Role};
+use qbackup_formats::open::{OpenOptions, Opener, Role};
 use qbackup_formats::storage::retry::{RetryPolicy, RetryingStorage};
 use qbackup_formats::storage::{Storage, StorageError};
 
@@ -67,7 +67,18 @@ impl<'a> PolicyOpener<'a> {
 
 impl Opener for PolicyOpener<'_> {
     fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
-        let storage = self.inner.open(name, role)?;
+        self.open_with(name, role, &OpenOptions::default())
+    }
+
+    /// Every source file, and the metadata contexts (an NBD export's dirty
+    /// bitmap) read through it, gets the source policy.
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
+        let storage = self.inner.open_with(name, role, options)?;
         Ok(match self.source {
             // ignore: the copier isolates the clusters that fail, at once.
             OnSourceError::Report | OnSourceError::Ignore => storage,
@@ -97,5 +108,85 @@ impl Opener for PolicyOpener<'_> {
                 },
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use qbackup_formats::HostOffset;
+
+    /// A storage whose metadata context fails with EIO `failures` times.
+    #[derive(Debug)]
+    struct FlakyContext {
+        failures: AtomicU32,
+    }
+
+    impl Storage for FlakyContext {
+        fn name(&self) -> &Path {
+            Path::new("nbd+unix:///?socket=x")
+        }
+        fn len(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&self, _: &mut [u8], _: HostOffset) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn context_status(&self, _: &str, _: HostOffset, max_len: u64) -> io::Result<(u32, u64)> {
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            Ok((1, max_len))
+        }
+    }
+
+    /// Hands out a [`FlakyContext`] when asked for the context `want`.
+    struct ContextOpener {
+        want: String,
+    }
+
+    impl Opener for ContextOpener {
+        fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+            self.open_with(name, role, &OpenOptions::default())
+        }
+        fn open_with(
+            &self,
+            _: &Path,
+            _: Role,
+            options: &OpenOptions,
+        ) -> Result<Arc<dyn Storage>, StorageError> {
+            assert_eq!(options.meta_contexts, std::slice::from_ref(&self.want));
+            Ok(Arc::new(FlakyContext {
+                failures: AtomicU32::new(1),
+            }))
+        }
+    }
+
+    /// Regression (issue 18): the source policy applies to what is opened
+    /// with metadata contexts (an NBD export's dirty bitmap), and to the
+    /// contexts' queries, as to any source file.
+    #[test]
+    fn retry_applies_to_metadata_contexts() {
+        let want = "qemu:dirty-bitmap:b".to_string();
+        let inner = ContextOpener { want: want.clone() };
+        let options = OpenOptions {
+            meta_contexts: vec![want.clone()],
+        };
+        let query = |source| {
+            let opener = PolicyOpener::new(&inner, source, OnTargetError::Report);
+            let s = opener
+                .open_with(Path::new("x"), Role::Image, &options)
+                .unwrap();
+            s.context_status_at(&want, HostOffset(0), 4096)
+        };
+        assert!(query(OnSourceError::Report).is_err());
+        assert_eq!(query(OnSourceError::Retry).unwrap(), (1, 4096));
     }
 }

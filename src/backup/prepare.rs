@@ -21,12 +21,12 @@ use super::after::AfterDurable;
 use super::destination::{target_dir, TargetKind};
 use super::{default_cluster_size, plan, record, BackupConfig, BackupError, Cancel, SyncMode};
 use crate::manifest;
-use crate::source::{self, Source};
+use crate::source::{self, ImageSource, Source, SourceChecks};
 
 /// A backup ready to copy.
 pub struct Prepared {
     /// The source, open.
-    pub source: Box<dyn Source + Send>,
+    pub source: Box<ImageSource>,
     /// The sync mode that runs.
     pub mode: SyncMode,
     /// Why an incremental backup by bitmap fell back to one by content.
@@ -144,7 +144,7 @@ pub fn prepare(
 
 /// An open source, the sync mode that runs, and why an incremental by
 /// bitmap fell back to one by content.
-type Opened = (Box<dyn Source + Send>, SyncMode, Option<String>);
+type Opened = (Box<ImageSource>, SyncMode, Option<String>);
 
 /// Opens the source for `cfg` and decides the effective sync mode:
 /// `--sync incremental` without a bitmap, or with an unusable one and
@@ -213,7 +213,7 @@ fn backing_name_for(target: &Path, backing: &Path) -> Result<String, std::io::Er
 fn previous_backup(
     cfg: &BackupConfig,
     opener: &dyn Opener,
-    source: &dyn Source,
+    source: &dyn SourceChecks,
 ) -> Result<BackingRef, BackupError> {
     let prev = cfg
         .backing
@@ -259,7 +259,7 @@ fn previous_backup(
 fn backing_ref(
     cfg: &BackupConfig,
     opener: &dyn Opener,
-    source: &dyn Source,
+    source: &dyn SourceChecks,
 ) -> Result<Option<BackingRef>, BackupError> {
     let Some(below) = source.top_backing() else {
         // A name to record with nothing to record it for: refused, not

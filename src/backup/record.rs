@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::destination::StagedFile;
 use super::{BackupConfig, BackupError, SyncMode};
 use crate::manifest::{self, Gaps, ManifestBuilder, ManifestReader, ManifestWriter, Meta};
-use crate::source::Source;
+use crate::source::SourceChecks;
 use qbackup_formats::ClusterSize;
 
 /// The manifest of the previous backup `prev`, or `None` when it has none.
@@ -127,7 +127,7 @@ pub struct About<'a> {
 /// `staged`.
 pub fn start(
     cfg: &BackupConfig,
-    source: &dyn Source,
+    source: &dyn SourceChecks,
     staged: StagedFile,
     about: About<'_>,
 ) -> Result<Recorder, BackupError> {

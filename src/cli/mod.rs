@@ -124,7 +124,7 @@ impl Files {
 
 /// One warning line per image of `source` that QEMU marked corrupt: it is
 /// read as QEMU reads it read-only, but its metadata was found inconsistent.
-fn warn_marked_corrupt(source: &dyn source::Source) {
+fn warn_marked_corrupt(source: &dyn source::SourceChecks) {
     for f in source.marked_corrupt() {
         eprintln!(
             "qbackup: warning: {}: image is marked corrupt (QEMU found its metadata inconsistent); showing what it reads, as qemu-img does",
@@ -135,7 +135,7 @@ fn warn_marked_corrupt(source: &dyn source::Source) {
 
 /// One warning line per image in which reading found damage that does not
 /// change what the guest reads (damaged refcounts).
-fn warn_harmless_damage(source: &dyn source::Source) {
+fn warn_harmless_damage(source: &dyn source::SourceChecks) {
     for (f, what) in source.harmless_damage() {
         eprintln!(
             "qbackup: warning: {}: {}",

@@ -20,7 +20,7 @@ pub enum NbdError {
         reason: String,
     },
     /// The socket could not be connected.
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {}", crate::error::io_text(.source))]
     Connect {
         /// The server, as a URI.
         target: String,
@@ -87,7 +87,7 @@ pub enum NbdError {
         doing: &'static str,
     },
     /// A socket read or write failed.
-    #[error("NBD socket error while {doing}: {source}")]
+    #[error("NBD socket error while {doing}: {}", crate::error::io_text(.source))]
     Io {
         /// What the client was doing.
         doing: &'static str,
@@ -145,6 +145,17 @@ impl Classify for NbdError {
 }
 
 impl NbdError {
+    /// True when a later attempt of the same request may succeed: the
+    /// server failed it with EIO or ENOMEM, or the connection broke (a new
+    /// one is opened for the next request when the server allows several).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NbdError::Request { errno, .. } => matches!(*errno, proto::EIO | proto::ENOMEM),
+            NbdError::Timeout { .. } | NbdError::Disconnected { .. } | NbdError::Io { .. } => true,
+            _ => false,
+        }
+    }
+
     /// A protocol violation described by `what`.
     pub(crate) fn protocol(what: impl Into<String>) -> NbdError {
         NbdError::Protocol { what: what.into() }
@@ -173,7 +184,7 @@ impl NbdError {
             NbdError::Disconnected { doing } => NbdError::Disconnected { doing },
             NbdError::Io { doing, source } => NbdError::Io {
                 doing,
-                source: io::Error::new(source.kind(), source.to_string()),
+                source: io::Error::new(source.kind(), crate::error::io_text(source).to_string()),
             },
             _ => NbdError::Unusable,
         }

@@ -42,94 +42,12 @@ use std::sync::Arc;
 
 use super::bitmap_data::{data_clusters, read_table};
 use super::bitmaps::{flags, BitmapError};
+use super::error::{ClearError, Qcow2Error};
 use super::header::incompat;
-use super::image::{Qcow2Error, Qcow2Image};
-use super::refcount::{self, RefcountError, RefcountReader, RefcountSlot};
-use crate::error::{Classify, ErrorClass};
-use crate::storage::{Storage, StorageError};
+use super::image::Qcow2Image;
+use super::refcount::{self, RefcountReader, RefcountSlot};
+use crate::storage::Storage;
 use crate::units::HostOffset;
-
-/// Why a bitmap cannot be cleared, or clearing it failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClearError {
-    /// The image was not opened for writing.
-    #[error("cannot clear dirty bitmap '{name}': the image is open read-only")]
-    ReadOnly {
-        /// The bitmap.
-        name: String,
-    },
-    /// The image carries the corrupt bit.
-    #[error("cannot clear dirty bitmap '{name}': the image is marked corrupt (qemu-img check -r all repairs it)")]
-    MarkedCorrupt {
-        /// The bitmap.
-        name: String,
-    },
-    /// The image was not closed cleanly and uses lazy refcounts.
-    #[error("cannot clear dirty bitmap '{name}': the image was not closed cleanly and its refcounts may be stale (qemu-img check -r all repairs them)")]
-    Dirty {
-        /// The bitmap.
-        name: String,
-    },
-    /// A data cluster's refcount is not what the bitmap alone gives it.
-    #[error("cannot clear dirty bitmap '{name}': its data cluster at host offset {offset} has refcount {refcount}, expected 1 (qemu-img check reports the damage)")]
-    Refcount {
-        /// The bitmap.
-        name: String,
-        /// The data cluster.
-        offset: HostOffset,
-        /// Its refcount.
-        refcount: u64,
-    },
-    /// Something to be written or freed overlaps other metadata.
-    #[error("cannot clear dirty bitmap '{name}': its {what} at host offset {offset} overlaps the image's {other} (the image is inconsistent: qemu-img check reports it)")]
-    Overlap {
-        /// The bitmap.
-        name: String,
-        /// What would be written or freed.
-        what: &'static str,
-        /// Where.
-        offset: HostOffset,
-        /// What it overlaps.
-        other: &'static str,
-    },
-    /// Reading the bitmap or the refcounts failed.
-    #[error(transparent)]
-    Bitmap(#[from] BitmapError),
-    /// Reading the refcounts failed.
-    #[error(transparent)]
-    Refcounts(#[from] RefcountError),
-    /// A write or sync failed (step `step` of the module docs).
-    #[error("clearing dirty bitmap '{name}' failed while {step}: {source}")]
-    Write {
-        /// The bitmap.
-        name: String,
-        /// What was being written.
-        step: &'static str,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-impl Classify for ClearError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            ClearError::ReadOnly { .. } => ErrorClass::Internal,
-            ClearError::MarkedCorrupt { .. }
-            | ClearError::Dirty { .. }
-            | ClearError::Refcount { .. }
-            | ClearError::Overlap { .. } => ErrorClass::Corrupt,
-            ClearError::Bitmap(e) => e.class(),
-            ClearError::Refcounts(e) => e.class(),
-            ClearError::Write { source, .. } => ErrorClass::of_io(source),
-        }
-    }
-}
-
-impl From<StorageError> for ClearError {
-    fn from(e: StorageError) -> Self {
-        ClearError::Bitmap(BitmapError::Read(e))
-    }
-}
 
 /// A validated clearing of one bitmap, written by
 /// [`Qcow2BitmapClear::commit`].

@@ -13,7 +13,7 @@
 //! extra_data_compatible among them), no extra data, a non-empty name unique
 //! in the directory, and a non-empty, cluster-aligned bitmap table.
 
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass, Remedy};
 use crate::storage::{Storage, StorageError};
 use crate::units::HostOffset;
 
@@ -77,6 +77,23 @@ impl Classify for BitmapError {
             BitmapError::Invalid { .. } | BitmapError::InUse { .. } => ErrorClass::Corrupt,
             BitmapError::NotFound { .. } | BitmapError::Disabled { .. } => ErrorClass::Usage,
         }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            BitmapError::Read(e) => e.remedy(),
+            BitmapError::Disabled { .. } => Some(Remedy::AllowDisabledBitmap),
+            _ => None,
+        }
+    }
+}
+
+impl BitmapError {
+    /// True when the bitmap asked for cannot be used (missing, left in use,
+    /// disabled, or its directory is invalid) while the image itself may
+    /// read fine; false when reading failed.
+    pub fn is_unusable(&self) -> bool {
+        !matches!(self, BitmapError::Read(_))
     }
 }
 

@@ -9,19 +9,18 @@
 //! reading zeros.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crate::codec::{self, CodecError};
-use crate::error::{Classify, ErrorClass};
+use crate::codec;
 use crate::extent::{Allocation, HostFile, HostLocation, LayerExtent};
 use crate::open::{resolve_data_file, Opener, Role};
 use crate::storage::{FileExtent, Storage, StorageError};
 use crate::units::{GuestOffset, HostOffset};
 
 use super::bitmap_data;
-use super::bitmaps::{self, BitmapEntry, BitmapError};
-use super::header::{autoclear, incompat, Header, HeaderError};
+use super::bitmaps::{self, BitmapEntry};
+use super::error::Qcow2Error;
+use super::header::{autoclear, incompat, Header};
 use super::l2::{self, CompressedDescriptor, EntryFormat, MappingError, SubclusterKind};
 use super::refcount::{RefcountError, RefcountReader};
 use super::table;
@@ -34,68 +33,6 @@ use super::table;
 const L2_CACHE_BYTES: usize = 8 << 20;
 /// Tables the cache holds whatever their size.
 const L2_CACHE_MIN_TABLES: usize = 4;
-
-/// Errors from a qcow2 image.
-#[derive(Debug, thiserror::Error)]
-pub enum Qcow2Error {
-    /// Reading the file failed or ran past its end.
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    /// The header is invalid.
-    #[error(transparent)]
-    Header(#[from] HeaderError),
-    /// A mapping table entry is invalid.
-    #[error(transparent)]
-    Mapping(#[from] MappingError),
-    /// Refcounts could not be read.
-    #[error(transparent)]
-    Refcount(#[from] RefcountError),
-    /// The bitmap directory is invalid.
-    #[error(transparent)]
-    Bitmap(#[from] BitmapError),
-    /// A dirty bitmap cannot be cleared, or clearing it failed.
-    #[error(transparent)]
-    ClearBitmap(#[from] super::bitmap_clear::ClearError),
-    /// A compressed cluster could not be decoded.
-    #[error("compressed cluster for guest offset {guest}: {source}")]
-    Decompress {
-        /// The guest cluster.
-        guest: GuestOffset,
-        /// Why.
-        source: CodecError,
-    },
-    /// The external data file could not be opened.
-    #[error("cannot open external data file {path}: {source}", path = path.display())]
-    OpenDataFile {
-        /// The data file's path.
-        path: PathBuf,
-        /// Why.
-        source: StorageError,
-    },
-    /// The data-file feature bit is set without a data file name.
-    #[error("external data file feature set but no data file name in the header")]
-    MissingDataFileName,
-    /// The guest data is encrypted.
-    #[error("image is encrypted; reading its data needs the key, which qbackup does not support")]
-    Encrypted,
-}
-
-impl Classify for Qcow2Error {
-    fn class(&self) -> ErrorClass {
-        match self {
-            Qcow2Error::Storage(e) => e.class(),
-            Qcow2Error::Header(e) => e.class(),
-            Qcow2Error::Mapping(e) => e.class(),
-            Qcow2Error::Refcount(e) => e.class(),
-            Qcow2Error::Bitmap(e) => e.class(),
-            Qcow2Error::ClearBitmap(e) => e.class(),
-            Qcow2Error::Decompress { source, .. } => source.class(),
-            Qcow2Error::OpenDataFile { source, .. } => source.class(),
-            Qcow2Error::MissingDataFileName => ErrorClass::Corrupt,
-            Qcow2Error::Encrypted => ErrorClass::Unsupported,
-        }
-    }
-}
 
 /// A read-only qcow2 image.
 pub struct Qcow2Image {

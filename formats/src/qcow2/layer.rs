@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use crate::codec::{self, CompressionType};
 use crate::extent::LayerExtent;
-use crate::image::{Format, ImageError};
+use crate::format::Format;
+use crate::image::error::ImageError;
 use crate::layer::{BackingSpec, BitmapClear, DirtyMap, Layer, LayerInfo, LayerRead};
 use crate::storage::{Storage, StorageError};
 use crate::units::{ClusterSize, GuestOffset, HostOffset};
@@ -20,8 +21,9 @@ use crate::units::{ClusterSize, GuestOffset, HostOffset};
 use super::bitmap_clear;
 use super::bitmap_data::DirtyBitmap;
 use super::bitmaps::{flags, BitmapError};
+use super::error::Qcow2Error;
 use super::header::{autoclear, compat, incompat};
-use super::image::{Piece, Qcow2Error, Qcow2Image};
+use super::image::{Piece, Qcow2Image};
 
 /// One persistent dirty bitmap, as `info` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]

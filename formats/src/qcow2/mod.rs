@@ -8,6 +8,7 @@
 pub(crate) mod bitmap_clear;
 pub(crate) mod bitmap_data;
 pub(crate) mod bitmaps;
+mod error;
 pub(crate) mod header;
 mod image;
 pub(crate) mod l2;
@@ -16,5 +17,6 @@ pub(crate) mod refcount;
 pub(crate) mod table;
 pub mod writer;
 
-pub use image::{Qcow2Error, Qcow2Image};
+pub use error::{ClearError, Qcow2Error};
+pub use image::Qcow2Image;
 pub use layer::{BitmapSummary, Qcow2Info};

@@ -146,6 +146,15 @@ impl Storage for FaultyStorage {
         self.inner.data_or_hole(offset, max_len)
     }
 
+    fn context_status(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> io::Result<(u32, u64)> {
+        self.inner.context_status(context, offset, max_len)
+    }
+
     fn write_at(&self, buf: &[u8], offset: HostOffset) -> io::Result<()> {
         let hit = self
             .faults

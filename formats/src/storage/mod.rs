@@ -26,7 +26,7 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass, Remedy};
 use crate::units::HostOffset;
 
 pub use file::FileStorage;
@@ -125,6 +125,26 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// that a later [`Storage::sync`] finds little left. Default: nothing.
     fn start_writeback(&self) {}
 
+    /// The state of the metadata context `context` (an NBD meta context
+    /// such as `qemu:dirty-bitmap:NAME`, negotiated when the storage was
+    /// opened, see [`crate::open::OpenOptions`]) at `offset` (inside the
+    /// storage): the context's flags and for how many bytes (at most
+    /// `max_len`, > 0) they hold. Wrappers forward it (so a retry policy
+    /// applies to it as to reads); the default has no contexts and refuses
+    /// with [`io::ErrorKind::Unsupported`].
+    fn context_status(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> io::Result<(u32, u64)> {
+        let _ = (offset, max_len);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("no metadata context {context:?}: only an NBD export has them"),
+        ))
+    }
+
     /// The identity of the object behind the storage, when it has one.
     fn identity(&self) -> Option<Identity> {
         None
@@ -169,7 +189,7 @@ fn read_only() -> io::Error {
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The file could not be opened.
-    #[error("cannot open: {source}")]
+    #[error("cannot open: {}", crate::error::io_text(.source))]
     Open {
         /// Why.
         source: io::Error,
@@ -189,13 +209,13 @@ pub enum StorageError {
         kind: &'static str,
     },
     /// The file's metadata could not be read.
-    #[error("cannot stat: {source}")]
+    #[error("cannot stat: {}", crate::error::io_text(.source))]
     Stat {
         /// Why.
         source: io::Error,
     },
     /// A read failed in the operating system.
-    #[error("read of {len} bytes at offset {offset} failed: {source}")]
+    #[error("read of {len} bytes at offset {offset} failed: {}", crate::error::io_text(.source))]
     Read {
         /// Where the read started.
         offset: HostOffset,
@@ -232,7 +252,7 @@ pub enum StorageError {
         at: HostOffset,
     },
     /// Looking for data or holes failed.
-    #[error("looking for data/holes at offset {offset} failed: {source}")]
+    #[error("looking for data/holes at offset {offset} failed: {}", crate::error::io_text(.source))]
     Seek {
         /// Where the search started.
         offset: HostOffset,
@@ -240,7 +260,7 @@ pub enum StorageError {
         source: io::Error,
     },
     /// A write failed.
-    #[error("write of {len} bytes at offset {offset} failed: {source}")]
+    #[error("write of {len} bytes at offset {offset} failed: {}", crate::error::io_text(.source))]
     Write {
         /// Where the write started.
         offset: HostOffset,
@@ -250,7 +270,7 @@ pub enum StorageError {
         source: io::Error,
     },
     /// Setting the length failed.
-    #[error("cannot set the length to {len} bytes: {source}")]
+    #[error("cannot set the length to {len} bytes: {}", crate::error::io_text(.source))]
     Resize {
         /// The length asked for.
         len: u64,
@@ -259,14 +279,14 @@ pub enum StorageError {
     },
     /// Another process holds the image in a way that rules out a
     /// consistent read (QEMU's image locks).
-    #[error("{}; back up a running VM through an NBD export of its disk, or pass -U/--force-share to read it anyway (the copy may be inconsistent)", in_use_text(*.conflict))]
+    #[error("{}; back up a running VM through an NBD export of its disk, or read the file anyway, accepting that the copy may be inconsistent", in_use_text(*.conflict))]
     InUse {
         /// What the other process holds.
         conflict: lock::Conflict,
     },
     /// Another process has the image open, so it cannot be updated in
     /// place (QEMU's image locks, see [`lock::lock_for_update`]).
-    #[error("{}; clearing a dirty bitmap in it needs the image to itself (or --bitmap-mode never, which leaves the bitmap as it is)", in_use_text(*.conflict))]
+    #[error("{}; clearing a dirty bitmap in it needs the image to itself (or leave the bitmap as it is)", in_use_text(*.conflict))]
     InUseForUpdate {
         /// What the other process holds.
         conflict: lock::Conflict,
@@ -275,6 +295,24 @@ pub enum StorageError {
     /// and rare).
     #[error(transparent)]
     Nbd(Box<crate::nbd::NbdError>),
+    /// Querying a metadata context failed (other than by the NBD server,
+    /// whose errors are [`StorageError::Nbd`]).
+    #[error("querying metadata context {context:?} at offset {offset} failed: {}", crate::error::io_text(.source))]
+    ContextStatus {
+        /// The context.
+        context: String,
+        /// Where the query started.
+        offset: HostOffset,
+        /// Why.
+        source: io::Error,
+    },
+    /// Metadata contexts were asked of storage that has none (only an NBD
+    /// export has them).
+    #[error("cannot offer metadata context {context:?}: not an NBD export")]
+    NoContexts {
+        /// The first context asked for.
+        context: String,
+    },
     /// The storage cannot be written as asked.
     #[error("cannot write: {why}")]
     NotWritable {
@@ -297,7 +335,10 @@ impl StorageError {
 /// Says which limit was reached and what to do about it.
 fn too_many_files(source: &io::Error) -> String {
     if source.raw_os_error() == Some(libc::ENFILE) {
-        return format!("{source}: the system's open-file table is full");
+        return format!(
+            "{}: the system's open-file table is full",
+            crate::error::io_text(source)
+        );
     }
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
@@ -316,7 +357,9 @@ impl Classify for StorageError {
             StorageError::UnsupportedKind { kind } if kind.ends_with("directory") => {
                 ErrorClass::Usage
             }
-            StorageError::UnsupportedKind { .. } => ErrorClass::Unsupported,
+            StorageError::UnsupportedKind { .. } | StorageError::NoContexts { .. } => {
+                ErrorClass::Unsupported
+            }
             StorageError::PastEof { .. } => ErrorClass::Corrupt,
             StorageError::NotWritable { .. }
             | StorageError::InUse { .. }
@@ -324,9 +367,18 @@ impl Classify for StorageError {
             StorageError::Read { source, .. }
             | StorageError::Seek { source, .. }
             | StorageError::Write { source, .. }
-            | StorageError::Resize { source, .. } => ErrorClass::of_io(source),
+            | StorageError::Resize { source, .. }
+            | StorageError::ContextStatus { source, .. } => ErrorClass::of_io(source),
             StorageError::EndedEarly { .. } => ErrorClass::Io,
             StorageError::Nbd(e) => e.class(),
+        }
+    }
+
+    fn remedy(&self) -> Option<Remedy> {
+        match self {
+            StorageError::InUse { .. } => Some(Remedy::ForceShare),
+            StorageError::InUseForUpdate { .. } => Some(Remedy::KeepBitmap),
+            _ => None,
         }
     }
 }
@@ -431,6 +483,46 @@ impl dyn Storage + '_ {
             .data_or_hole(offset, to_end)
             .map_err(|source| StorageError::Seek { offset, source })?;
         Ok((kind, n.clamp(1, to_end)))
+    }
+
+    /// The state of metadata context `context` at `offset` (inside the
+    /// storage): its flags and for how many bytes (at most `max_len`, > 0)
+    /// they hold; see [`Storage::context_status`]. An NBD server's error
+    /// stays an NBD error, with its class.
+    pub fn context_status_at(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> Result<(u32, u64), StorageError> {
+        let to_end = self.len().saturating_sub(offset.0).min(max_len);
+        let (flags, n) = self
+            .context_status(context, offset, to_end.max(1))
+            .map_err(|source| {
+                if source
+                    .get_ref()
+                    .is_some_and(|e| e.is::<crate::nbd::NbdError>())
+                {
+                    match source
+                        .into_inner()
+                        .map(|e| e.downcast::<crate::nbd::NbdError>())
+                    {
+                        Some(Ok(nbd)) => return StorageError::Nbd(nbd),
+                        _ => unreachable!("an NBD error, checked above"),
+                    }
+                }
+                if source.kind() == io::ErrorKind::Unsupported {
+                    return StorageError::NoContexts {
+                        context: context.to_string(),
+                    };
+                }
+                StorageError::ContextStatus {
+                    context: context.to_string(),
+                    offset,
+                    source,
+                }
+            })?;
+        Ok((flags, n.clamp(1, max_len.max(1))))
     }
 
     /// Writes all of `buf` at `offset`.

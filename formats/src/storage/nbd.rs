@@ -6,8 +6,11 @@
 //! same data); otherwise through one connection that all workers share with
 //! their requests pipelined ([`SharedConnection`]). Allocation comes from the
 //! `base:allocation` meta context; other contexts (a dirty bitmap,
-//! `qemu:dirty-bitmap:NAME`) are negotiated at connect time and queried with
-//! [`NbdStorage::block_status`]. Each reply's extents are cached, so walking
+//! `qemu:dirty-bitmap:NAME`) are negotiated at connect time (the opener's
+//! [`crate::open::OpenOptions`]) and queried through
+//! [`Storage::context_status`], so storage wrappers (retries, faults) apply
+//! to them too. What a context means (dirty, allocated) is for the layers
+//! above: storage knows only flags. Each reply's extents are cached, so walking
 //! a map costs one request per reply rather than one per extent.
 //!
 //! Invariants: the export's size is fixed at connect time; a connection
@@ -17,7 +20,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::{FileExtent, Storage, StorageError};
 use crate::nbd::{ConnectOptions, Connection, NbdError, NbdUri, SharedConnection};
@@ -36,44 +39,6 @@ const MAX_CONNECTIONS: usize = 16;
 /// client limit (`qemu-nbd -e N`) queues it silently.
 const EXTRA_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// The meta context of QEMU's dirty bitmap `name`.
-pub fn dirty_bitmap_context(name: &str) -> String {
-    format!("qemu:dirty-bitmap:{name}")
-}
-
-/// A dirty bitmap the server exports (`qemu:dirty-bitmap:NAME`): bit 0 of a
-/// context extent's flags says dirty.
-pub struct NbdDirtyMap {
-    export: std::sync::Arc<NbdStorage>,
-    context: String,
-}
-
-impl NbdDirtyMap {
-    /// The bitmap `name` of `export`, which was connected with its context.
-    pub fn new(export: std::sync::Arc<NbdStorage>, name: &str) -> NbdDirtyMap {
-        NbdDirtyMap {
-            export,
-            context: dirty_bitmap_context(name),
-        }
-    }
-}
-
-impl crate::layer::DirtyMap for NbdDirtyMap {
-    fn dirty(
-        &self,
-        offset: crate::units::GuestOffset,
-        max_len: u64,
-    ) -> Result<(bool, u64), crate::image::ImageError> {
-        let (flags, len) = self
-            .export
-            .block_status(&self.context, offset.0, max_len)
-            .map_err(|e| {
-                crate::image::ImageError::new(self.export.name(), StorageError::from(e))
-            })?;
-        Ok((flags & 1 != 0, len))
-    }
-}
-
 struct Pool {
     idle: Vec<Connection>,
     open: usize,
@@ -91,8 +56,9 @@ pub struct NbdStorage {
     name: PathBuf,
     opts: ConnectOptions,
     size: u64,
-    /// Without multi-conn: the one connection every worker shares.
-    shared: Option<SharedConnection>,
+    /// Without multi-conn: the one connection every worker shares,
+    /// replaced by a new one when it broke (see [`NbdStorage::shared`]).
+    shared: Option<Mutex<Arc<SharedConnection>>>,
     pool: Mutex<Pool>,
     returned: Condvar,
     status: Mutex<HashMap<String, Vec<CachedExtent>>>,
@@ -126,7 +92,10 @@ impl NbdStorage {
         let (shared, idle) = if first.can_multi_conn() {
             (None, vec![first])
         } else {
-            (Some(SharedConnection::new(first)), Vec::new())
+            (
+                Some(Mutex::new(Arc::new(SharedConnection::new(first)))),
+                Vec::new(),
+            )
         };
         Ok(NbdStorage {
             name: PathBuf::from(qemu_name(&parsed)),
@@ -142,6 +111,31 @@ impl NbdStorage {
             opts,
             status: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The shared connection (`None` with multi-conn). One that broke (a
+    /// timeout, a disconnection: a server that drops the client on a
+    /// failed read, as qemu-nbd does) is replaced by a new connection to
+    /// the same export, so a retried request can succeed; its size must not
+    /// have changed.
+    fn shared(&self) -> Option<Result<Arc<SharedConnection>, NbdError>> {
+        let slot = self.shared.as_ref()?;
+        let mut conn = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if !conn.is_usable() {
+            let fresh = match Connection::connect(&self.uri, &self.opts) {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            };
+            if fresh.size() != self.size {
+                return Some(Err(NbdError::protocol(format!(
+                    "the export's size changed from {} to {} bytes on reconnecting",
+                    self.size,
+                    fresh.size()
+                ))));
+            }
+            *conn = Arc::new(SharedConnection::new(fresh));
+        }
+        Some(Ok(Arc::clone(&conn)))
     }
 
     fn lock_pool(&self) -> MutexGuard<'_, Pool> {
@@ -223,8 +217,8 @@ impl NbdStorage {
         // Ask for more than needed: servers answer with the extents they
         // have, and the rest of the reply serves the next calls.
         let ask = max_len.max(64 << 20).min(self.size.saturating_sub(offset));
-        let extents = match &self.shared {
-            Some(c) => c.block_status(context, offset, ask)?,
+        let extents = match self.shared() {
+            Some(c) => c?.block_status(context, offset, ask)?,
             None => self.with_connection(|c| c.block_status(context, offset, ask))?,
         };
         let mut entries = Vec::with_capacity(extents.len());
@@ -261,12 +255,21 @@ impl Storage for NbdStorage {
         if n == 0 {
             return Ok(0);
         }
-        match &self.shared {
-            Some(c) => c.read(offset.0, &mut buf[..n]),
+        match self.shared() {
+            Some(c) => c.and_then(|c| c.read(offset.0, &mut buf[..n])),
             None => self.with_connection(|c| c.read(offset.0, &mut buf[..n])),
         }
         .map_err(to_io)?;
         Ok(n)
+    }
+
+    fn context_status(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> io::Result<(u32, u64)> {
+        self.block_status(context, offset.0, max_len).map_err(to_io)
     }
 
     fn data_or_hole(&self, offset: HostOffset, max_len: u64) -> io::Result<(FileExtent, u64)> {
@@ -296,7 +299,8 @@ fn qemu_name(uri: &NbdUri) -> String {
     }
 }
 
-/// Opens an NBD URI as storage, with only `base:allocation`.
-pub fn open(uri: &str) -> Result<NbdStorage, StorageError> {
-    Ok(NbdStorage::connect(uri, &[])?)
+/// Opens an NBD URI as storage, with `base:allocation` and the
+/// `meta_contexts` (a context the server does not offer fails the open).
+pub fn open(uri: &str, meta_contexts: &[String]) -> Result<NbdStorage, StorageError> {
+    Ok(NbdStorage::connect(uri, meta_contexts)?)
 }

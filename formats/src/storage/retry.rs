@@ -35,8 +35,15 @@ pub struct RetryPolicy {
     pub writes: bool,
 }
 
-/// True for errors a later attempt may not see.
+/// True for errors a later attempt may not see (an NBD server's failure
+/// is judged by [`crate::nbd::NbdError::is_transient`]).
 pub fn transient(e: &io::Error) -> bool {
+    if let Some(nbd) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::nbd::NbdError>())
+    {
+        return nbd.is_transient();
+    }
     matches!(
         e.raw_os_error(),
         Some(libc::EIO | libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT | libc::ENOSPC)
@@ -109,6 +116,17 @@ impl Storage for RetryingStorage {
     fn data_or_hole(&self, offset: HostOffset, max_len: u64) -> io::Result<(FileExtent, u64)> {
         self.attempt(self.policy.reads, || {
             self.inner.data_or_hole(offset, max_len)
+        })
+    }
+
+    fn context_status(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> io::Result<(u32, u64)> {
+        self.attempt(self.policy.reads, || {
+            self.inner.context_status(context, offset, max_len)
         })
     }
 
@@ -204,6 +222,30 @@ mod tests {
         let s = RetryingStorage::new(hello(), policy(5));
         assert!(s.write_at(b"x", HostOffset(0)).is_err());
         assert_eq!(s.retries(), 0);
+    }
+
+    /// An NBD server's EIO, or a dropped connection, may go away; its
+    /// EINVAL does not.
+    #[test]
+    fn nbd_failures_are_judged_by_the_nbd_error() {
+        use crate::nbd::NbdError;
+        let request = |errno| NbdError::Request {
+            command: "read",
+            offset: 0,
+            len: 512,
+            errno,
+            message: String::new(),
+        };
+        assert!(transient(&io::Error::other(request(
+            crate::nbd::proto::EIO
+        ))));
+        assert!(transient(&io::Error::other(NbdError::Disconnected {
+            doing: "reading"
+        })));
+        assert!(!transient(&io::Error::other(request(
+            crate::nbd::proto::EINVAL
+        ))));
+        assert!(!transient(&io::Error::other(NbdError::Unusable)));
     }
 
     /// A failed sync is final: the next one may succeed having lost the

@@ -99,7 +99,7 @@ pub enum WriterError {
         offset: HostOffset,
     },
     /// Writing guest data failed.
-    #[error("cannot write data at host offset {offset} ({len} bytes): {source}")]
+    #[error("cannot write data at host offset {offset} ({len} bytes): {}", crate::error::io_text(.source))]
     WriteData {
         /// Where the failed write started.
         offset: HostOffset,
@@ -109,7 +109,7 @@ pub enum WriterError {
         source: io::Error,
     },
     /// Writing the tables failed.
-    #[error("cannot write metadata at host offset {offset} ({len} bytes): {source}")]
+    #[error("cannot write metadata at host offset {offset} ({len} bytes): {}", crate::error::io_text(.source))]
     WriteMetadata {
         /// Where the failed write started.
         offset: HostOffset,
@@ -119,7 +119,7 @@ pub enum WriterError {
         source: io::Error,
     },
     /// Writing the header cluster failed.
-    #[error("cannot write the image header: {source}")]
+    #[error("cannot write the image header: {}", crate::error::io_text(.source))]
     WriteHeader {
         /// The I/O error.
         source: io::Error,
