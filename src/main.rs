@@ -35,6 +35,9 @@ fn main() -> ExitCode {
     let json = cli::json_output(&args);
     match cli::run(args) {
         Ok(status) => ExitCode::from(status),
+        // A reader that went away (`| head`) wants no more output, and no
+        // message about it either, as with other command-line tools.
+        Err(e) if cli::status::is_broken_pipe(&e) => ExitCode::from(failure),
         Err(e) => {
             let status = cli::status::of_error(&e, failure);
             let msg = cli::hint::message(&e);

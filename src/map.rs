@@ -155,10 +155,10 @@ pub enum MapError {
     #[error(transparent)]
     Image(#[from] SourceError),
     /// Writing the output failed.
-    #[error("cannot write output: {0}")]
+    #[error("cannot write output: {}", qbackup_formats::error::io_text(.0))]
     Output(#[from] std::io::Error),
     /// The human format cannot show a range without a host offset.
-    #[error("{}: contains external, encrypted or compressed clusters; use --output=json", .0.display())]
+    #[error("{}: contains external, encrypted or compressed clusters, which the human map cannot show", .0.display())]
     NoHostOffset(std::path::PathBuf),
 }
 
@@ -168,6 +168,14 @@ impl Classify for MapError {
             MapError::Image(e) => e.class(),
             MapError::Output(e) => ErrorClass::of_io(e),
             MapError::NoHostOffset(_) => ErrorClass::Unsupported,
+        }
+    }
+
+    fn remedy(&self) -> Option<qbackup_formats::Remedy> {
+        match self {
+            MapError::Image(e) => e.remedy(),
+            MapError::Output(_) => None,
+            MapError::NoHostOffset(_) => Some(qbackup_formats::Remedy::JsonOutput),
         }
     }
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use common::oracle::assert_identical;
+use common::run::qbackup_bin;
 use common::scratch::Scratch;
 use common::MIB;
 
@@ -121,4 +122,48 @@ fn json_result_says_which_sync_ran_and_why() {
     assert_eq!(v["sync"], "incremental", "{v}");
     assert!(v["fallback"].is_null(), "{v}");
     assert_identical(s.dir(), "d.qcow2", "qcow2", "inc2.qcow2", "qcow2");
+}
+
+/// Messages say OS errors in plain words, without Rust's "(os error N)".
+#[test]
+fn os_errors_in_plain_words() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    let run = s.backup(&["d.qcow2", "no/such/dir/b.qcow2"]);
+    run.assert_clean_failure_mentioning(&["No such file or directory"]);
+    assert!(!run.stderr.contains("os error"), "{}", run.stderr);
+    let run = s.backup(&["missing.qcow2", "b.qcow2"]);
+    run.assert_clean_failure_mentioning(&["missing.qcow2"]);
+    assert!(!run.stderr.contains("os error"), "{}", run.stderr);
+}
+
+/// A reader that closes the pipe early (`| head`) gets no panic and no
+/// "Broken pipe" message.
+#[test]
+fn a_closed_pipe_is_quiet() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.backup(&["d.qcow2", "b.qcow2"]).assert_ok();
+    for args in [
+        &["completions", "bash"][..],
+        &["map", "--output=json", "b.qcow2"][..],
+        &["verify", "--output=json", "b.qcow2"][..],
+        &["manpage"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(qbackup_bin())
+            .args(args)
+            .current_dir(s.dir())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.status.code().is_some(), "{args:?}: killed");
+    }
 }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use qbackup_formats::codec::CodecError;
+use qbackup_formats::error::io_text;
 use qbackup_formats::{Classify, ClusterIndex, ErrorClass, Remedy};
 
 use super::cancel;
@@ -39,7 +40,7 @@ pub enum BackupError {
         source: Box<BackupError>,
     },
     /// Creating, syncing or renaming the target file failed.
-    #[error("{}: cannot {action}: {source}", path.display())]
+    #[error("{}: cannot {action}: {}", path.display(), io_text(source))]
     Commit {
         /// The target path.
         path: PathBuf,
@@ -197,7 +198,7 @@ pub enum BackupError {
     SourceChanged(PathBuf),
     /// A sync of the target made while the copy ran failed; the caller
     /// names the target ([`BackupError::Commit`]).
-    #[error("cannot sync: {source}")]
+    #[error("cannot sync: {}", io_text(source))]
     EarlySync {
         /// Why.
         source: std::io::Error,

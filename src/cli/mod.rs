@@ -191,8 +191,12 @@ pub fn run(args: Args) -> Result<u8> {
         Command::Backup(a) => backup::run(a),
         Command::Map(a) => map::run(a),
         Command::Completions { shell } => {
+            // Generated in memory: clap_complete panics on a failed write
+            // (a closed pipe), and a write error must be an error.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "qbackup", &mut script);
             let mut out = std::io::stdout().lock();
-            clap_complete::generate(shell, &mut Args::command(), "qbackup", &mut out);
+            out.write_all(&script)?;
             out.flush()?;
             Ok(status::SUCCESS)
         }

@@ -111,6 +111,20 @@ pub fn of_error(err: &anyhow::Error, failure: u8) -> u8 {
     failure
 }
 
+/// True when the command failed writing its output to a reader that
+/// closed its end (EPIPE on stdout). Only the CLI's own writes and `map`'s
+/// output count: an EPIPE inside a library error (an NBD server that went
+/// away) is a failure like any other.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    let io = err.downcast_ref::<std::io::Error>().or_else(|| {
+        match err.downcast_ref::<qbackup::map::MapError>() {
+            Some(qbackup::map::MapError::Output(e)) => Some(e),
+            _ => None,
+        }
+    });
+    io.is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 /// 128 + the signal for the signals a backup stops on cleanly; Ctrl-C's
 /// 130 when it is not known.
 pub fn interrupted_status(signal: i32) -> u8 {

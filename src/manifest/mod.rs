@@ -128,7 +128,7 @@ pub fn path_for(target: &Path) -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// The file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {}", path.display(), qbackup_formats::error::io_text(source))]
     Io {
         /// The manifest.
         path: PathBuf,
