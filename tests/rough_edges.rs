@@ -111,10 +111,14 @@ fn json_result_says_which_sync_ran_and_why() {
     typo.assert_ok();
     let v = typo.json();
     assert_eq!(v["sync"], "incremental-by-content", "{v}");
+    // The reason names the bitmap asked for and the ones that exist.
     assert!(
-        v["fallback"].as_str().is_some_and(|f| f.contains("nighty")),
+        v["fallback"]
+            .as_str()
+            .is_some_and(|f| f.contains("'nighty'") && f.contains("it has 'nightly'")),
         "{v}"
     );
+    assert!(typo.stderr.contains("it has 'nightly'"), "{}", typo.stderr);
     assert_identical(s.dir(), "d.qcow2", "qcow2", "inc1.qcow2", "qcow2");
     let good = inc("nightly", "inc2.qcow2");
     good.assert_ok();

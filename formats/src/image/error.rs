@@ -194,6 +194,7 @@ mod tests {
             image(ImageErrorKind::NoDirtyBitmap),
             image(Qcow2Error::Bitmap(BitmapError::NotFound {
                 name: "x".into(),
+                existing: Vec::new(),
             })),
             image(Qcow2Error::Bitmap(BitmapError::InUse { name: "x".into() })),
             image(Qcow2Error::Bitmap(BitmapError::Disabled {

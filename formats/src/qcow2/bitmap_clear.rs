@@ -83,9 +83,7 @@ pub fn prepare(image: &Qcow2Image, name: &str) -> Result<Qcow2BitmapClear, Qcow2
         .bitmaps()
         .iter()
         .find(|b| b.name == name)
-        .ok_or_else(|| BitmapError::NotFound {
-            name: name.to_string(),
-        })?;
+        .ok_or_else(|| super::bitmaps::not_found(name, image.bitmaps()))?;
     if entry.flags & flags::IN_USE != 0 {
         return Err(BitmapError::InUse {
             name: name.to_string(),

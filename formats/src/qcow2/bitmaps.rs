@@ -55,10 +55,15 @@ pub enum BitmapError {
         name: String,
     },
     /// No bitmap has the name asked for.
-    #[error("no persistent dirty bitmap named '{name}' in the image")]
+    #[error(
+        "no persistent dirty bitmap named '{name}' in the image ({})",
+        existing_text(existing)
+    )]
     NotFound {
         /// The name asked for.
         name: String,
+        /// The names the image has (a typo is then plain to see).
+        existing: Vec<String>,
     },
     /// The directory or a bitmap table is malformed.
     #[error("invalid bitmap directory at offset {offset}: {why}")]
@@ -68,6 +73,23 @@ pub enum BitmapError {
         /// What is wrong.
         why: &'static str,
     },
+}
+
+/// "it has 'a', 'b'" or "it has none".
+fn existing_text(names: &[String]) -> String {
+    if names.is_empty() {
+        return "it has none".to_string();
+    }
+    let quoted: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    format!("it has {}", quoted.join(", "))
+}
+
+/// The error for a bitmap `name` missing from the directory `entries`.
+pub fn not_found(name: &str, entries: &[BitmapEntry]) -> BitmapError {
+    BitmapError::NotFound {
+        name: name.to_string(),
+        existing: entries.iter().map(|e| e.name.clone()).collect(),
+    }
 }
 
 impl Classify for BitmapError {

@@ -223,11 +223,7 @@ impl Layer for Qcow2Image {
             .bitmaps()
             .iter()
             .find(|b| b.name == name)
-            .ok_or_else(|| {
-                self.err(BitmapError::NotFound {
-                    name: name.to_string(),
-                })
-            })?;
+            .ok_or_else(|| self.err(super::bitmaps::not_found(name, self.bitmaps())))?;
         // An in-use bitmap is refused by the load below, for a clearer
         // reason than "disabled".
         if entry.flags & (flags::AUTO | flags::IN_USE) == 0 && !allow_disabled {
