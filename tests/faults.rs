@@ -392,8 +392,11 @@ fn fifo_as_backing_file_fails_at_once() {
 fn failed_target_sync_keeps_the_bitmap() {
     let s = Scratch::new();
     let src = source(&s);
-    s.backup(&["src.qcow2", "full.qcow2"]).assert_ok();
+    // The cycle starts at a full backup that clears the bitmap (and records
+    // that its generation starts there).
     s.img(&["bitmap", "--add", "src.qcow2", "bm0"]);
+    s.backup(&["--bitmap", "bm0", "src.qcow2", "full.qcow2"])
+        .assert_ok();
     s.io("src.qcow2", "qcow2", &["write -P 0x44 64k 64k"]);
     let before = std::fs::read(&src).unwrap();
     let target = s.path("inc.qcow2");

@@ -178,6 +178,26 @@ pub enum BackupError {
         /// The name given.
         backing: String,
     },
+    /// An incremental backup by bitmap cannot be proven to fit the
+    /// previous backup, and no fallback was allowed.
+    #[error("cannot take an incremental backup by dirty bitmap '{bitmap}': {source}")]
+    BitmapLineage {
+        /// The bitmap.
+        bitmap: String,
+        /// Why.
+        source: super::lineage::Mismatch,
+    },
+    /// The backup is durable, but the bitmap's new generation could not be
+    /// recorded (so the bitmap was left as it is).
+    #[error("{}: the backup is complete, but the dirty bitmap's new generation cannot be recorded in {}, so the bitmap was left as it is: {}", target.display(), record.display(), io_text(source))]
+    RecordGeneration {
+        /// The (complete) target.
+        target: PathBuf,
+        /// The record beside the source image.
+        record: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The worker pool could not be started.
     #[error("cannot start worker threads: {source}")]
     StartThreads {
@@ -256,7 +276,9 @@ impl Classify for BackupError {
             | BackupError::PreviousHasNoManifest { .. }
             | BackupError::PreviousSize { .. }
             | BackupError::BackingSize { .. }
-            | BackupError::NothingToRebase { .. } => ErrorClass::Usage,
+            | BackupError::NothingToRebase { .. }
+            | BackupError::BitmapLineage { .. } => ErrorClass::Usage,
+            BackupError::RecordGeneration { source, .. } => ErrorClass::of_io(source),
             BackupError::Manifest(e) => e.class(),
             BackupError::MarkedCorrupt(_) => ErrorClass::Corrupt,
             BackupError::NoSpace { .. } => ErrorClass::Io,

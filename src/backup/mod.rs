@@ -21,6 +21,7 @@ pub mod copier;
 pub mod destination;
 mod early_sync;
 mod error;
+pub mod lineage;
 pub mod ordered;
 pub mod plan;
 pub mod policy;
@@ -336,15 +337,15 @@ fn commit(
     cancel: &Cancel,
 ) -> Result<BackupReport, BackupError> {
     let Published { target, manifest } = copied.destination.publish(cancel)?;
-    let published = Published {
-        target: target.clone(),
-        manifest: manifest.clone(),
+    let done = after::Completed {
+        target: &target,
+        id: copied.id.as_deref(),
     };
     // Only now, with the backup durable under its name, may the actions
     // run (a crash before this point leaves them undone, which is safe).
     let (mut actions, mut bitmap_cleared) = (Vec::new(), None);
     for a in p.actions {
-        let Some(outcome) = a.run(&published)? else {
+        let Some(outcome) = a.run(&done)? else {
             continue;
         };
         match &outcome {

@@ -17,9 +17,11 @@ use qbackup_formats::qcow2::writer::BackingRef;
 use qbackup_formats::storage::{Identity, Storage};
 use qbackup_formats::{ClusterSize, Format};
 
-use super::after::AfterDurable;
+use super::after::{self, AfterDurable};
 use super::destination::{target_dir, TargetKind};
-use super::{default_cluster_size, plan, record, BackupConfig, BackupError, Cancel, SyncMode};
+use super::{
+    default_cluster_size, lineage, plan, record, BackupConfig, BackupError, Cancel, SyncMode,
+};
 use crate::manifest;
 use crate::source::{self, ImageSource, Source, SourceChecks};
 
@@ -59,10 +61,20 @@ pub fn prepare(
     cancel: &Cancel,
 ) -> Result<Prepared, BackupError> {
     let mut warnings = Vec::new();
-    let (source, mode, fallback) = open_source(cfg, opener)?;
+    let Opened {
+        source,
+        mode,
+        fallback,
+        bitmap_usable,
+    } = open_source(cfg, opener)?;
     if let Some(reason) = &fallback {
+        let bitmap = if bitmap_usable && cfg.clear_bitmap {
+            "clearing the bitmap once it is durable (its new generation starts at this backup)"
+        } else {
+            "leaving the bitmap as it is"
+        };
         warnings.push(format!(
-            "{reason}; taking the incremental backup by content instead (every cluster read, only those changed since the previous backup written), and leaving the bitmap as it is"
+            "{reason}; taking the incremental backup by content instead (every cluster read, only those changed since the previous backup written), and {bitmap}"
         ));
     }
     for f in source.marked_corrupt() {
@@ -74,8 +86,13 @@ pub fn prepare(
             f.display()
         ));
     }
+    let ctx = after::Context {
+        source: source.as_ref(),
+        mode,
+        bitmap_usable,
+    };
     for a in &mut actions {
-        a.prepare(source.as_ref(), mode)?;
+        a.prepare(&ctx)?;
     }
     // Before anything is read: compared at the end.
     let before = source.fingerprint()?;
@@ -142,14 +159,23 @@ pub fn prepare(
     })
 }
 
-/// An open source, the sync mode that runs, and why an incremental by
-/// bitmap fell back to one by content.
-type Opened = (Box<ImageSource>, SyncMode, Option<String>);
+/// An open source and what runs.
+struct Opened {
+    source: Box<ImageSource>,
+    /// The sync mode that runs.
+    mode: SyncMode,
+    /// Why an incremental by bitmap runs by content instead.
+    fallback: Option<String>,
+    /// The requested bitmap can be used (see [`after::Context`]).
+    bitmap_usable: bool,
+}
 
 /// Opens the source for `cfg` and decides the effective sync mode:
-/// `--sync incremental` without a bitmap, or with an unusable one and
-/// `bitmap_fallback`, becomes [`SyncMode::Changed`] (by content; the
-/// second case returns why).
+/// `--sync incremental` without a bitmap becomes [`SyncMode::Changed`]
+/// (by content); so does one with a bitmap that cannot be used, or that
+/// cannot be proven to have started at the previous backup or one of its
+/// parents (see [`lineage`]), when `bitmap_fallback` allows it (with the
+/// reason), else it is refused.
 fn open_source(cfg: &BackupConfig, opener: &dyn Opener) -> Result<Opened, BackupError> {
     let plain = |o: &dyn Opener| source::open(o, &cfg.source, cfg.source_format, None);
     // Clearing the bitmap needs the source image to itself, from the
@@ -161,19 +187,74 @@ fn open_source(cfg: &BackupConfig, opener: &dyn Opener) -> Result<Opened, Backup
             SyncMode::Incremental => SyncMode::Changed,
             other => other,
         };
-        return Ok((plain(source_opener)?, mode, None));
+        return Ok(Opened {
+            source: plain(source_opener)?,
+            mode,
+            fallback: None,
+            bitmap_usable: true,
+        });
     };
     let request = source::BitmapRequest {
         name,
         allow_disabled: cfg.allow_disabled_bitmap,
     };
-    match source::open(source_opener, &cfg.source, cfg.source_format, Some(request)) {
-        Ok(s) => Ok((s, SyncMode::Incremental, None)),
+    let source = match source::open(source_opener, &cfg.source, cfg.source_format, Some(request)) {
+        Ok(s) => s,
         Err(e) if cfg.bitmap_fallback && e.is_unusable_bitmap() => {
-            Ok((plain(opener)?, SyncMode::Changed, Some(e.to_string())))
+            return Ok(Opened {
+                source: plain(opener)?,
+                mode: SyncMode::Changed,
+                fallback: Some(e.to_string()),
+                bitmap_usable: false,
+            });
         }
-        Err(e) => Err(e.into()),
+        Err(e) => return Err(e.into()),
+    };
+    let (mode, fallback) = match fits_previous(cfg, source.as_ref(), name) {
+        Ok(()) => (SyncMode::Incremental, None),
+        Err(m) if cfg.bitmap_fallback => (SyncMode::Changed, Some(m.to_string())),
+        Err(m) => {
+            return Err(BackupError::BitmapLineage {
+                bitmap: name.to_string(),
+                source: m,
+            })
+        }
+    };
+    Ok(Opened {
+        source,
+        mode,
+        fallback,
+        bitmap_usable: true,
+    })
+}
+
+/// Checks that the generation of the image's bitmap `name` started at the
+/// previous backup or one of its parents (see [`lineage`]). An NBD
+/// export's bitmap belongs to its server, which vouches for it.
+fn fits_previous(
+    cfg: &BackupConfig,
+    source: &dyn SourceChecks,
+    name: &str,
+) -> Result<(), lineage::Mismatch> {
+    if qbackup_formats::open::nbd_uri(&cfg.source).is_some() {
+        return Ok(());
     }
+    let Some(prev) = cfg.backing.as_deref() else {
+        // Refused later: an incremental needs the previous backup.
+        return Ok(());
+    };
+    let identity = source
+        .files()
+        .first()
+        .and_then(|f| f.identity())
+        .map(|i| (i.dev, i.ino));
+    let Some(identity) = identity else {
+        return Err(lineage::Mismatch::Chain {
+            why: format!("{}: its identity cannot be read", source.name().display()),
+        });
+    };
+    let generation = lineage::generation(source.name(), identity, name)?;
+    lineage::check_parent(Path::new(prev), name, &generation, identity)
 }
 
 /// Refuses a TARGET that is one of `files` (an image of the chain or an
