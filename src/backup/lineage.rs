@@ -293,7 +293,7 @@ mod tests {
         let image = dir.path().join("d.qcow2");
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &record_path(&image),
+            record_path(&image),
             rustix::fs::FileType::Fifo,
             rustix::fs::Mode::from_raw_mode(0o600),
             0,
