@@ -68,7 +68,7 @@ rm -f out.qcow2 out.raw out.q out.qcow2.manifest out.raw.manifest t.txt t.err
 stats() {
     tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{v[NR]=$1} END {
         m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-        printf "%.2f %.2f %.2f", m, v[1], v[NR] }'
+        printf "%.2f %.2f %.2f\n", m, v[1], v[NR] }'
 }
 printf '| case | A median (min-max) s | B median (min-max) s | B/A |\n| --- | --- | --- | --- |\n'
 for c in "${cases[@]}"; do
