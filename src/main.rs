@@ -36,8 +36,17 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(status) => ExitCode::from(status),
         // A reader that went away (`| head`) wants no more output, and no
-        // message about it either, as with other command-line tools.
-        Err(e) if cli::status::is_broken_pipe(&e) => ExitCode::from(failure),
+        // message about it either: end as other command-line tools do, by
+        // SIGPIPE (Rust ignores it, so it is restored first).
+        Err(e) if cli::status::is_broken_pipe(&e) => {
+            // SAFETY: resetting a signal to its default disposition and
+            // raising it in this single-threaded tail of main.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            ExitCode::from(failure)
+        }
         Err(e) => {
             let status = cli::status::of_error(&e, failure);
             let msg = cli::hint::message(&e);

@@ -207,7 +207,7 @@ fn enospc_writing_the_target() {
 fn assert_says_needed_and_free(err: &BackupError) {
     let msg = err.to_string();
     assert!(
-        msg.contains("needs up to 2.00 MiB (") && msg.contains(" is free there"),
+        msg.contains("needs up to 2.00 MiB (") && msg.contains(" was free there when it started"),
         "{msg}"
     );
     assert!(!msg.contains("2097152"), "raw byte count in: {msg}");

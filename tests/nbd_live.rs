@@ -173,8 +173,27 @@ fn refused_bitmap_and_missing_server_fail_cleanly() {
     image(&s, "d.qcow2");
     s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
     let (nbd, uri) = qemu_nbd_with(&s, "d.qcow2", &["-r", "-t", "-f", "qcow2"]);
-    backup_incremental(&s, &[], ("nope", "full.qcow2"), &uri, "inc.qcow2")
-        .assert_clean_failure_mentioning(&["qemu:dirty-bitmap:nope"]);
+    backup_incremental(
+        &s,
+        &["--require-bitmap"],
+        ("nope", "full.qcow2"),
+        &uri,
+        "inc.qcow2",
+    )
+    .assert_clean_failure_mentioning(&["qemu:dirty-bitmap:nope"]);
+    assert!(!s.path("inc.qcow2").exists());
+    // Without --require-bitmap, a bitmap the export does not offer falls
+    // back to an incremental by content, as a missing file bitmap does.
+    let run = backup_incremental(&s, &[], ("nope", "full.qcow2"), &uri, "inc.qcow2");
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("qemu:dirty-bitmap:nope") && run.stderr.contains("by content"),
+        "{}",
+        run.stderr
+    );
+    assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
+    std::fs::remove_file(s.path("inc.qcow2")).unwrap();
+    std::fs::remove_file(s.path("inc.qcow2.manifest")).ok();
     drop(nbd);
     for args in [
         vec!["map", "--output=json", uri.as_str()],

@@ -142,7 +142,7 @@ fn os_errors_in_plain_words() {
 }
 
 /// A reader that closes the pipe early (`| head`) gets no panic and no
-/// "Broken pipe" message.
+/// "Broken pipe" message: qbackup ends by SIGPIPE, as GNU tools do.
 #[test]
 fn a_closed_pipe_is_quiet() {
     let s = Scratch::new();
@@ -168,6 +168,92 @@ fn a_closed_pipe_is_quiet() {
             !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
             "{args:?}: {stderr}"
         );
-        assert!(out.status.code().is_some(), "{args:?}: killed");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?}",
+            out.status
+        );
     }
+}
+
+/// Found trying the tool as a new user: `--backing` naming the source
+/// itself made an overlay on the live disk (with `--bitmap-mode never`)
+/// or blamed "another process" for qbackup's own lock.
+#[test]
+fn previous_backup_that_is_the_source_is_refused() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
+    for extra in [&[][..], &["--bitmap-mode", "never"][..]] {
+        let args = [
+            &[
+                "--sync",
+                "incremental",
+                "--bitmap",
+                "bm0",
+                "--backing",
+                "d.qcow2",
+            ][..],
+            extra,
+            &["d.qcow2", "x.qcow2"][..],
+        ]
+        .concat();
+        s.backup(&args).assert_clean_failure_mentioning(&[
+            "the previous backup is d.qcow2, which the source reads",
+        ]);
+        assert!(!s.path("x.qcow2").exists());
+    }
+}
+
+/// A raw backup cannot start a cycle of incrementals, so `--bitmap` with
+/// `-O raw` (which cleared the bitmap) is refused as a usage error.
+#[test]
+fn bitmap_with_a_raw_target_is_refused() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
+    let before = std::fs::read(s.path("d.qcow2")).unwrap();
+    s.backup(&["--bitmap", "bm0", "-O", "raw", "d.qcow2", "f.raw"])
+        .assert_usage_error(&["--bitmap with -O raw"]);
+    assert_eq!(std::fs::read(s.path("d.qcow2")).unwrap(), before);
+}
+
+/// With `--output=json`, even a command line clap cannot parse gives the
+/// JSON error object on stdout.
+#[test]
+fn json_error_for_a_command_line_that_does_not_parse() {
+    let s = Scratch::new();
+    for args in [
+        &["backup", "--output=json", "--bogus", "a", "b"][..],
+        &["backup", "--output", "json", "--sync", "toop", "a", "b"][..],
+        &["verify", "--output=json"][..],
+    ] {
+        let run = common::run::qbackup_in(s.dir(), args);
+        assert_eq!(run.code, Some(2), "{}", run.describe());
+        let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("JSON");
+        assert_eq!(v["error"]["class"], "usage", "{v}");
+        assert_eq!(v["error"]["exit-status"], 2, "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+}
+
+/// The previous backup of another size is named in the refusal.
+#[test]
+fn previous_backup_of_another_size_is_named() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.create("small.qcow2", "qcow2", 2 * MIB, "");
+    s.backup(&[
+        "--sync",
+        "incremental",
+        "--backing",
+        "small.qcow2",
+        "d.qcow2",
+        "i.qcow2",
+    ])
+    .assert_clean_failure_mentioning(&["small.qcow2: the previous backup is 2097152 bytes"]);
 }

@@ -87,6 +87,14 @@ pub enum BackupError {
         /// The source file it is.
         file: PathBuf,
     },
+    /// The previous backup named is one of the source's own files.
+    #[error("{}: the previous backup is {}, which the source reads: an incremental backup is an overlay on an earlier backup, not on the disk itself", prev.display(), file.display())]
+    PreviousIsSource {
+        /// PREV as named.
+        prev: PathBuf,
+        /// The source file it is.
+        file: PathBuf,
+    },
     /// The requested cluster size is not one qcow2 allows.
     #[error("cluster size {0} must be a power of two from 512 to 2M")]
     ClusterSize(u64),
@@ -102,7 +110,7 @@ pub enum BackupError {
     #[error(transparent)]
     PreviousBackup(SourceError),
     /// The target's file system filled up.
-    #[error("{}: no space left on the file system: the backup needs up to {} (its guest data before compression, plus metadata) and had written {}; {} is free there", path.display(), human(*planned), human(*written), human(*free))]
+    #[error("{}: no space left on the file system: the backup needs up to {} (its guest data before compression, plus metadata) and had written {} when the file system filled up; {} was free there when it started", path.display(), human(*planned), human(*written), human(*free))]
     NoSpace {
         /// The target.
         path: PathBuf,
@@ -110,7 +118,8 @@ pub enum BackupError {
         planned: u64,
         /// Bytes written to the temporary file so far.
         written: u64,
-        /// Bytes free for an unprivileged user on the target's file system.
+        /// Bytes free for an unprivileged user on the target's file system
+        /// when the backup started.
         free: u64,
         /// The write or sync that failed.
         source: Box<BackupError>,
@@ -147,8 +156,10 @@ pub enum BackupError {
     #[error(transparent)]
     Manifest(crate::manifest::ManifestError),
     /// The previous backup's virtual size differs from the source's.
-    #[error("the previous backup is {prev} bytes but the source is {current}; an incremental backup needs a previous backup of the same disk size")]
+    #[error("{}: the previous backup is {prev} bytes but the source is {current}; an incremental backup needs a previous backup of the same disk size", path.display())]
     PreviousSize {
+        /// PREV.
+        path: PathBuf,
         /// PREV's virtual size.
         prev: u64,
         /// The source's.
@@ -268,6 +279,7 @@ impl Classify for BackupError {
             | BackupError::InPlaceNeedsDevice(_)
             | BackupError::DeviceTooSmall { .. }
             | BackupError::TargetIsSource { .. }
+            | BackupError::PreviousIsSource { .. }
             | BackupError::ClusterSize(_)
             | BackupError::TopNeedsQcow2
             | BackupError::IncrementalNeedsBacking

@@ -261,21 +261,27 @@ fn fits_previous(
 /// external data file), by identity (device and inode) so that other
 /// paths and hard links are caught too.
 fn refuse_target_in(cfg: &BackupConfig, files: &[Arc<dyn Storage>]) -> Result<(), BackupError> {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(&cfg.target) else {
-        return Ok(());
-    };
-    let target = Identity {
-        dev: meta.dev(),
-        ino: meta.ino(),
-    };
-    match files.iter().find(|f| f.identity() == Some(target)) {
-        Some(f) => Err(BackupError::TargetIsSource {
+    match same_file(&cfg.target, files) {
+        Some(file) => Err(BackupError::TargetIsSource {
             target: cfg.target.clone(),
-            file: f.name().to_path_buf(),
+            file,
         }),
         None => Ok(()),
     }
+}
+
+/// The file of `files` that `path` is (by device and inode), if any.
+fn same_file(path: &Path, files: &[Arc<dyn Storage>]) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let id = Identity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    files
+        .iter()
+        .find(|f| f.identity() == Some(id))
+        .map(|f| f.name().to_path_buf())
 }
 
 /// The name to record for the backing file so that it resolves from the
@@ -300,6 +306,15 @@ fn previous_backup(
         .backing
         .as_deref()
         .ok_or(BackupError::IncrementalNeedsBacking)?;
+    // PREV being one of the source's own files would make an overlay on
+    // the live disk, not a backup (and opening it would meet the source's
+    // own lock).
+    if let Some(file) = same_file(Path::new(prev), &source.files()) {
+        return Err(BackupError::PreviousIsSource {
+            prev: PathBuf::from(prev),
+            file,
+        });
+    }
     let chain = qbackup_formats::Chain::open_with(opener, Path::new(prev), None)
         .map_err(BackupError::PreviousBackup)?;
     // Replacing PREV (or a file under it) with its own overlay would lose
@@ -315,6 +330,7 @@ fn previous_backup(
     // zeros; QEMU's backup job refuses a target of another size too.
     if chain.virtual_size() != source.virtual_size() {
         return Err(BackupError::PreviousSize {
+            path: PathBuf::from(prev),
             prev: chain.virtual_size(),
             current: source.virtual_size(),
         });

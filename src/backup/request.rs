@@ -236,6 +236,11 @@ impl BackupRequest {
             if self.sync != SyncMode::Full {
                 return Err(RequestError::RawNotFull);
             }
+            // Clearing a bitmap starts a cycle whose incrementals are
+            // overlays on this backup, which a raw file cannot be.
+            if self.bitmap.is_some() {
+                return Err(RequestError::RawBitmap);
+            }
         }
         if self.in_place && !raw {
             return Err(RequestError::InPlaceNotRaw);
@@ -418,6 +423,7 @@ mod tests {
         assert_eq!(err(raw().level(3)), RequestError::RawCompressed);
         assert_eq!(err(raw().recompress(true)), RequestError::RawRecompress);
         assert_eq!(err(raw().sync(SyncMode::Top)), RequestError::RawNotFull);
+        assert_eq!(err(raw().bitmap("b".to_string())), RequestError::RawBitmap);
         assert_eq!(
             err(raw().sync(SyncMode::Incremental)),
             RequestError::RawNotFull

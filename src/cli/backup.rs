@@ -228,6 +228,7 @@ pub fn usage_text(e: &RequestError) -> String {
         E::RawCompressed => "--compress and --level apply to qcow2 targets only (a raw target is not compressed)".into(),
         E::RawRecompress => "--recompress applies to qcow2 targets only".into(),
         E::RawNotFull => "--sync top and incremental need a qcow2 target: a raw file cannot refer to a backing file".into(),
+        E::RawBitmap => "--bitmap with -O raw: a raw backup cannot start a cycle of incremental backups (they are qcow2 overlays on it), so it does not clear the bitmap".into(),
         E::InPlaceNotRaw => "-n (--no-create) restores raw bytes onto a block device: add -O raw".into(),
         E::InPlaceAndForce => "-n (--no-create) writes into TARGET in place, --force replaces a file: pass one of them".into(),
         E::LevelOutOfRange { codec, min, max, .. } => {

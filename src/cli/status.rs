@@ -152,11 +152,33 @@ pub fn clap_error(e: &clap::Error, commands: &[String]) -> u8 {
         );
         return USAGE;
     }
-    eprintln!("qbackup: {}", clap_reason(&e.render().to_string()));
+    let reason = clap_reason(&e.render().to_string());
+    // A wrapper that asked for JSON gets the failure there too, even when
+    // the rest of the command line could not be read.
+    if asks_for_json(std::env::args().skip(1)) {
+        println!("{}", json_error(ErrorClass::Usage, &reason, USAGE));
+    }
+    eprintln!("qbackup: {reason}");
     for tip in clap_tips(&e.render().to_string()) {
         eprintln!("{tip}");
     }
     USAGE
+}
+
+/// True when the raw arguments ask for `--output=json` (or `--output json`),
+/// for a command line clap could not parse.
+fn asks_for_json(args: impl Iterator<Item = String>) -> bool {
+    let mut prev = String::new();
+    for a in args {
+        if a == "--" {
+            return false;
+        }
+        if a == "--output=json" || (prev == "--output" && a == "json") {
+            return true;
+        }
+        prev = a;
+    }
+    false
 }
 
 /// The first paragraph of clap's rendered error, on one line, without
@@ -187,6 +209,20 @@ fn clap_tips(text: &str) -> Vec<&str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn json_is_asked_for_before_any_double_dash() {
+        let args = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert!(asks_for_json(args(&["backup", "--output=json", "--bogus"])));
+        assert!(asks_for_json(args(&["backup", "--output", "json", "a"])));
+        assert!(!asks_for_json(args(&["backup", "--output", "human"])));
+        assert!(!asks_for_json(args(&["backup", "--", "--output=json"])));
+    }
+
     use super::*;
 
     #[test]

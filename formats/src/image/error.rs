@@ -114,6 +114,8 @@ impl ImageErrorKind {
         match self {
             ImageErrorKind::NoDirtyBitmap => true,
             ImageErrorKind::Qcow2(e) => e.is_unusable_bitmap(),
+            // An NBD export that does not offer the bitmap's context.
+            ImageErrorKind::Storage(e) => e.is_context_refused(),
             _ => false,
         }
     }

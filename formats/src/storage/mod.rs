@@ -348,6 +348,14 @@ fn too_many_files(source: &io::Error) -> String {
     )
 }
 
+impl StorageError {
+    /// True when an NBD server does not offer a metadata context asked
+    /// for (for `qemu:dirty-bitmap:NAME`: no such bitmap is exported).
+    pub fn is_context_refused(&self) -> bool {
+        matches!(self, StorageError::Nbd(e) if matches!(**e, crate::nbd::NbdError::ContextRefused { .. }))
+    }
+}
+
 impl Classify for StorageError {
     fn class(&self) -> ErrorClass {
         match self {

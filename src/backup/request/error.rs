@@ -22,6 +22,10 @@ pub enum RequestError {
         "sync top and incremental need a qcow2 target: a raw file cannot refer to a backing file"
     )]
     RawNotFull,
+    /// A dirty bitmap with a raw target (a full backup that clears it
+    /// would start a cycle no incremental can continue).
+    #[error("a raw backup cannot start a cycle of incremental backups (they are qcow2 overlays on it), so it does not clear a dirty bitmap")]
+    RawBitmap,
     /// Writing in place into a device with a qcow2 target.
     #[error(
         "writing in place restores raw bytes onto a block device: the target format must be raw"
