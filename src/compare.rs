@@ -166,10 +166,10 @@ mod tests {
     #[test]
     fn ranges_merge_when_adjacent() {
         let mut r = Vec::new();
-        push_range(&mut r, 0, 10);
-        push_range(&mut r, 10, 5);
-        push_range(&mut r, 20, 1);
-        assert_eq!(r, vec![(0, 15), (20, 1)]);
+        push_range(&mut r, 0, 1024);
+        push_range(&mut r, 1024, 512);
+        push_range(&mut r, 2048, 1);
+        assert_eq!(r, vec![(0, 1536), (2048, 1)]);
         // A chunk in another 512-byte phase starts a range of its own.
         let mut r = Vec::new();
         push_range(&mut r, 0, 1000);
