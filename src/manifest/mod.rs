@@ -135,6 +135,15 @@ pub enum ManifestError {
         /// Why.
         source: std::io::Error,
     },
+    /// The file is not a regular file (a FIFO, a socket, a device, a
+    /// directory): refused at once, as reading it could wait forever.
+    #[error("{}: cannot open: not a regular file ({kind})", path.display())]
+    NotRegular {
+        /// The manifest.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
     /// The file is not a manifest this version can read, or is damaged.
     #[error("{}: not a valid qbackup manifest: {why}", path.display())]
     Invalid {
@@ -149,6 +158,7 @@ impl qbackup_formats::Classify for ManifestError {
     fn class(&self) -> qbackup_formats::ErrorClass {
         match self {
             ManifestError::Io { source, .. } => qbackup_formats::ErrorClass::of_io(source),
+            ManifestError::NotRegular { .. } => qbackup_formats::ErrorClass::Unsupported,
             ManifestError::Invalid { .. } => qbackup_formats::ErrorClass::Corrupt,
         }
     }

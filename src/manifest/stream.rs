@@ -139,7 +139,7 @@ impl ManifestReader {
             path: path.to_path_buf(),
             why: why.to_string(),
         };
-        let mut file = File::open(path).map_err(io)?;
+        let mut file = open_regular(path)?;
         let len = file.metadata().map_err(io)?.len();
         if len < (MAGIC.len() + 32) as u64 {
             return Err(invalid("too short"));
@@ -253,6 +253,61 @@ impl ManifestReader {
     }
 }
 
+/// Opens `path` for reading like an image is opened: without blocking
+/// (`O_NONBLOCK`: opening a FIFO waits for a writer otherwise), and refuses
+/// anything that is not a regular file at once, from the open file's own
+/// metadata (so nothing can be swapped in between). Symbolic links are
+/// followed, as for images.
+pub fn open_regular(path: &Path) -> Result<File, ManifestError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let kind_of = |t: std::fs::FileType| {
+        if t.is_file() {
+            None
+        } else if t.is_fifo() {
+            Some("a FIFO")
+        } else if t.is_socket() {
+            Some("a socket")
+        } else if t.is_char_device() {
+            Some("a character device")
+        } else if t.is_block_device() {
+            Some("a block device")
+        } else if t.is_dir() {
+            Some("a directory")
+        } else {
+            Some("an unsupported file type")
+        }
+    };
+    let refuse = |kind| ManifestError::NotRegular {
+        path: path.to_path_buf(),
+        kind,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| {
+            // A socket cannot be opened at all (ENXIO): say what it is.
+            match std::fs::metadata(path)
+                .ok()
+                .and_then(|m| kind_of(m.file_type()))
+            {
+                Some(kind) => refuse(kind),
+                None => ManifestError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            }
+        })?;
+    let meta = file.metadata().map_err(|source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match kind_of(meta.file_type()) {
+        Some(kind) => Err(refuse(kind)),
+        None => Ok(file),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +373,36 @@ mod tests {
         assert!(err.contains("checksum does not match"), "{err}");
         std::fs::write(&p, &good[..good.len() - 1]).unwrap();
         assert!(ManifestReader::open(&p).is_err());
+    }
+
+    #[test]
+    fn fifos_sockets_devices_and_directories_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("f.manifest");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let sock = dir.path().join("s.manifest");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let link = dir.path().join("l.manifest");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        for (p, kind) in [
+            (fifo.as_path(), "a FIFO"),
+            (link.as_path(), "a FIFO"),
+            (sock.as_path(), "a socket"),
+            (Path::new("/dev/zero"), "a character device"),
+            (dir.path(), "a directory"),
+        ] {
+            let err = ManifestReader::open(p).err().expect("refused");
+            assert!(
+                matches!(&err, ManifestError::NotRegular { kind: k, .. } if *k == kind),
+                "{}: {err}",
+                p.display()
+            );
+            assert!(err.to_string().contains(&p.display().to_string()), "{err}");
+        }
     }
 }
