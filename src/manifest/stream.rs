@@ -5,11 +5,15 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Digest, Entry, ManifestError, Meta, MAGIC, RUN_BYTES};
+use super::{Digest, Entry, ImageIdentity, ManifestError, Meta, MAGIC, RUN_BYTES};
 
 const KIND_ZERO: u8 = 0;
 const KIND_DATA: u8 = 1;
 const KIND_UNKNOWN: u8 = 2;
+/// The image identity record, after the last run (see [`ImageIdentity`]):
+/// the image's length in the count field, the window in the CRC32 field,
+/// the digest in the BLAKE3 field.
+const KIND_IMAGE: u8 = 3;
 
 /// Writes a manifest: entries pushed in cluster order, equal neighbours
 /// merged into runs.
@@ -20,6 +24,7 @@ pub struct ManifestWriter {
     pending: Option<(u64, Entry)>,
     clusters: u64,
     expected: u64,
+    image: Option<ImageIdentity>,
 }
 
 impl ManifestWriter {
@@ -32,6 +37,7 @@ impl ManifestWriter {
             pending: None,
             clusters: 0,
             expected: meta.virtual_size.div_ceil(meta.cluster_size.max(1)),
+            image: None,
         };
         let mut line = serde_json::to_vec(meta).map_err(|e| w.invalid(e.to_string()))?;
         line.push(b'\n');
@@ -89,6 +95,12 @@ impl ManifestWriter {
         self.emit(&rec)
     }
 
+    /// Records the identity of the image file this manifest is for
+    /// (written after the runs by [`ManifestWriter::finish`]).
+    pub fn set_image(&mut self, image: ImageIdentity) {
+        self.image = Some(image);
+    }
+
     /// Ends the manifest (it must cover every cluster), syncs it, and
     /// returns its BLAKE3 (hex).
     pub fn finish(mut self) -> Result<String, ManifestError> {
@@ -100,6 +112,14 @@ impl ManifestWriter {
                 "{} clusters recorded, {} expected",
                 self.clusters, self.expected
             )));
+        }
+        if let Some(image) = self.image {
+            let mut rec = [0u8; RUN_BYTES];
+            rec[..8].copy_from_slice(&image.length.to_be_bytes());
+            rec[8] = KIND_IMAGE;
+            rec[9..13].copy_from_slice(&image.window.to_be_bytes());
+            rec[13..].copy_from_slice(&image.digest);
+            self.emit(&rec)?;
         }
         let digest = *self.hasher.finalize().as_bytes();
         let io = |path: &Path, source| ManifestError::Io {
@@ -122,6 +142,7 @@ pub struct ManifestReader {
     path: PathBuf,
     meta: Meta,
     digest: String,
+    image: Option<ImageIdentity>,
     runs_left: u64,
     /// The current run: clusters left in it and its entry.
     current: Option<(u64, Entry)>,
@@ -171,13 +192,34 @@ impl ManifestReader {
         if runs_bytes % RUN_BYTES as u64 != 0 {
             return Err(invalid("truncated run"));
         }
+        let mut records = runs_bytes / RUN_BYTES as u64;
+        // The last record may be the image's identity (manifests written
+        // before it existed end with a run).
+        let mut image = None;
+        if records > 0 {
+            use std::os::unix::fs::FileExt;
+            let mut rec = [0u8; RUN_BYTES];
+            input
+                .get_ref()
+                .read_exact_at(&mut rec, len - 32 - RUN_BYTES as u64)
+                .map_err(io)?;
+            if rec[8] == KIND_IMAGE {
+                records -= 1;
+                image = Some(ImageIdentity {
+                    length: u64::from_be_bytes(rec[..8].try_into().expect("8 bytes")),
+                    window: u32::from_be_bytes(rec[9..13].try_into().expect("4 bytes")),
+                    digest: rec[13..].try_into().expect("32 bytes"),
+                });
+            }
+        }
         Ok(ManifestReader {
             input,
             path: path.to_path_buf(),
             clusters_left: meta.virtual_size.div_ceil(meta.cluster_size),
             meta,
             digest: super::hex(&trailer),
-            runs_left: runs_bytes / RUN_BYTES as u64,
+            image,
+            runs_left: records,
             current: None,
         })
     }
@@ -190,6 +232,12 @@ impl ManifestReader {
     /// The manifest's own BLAKE3 (hex), which a child backup records.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// The identity of the image file the manifest was written for, when
+    /// it records one.
+    pub fn image(&self) -> Option<&ImageIdentity> {
+        self.image.as_ref()
     }
 
     /// The manifest's path.
@@ -342,6 +390,7 @@ mod tests {
         let digest = w.finish().unwrap();
         let mut r = ManifestReader::open(&p).unwrap();
         assert_eq!(r.digest(), digest);
+        assert_eq!(r.image(), None);
         assert_eq!(r.meta(), &meta(10 * 512 - 100));
         assert_eq!(r.take(2).unwrap(), Some((2, Entry::Zero)));
         assert_eq!(r.take(9).unwrap(), Some((3, Entry::Zero)));
@@ -352,6 +401,28 @@ mod tests {
         let json = serde_json::to_vec(&meta(10 * 512 - 100)).unwrap().len() + 1;
         let len = std::fs::metadata(&p).unwrap().len() as usize;
         assert_eq!(len, MAGIC.len() + json + 3 * RUN_BYTES + 32);
+    }
+
+    #[test]
+    fn image_identity_follows_the_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let image = ImageIdentity {
+            length: 123_456,
+            window: 65536,
+            digest: [7; 32],
+        };
+        let d = Entry::Data(Digest::of(b"x"));
+        let mut w = ManifestWriter::new(File::create(&p).unwrap(), &p, &meta(3 * 512)).unwrap();
+        w.push_run(1, d).unwrap();
+        w.push_run(2, Entry::Zero).unwrap();
+        w.set_image(image);
+        w.finish().unwrap();
+        let mut r = ManifestReader::open(&p).unwrap();
+        assert_eq!(r.image(), Some(&image));
+        assert_eq!(r.next_run().unwrap(), Some((1, d)));
+        assert_eq!(r.next_run().unwrap(), Some((2, Entry::Zero)));
+        assert_eq!(r.next_run().unwrap(), None);
     }
 
     #[test]
