@@ -204,7 +204,7 @@ fn check_image_identity(source: &dyn SourceChecks, reader: &ManifestReader, repo
     let (Some(recorded), Some(top)) = (reader.image(), source.files().into_iter().next()) else {
         return;
     };
-    let problem = match manifest::ImageIdentity::read_with(top.as_ref(), recorded.window) {
+    let problem = match manifest::ImageIdentity::read(top.as_ref()) {
         Ok(found) => recorded.difference(&found),
         Err(e) => Some(format!("it cannot be read: {e}")),
     };

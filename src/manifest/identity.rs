@@ -7,57 +7,80 @@
 //! manifest therefore records the image file's identity, and `verify`
 //! reports a pair that does not belong together.
 //!
-//! The identity is the file's length and the BLAKE3 of its first and last
-//! [`WINDOW`] bytes (for a qcow2 image the header with its table offsets,
-//! and the last clusters written), read the same way wherever the file
-//! is: it survives copying the backup elsewhere, unlike a device and inode
-//! number. Two images with the same identity may still differ in their
-//! other clusters; those are what `verify` checks against the manifest's
-//! digests.
+//! The identity is the file's length and a BLAKE3 of its bytes, read the
+//! same way wherever the file is, so it survives copying the backup
+//! elsewhere (unlike a device and inode number): the whole file when it is
+//! at most [`WHOLE`] bytes; otherwise its first and last [`END_BYTES`] (for
+//! a qcow2 image the header with its table offsets, and the last clusters
+//! written) and [`SAMPLES`] pieces of [`SAMPLE_BYTES`] spread evenly in
+//! between, a few hundred KiB whatever the size. Two large images with the
+//! same identity may still differ elsewhere: those clusters are what
+//! `verify` checks against the manifest's digests.
 
 use std::io;
 
 use qbackup_formats::storage::Storage;
 use qbackup_formats::HostOffset;
 
-/// Bytes read at each end of the file.
-pub const WINDOW: u32 = 64 << 10;
+/// Files up to this size are hashed whole.
+pub const WHOLE: u64 = 4 << 20;
+/// Bytes hashed at each end of a larger file.
+pub const END_BYTES: u64 = 64 << 10;
+/// Pieces hashed in between.
+pub const SAMPLES: u64 = 64;
+/// Bytes in each piece.
+pub const SAMPLE_BYTES: u64 = 4 << 10;
+/// The scheme described above (recorded, so that another can follow).
+pub const SCHEME: u32 = 1;
 
 /// The identity of an image file, as its manifest records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageIdentity {
     /// The file's length in bytes.
     pub length: u64,
-    /// The bytes read at each end (at most the length).
-    pub window: u32,
-    /// BLAKE3 of the first `window` bytes followed by the last `window`
-    /// bytes.
+    /// How the digest was taken ([`SCHEME`]).
+    pub scheme: u32,
+    /// BLAKE3 of the bytes the scheme reads, in file order.
     pub digest: [u8; 32],
+}
+
+/// The (offset, length) ranges the scheme reads from a file of `length`
+/// bytes, in order.
+fn ranges(length: u64) -> Vec<(u64, u64)> {
+    if length <= WHOLE {
+        return vec![(0, length)];
+    }
+    let mut v = vec![(0, END_BYTES)];
+    let (lo, hi) = (END_BYTES, length - END_BYTES - SAMPLE_BYTES);
+    for i in 0..SAMPLES {
+        v.push((lo + (hi - lo) / SAMPLES * i, SAMPLE_BYTES));
+    }
+    v.push((length - END_BYTES, END_BYTES));
+    v
 }
 
 impl ImageIdentity {
     /// Reads the identity of the file behind `storage`, whose length is
     /// [`Storage::len`].
     pub fn read(storage: &dyn Storage) -> io::Result<ImageIdentity> {
-        Self::read_with(storage, WINDOW)
-    }
-
-    /// Reads the identity with `window` bytes at each end (the window a
-    /// manifest recorded).
-    pub fn read_with(storage: &dyn Storage, window: u32) -> io::Result<ImageIdentity> {
         let length = storage.len();
-        let n = u64::from(window).min(length);
         let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; n as usize];
-        for at in [0, length - n] {
-            storage
-                .read_exact_at("image identity", &mut buf, HostOffset(at))
-                .map_err(io::Error::other)?;
-            hasher.update(&buf);
+        let mut buf = Vec::new();
+        for (at, len) in ranges(length) {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(1 << 20);
+                buf.resize(n as usize, 0);
+                storage
+                    .read_exact_at("image identity", &mut buf, HostOffset(at + done))
+                    .map_err(io::Error::other)?;
+                hasher.update(&buf);
+                done += n;
+            }
         }
         Ok(ImageIdentity {
             length,
-            window,
+            scheme: SCHEME,
             digest: *hasher.finalize().as_bytes(),
         })
     }
@@ -66,14 +89,20 @@ impl ImageIdentity {
     pub fn difference(&self, found: &ImageIdentity) -> Option<String> {
         if self.length != found.length {
             Some(format!(
-                "it is {} bytes long, the manifest was written for an image of {} bytes",
+                "it is {} bytes long, that image was {} bytes",
                 found.length, self.length
             ))
-        } else if self.digest != found.digest {
+        } else if self.scheme != found.scheme {
             Some(format!(
-                "its first or last {} bytes differ from those of the image the manifest was written for",
-                u64::from(self.window).min(self.length)
+                "the manifest records its identity in a way this version does not know ({})",
+                self.scheme
             ))
+        } else if self.digest != found.digest {
+            Some(if self.length <= WHOLE {
+                "its bytes differ from that image's".to_string()
+            } else {
+                "its bytes at its ends or at sampled offsets differ from that image's".to_string()
+            })
         } else {
             None
         }
@@ -85,29 +114,37 @@ mod tests {
     use super::*;
     use qbackup_formats::storage::memory::MemoryStorage;
 
+    fn of(bytes: Vec<u8>) -> ImageIdentity {
+        ImageIdentity::read(&MemoryStorage::read_only("m", bytes)).unwrap()
+    }
+
     #[test]
-    fn identity_follows_length_and_both_ends() {
+    fn small_files_whole_large_ones_at_both_ends_and_samples() {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let a = ImageIdentity::read(&MemoryStorage::read_only("m", data.clone())).unwrap();
-        assert_eq!(a.length, 300_000);
+        let a = of(data.clone());
+        assert_eq!((a.length, a.scheme), (300_000, SCHEME));
         assert_eq!(a.difference(&a), None);
-        // The middle is not part of it; each end and the length are.
         let mut mid = data.clone();
         mid[150_000] ^= 1;
-        let m = ImageIdentity::read(&MemoryStorage::read_only("m", mid)).unwrap();
-        assert_eq!(a.difference(&m), None);
-        for at in [0, 65_535, 300_000 - 65_536, 299_999] {
-            let mut end = data.clone();
-            end[at] ^= 1;
-            let e = ImageIdentity::read(&MemoryStorage::read_only("m", end)).unwrap();
-            assert!(a.difference(&e).unwrap().contains("first or last"), "{at}");
-        }
-        let short =
-            ImageIdentity::read(&MemoryStorage::read_only("m", data[..1000].to_vec())).unwrap();
+        assert!(a.difference(&of(mid)).unwrap().contains("bytes differ"));
+        let short = of(data[..1000].to_vec());
         assert!(a.difference(&short).unwrap().contains("1000 bytes long"));
-        // A file shorter than the window is read whole, twice.
-        assert_eq!(short.window, WINDOW);
-        let empty = ImageIdentity::read(&MemoryStorage::read_only("m", Vec::new())).unwrap();
-        assert_eq!(empty.length, 0);
+        assert_eq!(of(Vec::new()).length, 0);
+
+        let len = 5 * WHOLE as usize;
+        let big: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let b = of(big.clone());
+        let r = ranges(len as u64);
+        assert_eq!(r.len() as u64, SAMPLES + 2);
+        assert_eq!(r.last().unwrap().0 + END_BYTES, len as u64);
+        // Inside a range read: seen; between them: not.
+        for at in [0, END_BYTES as usize - 1, len - 1, r[5].0 as usize + 10] {
+            let mut x = big.clone();
+            x[at] ^= 1;
+            assert!(b.difference(&of(x)).is_some(), "{at}");
+        }
+        let mut x = big.clone();
+        x[r[5].0 as usize + SAMPLE_BYTES as usize + 10] ^= 1;
+        assert_eq!(b.difference(&of(x)), None);
     }
 }

@@ -11,7 +11,7 @@ const KIND_ZERO: u8 = 0;
 const KIND_DATA: u8 = 1;
 const KIND_UNKNOWN: u8 = 2;
 /// The image identity record, after the last run (see [`ImageIdentity`]):
-/// the image's length in the count field, the window in the CRC32 field,
+/// the image's length in the count field, the scheme in the CRC32 field,
 /// the digest in the BLAKE3 field.
 const KIND_IMAGE: u8 = 3;
 
@@ -117,7 +117,7 @@ impl ManifestWriter {
             let mut rec = [0u8; RUN_BYTES];
             rec[..8].copy_from_slice(&image.length.to_be_bytes());
             rec[8] = KIND_IMAGE;
-            rec[9..13].copy_from_slice(&image.window.to_be_bytes());
+            rec[9..13].copy_from_slice(&image.scheme.to_be_bytes());
             rec[13..].copy_from_slice(&image.digest);
             self.emit(&rec)?;
         }
@@ -207,7 +207,7 @@ impl ManifestReader {
                 records -= 1;
                 image = Some(ImageIdentity {
                     length: u64::from_be_bytes(rec[..8].try_into().expect("8 bytes")),
-                    window: u32::from_be_bytes(rec[9..13].try_into().expect("4 bytes")),
+                    scheme: u32::from_be_bytes(rec[9..13].try_into().expect("4 bytes")),
                     digest: rec[13..].try_into().expect("32 bytes"),
                 });
             }
@@ -409,7 +409,7 @@ mod tests {
         let p = dir.path().join("m");
         let image = ImageIdentity {
             length: 123_456,
-            window: 65536,
+            scheme: 1,
             digest: [7; 32],
         };
         let d = Entry::Data(Digest::of(b"x"));

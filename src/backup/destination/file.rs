@@ -240,7 +240,7 @@ impl FileDestination<'_> {
         };
         guard.check().map_err(changed)?;
         if let Some(recorded) = &self.identity {
-            let now = ImageIdentity::read_with(guard.as_ref(), recorded.window)
+            let now = ImageIdentity::read(guard.as_ref())
                 .map_err(|e| changed(format!("it cannot be read back: {e}")))?;
             if let Some(why) = recorded.difference(&now) {
                 return Err(changed(why));
