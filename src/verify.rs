@@ -1,7 +1,9 @@
 //! `qbackup verify BACKUP`: does a backup still hold what it was made with?
 //! Checked without the source, against the manifest beside it:
 //! - the manifest is intact (its own BLAKE3) and describes this image
-//!   (virtual size, the backing file name the image records);
+//!   (virtual size, the backing file name the image records, and the image
+//!   file's identity when the manifest records it: another image beside a
+//!   manifest is never taken for its pair);
 //! - each parent is the backup it was made on: the parent's manifest is
 //!   the one recorded (its BLAKE3), so a parent swapped for another backup
 //!   of the same disk, or edited, is caught even where bytes agree;
@@ -117,6 +119,7 @@ pub fn verify(opener: &dyn Opener, backup: &Path) -> Result<Report, VerifyError>
         Err(e) => return Err(e.into()),
     };
     check_chain(source.as_ref(), &reader, &mut report);
+    check_image_identity(source.as_ref(), &reader, &mut report);
     if !report.chain_problems.is_empty() && reader.meta().virtual_size != source.virtual_size() {
         return Ok(report);
     }
@@ -192,6 +195,25 @@ fn check_chain(source: &dyn SourceChecks, reader: &ManifestReader, report: &mut 
             "{}: cannot check the parent this backup was made on: {e}",
             parent.display()
         )),
+    }
+}
+
+/// The image file is the one the manifest was written for (see
+/// [`manifest::ImageIdentity`]).
+fn check_image_identity(source: &dyn SourceChecks, reader: &ManifestReader, report: &mut Report) {
+    let (Some(recorded), Some(top)) = (reader.image(), source.files().into_iter().next()) else {
+        return;
+    };
+    let problem = match manifest::ImageIdentity::read(top.as_ref()) {
+        Ok(found) => recorded.difference(&found),
+        Err(e) => Some(format!("it cannot be read: {e}")),
+    };
+    if let Some(why) = problem {
+        report.chain_problems.push(format!(
+            "{}: not the image {} was written for: {why}",
+            report.backup.display(),
+            report.manifest.display()
+        ));
     }
 }
 

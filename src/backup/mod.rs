@@ -305,7 +305,6 @@ fn copy<'a>(
                 other => other,
             }
         })?;
-    let id = recorder.map(record::Recorder::finish).transpose()?;
     storage
         .sync()
         .map_err(|e| no_space(commit_err("sync", e)))?;
@@ -320,6 +319,14 @@ fn copy<'a>(
             .map_err(|e| target_err(BackupError::Write(TargetError::Qcow2(e))))?;
         storage.sync().map_err(|e| commit_err("sync", e))?;
     }
+    // The manifest is finished last, naming the finished image it belongs
+    // to (checked again when both are published).
+    if let Some(r) = recorder.as_mut() {
+        if let Some(identity) = destination.image_identity()? {
+            r.builder.set_image(identity);
+        }
+    }
+    let id = recorder.map(record::Recorder::finish).transpose()?;
     Ok(Copied {
         id,
         target_size: storage.len(),

@@ -285,15 +285,34 @@ fn same_file(path: &Path, files: &[Arc<dyn Storage>]) -> Option<PathBuf> {
 }
 
 /// The name to record for the backing file so that it resolves from the
-/// target's directory: a relative name below that directory, else absolute.
+/// target's directory: relative to that directory (`base.qcow2`,
+/// `../a/full.qcow2`, computed from canonical paths, which QEMU's
+/// resolution from TARGET's directory follows) when both are on one file
+/// system, so that a directory tree of backups can be moved; absolute
+/// otherwise (a relative name across mount points breaks when either is
+/// mounted elsewhere).
 fn backing_name_for(target: &Path, backing: &Path) -> Result<String, std::io::Error> {
+    use std::os::unix::fs::MetadataExt;
     let abs = std::fs::canonicalize(backing)?;
     let dir = std::fs::canonicalize(target_dir(target))?;
-    Ok(match abs.strip_prefix(&dir) {
-        Ok(rel) => rel.display().to_string(),
-        Err(_) => abs.display().to_string(),
-    })
+    if let Ok(rel) = abs.strip_prefix(&dir) {
+        return Ok(rel.display().to_string());
+    }
+    if std::fs::metadata(&abs)?.dev() != std::fs::metadata(&dir)?.dev() {
+        return Ok(abs.display().to_string());
+    }
+    let (from, to): (Vec<_>, Vec<_>) = (dir.components().collect(), abs.components().collect());
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut rel = PathBuf::new();
+    for _ in common..from.len() {
+        rel.push("..");
+    }
+    for c in &to[common..] {
+        rel.push(c);
+    }
+    Ok(rel.display().to_string())
 }
+
 /// The previous backup an incremental one is an overlay on: it must open
 /// (with its whole chain), and is recorded by a name that resolves from
 /// the target's directory.

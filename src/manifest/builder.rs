@@ -70,6 +70,12 @@ impl ManifestBuilder {
         Ok(())
     }
 
+    /// Records the identity of the finished image file the manifest is for
+    /// (once it is complete: sealed and synced).
+    pub fn set_image(&mut self, image: super::ImageIdentity) {
+        self.writer.set_image(image);
+    }
+
     /// Fills the rest of the disk and writes the manifest out; returns its
     /// BLAKE3 (hex).
     pub fn finish(mut self) -> Result<String, ManifestError> {

@@ -13,6 +13,10 @@
 //!   BLAKE3 (32 bytes) of one cluster's guest bytes (zero for the kinds
 //!   without a hash); consecutive equal entries share a run, so a sparse
 //!   disk has a small manifest;
+//! - optionally (written since issue 19), one more record of that size: the
+//!   identity of the image file the manifest is for ([`ImageIdentity`],
+//!   kind byte 3), so that an image and another backup's manifest are never
+//!   taken for a pair;
 //! - the BLAKE3 of everything before it (32 bytes), so a damaged or edited
 //!   manifest is told from a damaged backup.
 //!
@@ -22,6 +26,7 @@
 //! stream (memory does not grow with the image).
 
 pub mod builder;
+pub mod identity;
 pub mod stream;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use builder::{Gaps, ManifestBuilder};
+pub use identity::ImageIdentity;
 pub use stream::{ManifestReader, ManifestWriter};
 
 /// The first line of every manifest.
@@ -135,6 +141,15 @@ pub enum ManifestError {
         /// Why.
         source: std::io::Error,
     },
+    /// The file is not a regular file (a FIFO, a socket, a device, a
+    /// directory): refused at once, as reading it could wait forever.
+    #[error("{}: cannot open: not a regular file ({kind})", path.display())]
+    NotRegular {
+        /// The manifest.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
     /// The file is not a manifest this version can read, or is damaged.
     #[error("{}: not a valid qbackup manifest: {why}", path.display())]
     Invalid {
@@ -149,6 +164,7 @@ impl qbackup_formats::Classify for ManifestError {
     fn class(&self) -> qbackup_formats::ErrorClass {
         match self {
             ManifestError::Io { source, .. } => qbackup_formats::ErrorClass::of_io(source),
+            ManifestError::NotRegular { .. } => qbackup_formats::ErrorClass::Unsupported,
             ManifestError::Invalid { .. } => qbackup_formats::ErrorClass::Corrupt,
         }
     }

@@ -5,11 +5,15 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Digest, Entry, ManifestError, Meta, MAGIC, RUN_BYTES};
+use super::{Digest, Entry, ImageIdentity, ManifestError, Meta, MAGIC, RUN_BYTES};
 
 const KIND_ZERO: u8 = 0;
 const KIND_DATA: u8 = 1;
 const KIND_UNKNOWN: u8 = 2;
+/// The image identity record, after the last run (see [`ImageIdentity`]):
+/// the image's length in the count field, the scheme in the CRC32 field,
+/// the digest in the BLAKE3 field.
+const KIND_IMAGE: u8 = 3;
 
 /// Writes a manifest: entries pushed in cluster order, equal neighbours
 /// merged into runs.
@@ -20,6 +24,7 @@ pub struct ManifestWriter {
     pending: Option<(u64, Entry)>,
     clusters: u64,
     expected: u64,
+    image: Option<ImageIdentity>,
 }
 
 impl ManifestWriter {
@@ -32,6 +37,7 @@ impl ManifestWriter {
             pending: None,
             clusters: 0,
             expected: meta.virtual_size.div_ceil(meta.cluster_size.max(1)),
+            image: None,
         };
         let mut line = serde_json::to_vec(meta).map_err(|e| w.invalid(e.to_string()))?;
         line.push(b'\n');
@@ -89,6 +95,12 @@ impl ManifestWriter {
         self.emit(&rec)
     }
 
+    /// Records the identity of the image file this manifest is for
+    /// (written after the runs by [`ManifestWriter::finish`]).
+    pub fn set_image(&mut self, image: ImageIdentity) {
+        self.image = Some(image);
+    }
+
     /// Ends the manifest (it must cover every cluster), syncs it, and
     /// returns its BLAKE3 (hex).
     pub fn finish(mut self) -> Result<String, ManifestError> {
@@ -100,6 +112,14 @@ impl ManifestWriter {
                 "{} clusters recorded, {} expected",
                 self.clusters, self.expected
             )));
+        }
+        if let Some(image) = self.image {
+            let mut rec = [0u8; RUN_BYTES];
+            rec[..8].copy_from_slice(&image.length.to_be_bytes());
+            rec[8] = KIND_IMAGE;
+            rec[9..13].copy_from_slice(&image.scheme.to_be_bytes());
+            rec[13..].copy_from_slice(&image.digest);
+            self.emit(&rec)?;
         }
         let digest = *self.hasher.finalize().as_bytes();
         let io = |path: &Path, source| ManifestError::Io {
@@ -122,6 +142,7 @@ pub struct ManifestReader {
     path: PathBuf,
     meta: Meta,
     digest: String,
+    image: Option<ImageIdentity>,
     runs_left: u64,
     /// The current run: clusters left in it and its entry.
     current: Option<(u64, Entry)>,
@@ -139,7 +160,7 @@ impl ManifestReader {
             path: path.to_path_buf(),
             why: why.to_string(),
         };
-        let mut file = File::open(path).map_err(io)?;
+        let mut file = open_regular(path)?;
         let len = file.metadata().map_err(io)?.len();
         if len < (MAGIC.len() + 32) as u64 {
             return Err(invalid("too short"));
@@ -171,13 +192,34 @@ impl ManifestReader {
         if runs_bytes % RUN_BYTES as u64 != 0 {
             return Err(invalid("truncated run"));
         }
+        let mut records = runs_bytes / RUN_BYTES as u64;
+        // The last record may be the image's identity (manifests written
+        // before it existed end with a run).
+        let mut image = None;
+        if records > 0 {
+            use std::os::unix::fs::FileExt;
+            let mut rec = [0u8; RUN_BYTES];
+            input
+                .get_ref()
+                .read_exact_at(&mut rec, len - 32 - RUN_BYTES as u64)
+                .map_err(io)?;
+            if rec[8] == KIND_IMAGE {
+                records -= 1;
+                image = Some(ImageIdentity {
+                    length: u64::from_be_bytes(rec[..8].try_into().expect("8 bytes")),
+                    scheme: u32::from_be_bytes(rec[9..13].try_into().expect("4 bytes")),
+                    digest: rec[13..].try_into().expect("32 bytes"),
+                });
+            }
+        }
         Ok(ManifestReader {
             input,
             path: path.to_path_buf(),
             clusters_left: meta.virtual_size.div_ceil(meta.cluster_size),
             meta,
             digest: super::hex(&trailer),
-            runs_left: runs_bytes / RUN_BYTES as u64,
+            image,
+            runs_left: records,
             current: None,
         })
     }
@@ -190,6 +232,12 @@ impl ManifestReader {
     /// The manifest's own BLAKE3 (hex), which a child backup records.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// The identity of the image file the manifest was written for, when
+    /// it records one.
+    pub fn image(&self) -> Option<&ImageIdentity> {
+        self.image.as_ref()
     }
 
     /// The manifest's path.
@@ -253,6 +301,61 @@ impl ManifestReader {
     }
 }
 
+/// Opens `path` for reading like an image is opened: without blocking
+/// (`O_NONBLOCK`: opening a FIFO waits for a writer otherwise), and refuses
+/// anything that is not a regular file at once, from the open file's own
+/// metadata (so nothing can be swapped in between). Symbolic links are
+/// followed, as for images.
+pub fn open_regular(path: &Path) -> Result<File, ManifestError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let kind_of = |t: std::fs::FileType| {
+        if t.is_file() {
+            None
+        } else if t.is_fifo() {
+            Some("a FIFO")
+        } else if t.is_socket() {
+            Some("a socket")
+        } else if t.is_char_device() {
+            Some("a character device")
+        } else if t.is_block_device() {
+            Some("a block device")
+        } else if t.is_dir() {
+            Some("a directory")
+        } else {
+            Some("an unsupported file type")
+        }
+    };
+    let refuse = |kind| ManifestError::NotRegular {
+        path: path.to_path_buf(),
+        kind,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| {
+            // A socket cannot be opened at all (ENXIO): say what it is.
+            match std::fs::metadata(path)
+                .ok()
+                .and_then(|m| kind_of(m.file_type()))
+            {
+                Some(kind) => refuse(kind),
+                None => ManifestError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            }
+        })?;
+    let meta = file.metadata().map_err(|source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match kind_of(meta.file_type()) {
+        Some(kind) => Err(refuse(kind)),
+        None => Ok(file),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +390,7 @@ mod tests {
         let digest = w.finish().unwrap();
         let mut r = ManifestReader::open(&p).unwrap();
         assert_eq!(r.digest(), digest);
+        assert_eq!(r.image(), None);
         assert_eq!(r.meta(), &meta(10 * 512 - 100));
         assert_eq!(r.take(2).unwrap(), Some((2, Entry::Zero)));
         assert_eq!(r.take(9).unwrap(), Some((3, Entry::Zero)));
@@ -297,6 +401,28 @@ mod tests {
         let json = serde_json::to_vec(&meta(10 * 512 - 100)).unwrap().len() + 1;
         let len = std::fs::metadata(&p).unwrap().len() as usize;
         assert_eq!(len, MAGIC.len() + json + 3 * RUN_BYTES + 32);
+    }
+
+    #[test]
+    fn image_identity_follows_the_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let image = ImageIdentity {
+            length: 123_456,
+            scheme: 1,
+            digest: [7; 32],
+        };
+        let d = Entry::Data(Digest::of(b"x"));
+        let mut w = ManifestWriter::new(File::create(&p).unwrap(), &p, &meta(3 * 512)).unwrap();
+        w.push_run(1, d).unwrap();
+        w.push_run(2, Entry::Zero).unwrap();
+        w.set_image(image);
+        w.finish().unwrap();
+        let mut r = ManifestReader::open(&p).unwrap();
+        assert_eq!(r.image(), Some(&image));
+        assert_eq!(r.next_run().unwrap(), Some((1, d)));
+        assert_eq!(r.next_run().unwrap(), Some((2, Entry::Zero)));
+        assert_eq!(r.next_run().unwrap(), None);
     }
 
     #[test]
@@ -318,5 +444,36 @@ mod tests {
         assert!(err.contains("checksum does not match"), "{err}");
         std::fs::write(&p, &good[..good.len() - 1]).unwrap();
         assert!(ManifestReader::open(&p).is_err());
+    }
+
+    #[test]
+    fn fifos_sockets_devices_and_directories_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("f.manifest");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let sock = dir.path().join("s.manifest");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let link = dir.path().join("l.manifest");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        for (p, kind) in [
+            (fifo.as_path(), "a FIFO"),
+            (link.as_path(), "a FIFO"),
+            (sock.as_path(), "a socket"),
+            (Path::new("/dev/zero"), "a character device"),
+            (dir.path(), "a directory"),
+        ] {
+            let err = ManifestReader::open(p).err().expect("refused");
+            assert!(
+                matches!(&err, ManifestError::NotRegular { kind: k, .. } if *k == kind),
+                "{}: {err}",
+                p.display()
+            );
+            assert!(err.to_string().contains(&p.display().to_string()), "{err}");
+        }
     }
 }

@@ -18,6 +18,7 @@ use qbackup_formats::storage::{FileStorage, Storage};
 
 use super::{Destination, Published, StagedFile};
 use crate::backup::{BackupError, Cancel, Progress};
+use crate::manifest::ImageIdentity;
 
 /// A block device written in place.
 pub struct DeviceDestination {
@@ -47,6 +48,10 @@ impl Destination for DeviceDestination {
     }
 
     fn stage_manifest(&mut self) -> Result<Option<StagedFile>, BackupError> {
+        Ok(None)
+    }
+
+    fn image_identity(&mut self) -> Result<Option<ImageIdentity>, BackupError> {
         Ok(None)
     }
 

@@ -4,10 +4,18 @@
 //! Each file is staged as a locked temporary file in TARGET's directory
 //! (see [`super::temp`]: leftovers of killed runs are removed first, and
 //! the lock tells them from files of runs still going), with the usual
-//! permissions. Publishing renames the image over TARGET (without
-//! replacing anything unless `force`), then the manifest to
-//! `TARGET.manifest`, then syncs the directory so the names survive a
-//! power cut. Dropped unpublished, the temporary files go with it.
+//! permissions. The image is written through a [`WriteGuard`], which
+//! notices another process changing the temporary file.
+//!
+//! Publishing is one unit, under the directory's [`PublishLock`]: the
+//! staged image is checked first (its length and a sample of what was
+//! written read back, [`WriteGuard::check`]; its identity still the one
+//! its manifest records), then renamed over TARGET (without replacing
+//! anything unless `force`), then the manifest to `TARGET.manifest` (or,
+//! replacing a backup without keeping a manifest, the old manifest is
+//! removed: it describes another image), then the directory is synced so
+//! the names survive a power cut. Dropped unpublished, the temporary files
+//! go with it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,9 +23,11 @@ use std::sync::Arc;
 use qbackup_formats::storage::{FileStorage, Storage};
 use tempfile::NamedTempFile;
 
+use super::guard::WriteGuard;
+use super::publish_lock::PublishLock;
 use super::{target_dir, temp, Destination, Published, StagedFile};
 use crate::backup::{BackupError, Cancel, Progress};
-use crate::manifest;
+use crate::manifest::{self, ImageIdentity};
 
 /// A new file at TARGET.
 pub struct FileDestination<'a> {
@@ -27,6 +37,8 @@ pub struct FileDestination<'a> {
     keep_manifest: bool,
     cancel: &'a Cancel,
     image: Option<NamedTempFile>,
+    guard: Option<Arc<WriteGuard>>,
+    identity: Option<ImageIdentity>,
     manifest: Option<NamedTempFile>,
 }
 
@@ -47,6 +59,8 @@ impl<'a> FileDestination<'a> {
             keep_manifest,
             cancel,
             image: None,
+            guard: None,
+            identity: None,
             manifest: None,
         }
     }
@@ -112,8 +126,20 @@ impl Destination for FileDestination<'_> {
             path: self.target.clone(),
             source: Box::new(BackupError::Write(e.into())),
         })?;
+        let guard = Arc::new(WriteGuard::new(Arc::new(storage)));
         self.image = Some(tmp);
-        Ok(Arc::new(storage))
+        self.guard = Some(Arc::clone(&guard));
+        Ok(guard)
+    }
+
+    fn image_identity(&mut self) -> Result<Option<ImageIdentity>, BackupError> {
+        let Some(guard) = &self.guard else {
+            return Ok(None);
+        };
+        let identity = ImageIdentity::read(guard.as_ref())
+            .map_err(|e| self.commit_err("read the finished image's identity", e))?;
+        self.identity = Some(identity);
+        Ok(Some(identity))
     }
 
     fn stage_manifest(&mut self) -> Result<Option<StagedFile>, BackupError> {
@@ -137,48 +163,90 @@ impl Destination for FileDestination<'_> {
             let e = std::io::Error::other("no image was staged");
             self.commit_err("rename the temporary file into place", e)
         })?;
-        // The rename and a signal thread giving up on the backup exclude
-        // each other: either TARGET is complete, or the temporary file is
-        // removed.
+        // Other runs publish into this directory only before or after us.
+        let lock = PublishLock::acquire(&self.dir, &self.target, cancel)?;
+        self.check_staged(image.path())?;
+        let manifest_path = manifest::path_for(&self.target);
+        let staged_manifest = self.manifest.take();
+        // The renames and a signal thread giving up on the backup exclude
+        // each other: either TARGET is complete, or the temporary files
+        // are removed. The manifest follows the image: a crash in between
+        // leaves a backup without a manifest (or, with `force`, the
+        // replaced backup's, whose image identity `verify` finds wrong);
+        // never a manifest that vouches for other data.
         let persisted = cancel
             .commit(|| {
                 if self.force {
-                    image.persist(&self.target)
+                    image.persist(&self.target)?;
                 } else {
-                    image.persist_noclobber(&self.target)
+                    image.persist_noclobber(&self.target)?;
                 }
+                Ok::<_, tempfile::PersistError>(staged_manifest.map(|m| m.persist(&manifest_path)))
             })
             .ok_or_else(|| cancel.error())?;
-        persisted.map_err(|e| {
+        let manifest_persisted = persisted.map_err(|e| {
             if e.error.kind() == std::io::ErrorKind::AlreadyExists {
                 BackupError::TargetExists(self.target.clone())
             } else {
                 self.commit_err("rename the temporary file into place", e.error)
             }
         })?;
-        // The manifest follows the image: a crash in between leaves a
-        // backup without a manifest (or, with `force`, the replaced
-        // backup's), which `verify` reports; never a manifest that vouches
-        // for other data.
-        let manifest = match self.manifest.take() {
-            Some(tmp) => {
-                let path = manifest::path_for(&self.target);
-                tmp.persist(&path).map_err(|e| BackupError::Commit {
-                    path: path.clone(),
+        let manifest = match manifest_persisted {
+            Some(Ok(_)) => Some(manifest_path),
+            Some(Err(e)) => {
+                return Err(BackupError::Commit {
+                    path: manifest_path,
                     action: "rename the manifest into place",
                     source: e.error,
-                })?;
-                Some(path)
+                })
             }
-            None => None,
+            None => {
+                // A replaced backup's manifest describes another image.
+                if self.force && manifest_path.symlink_metadata().is_ok_and(|m| m.is_file()) {
+                    std::fs::remove_file(&manifest_path).map_err(|e| BackupError::Commit {
+                        path: manifest_path.clone(),
+                        action: "remove the replaced backup's manifest",
+                        source: e,
+                    })?;
+                }
+                None
+            }
         };
-        if let Ok(d) = std::fs::File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
+        lock.sync_dir();
+        drop(lock);
         Ok(Published {
             target: self.target.clone(),
             manifest,
         })
+    }
+}
+
+impl FileDestination<'_> {
+    /// The last check before publishing: the staged image is what the
+    /// writer wrote (nobody truncated or rewrote it) and still has the
+    /// identity its manifest records.
+    fn check_staged(&self, temp: &Path) -> Result<(), BackupError> {
+        let changed = |why: String| {
+            self.commit_err(
+                "publish the backup",
+                std::io::Error::other(format!(
+                    "its temporary file {} was changed by another process while the backup was written ({why}); nothing was published",
+                    temp.display()
+                )),
+            )
+        };
+        let Some(guard) = &self.guard else {
+            return Ok(());
+        };
+        guard.check().map_err(changed)?;
+        if let Some(recorded) = &self.identity {
+            let now = ImageIdentity::read(guard.as_ref())
+                .map_err(|e| changed(format!("it cannot be read back: {e}")))?;
+            if let Some(why) = recorded.difference(&now) {
+                return Err(changed(why));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -5,8 +5,8 @@
 //! three steps: **stage** (created under a name no reader takes for a
 //! backup), **durable** (synced by whoever wrote it: the image through the
 //! storage it was written through, the manifest by its writer), then
-//! **publish** (put under its real name, image first, and the name made
-//! durable). Dropping a destination before `publish` is the **abort**: it
+//! **publish** (checked to be what was written, put under its real name,
+//! image first, as one unit for other runs, and the names made durable). Dropping a destination before `publish` is the **abort**: it
 //! removes everything staged. So the copier and the planner never know
 //! whether the backup lands in a local directory, on a block device or,
 //! later, in a backup set or an object store: each is one implementation
@@ -22,6 +22,8 @@
 
 pub mod device;
 pub mod file;
+pub mod guard;
+pub mod publish_lock;
 pub mod temp;
 
 use std::fs::File;
@@ -32,6 +34,7 @@ use std::sync::Arc;
 use qbackup_formats::storage::Storage;
 
 use super::{BackupConfig, BackupError, Cancel, Progress};
+use crate::manifest::ImageIdentity;
 
 /// A staged file to write a manifest (or another small file) to.
 pub struct StagedFile {
@@ -65,6 +68,11 @@ pub trait Destination {
 
     /// Stages the manifest, or `None` when this destination keeps none.
     fn stage_manifest(&mut self) -> Result<Option<StagedFile>, BackupError>;
+
+    /// The identity of the staged image once complete (sealed and
+    /// durable), which its manifest records; `publish` checks that the
+    /// image still has it. `None` when this destination keeps no manifest.
+    fn image_identity(&mut self) -> Result<Option<ImageIdentity>, BackupError>;
 
     /// Bytes free where the image is staged, for a disk-full message.
     fn free_space(&self) -> Option<u64>;
