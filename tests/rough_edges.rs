@@ -257,3 +257,46 @@ fn previous_backup_of_another_size_is_named() {
     ])
     .assert_clean_failure_mentioning(&["small.qcow2: the previous backup is 2097152 bytes"]);
 }
+
+/// A typo in `--bitmap` onto a previous backup without a manifest: the
+/// refusal says first what is wrong with the bitmap, then why the fallback
+/// cannot run.
+#[test]
+fn fallback_without_a_manifest_names_the_bitmap_problem_first() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.img(&["bitmap", "--add", "d.qcow2", "bm0"]);
+    s.backup(&["--no-manifest", "d.qcow2", "nm.qcow2"])
+        .assert_ok();
+    let run = s.backup(&[
+        "--sync",
+        "incremental",
+        "--bitmap",
+        "bmX",
+        "--backing",
+        "nm.qcow2",
+        "d.qcow2",
+        "i.qcow2",
+    ]);
+    run.assert_clean_failure_mentioning(&["no persistent dirty bitmap named 'bmX'"]);
+    assert!(
+        run.stderr.contains("it has 'bm0'") && run.stderr.contains("nm.qcow2.manifest is missing"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// `--force` over an earlier backup with a manifest, by a restore that
+/// keeps none: the old manifest goes too (it would vouch for other data).
+#[test]
+fn a_forced_restore_removes_the_replaced_manifest() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.io("d.qcow2", "qcow2", &["write -P 0x31 0 1M"]);
+    s.backup(&["-O", "raw", "d.qcow2", "r.raw"]).assert_ok();
+    assert!(s.path("r.raw.manifest").exists());
+    s.backup(&["d.qcow2", "b.qcow2"]).assert_ok();
+    s.backup(&["--force", "-O", "raw", "b.qcow2", "r.raw"])
+        .assert_ok();
+    assert!(!s.path("r.raw.manifest").exists());
+}

@@ -152,6 +152,15 @@ pub enum BackupError {
         /// The manifest path looked for.
         path: PathBuf,
     },
+    /// An incremental by bitmap fell back to one by content, which needs
+    /// the previous backup's manifest, and there is none.
+    #[error("{reason}; the incremental backup by content this falls back to compares each cluster with the previous backup's manifest, and {} is missing (fix the bitmap, or take a full backup)", path.display())]
+    FallbackNeedsManifest {
+        /// Why the bitmap was not used.
+        reason: String,
+        /// The manifest looked for.
+        path: PathBuf,
+    },
     /// A manifest could not be read or written.
     #[error(transparent)]
     Manifest(crate::manifest::ManifestError),
@@ -286,6 +295,7 @@ impl Classify for BackupError {
             | BackupError::PreviousNotQcow2 { .. }
             | BackupError::PreviousManifestMismatch { .. }
             | BackupError::PreviousHasNoManifest { .. }
+            | BackupError::FallbackNeedsManifest { .. }
             | BackupError::PreviousSize { .. }
             | BackupError::BackingSize { .. }
             | BackupError::NothingToRebase { .. }

@@ -127,7 +127,17 @@ pub fn prepare(
         chosen,
         default_cluster_size(source.as_ref()),
         size,
-    )?;
+    )
+    .map_err(|e| match (e, &fallback) {
+        // Say first why the bitmap was not used: that is what to fix.
+        (BackupError::PreviousHasNoManifest { path }, Some(reason)) => {
+            BackupError::FallbackNeedsManifest {
+                reason: reason.clone(),
+                path,
+            }
+        }
+        (e, _) => e,
+    })?;
     // A first pass over the plan for its totals (the progress bar's and the
     // report's); the copier plans again as it goes, so the plan is never
     // held whole.
