@@ -29,13 +29,11 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use qbackup_formats::open::resolve_backing;
 use serde::{Deserialize, Serialize};
 
+use crate::manifest::ancestry::{self, Ancestor};
 use crate::manifest::{self, ManifestReader};
 
-/// Ancestors looked at before giving up (deeper chains fall back).
-const MAX_DEPTH: usize = 4096;
 /// The largest record read (a few hundred bytes per bitmap).
 const MAX_RECORD: u64 = 1 << 20;
 
@@ -156,38 +154,28 @@ pub fn check_parent(
             target: generation.target.clone(),
         });
     };
-    let mut backup = prev.to_path_buf();
-    let mut want_digest: Option<String> = None;
-    for _ in 0..MAX_DEPTH {
-        let path = manifest::path_for(&backup);
-        let reader = ManifestReader::open(&path).map_err(|e| Mismatch::Chain {
-            why: format!("cannot check the chain the bitmap belongs to: {e}"),
-        })?;
-        if let Some(want) = &want_digest {
-            if reader.digest() != want {
-                return Err(Mismatch::Chain {
-                    why: format!(
-                        "{}: not the manifest its child was made on (the parent was replaced)",
-                        path.display()
-                    ),
-                });
-            }
-        }
-        let meta = reader.meta();
+    let chain_err = |why: String| Mismatch::Chain {
+        why: format!("cannot check the chain the bitmap belongs to: {why}"),
+    };
+    let manifest =
+        ManifestReader::open(&manifest::path_for(prev)).map_err(|e| chain_err(e.to_string()))?;
+    let walk = ancestry::ancestors(prev, &manifest);
+    let first = Ancestor {
+        backup: prev.to_path_buf(),
+        manifest,
+    };
+    for member in std::iter::once(Ok(first)).chain(walk) {
+        let member = member.map_err(|e| chain_err(e.to_string()))?;
+        let meta = member.manifest.meta();
         if meta.source_identity != Some(identity) {
             return Err(Mismatch::OtherImage {
-                backup,
+                backup: member.backup,
                 source_name: meta.source.clone(),
             });
         }
         if &meta.id == start {
             return Ok(());
         }
-        let (Some(name), Some(digest)) = (&meta.backing, &meta.backing_manifest) else {
-            break;
-        };
-        want_digest = Some(digest.clone());
-        backup = resolve_backing(&backup, name);
     }
     Err(Mismatch::NotAncestor {
         bitmap: bitmap.to_string(),

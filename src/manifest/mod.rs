@@ -25,6 +25,7 @@
 //! `virtual_size.div_ceil(cluster_size)` clusters; writing and reading
 //! stream (memory does not grow with the image).
 
+pub mod ancestry;
 pub mod builder;
 pub mod identity;
 pub mod stream;
