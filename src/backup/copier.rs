@@ -78,8 +78,9 @@ pub struct CopyStats {
     pub passthrough_clusters: u64,
     /// Clusters stored as zeros (planned so, or read as all zeros).
     pub zero_clusters: u64,
-    /// Clusters read but not stored because the previous backup's manifest
-    /// shows them unchanged (incremental backups by content).
+    /// Clusters not stored because the previous backup already holds them
+    /// (incremental backups by content): read and found equal to its
+    /// manifest's entry, or zero in both without being read.
     pub unchanged_clusters: u64,
     /// Guest bytes of the clusters stored with data (uncompressed,
     /// compressed or passed through), up to the disk's end.

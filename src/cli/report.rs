@@ -1,6 +1,6 @@
 //! The result of a successful `backup`: one human line on stderr, or one
 //! JSON object on stdout (`--output=json`). The keys are a stable
-//! interface, documented in README ("Result"); add keys, never rename or
+//! interface, documented in docs/backup.md ("The result"); add keys, never rename or
 //! drop them.
 
 use qbackup::backup::BackupReport;
@@ -25,7 +25,7 @@ fn throughput(r: &BackupReport) -> f64 {
     }
 }
 
-/// The JSON result (keys documented in README).
+/// The JSON result (keys documented in docs/backup.md).
 pub fn json(r: &BackupReport) -> Value {
     let s = &r.stats;
     json!({

@@ -1,4 +1,4 @@
-//! Exit statuses (documented in `--help` and README): 0 success, 1 error,
+//! Exit statuses (documented in `--help` and docs/guarantees.md): 0 success, 1 error,
 //! 2 usage error (the command line itself is wrong), 128 + N when signal N
 //! interrupted a backup (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). `compare`
 //! keeps qemu-img's 0 identical, 1 different, 2 error.
@@ -31,9 +31,9 @@ pub const INTERRUPTED: u8 = 130;
 /// Text for `--help`.
 pub const HELP: &str = "\
 Exit status:
-  0    success (compare: images identical)
-  1    error (compare: images differ)
-  2    usage error: the command line is wrong (compare: cannot compare)
+  0    success (compare: images identical; verify: the backup is good)
+  1    error (compare: images differ; verify: damaged or not the recorded chain)
+  2    usage error: the command line is wrong (compare, verify: cannot check)
   3    backup --on-source-error ignore completed with unreadable ranges
        (written as zeros, listed on stderr and in the JSON result)
   130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP";

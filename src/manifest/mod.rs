@@ -2,7 +2,7 @@
 //! cluster, so that a backup can be verified without its source and an
 //! incremental backup can be taken without a dirty bitmap.
 //!
-//! It lives beside the backup, as `TARGET.manifest` (see README "Manifest"
+//! It lives beside the backup, as `TARGET.manifest` (see docs/verify.md "Manifests"
 //! for why not inside the qcow2: clusters only an unknown header extension
 //! refers to are leaks to `qemu-img check`, and `check -r leaks` would free
 //! them). Layout:
