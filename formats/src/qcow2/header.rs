@@ -56,6 +56,8 @@ pub mod ext {
     pub const BACKING_FORMAT: u32 = 0xe279_2aca;
     /// Bitmaps extension.
     pub const BITMAPS: u32 = 0x2385_2875;
+    /// Full disk encryption header pointer (LUKS only).
+    pub const CRYPTO: u32 = 0x0537_be77;
     /// External data file name.
     pub const DATA_FILE: u32 = 0x4441_5441;
 }
@@ -64,6 +66,14 @@ pub mod ext {
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// QEMU's limit on the refcount table size in bytes.
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// QEMU's limit on the number of internal snapshots.
+pub const MAX_SNAPSHOTS: u64 = 65536;
+/// Bytes of a snapshot table entry's fixed part.
+pub const SNAPSHOT_HEADER_LEN: u64 = 40;
+/// QEMU keeps the backing format in a 16-byte buffer, NUL included.
+const MAX_BACKING_FORMAT_LEN: usize = 15;
+/// The crypto header extension: offset and length, 8 bytes each.
+const CRYPTO_EXT_LEN: usize = 16;
 
 /// Errors found while decoding the header.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +176,8 @@ pub struct Header {
     pub bitmaps: Option<BitmapsExtension>,
     /// Backing file name (read from `backing_file_offset`).
     pub backing_file: Option<String>,
+    /// The LUKS header's place (offset, length), from the crypto extension.
+    pub crypto_header: Option<(HostOffset, u64)>,
 }
 
 /// The bitmaps header extension (spec "Bitmaps extension").
@@ -181,6 +193,46 @@ pub struct BitmapsExtension {
 
 fn invalid(field: &'static str, value: u64, why: &'static str) -> HeaderError {
     HeaderError::InvalidField { field, value, why }
+}
+
+/// QEMU's `qcow2_validate_table`: at most `max_bytes` of `entry_len`-byte
+/// entries, a cluster-aligned offset, and an end that fits in an i64.
+/// `name` is the table's field prefix in the spec (`l1_table`, ...).
+fn validate_table(
+    name: &'static str,
+    offset: HostOffset,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cluster_size: u64,
+) -> Result<(), HeaderError> {
+    let (count_field, offset_field, too_large) = match name {
+        "refcount_table" => (
+            "refcount_table_clusters",
+            "refcount_table_offset",
+            "refcount table larger than 8 MiB",
+        ),
+        "snapshots" => (
+            "nb_snapshots",
+            "snapshots_offset",
+            "more than 65536 snapshots",
+        ),
+        _ => ("l1_size", "l1_table_offset", "L1 table larger than 32 MiB"),
+    };
+    if entries > max_bytes / entry_len {
+        return Err(invalid(count_field, entries, too_large));
+    }
+    if offset.0 % cluster_size != 0 {
+        return Err(invalid(offset_field, offset.0, "not cluster aligned"));
+    }
+    if offset.0 > i64::MAX as u64 - entries * entry_len {
+        return Err(invalid(
+            offset_field,
+            offset.0,
+            "table end beyond the largest file offset",
+        ));
+    }
+    Ok(())
 }
 
 impl Header {
@@ -269,6 +321,7 @@ impl Header {
             data_file: None,
             bitmaps: None,
             backing_file: None,
+            crypto_header: None,
         };
         if version == 3 {
             if first.len() < 104 {
@@ -298,6 +351,15 @@ impl Header {
                     }
                 };
             }
+        }
+        // QEMU: "Invalid backing file offset" (the extension area ends
+        // there, so it cannot lie past the first cluster).
+        if h.backing_file_offset > cluster_size {
+            return Err(invalid(
+                "backing_file_offset",
+                h.backing_file_offset,
+                "past the first cluster",
+            ));
         }
         let unknown = h.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
@@ -342,59 +404,63 @@ impl Header {
                 "unknown method",
             ));
         }
+        if h.autoclear_features & autoclear::DATA_FILE_RAW != 0 && !h.has_data_file() {
+            return Err(invalid(
+                "autoclear_features",
+                h.autoclear_features,
+                "data-file-raw set without an external data file",
+            ));
+        }
         h.validate_tables(cluster_size)?;
         h.decode_extensions(first)?;
         h.decode_backing_name(first)?;
         Ok(h)
     }
 
+    /// QEMU's `qcow2_validate_table` for the refcount table, the snapshot
+    /// table and the L1 table, in QEMU's order, plus the L1 size check.
     fn validate_tables(&self, cluster_size: u64) -> Result<(), HeaderError> {
-        let aligned = |o: HostOffset| o.0 % cluster_size == 0;
-        if !aligned(self.l1_table_offset) {
+        if self.refcount_table_clusters == 0 {
             return Err(invalid(
-                "l1_table_offset",
-                self.l1_table_offset.0,
-                "not cluster aligned",
+                "refcount_table_clusters",
+                0,
+                "the image has no refcount table",
             ));
         }
-        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(invalid(
-                "l1_size",
-                self.l1_size.into(),
-                "L1 table larger than 32 MiB",
-            ));
+        validate_table(
+            "refcount_table",
+            self.refcount_table_offset,
+            self.refcount_table_clusters.into(),
+            cluster_size,
+            MAX_REFTABLE_BYTES,
+            cluster_size,
+        )?;
+        // Checked even without snapshots, as QEMU does.
+        validate_table(
+            "snapshots",
+            self.snapshots_offset,
+            self.nb_snapshots.into(),
+            SNAPSHOT_HEADER_LEN,
+            SNAPSHOT_HEADER_LEN * MAX_SNAPSHOTS,
+            cluster_size,
+        )?;
+        validate_table(
+            "l1_table",
+            self.l1_table_offset,
+            self.l1_size.into(),
+            8,
+            MAX_L1_BYTES,
+            cluster_size,
+        )?;
+        if self.size > (1u64 << 62) {
+            return Err(invalid("size", self.size, "virtual size too large"));
         }
-        let l2_coverage = self.l2_coverage();
-        let needed = self.size.div_ceil(l2_coverage);
+        let needed = self.size.div_ceil(self.l2_coverage());
         if u64::from(self.l1_size) < needed {
             return Err(invalid(
                 "l1_size",
                 self.l1_size.into(),
                 "L1 table too small for the virtual size",
-            ));
-        }
-        if self.size > (1u64 << 62) {
-            return Err(invalid("size", self.size, "virtual size too large"));
-        }
-        if !aligned(self.refcount_table_offset) {
-            return Err(invalid(
-                "refcount_table_offset",
-                self.refcount_table_offset.0,
-                "not cluster aligned",
-            ));
-        }
-        if u64::from(self.refcount_table_clusters) * cluster_size > MAX_REFTABLE_BYTES {
-            return Err(invalid(
-                "refcount_table_clusters",
-                self.refcount_table_clusters.into(),
-                "refcount table larger than 8 MiB",
-            ));
-        }
-        if self.nb_snapshots > 0 && !aligned(self.snapshots_offset) {
-            return Err(invalid(
-                "snapshots_offset",
-                self.snapshots_offset.0,
-                "not cluster aligned",
             ));
         }
         Ok(())
@@ -406,61 +472,103 @@ impl Header {
         (first.len() as u64) < (1u64 << self.cluster_bits.min(63))
     }
 
+    /// QEMU's `qcow2_read_extensions`: extensions run from the end of the
+    /// header to the backing file name (or the end of the first cluster);
+    /// one whose type and length, or whose data, does not fit before that
+    /// end is "Header extension too large".
     fn decode_extensions(&mut self, first: &[u8]) -> Result<(), HeaderError> {
-        let past = if self.cut_by_eof(first) {
-            "runs past the end of the file"
-        } else {
-            "runs past the first cluster"
-        };
+        let cluster_end = 1u64 << self.cluster_bits;
         // Like QEMU: the extension area ends where the backing file name
         // begins (old v2 images put the name right after the header).
-        let end = match self.backing_file_offset {
-            0 => first.len(),
-            o => (o.min(first.len() as u64) as usize).max(self.header_length as usize),
-        };
+        let ext_end = match self.backing_file_offset {
+            0 => cluster_end,
+            o => o,
+        } as usize;
+        // What of the area is in `first` (QEMU reads zeros past the end of a
+        // short file; we refuse an extension that needs them).
+        let end = ext_end.min(first.len());
         let mut at = self.header_length as usize;
-        loop {
-            if at + 8 > end {
-                // QEMU treats a missing end marker at the cluster's end as the end.
-                return Ok(());
-            }
-            let kind = be32(first, at);
-            let len = be32(first, at + 4) as usize;
-            let bad = |why| HeaderError::BadExtension {
+        while at < ext_end {
+            let bad = |kind, why| HeaderError::BadExtension {
                 kind,
                 offset: at as u64,
                 why,
             };
+            if at + 8 > end {
+                if at + 8 > ext_end {
+                    return Err(bad(0, "extension header runs past the extension area"));
+                }
+                // Cut by the end of the file: zeros there read as the end.
+                if first[at..end].iter().all(|&b| b == 0) {
+                    return Ok(());
+                }
+                return Err(bad(0, "runs past the end of the file"));
+            }
+            let kind = be32(first, at);
+            let len = be32(first, at + 4) as usize;
+            let data_at = at + 8;
             if kind == ext::END {
                 return Ok(());
             }
-            let data_at = at + 8;
+            if len > ext_end - data_at {
+                return Err(bad(
+                    kind,
+                    if self.backing_file_offset != 0 {
+                        "runs into the backing file name"
+                    } else {
+                        "runs past the first cluster"
+                    },
+                ));
+            }
             if len > end - data_at {
-                return Err(bad(past));
+                return Err(bad(kind, "runs past the end of the file"));
             }
             let data = &first[data_at..data_at + len];
             match kind {
-                ext::BACKING_FORMAT => self.backing_format = Some(text(data).map_err(bad)?),
-                ext::DATA_FILE => self.data_file = Some(text(data).map_err(bad)?),
+                ext::BACKING_FORMAT => {
+                    if len > MAX_BACKING_FORMAT_LEN {
+                        return Err(bad(kind, "backing format name longer than 15 bytes"));
+                    }
+                    self.backing_format = Some(text(data).map_err(|w| bad(kind, w))?)
+                }
+                ext::DATA_FILE => self.data_file = Some(text(data).map_err(|w| bad(kind, w))?),
+                ext::CRYPTO => {
+                    if self.crypt_method != 2 {
+                        return Err(bad(kind, "crypto header without LUKS encryption"));
+                    }
+                    if len != CRYPTO_EXT_LEN {
+                        return Err(bad(kind, "crypto header extension must be 16 bytes"));
+                    }
+                    let offset = be64(data, 0);
+                    if offset % cluster_end != 0 {
+                        return Err(bad(kind, "LUKS header is not cluster aligned"));
+                    }
+                    self.crypto_header = Some((HostOffset(offset), be64(data, 8)));
+                }
                 ext::BITMAPS => {
                     if len != 24 {
-                        return Err(bad("bitmaps extension must be 24 bytes"));
+                        return Err(bad(kind, "bitmaps extension must be 24 bytes"));
                     }
-                    if be32(data, 4) != 0 {
-                        return Err(bad("reserved field is not zero"));
+                    // Without autoclear bit 0 a program unaware of bitmaps
+                    // wrote the image: QEMU ignores the extension's content.
+                    if self.autoclear_features & autoclear::BITMAPS != 0 {
+                        if be32(data, 4) != 0 {
+                            return Err(bad(kind, "reserved field is not zero"));
+                        }
+                        self.bitmaps = Some(BitmapsExtension {
+                            nb_bitmaps: be32(data, 0),
+                            directory_size: be64(data, 8),
+                            directory_offset: HostOffset(be64(data, 16)),
+                        });
                     }
-                    self.bitmaps = Some(BitmapsExtension {
-                        nb_bitmaps: be32(data, 0),
-                        directory_size: be64(data, 8),
-                        directory_offset: HostOffset(be64(data, 16)),
-                    });
                 }
-                // Feature names, the crypto header pointer and unknown
-                // extensions need no decoding to read the image.
+                // Feature names and unknown extensions need no decoding to
+                // read the image.
                 _ => {}
             }
             at = data_at + len.div_ceil(8) * 8;
         }
+        Ok(())
     }
 
     fn decode_backing_name(&mut self, first: &[u8]) -> Result<(), HeaderError> {
@@ -571,6 +679,7 @@ mod tests {
             data_file: None,
             bitmaps: None,
             backing_file: None,
+            crypto_header: None,
         };
         let mut b = h.encode_v3();
         b.resize(65536, 0);
@@ -672,7 +781,9 @@ mod tests {
     #[test]
     fn cut_file_names_the_end_of_the_file() {
         let mut b = fixture();
-        put32(&mut b, 112, ext::BACKING_FORMAT);
+        // The feature name table (a backing format name this long is
+        // refused whole, as QEMU refuses it).
+        put32(&mut b, 112, 0x6803_f857);
         put32(&mut b, 116, 64);
         let cut = &b[..140];
         let err = Header::decode(cut, cut.len() as u64)
