@@ -19,6 +19,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use qbackup_formats::open::{resolve_backing, Opener};
+use qbackup_formats::qcow2::Qcow2Image;
+use qbackup_formats::storage::Storage;
 use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, GuestOffset};
 
 use crate::backup::copier::is_zero;
@@ -117,6 +119,9 @@ pub fn verify(opener: &dyn Opener, backup: &Path) -> Result<Report, VerifyError>
         Err(e) => return Err(e.into()),
     };
     check_chain(source.as_ref(), &reader, &mut report);
+    for file in source.files() {
+        check_metadata(opener, file, &mut report);
+    }
     if !report.chain_problems.is_empty() && reader.meta().virtual_size != source.virtual_size() {
         return Ok(report);
     }
@@ -192,6 +197,41 @@ fn check_chain(source: &dyn SourceChecks, reader: &ManifestReader, report: &mut 
             "{}: cannot check the parent this backup was made on: {e}",
             parent.display()
         )),
+    }
+}
+
+/// Runs the qcow2 metadata check on `file` when it is a qcow2 image (the
+/// chain's raw files and data files have no metadata).
+fn check_metadata(opener: &dyn Opener, file: std::sync::Arc<dyn Storage>, report: &mut Report) {
+    let mut magic = [0u8; 4];
+    if file.len() < 4
+        || file
+            .read_exact_at("header", &mut magic, qbackup_formats::HostOffset(0))
+            .is_err()
+        || magic != *b"QFI\xfb"
+    {
+        return;
+    }
+    let name = file.name().to_path_buf();
+    let result = Qcow2Image::open(file, opener).and_then(|image| image.check_metadata());
+    match result {
+        Ok(m) => {
+            for p in &m.problems {
+                report
+                    .chain_problems
+                    .push(format!("{}: {p} (qemu-img check reports it)", name.display()));
+            }
+            if m.count > m.problems.len() as u64 {
+                report.chain_problems.push(format!(
+                    "{}: ... and {} more metadata problems",
+                    name.display(),
+                    m.count - m.problems.len() as u64
+                ));
+            }
+        }
+        Err(e) => report
+            .chain_problems
+            .push(format!("{}: cannot check its metadata: {e}", name.display())),
     }
 }
 

@@ -413,6 +413,13 @@ impl Header {
         }
         h.validate_tables(cluster_size)?;
         h.decode_extensions(first)?;
+        if h.crypt_method == 2 && h.crypto_header.is_none() {
+            return Err(invalid(
+                "crypt_method",
+                2,
+                "LUKS encryption without its crypto header extension",
+            ));
+        }
         h.decode_backing_name(first)?;
         Ok(h)
     }
@@ -507,9 +514,8 @@ impl Header {
             let kind = be32(first, at);
             let len = be32(first, at + 4) as usize;
             let data_at = at + 8;
-            if kind == ext::END {
-                return Ok(());
-            }
+            // QEMU checks the length before the type: an end marker with
+            // a length past the area is "Header extension too large" too.
             if len > ext_end - data_at {
                 return Err(bad(
                     kind,
@@ -519,6 +525,9 @@ impl Header {
                         "runs past the first cluster"
                     },
                 ));
+            }
+            if kind == ext::END {
+                return Ok(());
             }
             if len > end - data_at {
                 return Err(bad(kind, "runs past the end of the file"));
