@@ -266,9 +266,8 @@ pub(crate) fn check(image: &Qcow2Image) -> Result<MetadataReport, Qcow2Error> {
         report: MetadataReport::default(),
     };
     if h.incompatible_features & incompat::CORRUPT != 0 {
-        c.report.push(
-            "the image is marked corrupt: QEMU found its metadata inconsistent".to_string(),
-        );
+        c.report
+            .push("the image is marked corrupt: QEMU found its metadata inconsistent".to_string());
     }
     c.inc("header", 0, cs);
     c.l1("active", h.l1_table_offset, h.l1_size, true);
@@ -286,7 +285,12 @@ pub(crate) fn check(image: &Qcow2Image) -> Result<MetadataReport, Qcow2Error> {
                 .push(format!("snapshot {n}: L1 table larger than 32 MiB"));
             continue;
         }
-        c.l1(&format!("snapshot {n}"), s.l1_table_offset, s.l1_size, false);
+        c.l1(
+            &format!("snapshot {n}"),
+            s.l1_table_offset,
+            s.l1_size,
+            false,
+        );
     }
     c.inc("snapshot table", h.snapshots_offset.0, snaps.len);
     c.inc(
