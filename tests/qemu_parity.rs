@@ -126,7 +126,12 @@ fn backups() -> tempfile::TempDir {
             "top.qcow2",
         ],
     );
-    for b in ["full.qcow2", "top.qcow2"] {
+    // A backup QEMU took internal snapshots of (its clusters shared, so
+    // refcounts of 2 and cleared COPIED flags), manifest alike.
+    copy(d, "full.qcow2", "snap.qcow2");
+    ok(d, "qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"]);
+    ok(d, "qemu-img", &["snapshot", "-c", "second", "snap.qcow2"]);
+    for b in ["full.qcow2", "top.qcow2", "snap.qcow2"] {
         let v = qbackup(d, &["verify", b]);
         assert!(v.status.success(), "fresh {b} does not verify");
     }
@@ -265,7 +270,7 @@ const NAMED: [u64; 4] = [8, 48, 61, 116];
 
 /// The (offset, value) mutations for a backup: a deterministic sample of
 /// {each bit flipped, 0x00, 0xff} per byte (all of them for the named
-/// bytes, three for the fixed header, two for extensions and the backing
+/// bytes, two for the fixed header and for extensions and the backing
 /// name, one for a third of the rest of the first 512 bytes).
 fn mutations(path: &Path, seed: u64) -> Vec<(u64, u8)> {
     let end = used_end(path).max(512);
@@ -283,7 +288,7 @@ fn mutations(path: &Path, seed: u64) -> Vec<(u64, u8)> {
         let take = if NAMED.contains(&at) {
             values.len()
         } else if at < 112 {
-            3
+            2
         } else if at < used {
             2
         } else if splitmix(seed ^ at) % 3 == 0 {
@@ -335,7 +340,7 @@ fn header_mutations_qemu_refuses_are_refused_and_verify_ok_is_restorable() {
     let started = std::time::Instant::now();
     // The source has no manifest (nothing to verify) but a bitmaps
     // extension: its mutations check the reader alone.
-    for (n, backup) in ["full.qcow2", "top.qcow2", "src.qcow2"]
+    for (n, backup) in ["full.qcow2", "top.qcow2", "snap.qcow2", "src.qcow2"]
         .into_iter()
         .enumerate()
     {
@@ -558,8 +563,9 @@ fn l1_and_refcount_table_reserved_bits_and_leaks_are_damaged() {
     );
 }
 
-/// The metadata clusters of `backup`: (file offset, bytes in use, cluster
-/// length) of its L1 table, L2 tables, refcount table and blocks.
+/// The metadata of `backup`: (file offset, bytes in use) of its L1 table,
+/// L2 tables, snapshot table and snapshot L1 tables, refcount table and
+/// blocks (a flip may land anywhere in the cluster from there).
 fn metadata_regions(path: &Path) -> Vec<(u64, u64)> {
     let l = Layout::read(path);
     let cs = l.cluster_size();
@@ -569,6 +575,17 @@ fn metadata_regions(path: &Path) -> Vec<(u64, u64)> {
             let size = read_u64(path, 24);
             out.push((t, (size / cs).min(cs / 8) * 8));
         }
+    }
+    // The snapshot table and each snapshot's L1 table.
+    let mut at = read_u64(path, 64);
+    for _ in 0..common::qcow2::read_u32(path, 60) {
+        at = at.div_ceil(8) * 8;
+        let h = common::qcow2::read_bytes(path, at, 40);
+        let be = |r: std::ops::Range<usize>| h[r].iter().fold(0u64, |a, &b| a << 8 | u64::from(b));
+        let len = 40 + be(36..40) + be(12..14) + be(14..16);
+        out.push((at, len));
+        out.push((be(0..8), be(8..12) * 8));
+        at += len;
     }
     let rt = read_u64(path, 48);
     let clusters = u64::from(common::qcow2::read_u32(path, 56));
@@ -588,7 +605,7 @@ fn metadata_regions(path: &Path) -> Vec<(u64, u64)> {
 type Flip = (usize, usize, u32, bool, u8);
 
 /// Property (issue 19): random byte flips in the metadata clusters of a
-/// backup (L1, L2, refcount table and blocks): whenever `verify` says OK,
+/// backup (L1, L2, snapshot table, refcount table and blocks): whenever `verify` says OK,
 /// `qemu-img compare` against the original says identical and `qemu-img
 /// check` is clean. Bounded cases, fixed seed.
 #[test]
@@ -598,7 +615,7 @@ fn metadata_flips_verify_ok_implies_check_clean_and_identical() {
 
     let t = backups();
     let d = t.path();
-    let names = ["full.qcow2", "top.qcow2"];
+    let names = ["full.qcow2", "top.qcow2", "snap.qcow2"];
     let regions: Vec<Vec<(u64, u64)>> =
         names.iter().map(|n| metadata_regions(&d.join(n))).collect();
     let originals: Vec<Vec<u8>> = names.iter().map(|n| fs::read(d.join(n)).unwrap()).collect();
@@ -614,7 +631,7 @@ fn metadata_flips_verify_ok_implies_check_clean_and_identical() {
     let mut runner = TestRunner::new_with_rng(config, rng);
     let flips = prop::collection::vec(
         (
-            0..2usize,
+            0..names.len(),
             any::<usize>(),
             any::<u32>(),
             any::<bool>(),
@@ -622,7 +639,7 @@ fn metadata_flips_verify_ok_implies_check_clean_and_identical() {
         ),
         1..4,
     );
-    let stats = Mutex::new((0u64, 0u64));
+    let stats = Mutex::new((0u64, 0u64, [0u64; 3]));
     let result = runner.run(&flips, |flips: Vec<Flip>| {
         let b = flips[0].0;
         let name = format!("p-{}", names[b]);
@@ -631,6 +648,7 @@ fn metadata_flips_verify_ok_implies_check_clean_and_identical() {
         for &(_, r, off, used, mask) in &flips {
             let (start, in_use) = regions[b][r % regions[b].len()];
             let span = if used && in_use > 0 { in_use } else { CLUSTER };
+            let span = span.min(image.len() as u64 - start);
             let at = (start + u64::from(off) % span) as usize;
             image[at] ^= mask;
         }
@@ -639,6 +657,7 @@ fn metadata_flips_verify_ok_implies_check_clean_and_identical() {
         let mut s = stats.lock().unwrap();
         s.0 += 1;
         s.1 += u64::from(verified);
+        s.2[b] += 1;
         drop(s);
         prop_assert!(
             miss.is_none(),
@@ -648,9 +667,9 @@ fn metadata_flips_verify_ok_implies_check_clean_and_identical() {
         );
         Ok(())
     });
-    let (cases, ok) = *stats.lock().unwrap();
+    let (cases, ok, per) = *stats.lock().unwrap();
     println!(
-        "metadata flips: {cases} cases, verify OK (identical, check clean) {ok}, damaged {}",
+        "metadata flips: {cases} cases ({per:?} per backup), verify OK (identical, check clean) {ok}, damaged {}",
         cases - ok
     );
     if let Err(e) = result {
