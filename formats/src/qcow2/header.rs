@@ -6,6 +6,8 @@
 //! <= 6, table offsets cluster-aligned, table sizes within QEMU's limits, and
 //! a virtual size that the L1 table can address.
 
+pub use super::extensions::encode_extension;
+use super::extensions::text;
 use super::table::{be32, be64};
 use crate::codec::CompressionType;
 use crate::error::{Classify, ErrorClass};
@@ -70,10 +72,6 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u64 = 65536;
 /// Bytes of a snapshot table entry's fixed part.
 pub const SNAPSHOT_HEADER_LEN: u64 = 40;
-/// QEMU keeps the backing format in a 16-byte buffer, NUL included.
-const MAX_BACKING_FORMAT_LEN: usize = 15;
-/// The crypto header extension: offset and length, 8 bytes each.
-const CRYPTO_EXT_LEN: usize = 16;
 
 /// Errors found while decoding the header.
 #[derive(Debug, thiserror::Error)]
@@ -412,7 +410,7 @@ impl Header {
             ));
         }
         h.validate_tables(cluster_size)?;
-        h.decode_extensions(first)?;
+        super::extensions::decode(&mut h, first)?;
         if h.crypt_method == 2 && h.crypto_header.is_none() {
             return Err(invalid(
                 "crypt_method",
@@ -479,107 +477,6 @@ impl Header {
         (first.len() as u64) < (1u64 << self.cluster_bits.min(63))
     }
 
-    /// QEMU's `qcow2_read_extensions`: extensions run from the end of the
-    /// header to the backing file name (or the end of the first cluster);
-    /// one whose type and length, or whose data, does not fit before that
-    /// end is "Header extension too large".
-    fn decode_extensions(&mut self, first: &[u8]) -> Result<(), HeaderError> {
-        let cluster_end = 1u64 << self.cluster_bits;
-        // Like QEMU: the extension area ends where the backing file name
-        // begins (old v2 images put the name right after the header).
-        let ext_end = match self.backing_file_offset {
-            0 => cluster_end,
-            o => o,
-        } as usize;
-        // What of the area is in `first` (QEMU reads zeros past the end of a
-        // short file; we refuse an extension that needs them).
-        let end = ext_end.min(first.len());
-        let mut at = self.header_length as usize;
-        while at < ext_end {
-            let bad = |kind, why| HeaderError::BadExtension {
-                kind,
-                offset: at as u64,
-                why,
-            };
-            if at + 8 > end {
-                if at + 8 > ext_end {
-                    return Err(bad(0, "extension header runs past the extension area"));
-                }
-                // Cut by the end of the file: zeros there read as the end.
-                if first[at..end].iter().all(|&b| b == 0) {
-                    return Ok(());
-                }
-                return Err(bad(0, "runs past the end of the file"));
-            }
-            let kind = be32(first, at);
-            let len = be32(first, at + 4) as usize;
-            let data_at = at + 8;
-            // QEMU checks the length before the type: an end marker with
-            // a length past the area is "Header extension too large" too.
-            if len > ext_end - data_at {
-                return Err(bad(
-                    kind,
-                    if self.backing_file_offset != 0 {
-                        "runs into the backing file name"
-                    } else {
-                        "runs past the first cluster"
-                    },
-                ));
-            }
-            if kind == ext::END {
-                return Ok(());
-            }
-            if len > end - data_at {
-                return Err(bad(kind, "runs past the end of the file"));
-            }
-            let data = &first[data_at..data_at + len];
-            match kind {
-                ext::BACKING_FORMAT => {
-                    if len > MAX_BACKING_FORMAT_LEN {
-                        return Err(bad(kind, "backing format name longer than 15 bytes"));
-                    }
-                    self.backing_format = Some(text(data).map_err(|w| bad(kind, w))?)
-                }
-                ext::DATA_FILE => self.data_file = Some(text(data).map_err(|w| bad(kind, w))?),
-                ext::CRYPTO => {
-                    if self.crypt_method != 2 {
-                        return Err(bad(kind, "crypto header without LUKS encryption"));
-                    }
-                    if len != CRYPTO_EXT_LEN {
-                        return Err(bad(kind, "crypto header extension must be 16 bytes"));
-                    }
-                    let offset = be64(data, 0);
-                    if offset % cluster_end != 0 {
-                        return Err(bad(kind, "LUKS header is not cluster aligned"));
-                    }
-                    self.crypto_header = Some((HostOffset(offset), be64(data, 8)));
-                }
-                ext::BITMAPS => {
-                    if len != 24 {
-                        return Err(bad(kind, "bitmaps extension must be 24 bytes"));
-                    }
-                    // Without autoclear bit 0 a program unaware of bitmaps
-                    // wrote the image: QEMU ignores the extension's content.
-                    if self.autoclear_features & autoclear::BITMAPS != 0 {
-                        if be32(data, 4) != 0 {
-                            return Err(bad(kind, "reserved field is not zero"));
-                        }
-                        self.bitmaps = Some(BitmapsExtension {
-                            nb_bitmaps: be32(data, 0),
-                            directory_size: be64(data, 8),
-                            directory_offset: HostOffset(be64(data, 16)),
-                        });
-                    }
-                }
-                // Feature names and unknown extensions need no decoding to
-                // read the image.
-                _ => {}
-            }
-            at = data_at + len.div_ceil(8) * 8;
-        }
-        Ok(())
-    }
-
     fn decode_backing_name(&mut self, first: &[u8]) -> Result<(), HeaderError> {
         // QEMU treats an empty name as no backing file.
         if self.backing_file_offset == 0 || self.backing_file_size == 0 {
@@ -641,186 +538,6 @@ impl Header {
     }
 }
 
-/// Encodes one header extension: type, length, data padded to 8 bytes.
-pub fn encode_extension(kind: u32, data: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(8 + data.len().div_ceil(8) * 8);
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    b.resize(8 + data.len().div_ceil(8) * 8, 0);
-    b
-}
-
-fn text(data: &[u8]) -> Result<String, &'static str> {
-    let data = match data.iter().position(|&c| c == 0) {
-        Some(n) => &data[..n],
-        None => data,
-    };
-    String::from_utf8(data.to_vec()).map_err(|_| "name is not UTF-8")
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A minimal valid v3 header for a 1 MiB image with 64 KiB clusters.
-    pub(crate) fn fixture() -> Vec<u8> {
-        let h = Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: 16,
-            size: 1 << 20,
-            crypt_method: 0,
-            l1_size: 1,
-            l1_table_offset: HostOffset(0x30000),
-            refcount_table_offset: HostOffset(0x10000),
-            refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: HostOffset(0),
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: V3_HEADER_LEN,
-            compression_type: CompressionType::Zlib,
-            backing_format: None,
-            data_file: None,
-            bitmaps: None,
-            backing_file: None,
-            crypto_header: None,
-        };
-        let mut b = h.encode_v3();
-        b.resize(65536, 0);
-        b
-    }
-
-    fn put32(b: &mut [u8], at: usize, v: u32) {
-        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    }
-
-    #[test]
-    fn decodes_round_trip() {
-        let b = fixture();
-        let h = Header::decode(&b, b.len() as u64).unwrap();
-        assert_eq!(h.cluster_size(), 65536);
-        assert_eq!(h.encode_v3(), b[..112].to_vec());
-    }
-
-    #[test]
-    fn rejects_bad_fields() {
-        let cases: Vec<(usize, u32, &str)> = vec![
-            (0, 0x1234, "magic"),
-            (4, 4, "version"),
-            (20, 8, "cluster_bits"),
-            (20, 22, "cluster_bits"),
-            (36, 0, "l1_size"),
-            (96, 7, "refcount_order"),
-            (100, 50, "header_length"),
-            (32, 9, "crypt_method"),
-        ];
-        for (at, v, what) in cases {
-            let mut b = fixture();
-            put32(&mut b, at, v);
-            assert!(Header::decode(&b, b.len() as u64).is_err(), "{what}");
-        }
-        let mut b = fixture();
-        b[72 + 7] = 0x80; // unknown incompatible bit 7
-        assert!(matches!(
-            Header::decode(&b, b.len() as u64),
-            Err(HeaderError::UnknownFeatures(0x80))
-        ));
-        let mut b = fixture();
-        b[47] = 1; // unaligned L1 offset
-        assert!(Header::decode(&b, b.len() as u64).is_err());
-    }
-
-    #[test]
-    fn decodes_extensions_and_backing() {
-        let mut b = fixture();
-        let mut ext_area = encode_extension(ext::BACKING_FORMAT, b"raw");
-        ext_area.extend(encode_extension(ext::DATA_FILE, b"/data.img"));
-        ext_area.extend(encode_extension(ext::END, b""));
-        b[112..112 + ext_area.len()].copy_from_slice(&ext_area);
-        let name = b"base.qcow2";
-        b[512..512 + name.len()].copy_from_slice(name);
-        b[8..16].copy_from_slice(&512u64.to_be_bytes());
-        put32(&mut b, 16, name.len() as u32);
-        let h = Header::decode(&b, b.len() as u64).unwrap();
-        assert_eq!(h.backing_format.as_deref(), Some("raw"));
-        assert_eq!(h.data_file.as_deref(), Some("/data.img"));
-        assert_eq!(h.backing_file.as_deref(), Some("base.qcow2"));
-    }
-
-    /// Regression: an old v2 image with its backing name right after the
-    /// header (no extensions) must not have the name parsed as extensions.
-    #[test]
-    fn v2_backing_name_right_after_header() {
-        let mut b = fixture();
-        put32(&mut b, 4, 2);
-        b[72..112].fill(0);
-        let name = b"base-image.qcow2";
-        b[72..72 + name.len()].copy_from_slice(name);
-        b[8..16].copy_from_slice(&72u64.to_be_bytes());
-        put32(&mut b, 16, name.len() as u32);
-        let h = Header::decode(&b, b.len() as u64).unwrap();
-        assert_eq!(h.backing_file.as_deref(), Some("base-image.qcow2"));
-    }
-
-    #[test]
-    fn rejects_extension_past_cluster() {
-        let mut b = fixture();
-        put32(&mut b, 112, ext::BACKING_FORMAT);
-        put32(&mut b, 116, 70000);
-        assert!(matches!(
-            Header::decode(&b, b.len() as u64),
-            Err(HeaderError::BadExtension { .. })
-        ));
-    }
-
-    #[test]
-    fn truncated_file() {
-        let b = fixture();
-        assert!(Header::decode(&b[..50], 50).is_err());
-    }
-
-    /// Regression: a file cut inside a header extension (or its backing
-    /// name) is reported as running past the end of the file, not past the
-    /// first cluster.
-    #[test]
-    fn cut_file_names_the_end_of_the_file() {
-        let mut b = fixture();
-        // The feature name table (a backing format name this long is
-        // refused whole, as QEMU refuses it).
-        put32(&mut b, 112, 0x6803_f857);
-        put32(&mut b, 116, 64);
-        let cut = &b[..140];
-        let err = Header::decode(cut, cut.len() as u64)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("past the end of the file"), "{err}");
-        assert!(
-            Header::decode(&b, b.len() as u64).is_ok(),
-            "the whole cluster holds the extension"
-        );
-        let mut b = fixture();
-        b[8..16].copy_from_slice(&512u64.to_be_bytes());
-        put32(&mut b, 16, 10);
-        let cut = &b[..515];
-        let err = Header::decode(cut, cut.len() as u64)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("runs past the end of the file"), "{err}");
-    }
-
-    /// Regression: a backing name made of NUL bytes is no backing file, as
-    /// QEMU reads it (it used to name the image's own directory).
-    #[test]
-    fn nul_backing_name_is_no_backing_file() {
-        let mut b = fixture();
-        b[8..16].copy_from_slice(&512u64.to_be_bytes());
-        put32(&mut b, 16, 8);
-        let h = Header::decode(&b, b.len() as u64).unwrap();
-        assert_eq!(h.backing_file, None);
-    }
-}
+#[path = "header_tests.rs"]
+mod tests;

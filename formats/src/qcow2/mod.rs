@@ -10,6 +10,7 @@ pub(crate) mod bitmap_data;
 pub(crate) mod bitmaps;
 mod check;
 mod error;
+mod extensions;
 pub(crate) mod header;
 mod image;
 pub(crate) mod l2;
