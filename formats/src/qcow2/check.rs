@@ -382,3 +382,144 @@ pub(crate) fn check(image: &Qcow2Image) -> Result<MetadataReport, Qcow2Error> {
     }
     Ok(c.report)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::codec::CompressionType;
+    use crate::open::FileOpener;
+    use crate::qcow2::writer::{ClusterWrite, Qcow2Writer, WriterOptions};
+    use crate::storage::memory::MemoryStorage;
+    use crate::storage::Storage;
+    use crate::units::ClusterIndex;
+
+    const BITS: u32 = 12;
+    const CS: usize = 1 << BITS;
+
+    /// A small image from the writer: four data clusters of eight.
+    fn image() -> Vec<u8> {
+        let storage = Arc::new(MemoryStorage::writable("img", Vec::new()));
+        let mut w = Qcow2Writer::new(
+            storage.clone(),
+            WriterOptions {
+                virtual_size: 8 * CS as u64,
+                cluster_bits: BITS,
+                compression: CompressionType::Zlib,
+                backing: None,
+            },
+        )
+        .unwrap();
+        for i in [0u64, 2, 3, 6] {
+            let data = vec![i as u8 + 1; CS];
+            w.write_cluster(ClusterIndex(i), ClusterWrite::Data(&data))
+                .unwrap();
+        }
+        w.finish().unwrap();
+        storage.bytes()
+    }
+
+    fn be64(b: &[u8], at: usize) -> u64 {
+        u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn check_bytes(b: Vec<u8>) -> MetadataReport {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::read_only("img", b));
+        Qcow2Image::open(storage, &FileOpener)
+            .unwrap()
+            .check_metadata()
+            .unwrap()
+    }
+
+    /// Where the L2 entry of guest cluster `i` is (one L2 table).
+    fn l2_entry(b: &[u8], i: usize) -> usize {
+        let l1 = be64(b, 40) as usize;
+        (be64(b, l1) & OFFSET_MASK) as usize + 8 * i
+    }
+
+    fn refcount_block(b: &[u8]) -> usize {
+        let rt = be64(b, 48) as usize;
+        be64(b, rt) as usize
+    }
+
+    fn assert_reports(b: Vec<u8>, words: &str) {
+        let r = check_bytes(b);
+        assert!(!r.clean(), "nothing reported, expected {words}");
+        assert!(
+            r.problems.iter().any(|p| p.contains(words)),
+            "{words} not in {:?}",
+            r.problems
+        );
+    }
+
+    #[test]
+    fn a_written_image_is_clean() {
+        let r = check_bytes(image());
+        assert!(r.clean(), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn corrupt_bit() {
+        let mut b = image();
+        b[79] |= incompat::CORRUPT as u8;
+        assert_reports(b, "marked corrupt");
+    }
+
+    #[test]
+    fn reserved_bits_of_l1_l2_and_refcount_table_entries() {
+        let mut b = image();
+        let at = l2_entry(&b, 2);
+        let v = be64(&b, at) | 1 << 4;
+        put64(&mut b, at, v);
+        assert_reports(b, "reserved bits");
+        let mut b = image();
+        let l1 = be64(&b, 40) as usize;
+        let v = be64(&b, l1) | 1 << 60;
+        put64(&mut b, l1, v);
+        assert_reports(b, "reserved bits");
+        let mut b = image();
+        let rt = be64(&b, 48) as usize;
+        let v = be64(&b, rt) | 1;
+        put64(&mut b, rt, v);
+        assert_reports(b, "reserved bits");
+    }
+
+    #[test]
+    fn leaks_and_double_references() {
+        // A cluster appended with refcount 1 and no reference.
+        let mut b = image();
+        let index = b.len() / CS;
+        b.resize(b.len() + CS, 0);
+        let block = refcount_block(&b);
+        b[block + 2 * index..block + 2 * index + 2].copy_from_slice(&1u16.to_be_bytes());
+        assert_reports(b, "leaked");
+        // Guest cluster 7 mapped onto cluster 6's host cluster.
+        let mut b = image();
+        let e = be64(&b, l2_entry(&b, 6));
+        let at = l2_entry(&b, 7);
+        put64(&mut b, at, e);
+        assert_reports(b, "2 references");
+    }
+
+    #[test]
+    fn copied_flag_must_match_the_refcount() {
+        let mut b = image();
+        let at = l2_entry(&b, 0);
+        let v = be64(&b, at) & !COPIED;
+        put64(&mut b, at, v);
+        assert_reports(b, "COPIED flag clear");
+    }
+
+    #[test]
+    fn references_past_the_end_of_the_file() {
+        let mut b = image();
+        let at = l2_entry(&b, 5);
+        put64(&mut b, at, COPIED | 0x100_0000);
+        assert_reports(b, "past the end of the file");
+    }
+}

@@ -540,4 +540,4 @@ impl Header {
 
 #[cfg(test)]
 #[path = "header_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -107,3 +107,61 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<SnapshotTabl
     table.len = offset - start;
     Ok(table)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qcow2::header::Header;
+    use crate::storage::memory::MemoryStorage;
+
+    const TABLE: u64 = 0x10000;
+
+    /// A header (from the header tests' fixture) with `n` snapshots at
+    /// `TABLE`, and a file holding `table` there.
+    fn read(n: u32, table: &[u8]) -> Result<SnapshotTable, SnapshotError> {
+        let mut b = crate::qcow2::header::tests::fixture();
+        b[60..64].copy_from_slice(&n.to_be_bytes());
+        b[64..72].copy_from_slice(&TABLE.to_be_bytes());
+        let h = Header::decode(&b, b.len() as u64).unwrap();
+        let mut file = vec![0u8; TABLE as usize];
+        file.extend_from_slice(table);
+        read_table(&MemoryStorage::read_only("img", file), &h)
+    }
+
+    /// One entry: L1 table at 0x20000 with `l1_size` entries, `extra`
+    /// bytes of extra data, ID "1" and name "snap".
+    fn entry(l1_size: u32, extra: u32) -> Vec<u8> {
+        let mut e = vec![0u8; 40];
+        e[0..8].copy_from_slice(&0x20000u64.to_be_bytes());
+        e[8..12].copy_from_slice(&l1_size.to_be_bytes());
+        e[12..14].copy_from_slice(&1u16.to_be_bytes());
+        e[14..16].copy_from_slice(&4u16.to_be_bytes());
+        e[36..40].copy_from_slice(&extra.to_be_bytes());
+        e.resize(40 + extra as usize, 0);
+        e.extend_from_slice(b"1snap");
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        e
+    }
+
+    #[test]
+    fn reads_entries_and_the_table_length() {
+        let mut t = entry(1, 16);
+        t.extend(entry(2, 0));
+        let got = read(2, &t).unwrap();
+        assert_eq!(got.snapshots.len(), 2);
+        assert_eq!(got.snapshots[1].l1_size, 2);
+        // The second entry ends unpadded: 40 + 5 bytes after the first.
+        assert_eq!(got.len, 40 + 16 + 5 + 3 + 40 + 5);
+    }
+
+    #[test]
+    fn refuses_what_qemu_refuses() {
+        assert!(matches!(
+            read(1, &entry(1, 1025)),
+            Err(SnapshotError::TooMuchExtraData { size: 1025, .. })
+        ));
+        assert!(matches!(read(1, &entry(1, 1024)), Ok(_)));
+        // The second entry is missing: the table runs past the end.
+        assert!(matches!(read(2, &entry(1, 0)), Err(SnapshotError::Read(_))));
+    }
+}
