@@ -160,7 +160,7 @@ mod tests {
             read(1, &entry(1, 1025)),
             Err(SnapshotError::TooMuchExtraData { size: 1025, .. })
         ));
-        assert!(matches!(read(1, &entry(1, 1024)), Ok(_)));
+        assert!(read(1, &entry(1, 1024)).is_ok());
         // The second entry is missing: the table runs past the end.
         assert!(matches!(read(2, &entry(1, 0)), Err(SnapshotError::Read(_))));
     }
