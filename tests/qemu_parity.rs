@@ -6,7 +6,7 @@
 //!   from a source with a dirty bitmap, a `--sync top` backup with a
 //!   backing file, and a backup QEMU took internal snapshots of) is overwritten with a deterministic sample of values
 //!   (each bit flipped, 0x00, 0xff). Whenever `qemu-img info` refuses the
-//!   image, `verify`, `map`, `info` and `compare` refuse it too (one line,
+//!   image, `verify`, `map`, `info`, `compare` and `backup` refuse it too (one line,
 //!   no panic); whenever `verify` says OK, `qemu-img compare` against the
 //!   original says identical and `qemu-img check` is clean. The source's
 //!   bitmaps extension is mutated too (the reader alone: no manifest).

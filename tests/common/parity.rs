@@ -147,7 +147,8 @@ pub fn qemu_opens(dir: &Path, name: &str) -> bool {
 }
 
 /// What qbackup does with a damaged image: `None` when every command
-/// refuses it properly, else what went wrong.
+/// (`verify` when it has a manifest, `map`, `info`, `compare`, `backup`)
+/// refuses it properly, in one line naming it, else what went wrong.
 pub fn qbackup_refuses(dir: &Path, name: &str, original: &str) -> Option<String> {
     let v = qbackup(dir, &["verify", name]);
     let no_manifest = !dir.join(format!("{name}.manifest")).exists();
@@ -163,10 +164,12 @@ pub fn qbackup_refuses(dir: &Path, name: &str, original: &str) -> Option<String>
             ))
         }
     }
+    let target = format!("{name}.backup");
     for args in [
         vec!["map", "-f", "qcow2", name],
         vec!["info", "-f", "qcow2", name],
         vec!["compare", "-f", "qcow2", "-F", "qcow2", name, original],
+        vec!["backup", "-f", "qcow2", "--no-manifest", name, &target],
     ] {
         let out = qbackup(dir, &args);
         if out.status.success() || out.status.code() == Some(101) || !one_line(&out) {
@@ -181,6 +184,9 @@ pub fn qbackup_refuses(dir: &Path, name: &str, original: &str) -> Option<String>
         if !err.contains(name) {
             return Some(format!("{} does not name the file: {err}", args[0]));
         }
+    }
+    if dir.join(&target).exists() {
+        return Some("backup left a target".into());
     }
     None
 }
