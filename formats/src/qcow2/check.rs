@@ -57,20 +57,12 @@ impl MetadataReport {
     }
 }
 
-/// A host cluster whose COPIED flag must agree with its refcount.
-struct Copied {
-    cluster: u64,
-    flag: bool,
-    what: &'static str,
-    at: u64,
-}
-
 struct Checker<'a> {
     image: &'a Qcow2Image,
     cluster_bits: u32,
-    /// References per host cluster of the file.
-    refs: Vec<u32>,
-    copied: Vec<Copied>,
+    /// References per host cluster of the file (saturating, as QEMU's
+    /// 16-bit in-memory counts: 2 bytes a cluster).
+    refs: Vec<u16>,
     report: MetadataReport,
 }
 
@@ -98,7 +90,7 @@ impl Checker<'_> {
         }
     }
 
-    fn l1(&mut self, name: &str, offset: HostOffset, size: u32, active: bool) {
+    fn l1(&mut self, name: &str, offset: HostOffset, size: u32) {
         self.inc(&format!("{name} L1 table"), offset.0, u64::from(size) * 8);
         let l1 = match table::read(
             self.image.storage().as_ref(),
@@ -130,14 +122,6 @@ impl Checker<'_> {
                 ));
                 continue;
             }
-            if active && l2 != 0 {
-                self.copied.push(Copied {
-                    cluster: l2 >> self.cluster_bits,
-                    flag: e & COPIED != 0,
-                    what: "L2 table",
-                    at: l2,
-                });
-            }
             let mut raw = vec![0u8; cs as usize];
             if let Err(e) = self
                 .image
@@ -147,11 +131,11 @@ impl Checker<'_> {
                 self.report.push(format!("{name} L2 table: {e}"));
                 continue;
             }
-            self.l2(&table::decode(&raw), l2, active);
+            self.l2(&table::decode(&raw), l2);
         }
     }
 
-    fn l2(&mut self, t: &[u64], table_at: u64, active: bool) {
+    fn l2(&mut self, t: &[u64], table_at: u64) {
         let h = self.image.header();
         let (extended, data_file) = (h.extended_l2(), h.has_data_file());
         let step = if extended { 2 } else { 1 };
@@ -208,14 +192,65 @@ impl Checker<'_> {
             }
             if !data_file {
                 self.inc("data cluster", offset, cs);
-                if active {
-                    self.copied.push(Copied {
-                        cluster: offset >> self.cluster_bits,
-                        flag: entry & COPIED != 0,
-                        what: "data cluster",
-                        at: offset,
-                    });
+            }
+        }
+    }
+
+    /// QEMU's `check_oflag_copied`: the COPIED flag of every active L1
+    /// entry and of every allocated L2 entry says "refcount is exactly 1"
+    /// (a second pass over the active tables, so that nothing per cluster
+    /// is kept in memory).
+    fn copied_flags(&mut self, refcounts: &mut RefcountReader<'_>) {
+        let h = self.image.header();
+        let (cs, bits, extended) = (self.cluster_size(), self.cluster_bits, h.extended_l2());
+        let data_file = h.has_data_file();
+        let storage = self.image.storage().clone();
+        let file_clusters = self.refs.len() as u64;
+        let mut check = |report: &mut MetadataReport, what: &str, entry: u64, offset: u64| {
+            if offset % cs != 0 || offset >> bits >= file_clusters {
+                return; // reported already
+            }
+            let Ok(refcount) = refcounts.get(offset >> bits) else {
+                return; // reported already
+            };
+            let flag = entry & COPIED != 0;
+            if (refcount == 1) != flag {
+                report.push(format!(
+                    "{what} at host offset {offset}: COPIED flag {} but refcount {refcount}",
+                    if flag { "set" } else { "clear" }
+                ));
+            }
+        };
+        for &e in self.image.l1() {
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            check(&mut self.report, "L2 table", e, l2);
+            let mut raw = vec![0u8; cs as usize];
+            if l2 % cs != 0
+                || storage
+                    .read_exact_at("L2 table", &mut raw, HostOffset(l2))
+                    .is_err()
+            {
+                continue;
+            }
+            let step = if extended { 2 } else { 1 };
+            for entry in table::entries(&raw).step_by(step) {
+                let offset = entry & OFFSET_MASK;
+                if entry & COMPRESSED != 0 || offset == 0 {
+                    continue;
                 }
+                if data_file {
+                    // Data file clusters count as refcount 1 (QEMU).
+                    if entry & COPIED == 0 {
+                        self.report.push(format!(
+                            "data cluster at data file offset {offset}: COPIED flag clear but refcount 1"
+                        ));
+                    }
+                    continue;
+                }
+                check(&mut self.report, "data cluster", entry, offset);
             }
         }
     }
@@ -262,7 +297,6 @@ pub(crate) fn check(image: &Qcow2Image) -> Result<MetadataReport, Qcow2Error> {
         image,
         cluster_bits: h.cluster_bits,
         refs: vec![0; storage.len().div_ceil(cs) as usize],
-        copied: Vec::new(),
         report: MetadataReport::default(),
     };
     if h.incompatible_features & incompat::CORRUPT != 0 {
@@ -270,7 +304,7 @@ pub(crate) fn check(image: &Qcow2Image) -> Result<MetadataReport, Qcow2Error> {
             .push("the image is marked corrupt: QEMU found its metadata inconsistent".to_string());
     }
     c.inc("header", 0, cs);
-    c.l1("active", h.l1_table_offset, h.l1_size, true);
+    c.l1("active", h.l1_table_offset, h.l1_size);
     let snaps = snapshots::read_table(storage.as_ref(), &h)?;
     for (n, s) in snaps.snapshots.iter().enumerate() {
         if s.l1_table_offset.0 % cs != 0 {
@@ -285,12 +319,7 @@ pub(crate) fn check(image: &Qcow2Image) -> Result<MetadataReport, Qcow2Error> {
                 .push(format!("snapshot {n}: L1 table larger than 32 MiB"));
             continue;
         }
-        c.l1(
-            &format!("snapshot {n}"),
-            s.l1_table_offset,
-            s.l1_size,
-            false,
-        );
+        c.l1(&format!("snapshot {n}"), s.l1_table_offset, s.l1_size);
     }
     c.inc("snapshot table", h.snapshots_offset.0, snaps.len);
     c.inc(
@@ -346,40 +375,29 @@ pub(crate) fn check(image: &Qcow2Image) -> Result<MetadataReport, Qcow2Error> {
         h.cluster_bits,
         h.refcount_order,
     )?;
-    let mut stored = vec![0u64; c.refs.len()];
-    for (i, s) in stored.iter_mut().enumerate() {
-        match reader.get(i as u64) {
-            Ok(v) => *s = v,
+    for i in 0..c.refs.len() {
+        let s = match reader.get(i as u64) {
+            Ok(v) => v,
             Err(e) => {
                 c.report
                     .push(format!("cannot read the refcount of host cluster {i}: {e}"));
                 continue;
             }
-        }
+        };
         let r = u64::from(c.refs[i]);
-        if *s < r {
+        if s < r {
             c.report.push(format!(
                 "host cluster {i} (offset {}) has refcount {s} but {r} references",
                 (i as u64) << h.cluster_bits
             ));
-        } else if *s > r {
+        } else if s > r {
             c.report.push(format!(
                 "host cluster {i} (offset {}) is leaked: refcount {s}, {r} references",
                 (i as u64) << h.cluster_bits
             ));
         }
     }
-    for cp in std::mem::take(&mut c.copied) {
-        let refcount = stored.get(cp.cluster as usize).copied().unwrap_or(0);
-        if (refcount == 1) != cp.flag {
-            c.report.push(format!(
-                "{} at host offset {}: COPIED flag {} but refcount {refcount}",
-                cp.what,
-                cp.at,
-                if cp.flag { "set" } else { "clear" }
-            ));
-        }
-    }
+    c.copied_flags(&mut reader);
     Ok(c.report)
 }
 
