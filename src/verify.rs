@@ -217,10 +217,9 @@ fn check_metadata(opener: &dyn Opener, file: std::sync::Arc<dyn Storage>, report
     match result {
         Ok(m) => {
             for p in &m.problems {
-                report.chain_problems.push(format!(
-                    "{}: {p} (qemu-img check reports it)",
-                    name.display()
-                ));
+                report
+                    .chain_problems
+                    .push(format!("{}: {p}", name.display()));
             }
             if m.count > m.problems.len() as u64 {
                 report.chain_problems.push(format!(

@@ -301,7 +301,7 @@ pub(crate) fn check(image: &Qcow2Image) -> Result<MetadataReport, Qcow2Error> {
     };
     if h.incompatible_features & incompat::CORRUPT != 0 {
         c.report
-            .push("the image is marked corrupt: QEMU found its metadata inconsistent".to_string());
+            .push("the image is marked corrupt: QEMU found its metadata inconsistent (qemu-img check -r all clears the mark once the metadata is repaired)".to_string());
     }
     c.inc("header", 0, cs);
     c.l1("active", h.l1_table_offset, h.l1_size);
