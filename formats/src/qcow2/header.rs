@@ -1,10 +1,14 @@
-//! The qcow2 header (spec section "Header") and its header extensions
-//! (section "Header extensions"), decoded and encoded big-endian.
+//! The qcow2 header (spec section "Header"), decoded and encoded big-endian;
+//! its extensions are in `extensions.rs`.
 //!
-//! Decoding validates every field that later code uses for arithmetic, so the
-//! rest of the driver can rely on: 9 <= cluster_bits <= 21, refcount order
-//! <= 6, table offsets cluster-aligned, table sizes within QEMU's limits, and
-//! a virtual size that the L1 table can address.
+//! Decoding makes every check QEMU's `qcow2_do_open` makes on the header
+//! (so that every command refuses what qemu-img refuses to open, one line
+//! each), in QEMU's order, and validates every field later code uses for
+//! arithmetic, so the rest of the driver can rely on: 9 <= cluster_bits <=
+//! 21, refcount order <= 6, the L1, refcount and snapshot tables
+//! cluster-aligned, within QEMU's limits and ending below i64::MAX, a
+//! refcount table, a backing name inside the first cluster, and a virtual
+//! size that the L1 table can address.
 
 pub use super::extensions::encode_extension;
 use super::extensions::text;

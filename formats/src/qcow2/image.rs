@@ -2,8 +2,10 @@
 //! range?" as runs, and read guest data.
 //!
 //! Invariants after [`Qcow2Image::open`]: the header is valid (see
-//! `header.rs`), the L1 table lies inside the file and is loaded, and the
-//! external data file (if any) is open. L2 tables are read lazily into a
+//! `header.rs`), the L1 table lies inside the file and is loaded, the
+//! snapshot table and the bitmap directory pass QEMU's open-time checks,
+//! and the external data file (if any) is open. [`Qcow2Image::check_metadata`]
+//! goes further, as `qemu-img check` does (see `check.rs`). L2 tables are read lazily into a
 //! bounded cache shared by all threads; every table and cluster is checked to
 //! lie inside its file before use, so a damaged image fails loudly instead of
 //! reading zeros.
