@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use qbackup_formats::open::{resolve_backing, Opener};
+use qbackup_formats::open::Opener;
+use qbackup_formats::qcow2::Qcow2Image;
+use qbackup_formats::storage::Storage;
 use qbackup_formats::{Classify, ClusterIndex, ClusterSize, ErrorClass, GuestOffset};
 
 use crate::backup::copier::is_zero;
@@ -120,6 +122,9 @@ pub fn verify(opener: &dyn Opener, backup: &Path) -> Result<Report, VerifyError>
     };
     check_chain(source.as_ref(), &reader, &mut report);
     check_image_identity(source.as_ref(), &reader, &mut report);
+    for file in source.files() {
+        check_metadata(opener, file, &mut report);
+    }
     if !report.chain_problems.is_empty() && reader.meta().virtual_size != source.virtual_size() {
         return Ok(report);
     }
@@ -181,20 +186,55 @@ fn check_chain(source: &dyn SourceChecks, reader: &ManifestReader, report: &mut 
         ));
         return;
     }
-    let (Some(want), Some(name)) = (&meta.backing_manifest, &named) else {
+    if meta.backing_manifest.is_none() || named.is_none() {
         return;
-    };
-    let parent = resolve_backing(&report.backup, name);
-    match ManifestReader::open(&manifest::path_for(&parent)) {
-        Ok(m) if m.digest() == want => {}
-        Ok(_) => report.chain_problems.push(format!(
-            "{}: not the backup this one was made on (its manifest differs from the one recorded)",
-            parent.display()
-        )),
-        Err(e) => report.chain_problems.push(format!(
-            "{}: cannot check the parent this backup was made on: {e}",
-            parent.display()
-        )),
+    }
+    // Every ancestor, not just the parent: each must be the backup its
+    // child was made on, be the image the chain really opens at that
+    // depth, and be the image its own manifest was written for.
+    let layers = source.layer_names();
+    let files = source.files();
+    for (i, ancestor) in manifest::ancestry::ancestors(&report.backup, reader).enumerate() {
+        let ancestor = match ancestor {
+            Ok(a) => a,
+            Err(e) => {
+                report.chain_problems.push(e.to_string());
+                return;
+            }
+        };
+        let opened = layers.get(i + 1);
+        let same = opened.is_some_and(|l| {
+            l == &ancestor.backup
+                || std::fs::canonicalize(l).ok() == std::fs::canonicalize(&ancestor.backup).ok()
+        });
+        if !same {
+            report.chain_problems.push(format!(
+                "{}: the manifests name {} at depth {}, but the chain opens {}",
+                report.backup.display(),
+                ancestor.backup.display(),
+                i + 1,
+                opened.map_or("nothing".to_string(), |l| l.display().to_string())
+            ));
+            return;
+        }
+        if let (Some(recorded), Some(file)) = (
+            ancestor.manifest.image(),
+            files
+                .iter()
+                .find(|f| Some(&f.name().to_path_buf()) == opened),
+        ) {
+            let problem = match manifest::ImageIdentity::read(file.as_ref()) {
+                Ok(found) => recorded.difference(&found),
+                Err(e) => Some(format!("it cannot be read: {e}")),
+            };
+            if let Some(why) = problem {
+                report.chain_problems.push(format!(
+                    "{}: not the image {} was written for: {why}",
+                    ancestor.backup.display(),
+                    manifest::path_for(&ancestor.backup).display()
+                ));
+            }
+        }
     }
 }
 
@@ -214,6 +254,42 @@ fn check_image_identity(source: &dyn SourceChecks, reader: &ManifestReader, repo
             report.backup.display(),
             report.manifest.display()
         ));
+    }
+}
+
+/// Runs the qcow2 metadata check on `file` when it is a qcow2 image (the
+/// chain's raw files and data files have no metadata).
+fn check_metadata(opener: &dyn Opener, file: std::sync::Arc<dyn Storage>, report: &mut Report) {
+    let mut magic = [0u8; 4];
+    if file.len() < 4
+        || file
+            .read_exact_at("header", &mut magic, qbackup_formats::HostOffset(0))
+            .is_err()
+        || magic != *b"QFI\xfb"
+    {
+        return;
+    }
+    let name = file.name().to_path_buf();
+    let result = Qcow2Image::open(file, opener).and_then(|image| image.check_metadata());
+    match result {
+        Ok(m) => {
+            for p in &m.problems {
+                report
+                    .chain_problems
+                    .push(format!("{}: {p}", name.display()));
+            }
+            if m.count > m.problems.len() as u64 {
+                report.chain_problems.push(format!(
+                    "{}: ... and {} more metadata problems",
+                    name.display(),
+                    m.count - m.problems.len() as u64
+                ));
+            }
+        }
+        Err(e) => report.chain_problems.push(format!(
+            "{}: cannot check its metadata: {e}",
+            name.display()
+        )),
     }
 }
 

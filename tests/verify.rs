@@ -273,3 +273,34 @@ fn unusable_bitmap_falls_back_with_a_warning() {
     assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
     assert_verified(&s, "inc.qcow2");
 }
+
+/// Issue 19: only the direct parent's manifest was checked, so a
+/// grandparent swapped for another backup of the same size (manifest and
+/// all) verified OK. Every ancestor is checked now.
+#[test]
+fn a_replaced_grandparent_is_reported() {
+    let s = Scratch::new();
+    s.create("d.qcow2", "qcow2", 4 * MIB, "");
+    s.io("d.qcow2", "qcow2", &["write -P 0x11 0 1M"]);
+    s.backup(&["d.qcow2", "full.qcow2"]).assert_ok();
+    for (i, prev) in [(1, "full.qcow2"), (2, "inc1.qcow2")] {
+        s.io("d.qcow2", "qcow2", &[&format!("write -P 0x2{i} {i}M 64k")]);
+        let inc = format!("inc{i}.qcow2");
+        s.backup(&["--sync", "incremental", "--backing", prev, "d.qcow2", &inc])
+            .assert_ok();
+    }
+    assert_eq!(verify(&s, "inc2.qcow2").0, Some(0));
+    // Another disk's full backup of the same size takes full.qcow2's place.
+    s.create("other.qcow2", "qcow2", 4 * MIB, "");
+    s.io("other.qcow2", "qcow2", &["write -P 0x99 0 2M"]);
+    s.backup(&["other.qcow2", "o.qcow2"]).assert_ok();
+    std::fs::rename(s.path("o.qcow2"), s.path("full.qcow2")).unwrap();
+    std::fs::rename(s.path("o.qcow2.manifest"), s.path("full.qcow2.manifest")).unwrap();
+    let (code, v) = verify(&s, "inc2.qcow2");
+    assert_eq!(code, Some(1), "{v:#}");
+    let problems = v["chain-problems"].to_string();
+    assert!(
+        problems.contains("full.qcow2: not the backup inc1.qcow2 was made on"),
+        "{v:#}"
+    );
+}

@@ -29,26 +29,39 @@ pub struct Ancestor {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AncestryError {
     /// A manifest could not be opened or read.
-    #[error("{}: cannot check the backup {} was made on: {why}", backup.display(), child.display())]
+    #[error("{}: cannot check the backup {} was made on: {why}", backup.display(), child_name(child, *depth))]
     Unreadable {
         /// The parent backup.
         backup: PathBuf,
         /// Its child.
         child: PathBuf,
+        /// Levels above the backup walked from (1: its parent).
+        depth: usize,
         /// Why.
         why: String,
     },
     /// A parent's manifest is not the one its child recorded.
-    #[error("{}: not the backup {} was made on (its manifest differs from the one recorded)", backup.display(), child.display())]
+    #[error("{}: not the backup {} was made on (its manifest differs from the one recorded)", backup.display(), child_name(child, *depth))]
     Replaced {
         /// The parent backup.
         backup: PathBuf,
         /// Its child.
         child: PathBuf,
+        /// Levels above the backup walked from (1: its parent).
+        depth: usize,
     },
     /// The chain is deeper than [`MAX_DEPTH`].
     #[error("{}: the chain of backups is deeper than {MAX_DEPTH} levels", .0.display())]
     TooDeep(PathBuf),
+}
+
+/// "this one" for the backup the walk started at, else its name.
+fn child_name(child: &Path, depth: usize) -> String {
+    if depth == 1 {
+        "this one".to_string()
+    } else {
+        child.display().to_string()
+    }
 }
 
 /// The ancestors of `backup` (whose manifest is `manifest`), parent first,
@@ -102,13 +115,18 @@ impl Iterator for Ancestors {
                 return Some(Err(AncestryError::Unreadable {
                     backup,
                     child,
+                    depth: self.depth,
                     why: e.to_string(),
                 }));
             }
         };
         if manifest.digest() != want {
             self.done = true;
-            return Some(Err(AncestryError::Replaced { backup, child }));
+            return Some(Err(AncestryError::Replaced {
+                backup,
+                child,
+                depth: self.depth,
+            }));
         }
         self.next = next_of(&backup, &manifest);
         Some(Ok(Ancestor { backup, manifest }))

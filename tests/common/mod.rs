@@ -28,6 +28,7 @@ pub mod compare;
 pub mod content;
 pub mod map_info;
 pub mod oracle;
+pub mod parity;
 pub mod process;
 pub mod qcow2;
 pub mod run;

@@ -14,6 +14,7 @@ use super::bitmaps::BitmapError;
 use super::header::HeaderError;
 use super::l2::MappingError;
 use super::refcount::RefcountError;
+use super::snapshots::SnapshotError;
 
 /// Errors from a qcow2 image.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,9 @@ pub enum Qcow2Error {
     /// The bitmap directory is invalid.
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
+    /// The internal snapshot table is invalid.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// A dirty bitmap cannot be cleared, or clearing it failed.
     #[error(transparent)]
     ClearBitmap(#[from] ClearError),
@@ -68,6 +72,7 @@ impl Classify for Qcow2Error {
             Qcow2Error::Mapping(e) => e.class(),
             Qcow2Error::Refcount(e) => e.class(),
             Qcow2Error::Bitmap(e) => e.class(),
+            Qcow2Error::Snapshot(e) => e.class(),
             Qcow2Error::ClearBitmap(e) => e.class(),
             Qcow2Error::Decompress { source, .. } => source.class(),
             Qcow2Error::OpenDataFile { source, .. } => source.class(),

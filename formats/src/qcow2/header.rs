@@ -1,11 +1,17 @@
-//! The qcow2 header (spec section "Header") and its header extensions
-//! (section "Header extensions"), decoded and encoded big-endian.
+//! The qcow2 header (spec section "Header"), decoded and encoded big-endian;
+//! its extensions are in `extensions.rs`.
 //!
-//! Decoding validates every field that later code uses for arithmetic, so the
-//! rest of the driver can rely on: 9 <= cluster_bits <= 21, refcount order
-//! <= 6, table offsets cluster-aligned, table sizes within QEMU's limits, and
-//! a virtual size that the L1 table can address.
+//! Decoding makes every check QEMU's `qcow2_do_open` makes on the header
+//! (so that every command refuses what qemu-img refuses to open, one line
+//! each), in QEMU's order, and validates every field later code uses for
+//! arithmetic, so the rest of the driver can rely on: 9 <= cluster_bits <=
+//! 21, refcount order <= 6, the L1, refcount and snapshot tables
+//! cluster-aligned, within QEMU's limits and ending below i64::MAX, a
+//! refcount table, a backing name inside the first cluster, and a virtual
+//! size that the L1 table can address.
 
+pub use super::extensions::encode_extension;
+use super::extensions::text;
 use super::table::{be32, be64};
 use crate::codec::CompressionType;
 use crate::error::{Classify, ErrorClass};
@@ -56,6 +62,8 @@ pub mod ext {
     pub const BACKING_FORMAT: u32 = 0xe279_2aca;
     /// Bitmaps extension.
     pub const BITMAPS: u32 = 0x2385_2875;
+    /// Full disk encryption header pointer (LUKS only).
+    pub const CRYPTO: u32 = 0x0537_be77;
     /// External data file name.
     pub const DATA_FILE: u32 = 0x4441_5441;
 }
@@ -64,6 +72,10 @@ pub mod ext {
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// QEMU's limit on the refcount table size in bytes.
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// QEMU's limit on the number of internal snapshots.
+pub const MAX_SNAPSHOTS: u64 = 65536;
+/// Bytes of a snapshot table entry's fixed part.
+pub const SNAPSHOT_HEADER_LEN: u64 = 40;
 
 /// Errors found while decoding the header.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +178,8 @@ pub struct Header {
     pub bitmaps: Option<BitmapsExtension>,
     /// Backing file name (read from `backing_file_offset`).
     pub backing_file: Option<String>,
+    /// The LUKS header's place (offset, length), from the crypto extension.
+    pub crypto_header: Option<(HostOffset, u64)>,
 }
 
 /// The bitmaps header extension (spec "Bitmaps extension").
@@ -181,6 +195,46 @@ pub struct BitmapsExtension {
 
 fn invalid(field: &'static str, value: u64, why: &'static str) -> HeaderError {
     HeaderError::InvalidField { field, value, why }
+}
+
+/// QEMU's `qcow2_validate_table`: at most `max_bytes` of `entry_len`-byte
+/// entries, a cluster-aligned offset, and an end that fits in an i64.
+/// `name` is the table's field prefix in the spec (`l1_table`, ...).
+fn validate_table(
+    name: &'static str,
+    offset: HostOffset,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cluster_size: u64,
+) -> Result<(), HeaderError> {
+    let (count_field, offset_field, too_large) = match name {
+        "refcount_table" => (
+            "refcount_table_clusters",
+            "refcount_table_offset",
+            "refcount table larger than 8 MiB",
+        ),
+        "snapshots" => (
+            "nb_snapshots",
+            "snapshots_offset",
+            "more than 65536 snapshots",
+        ),
+        _ => ("l1_size", "l1_table_offset", "L1 table larger than 32 MiB"),
+    };
+    if entries > max_bytes / entry_len {
+        return Err(invalid(count_field, entries, too_large));
+    }
+    if offset.0 % cluster_size != 0 {
+        return Err(invalid(offset_field, offset.0, "not cluster aligned"));
+    }
+    if offset.0 > i64::MAX as u64 - entries * entry_len {
+        return Err(invalid(
+            offset_field,
+            offset.0,
+            "table end beyond the largest file offset",
+        ));
+    }
+    Ok(())
 }
 
 impl Header {
@@ -269,6 +323,7 @@ impl Header {
             data_file: None,
             bitmaps: None,
             backing_file: None,
+            crypto_header: None,
         };
         if version == 3 {
             if first.len() < 104 {
@@ -298,6 +353,15 @@ impl Header {
                     }
                 };
             }
+        }
+        // QEMU: "Invalid backing file offset" (the extension area ends
+        // there, so it cannot lie past the first cluster).
+        if h.backing_file_offset > cluster_size {
+            return Err(invalid(
+                "backing_file_offset",
+                h.backing_file_offset,
+                "past the first cluster",
+            ));
         }
         let unknown = h.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
@@ -342,59 +406,70 @@ impl Header {
                 "unknown method",
             ));
         }
+        if h.autoclear_features & autoclear::DATA_FILE_RAW != 0 && !h.has_data_file() {
+            return Err(invalid(
+                "autoclear_features",
+                h.autoclear_features,
+                "data-file-raw set without an external data file",
+            ));
+        }
         h.validate_tables(cluster_size)?;
-        h.decode_extensions(first)?;
+        super::extensions::decode(&mut h, first)?;
+        if h.crypt_method == 2 && h.crypto_header.is_none() {
+            return Err(invalid(
+                "crypt_method",
+                2,
+                "LUKS encryption without its crypto header extension",
+            ));
+        }
         h.decode_backing_name(first)?;
         Ok(h)
     }
 
+    /// QEMU's `qcow2_validate_table` for the refcount table, the snapshot
+    /// table and the L1 table, in QEMU's order, plus the L1 size check.
     fn validate_tables(&self, cluster_size: u64) -> Result<(), HeaderError> {
-        let aligned = |o: HostOffset| o.0 % cluster_size == 0;
-        if !aligned(self.l1_table_offset) {
+        if self.refcount_table_clusters == 0 {
             return Err(invalid(
-                "l1_table_offset",
-                self.l1_table_offset.0,
-                "not cluster aligned",
+                "refcount_table_clusters",
+                0,
+                "the image has no refcount table",
             ));
         }
-        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(invalid(
-                "l1_size",
-                self.l1_size.into(),
-                "L1 table larger than 32 MiB",
-            ));
+        validate_table(
+            "refcount_table",
+            self.refcount_table_offset,
+            self.refcount_table_clusters.into(),
+            cluster_size,
+            MAX_REFTABLE_BYTES,
+            cluster_size,
+        )?;
+        // Checked even without snapshots, as QEMU does.
+        validate_table(
+            "snapshots",
+            self.snapshots_offset,
+            self.nb_snapshots.into(),
+            SNAPSHOT_HEADER_LEN,
+            SNAPSHOT_HEADER_LEN * MAX_SNAPSHOTS,
+            cluster_size,
+        )?;
+        validate_table(
+            "l1_table",
+            self.l1_table_offset,
+            self.l1_size.into(),
+            8,
+            MAX_L1_BYTES,
+            cluster_size,
+        )?;
+        if self.size > (1u64 << 62) {
+            return Err(invalid("size", self.size, "virtual size too large"));
         }
-        let l2_coverage = self.l2_coverage();
-        let needed = self.size.div_ceil(l2_coverage);
+        let needed = self.size.div_ceil(self.l2_coverage());
         if u64::from(self.l1_size) < needed {
             return Err(invalid(
                 "l1_size",
                 self.l1_size.into(),
                 "L1 table too small for the virtual size",
-            ));
-        }
-        if self.size > (1u64 << 62) {
-            return Err(invalid("size", self.size, "virtual size too large"));
-        }
-        if !aligned(self.refcount_table_offset) {
-            return Err(invalid(
-                "refcount_table_offset",
-                self.refcount_table_offset.0,
-                "not cluster aligned",
-            ));
-        }
-        if u64::from(self.refcount_table_clusters) * cluster_size > MAX_REFTABLE_BYTES {
-            return Err(invalid(
-                "refcount_table_clusters",
-                self.refcount_table_clusters.into(),
-                "refcount table larger than 8 MiB",
-            ));
-        }
-        if self.nb_snapshots > 0 && !aligned(self.snapshots_offset) {
-            return Err(invalid(
-                "snapshots_offset",
-                self.snapshots_offset.0,
-                "not cluster aligned",
             ));
         }
         Ok(())
@@ -404,63 +479,6 @@ impl Header {
     /// not at the end of the first cluster (messages name the right limit).
     fn cut_by_eof(&self, first: &[u8]) -> bool {
         (first.len() as u64) < (1u64 << self.cluster_bits.min(63))
-    }
-
-    fn decode_extensions(&mut self, first: &[u8]) -> Result<(), HeaderError> {
-        let past = if self.cut_by_eof(first) {
-            "runs past the end of the file"
-        } else {
-            "runs past the first cluster"
-        };
-        // Like QEMU: the extension area ends where the backing file name
-        // begins (old v2 images put the name right after the header).
-        let end = match self.backing_file_offset {
-            0 => first.len(),
-            o => (o.min(first.len() as u64) as usize).max(self.header_length as usize),
-        };
-        let mut at = self.header_length as usize;
-        loop {
-            if at + 8 > end {
-                // QEMU treats a missing end marker at the cluster's end as the end.
-                return Ok(());
-            }
-            let kind = be32(first, at);
-            let len = be32(first, at + 4) as usize;
-            let bad = |why| HeaderError::BadExtension {
-                kind,
-                offset: at as u64,
-                why,
-            };
-            if kind == ext::END {
-                return Ok(());
-            }
-            let data_at = at + 8;
-            if len > end - data_at {
-                return Err(bad(past));
-            }
-            let data = &first[data_at..data_at + len];
-            match kind {
-                ext::BACKING_FORMAT => self.backing_format = Some(text(data).map_err(bad)?),
-                ext::DATA_FILE => self.data_file = Some(text(data).map_err(bad)?),
-                ext::BITMAPS => {
-                    if len != 24 {
-                        return Err(bad("bitmaps extension must be 24 bytes"));
-                    }
-                    if be32(data, 4) != 0 {
-                        return Err(bad("reserved field is not zero"));
-                    }
-                    self.bitmaps = Some(BitmapsExtension {
-                        nb_bitmaps: be32(data, 0),
-                        directory_size: be64(data, 8),
-                        directory_offset: HostOffset(be64(data, 16)),
-                    });
-                }
-                // Feature names, the crypto header pointer and unknown
-                // extensions need no decoding to read the image.
-                _ => {}
-            }
-            at = data_at + len.div_ceil(8) * 8;
-        }
     }
 
     fn decode_backing_name(&mut self, first: &[u8]) -> Result<(), HeaderError> {
@@ -524,183 +542,6 @@ impl Header {
     }
 }
 
-/// Encodes one header extension: type, length, data padded to 8 bytes.
-pub fn encode_extension(kind: u32, data: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(8 + data.len().div_ceil(8) * 8);
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    b.resize(8 + data.len().div_ceil(8) * 8, 0);
-    b
-}
-
-fn text(data: &[u8]) -> Result<String, &'static str> {
-    let data = match data.iter().position(|&c| c == 0) {
-        Some(n) => &data[..n],
-        None => data,
-    };
-    String::from_utf8(data.to_vec()).map_err(|_| "name is not UTF-8")
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A minimal valid v3 header for a 1 MiB image with 64 KiB clusters.
-    pub(crate) fn fixture() -> Vec<u8> {
-        let h = Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: 16,
-            size: 1 << 20,
-            crypt_method: 0,
-            l1_size: 1,
-            l1_table_offset: HostOffset(0x30000),
-            refcount_table_offset: HostOffset(0x10000),
-            refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: HostOffset(0),
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: V3_HEADER_LEN,
-            compression_type: CompressionType::Zlib,
-            backing_format: None,
-            data_file: None,
-            bitmaps: None,
-            backing_file: None,
-        };
-        let mut b = h.encode_v3();
-        b.resize(65536, 0);
-        b
-    }
-
-    fn put32(b: &mut [u8], at: usize, v: u32) {
-        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    }
-
-    #[test]
-    fn decodes_round_trip() {
-        let b = fixture();
-        let h = Header::decode(&b, b.len() as u64).unwrap();
-        assert_eq!(h.cluster_size(), 65536);
-        assert_eq!(h.encode_v3(), b[..112].to_vec());
-    }
-
-    #[test]
-    fn rejects_bad_fields() {
-        let cases: Vec<(usize, u32, &str)> = vec![
-            (0, 0x1234, "magic"),
-            (4, 4, "version"),
-            (20, 8, "cluster_bits"),
-            (20, 22, "cluster_bits"),
-            (36, 0, "l1_size"),
-            (96, 7, "refcount_order"),
-            (100, 50, "header_length"),
-            (32, 9, "crypt_method"),
-        ];
-        for (at, v, what) in cases {
-            let mut b = fixture();
-            put32(&mut b, at, v);
-            assert!(Header::decode(&b, b.len() as u64).is_err(), "{what}");
-        }
-        let mut b = fixture();
-        b[72 + 7] = 0x80; // unknown incompatible bit 7
-        assert!(matches!(
-            Header::decode(&b, b.len() as u64),
-            Err(HeaderError::UnknownFeatures(0x80))
-        ));
-        let mut b = fixture();
-        b[47] = 1; // unaligned L1 offset
-        assert!(Header::decode(&b, b.len() as u64).is_err());
-    }
-
-    #[test]
-    fn decodes_extensions_and_backing() {
-        let mut b = fixture();
-        let mut ext_area = encode_extension(ext::BACKING_FORMAT, b"raw");
-        ext_area.extend(encode_extension(ext::DATA_FILE, b"/data.img"));
-        ext_area.extend(encode_extension(ext::END, b""));
-        b[112..112 + ext_area.len()].copy_from_slice(&ext_area);
-        let name = b"base.qcow2";
-        b[512..512 + name.len()].copy_from_slice(name);
-        b[8..16].copy_from_slice(&512u64.to_be_bytes());
-        put32(&mut b, 16, name.len() as u32);
-        let h = Header::decode(&b, b.len() as u64).unwrap();
-        assert_eq!(h.backing_format.as_deref(), Some("raw"));
-        assert_eq!(h.data_file.as_deref(), Some("/data.img"));
-        assert_eq!(h.backing_file.as_deref(), Some("base.qcow2"));
-    }
-
-    /// Regression: an old v2 image with its backing name right after the
-    /// header (no extensions) must not have the name parsed as extensions.
-    #[test]
-    fn v2_backing_name_right_after_header() {
-        let mut b = fixture();
-        put32(&mut b, 4, 2);
-        b[72..112].fill(0);
-        let name = b"base-image.qcow2";
-        b[72..72 + name.len()].copy_from_slice(name);
-        b[8..16].copy_from_slice(&72u64.to_be_bytes());
-        put32(&mut b, 16, name.len() as u32);
-        let h = Header::decode(&b, b.len() as u64).unwrap();
-        assert_eq!(h.backing_file.as_deref(), Some("base-image.qcow2"));
-    }
-
-    #[test]
-    fn rejects_extension_past_cluster() {
-        let mut b = fixture();
-        put32(&mut b, 112, ext::BACKING_FORMAT);
-        put32(&mut b, 116, 70000);
-        assert!(matches!(
-            Header::decode(&b, b.len() as u64),
-            Err(HeaderError::BadExtension { .. })
-        ));
-    }
-
-    #[test]
-    fn truncated_file() {
-        let b = fixture();
-        assert!(Header::decode(&b[..50], 50).is_err());
-    }
-
-    /// Regression: a file cut inside a header extension (or its backing
-    /// name) is reported as running past the end of the file, not past the
-    /// first cluster.
-    #[test]
-    fn cut_file_names_the_end_of_the_file() {
-        let mut b = fixture();
-        put32(&mut b, 112, ext::BACKING_FORMAT);
-        put32(&mut b, 116, 64);
-        let cut = &b[..140];
-        let err = Header::decode(cut, cut.len() as u64)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("past the end of the file"), "{err}");
-        assert!(
-            Header::decode(&b, b.len() as u64).is_ok(),
-            "the whole cluster holds the extension"
-        );
-        let mut b = fixture();
-        b[8..16].copy_from_slice(&512u64.to_be_bytes());
-        put32(&mut b, 16, 10);
-        let cut = &b[..515];
-        let err = Header::decode(cut, cut.len() as u64)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("runs past the end of the file"), "{err}");
-    }
-
-    /// Regression: a backing name made of NUL bytes is no backing file, as
-    /// QEMU reads it (it used to name the image's own directory).
-    #[test]
-    fn nul_backing_name_is_no_backing_file() {
-        let mut b = fixture();
-        b[8..16].copy_from_slice(&512u64.to_be_bytes());
-        put32(&mut b, 16, 8);
-        let h = Header::decode(&b, b.len() as u64).unwrap();
-        assert_eq!(h.backing_file, None);
-    }
-}
+#[path = "header_tests.rs"]
+pub(crate) mod tests;

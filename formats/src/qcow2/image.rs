@@ -2,8 +2,10 @@
 //! range?" as runs, and read guest data.
 //!
 //! Invariants after [`Qcow2Image::open`]: the header is valid (see
-//! `header.rs`), the L1 table lies inside the file and is loaded, and the
-//! external data file (if any) is open. L2 tables are read lazily into a
+//! `header.rs`), the L1 table lies inside the file and is loaded, the
+//! snapshot table and the bitmap directory pass QEMU's open-time checks,
+//! and the external data file (if any) is open. [`Qcow2Image::check_metadata`]
+//! goes further, as `qemu-img check` does (see `check.rs`). L2 tables are read lazily into a
 //! bounded cache shared by all threads; every table and cluster is checked to
 //! lie inside its file before use, so a damaged image fails loudly instead of
 //! reading zeros.
@@ -23,6 +25,7 @@ use super::error::Qcow2Error;
 use super::header::{autoclear, incompat, Header};
 use super::l2::{self, CompressedDescriptor, EntryFormat, MappingError, SubclusterKind};
 use super::refcount::{RefcountError, RefcountReader};
+use super::snapshots;
 use super::table;
 
 /// Bytes of L2 tables the cache may hold (per image: each layer of a chain
@@ -167,6 +170,8 @@ impl Qcow2Image {
             data_file: header.has_data_file(),
             v3: header.version >= 3,
         };
+        // As QEMU: the snapshot table is read (and refused) at open.
+        snapshots::read_table(storage.as_ref(), &header)?;
         let bitmaps = load_bitmap_directory(storage.as_ref(), &header)?;
         let l2_cache_max = (L2_CACHE_BYTES >> header.cluster_bits).max(L2_CACHE_MIN_TABLES);
         Ok(Qcow2Image {
@@ -182,6 +187,14 @@ impl Qcow2Image {
             prealloc: Mutex::new(None),
             refcount_damage: Mutex::new(None),
         })
+    }
+
+    /// Checks the image's metadata as `qemu-img check` does (see
+    /// `check.rs`): references against refcounts, reserved bits, the
+    /// COPIED flag, the corrupt bit. Fails only when the refcount table or
+    /// the snapshot table cannot be read.
+    pub fn check_metadata(&self) -> Result<super::MetadataReport, Qcow2Error> {
+        super::check::check(self)
     }
 
     /// The L1 table's entries.

@@ -8,15 +8,19 @@
 pub(crate) mod bitmap_clear;
 pub(crate) mod bitmap_data;
 pub(crate) mod bitmaps;
+mod check;
 mod error;
+mod extensions;
 pub(crate) mod header;
 mod image;
 pub(crate) mod l2;
 mod layer;
 pub(crate) mod refcount;
+pub(crate) mod snapshots;
 pub(crate) mod table;
 pub mod writer;
 
+pub use check::MetadataReport;
 pub use error::{ClearError, Qcow2Error};
 pub use image::Qcow2Image;
 pub use layer::{BitmapSummary, Qcow2Info};

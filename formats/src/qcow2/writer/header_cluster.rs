@@ -53,6 +53,7 @@ pub(super) fn header_cluster(
         data_file: None,
         bitmaps: None,
         backing_file: None,
+        crypto_header: None,
     };
     let mut extensions = Vec::new();
     if let Some(b) = &opts.backing {
