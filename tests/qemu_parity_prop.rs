@@ -64,7 +64,8 @@ fn metadata_flips_verify_ok_implies_check_clean_and_identical() {
 
     let t = backups();
     let d = t.path();
-    let names = ["full.qcow2", "top.qcow2", "snap.qcow2"];
+    // (snap.qcow2 has no manifest: QEMU's snapshots rewrote it.)
+    let names = ["full.qcow2", "top.qcow2"];
     let regions: Vec<Vec<(u64, u64)>> =
         names.iter().map(|n| metadata_regions(&d.join(n))).collect();
     let originals: Vec<Vec<u8>> = names.iter().map(|n| fs::read(d.join(n)).unwrap()).collect();

@@ -112,11 +112,14 @@ pub fn backups() -> tempfile::TempDir {
         ],
     );
     // A backup QEMU took internal snapshots of (its clusters shared, so
-    // refcounts of 2 and cleared COPIED flags), manifest alike.
+    // refcounts of 2 and cleared COPIED flags). QEMU rewrote it, so it is
+    // no longer the image its manifest was written for (verify says so):
+    // it goes without a manifest, for the reader alone.
     copy(d, "full.qcow2", "snap.qcow2");
+    fs::remove_file(d.join("snap.qcow2.manifest")).unwrap();
     ok(d, "qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"]);
     ok(d, "qemu-img", &["snapshot", "-c", "second", "snap.qcow2"]);
-    for b in ["full.qcow2", "top.qcow2", "snap.qcow2"] {
+    for b in ["full.qcow2", "top.qcow2"] {
         let v = qbackup(d, &["verify", b]);
         assert!(v.status.success(), "fresh {b} does not verify");
     }
