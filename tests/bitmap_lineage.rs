@@ -154,3 +154,73 @@ fn a_bitmap_without_a_record_falls_back() {
     );
     assert_identical(s.dir(), "d.qcow2", "qcow2", "inc.qcow2", "qcow2");
 }
+
+/// kill -9 at every step of a bitmap incremental that clears the bitmap
+/// (reading, writing, publishing, recording the new generation, clearing):
+/// whatever state the kill leaves (no backup, a backup with the bitmap not
+/// cleared, the record written but the bitmap not cleared, both done), the
+/// next incremental onto the newest backup that exists is exact. Delays
+/// are spread evenly over an uninterrupted run's duration, and beyond it.
+#[test]
+fn kill_9_at_every_step_never_loses_a_write() {
+    use std::time::Instant;
+    let s = Scratch::new();
+    cycle(&s, "d.qcow2", "full.qcow2");
+    // How long one clearing incremental takes here.
+    s.io("d.qcow2", "qcow2", &["write -P 0x30 1M 256k"]);
+    let started = Instant::now();
+    incremental(&s, &[], "nightly", "d.qcow2", "full.qcow2", "probe.qcow2").assert_ok();
+    let whole = started.elapsed();
+    let mut prev = "probe.qcow2".to_string();
+    let (mut killed, mut published) = (0, 0);
+    const STEPS: u32 = 24;
+    for i in 0..STEPS {
+        s.io(
+            "d.qcow2",
+            "qcow2",
+            &[&format!("write -P {} {}k 64k", 0x40 + i, 64 * (i % 100))],
+        );
+        let target = format!("k{i}.qcow2");
+        let args: Vec<String> = [
+            "backup",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "nightly",
+            "--backing",
+            &prev,
+            "d.qcow2",
+            &target,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (mut child, _) = common::run::spawn_qbackup(s.dir(), &args);
+        std::thread::sleep(whole * (i + 1) / (STEPS - 4));
+        if child.try_wait().unwrap().is_none() {
+            killed += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // Only a complete backup with its manifest is a parent to build on.
+        if s.path(&target).exists() && s.path(&format!("{target}.manifest")).exists() {
+            published += 1;
+            prev = target;
+        }
+        // The next one onto the newest backup is exact, by bitmap or not.
+        s.io(
+            "d.qcow2",
+            "qcow2",
+            &[&format!("write -P {} {}k 4k", 0x80 + i, 64 * (i % 100) + 8)],
+        );
+        let next = format!("n{i}.qcow2");
+        let run = incremental(&s, &[], "nightly", "d.qcow2", &prev, &next);
+        run.assert_ok();
+        assert_identical(s.dir(), "d.qcow2", "qcow2", &next, "qcow2");
+        assert_check_clean(s.dir(), "d.qcow2");
+        prev = next;
+    }
+    eprintln!("{STEPS} runs: {killed} killed while running, {published} published before the kill ({whole:?} a run)");
+    assert!(killed > 0, "no run was killed: the delays are too long");
+}
