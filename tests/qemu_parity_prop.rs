@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::Mutex;
 
-use common::parity::{backups, copy, verify_ok_is_restorable, CLUSTER};
+use common::parity::{backups, copy, ok, splitmix, verify_ok_is_restorable, CLUSTER};
 use common::qcow2::{read_u64, Layout};
 
 /// The metadata of `backup`: (file offset, bytes in use) of its L1 table,
@@ -49,6 +49,41 @@ fn metadata_regions(path: &Path) -> Vec<(u64, u64)> {
     out
 }
 
+/// `big.qcow2`: a backup of a 64 MiB disk with 12 MiB of incompressible
+/// data in 48 scattered pieces (a 12 MiB file, many L2 entries), with its
+/// manifest.
+fn big_backup(d: &Path) {
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "big-src.qcow2", "64M"],
+    );
+    let noise: Vec<u8> = (0..256 * 1024u64)
+        .map(|i| (splitmix(i ^ 0xb16) >> 11) as u8)
+        .collect();
+    fs::write(d.join("big-noise.bin"), noise).unwrap();
+    let cmds: Vec<String> = (0..48u64)
+        .map(|i| {
+            format!(
+                "write -s big-noise.bin {} 256k",
+                (i * 1_300_000) / 65536 * 65536
+            )
+        })
+        .collect();
+    let mut args = vec!["-f", "qcow2"];
+    for c in &cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push("big-src.qcow2");
+    ok(d, "qemu-io", &args);
+    ok(
+        d,
+        env!("CARGO_BIN_EXE_qbackup"),
+        &["backup", "-q", "big-src.qcow2", "big.qcow2"],
+    );
+    assert!(fs::metadata(d.join("big.qcow2")).unwrap().len() > 8 << 20);
+}
+
 /// One byte change: which backup, which region, where in it (in the used
 /// part or anywhere in the cluster), and the bits to flip.
 type Flip = (usize, usize, u32, bool, u8);
@@ -64,8 +99,13 @@ fn metadata_flips_verify_ok_implies_check_clean_and_identical() {
 
     let t = backups();
     let d = t.path();
-    // (snap.qcow2 has no manifest: QEMU's snapshots rewrote it.)
-    let names = ["full.qcow2", "top.qcow2"];
+    // (snap.qcow2 has no manifest: QEMU's snapshots rewrote it.) The
+    // manifest's image identity covers the whole of a file up to 4 MiB, so
+    // every flip in the small backups is caught by it; big.qcow2 is larger
+    // (identity: both ends and samples), so most flips in its metadata must
+    // be caught by verify's metadata check and CRCs instead.
+    big_backup(d);
+    let names = ["full.qcow2", "top.qcow2", "big.qcow2"];
     let regions: Vec<Vec<(u64, u64)>> =
         names.iter().map(|n| metadata_regions(&d.join(n))).collect();
     let originals: Vec<Vec<u8>> = names.iter().map(|n| fs::read(d.join(n)).unwrap()).collect();
