@@ -131,9 +131,25 @@ fn a_running_backup_keeps_writers_out() {
         s.dir(),
         &["backup", "--speed", "256k", "d.qcow2", "out.qcow2"],
     );
-    // Wait until qbackup holds its lock on byte 201 (QEMU's "write not
-    // shared"), which makes qemu-io's read-write open fail.
+    // Wait until qbackup holds its locks (seen in /proc/locks, without
+    // opening the image: a writer probing in a loop could hold its own lock
+    // at the moment qbackup opens, and make qbackup refuse instead).
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(s.path("d.qcow2")).unwrap());
     let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(&format!(":{ino} ")))
+    {
+        assert!(
+            backup.try_wait().unwrap().is_none(),
+            "qbackup ended before it locked the image"
+        );
+        assert!(Instant::now() < deadline, "qbackup never locked the image");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Then QEMU's "write not shared" lock (byte 201) makes qemu-io's
+    // read-write open fail.
     let err = loop {
         let out = run_unchecked(
             Command::new("qemu-io")
