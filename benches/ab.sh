@@ -4,9 +4,9 @@
 # round), so a noisy shared machine affects both alike. Prints the median
 # wall time of each case and binary, with min-max, and B/A.
 #
-# Input (DEVELOPERS.md): the ext4 image of benches/compare.sh (built here
-# when WORKDIR lacks it), its 10 % overlay for --sync top, and qemu-img
-# convert -c (zstd) as the reference row.
+# Input: benches/input.sh (the realistic ext4 image and its 10 % overlay
+# for --sync top, built when WORKDIR lacks them), and qemu-img convert -c
+# (zstd) as the reference row.
 # Usage: benches/ab.sh A_BINARY B_BINARY [WORKDIR]   (ROUNDS=N, default 5)
 set -euo pipefail
 
@@ -15,19 +15,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 work=${3:-$(mktemp -d /tmp/qbackup-bench.XXXXXX)}
 rounds=${ROUNDS:-5}
 mkdir -p "$work"
+# shellcheck source=benches/input.sh
+. "$here/benches/input.sh"
 cd "$work"
-if [ ! -f disk.qcow2 ]; then
-    echo "building the input image in $work ..." >&2
-    mke2fs -q -t ext4 -d /usr/lib/x86_64-linux-gnu -F disk.raw 3G
-    qemu-img convert -O qcow2 disk.raw disk.qcow2
-fi
-if [ ! -f top.qcow2 ]; then
-    # ~10 % of the allocated data rewritten with pieces of the disk itself.
-    qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 top.qcow2
-    for i in $(seq 0 24); do
-        qemu-io -f qcow2 -c "write -P $((i + 1)) $((i * 96))M 4M" top.qcow2 >/dev/null
-    done
-fi
+bench_disk
+bench_top
 
 # case NAME BIN: the command line of case NAME run with BIN.
 case_cmd() {

@@ -24,30 +24,11 @@ qb="$here/target/release/qbackup"
 limit="$here/target/release/examples/codec_limit"
 threads=$(nproc)
 
+# shellcheck source=benches/input.sh
+. "$here/benches/input.sh"
 cd "$work"
-if [ ! -f disk.qcow2 ]; then
-    echo "building the input image in $work ..." >&2
-    mke2fs -q -t ext4 -d /usr/lib/x86_64-linux-gnu -F disk.raw 3G
-    qemu-img convert -O qcow2 disk.raw disk.qcow2
-fi
-if [ ! -f top.qcow2 ]; then
-    # An overlay with ~10% of the allocated data rewritten, with real content
-    # (pieces of the disk itself, shifted) so that it compresses realistically.
-    qemu-img create -q -f qcow2 -b disk.qcow2 -F qcow2 top.qcow2
-    alloc=$(qemu-img map --output=json disk.qcow2 | python3 -c '
-import json,sys
-print(sum(e["length"] for e in json.load(sys.stdin) if e["data"]))')
-    chunk=$((4 << 20))
-    n=$((alloc / 10 / chunk))
-    cmds=()
-    for i in $(seq 0 $((n - 1))); do
-        off=$(( (i * 2654435761 % (3072 / 4)) * chunk ))
-        src=$(( ((i * 40503 + 17) % (600 / 4)) * chunk ))
-        dd if=disk.raw of=chunk.bin bs=$chunk skip=$((src / chunk)) count=1 status=none
-        qemu-io -f qcow2 -c "write -s chunk.bin $off $chunk" top.qcow2 >/dev/null
-    done
-    rm -f chunk.bin
-fi
+bench_disk
+bench_top
 
 # measure CMD... : median wall and CPU seconds, peak RSS KiB, into globals
 measure() {

@@ -29,12 +29,10 @@ cd "$here"
 cargo build --release --quiet
 qb="$here/target/release/qbackup"
 
+# shellcheck source=benches/input.sh
+. "$here/benches/input.sh"
 cd "$work"
-if [ ! -f disk.qcow2 ]; then
-    echo "building the input image in $work ..." >&2
-    mke2fs -q -t ext4 -d /usr/lib/x86_64-linux-gnu -F disk.raw 3G
-    qemu-img convert -O qcow2 disk.raw disk.qcow2
-fi
+bench_disk
 [ -f disk.raw ] || qemu-img convert -O raw disk.qcow2 disk.raw
 
 rm -f src.qcow2 full.qcow2* bare.qcow2* ov.qcow2 inc.qcow2* hinc.qcow2* out.q chunk-*.bin

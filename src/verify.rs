@@ -121,7 +121,14 @@ pub fn verify(opener: &dyn Opener, backup: &Path) -> Result<Report, VerifyError>
         Err(e) => return Err(e.into()),
     };
     check_chain(source.as_ref(), &reader, &mut report);
-    check_image_identity(source.as_ref(), &reader, &mut report);
+    let (backup, manifest_path) = (report.backup.clone(), report.manifest.clone());
+    let top = source.files().into_iter().next();
+    check_image_identity(
+        (&backup, &manifest_path),
+        reader.image(),
+        top.as_deref(),
+        &mut report,
+    );
     for file in source.files() {
         check_metadata(opener, file, &mut report);
     }
@@ -217,42 +224,40 @@ fn check_chain(source: &dyn SourceChecks, reader: &ManifestReader, report: &mut 
             ));
             return;
         }
-        if let (Some(recorded), Some(file)) = (
+        let file = files
+            .iter()
+            .find(|f| Some(&f.name().to_path_buf()) == opened);
+        let manifest_path = manifest::path_for(&ancestor.backup);
+        check_image_identity(
+            (&ancestor.backup, &manifest_path),
             ancestor.manifest.image(),
-            files
-                .iter()
-                .find(|f| Some(&f.name().to_path_buf()) == opened),
-        ) {
-            let problem = match manifest::ImageIdentity::read(file.as_ref()) {
-                Ok(found) => recorded.difference(&found),
-                Err(e) => Some(format!("it cannot be read: {e}")),
-            };
-            if let Some(why) = problem {
-                report.chain_problems.push(format!(
-                    "{}: not the image {} was written for: {why}",
-                    ancestor.backup.display(),
-                    manifest::path_for(&ancestor.backup).display()
-                ));
-            }
-        }
+            file.map(|f| f.as_ref()),
+            report,
+        );
     }
 }
 
-/// The image file is the one the manifest was written for (see
-/// [`manifest::ImageIdentity`]).
-fn check_image_identity(source: &dyn SourceChecks, reader: &ManifestReader, report: &mut Report) {
-    let (Some(recorded), Some(top)) = (reader.image(), source.files().into_iter().next()) else {
+/// The image `file` of `backup` is the one its manifest (`manifest`, which
+/// recorded `recorded`) was written for (see [`manifest::ImageIdentity`]);
+/// nothing to check when either is missing.
+fn check_image_identity(
+    (backup, manifest): (&Path, &Path),
+    recorded: Option<&manifest::ImageIdentity>,
+    file: Option<&dyn Storage>,
+    report: &mut Report,
+) {
+    let (Some(recorded), Some(file)) = (recorded, file) else {
         return;
     };
-    let problem = match manifest::ImageIdentity::read(top.as_ref()) {
+    let problem = match manifest::ImageIdentity::read(file) {
         Ok(found) => recorded.difference(&found),
         Err(e) => Some(format!("it cannot be read: {e}")),
     };
     if let Some(why) = problem {
         report.chain_problems.push(format!(
             "{}: not the image {} was written for: {why}",
-            report.backup.display(),
-            report.manifest.display()
+            backup.display(),
+            manifest.display()
         ));
     }
 }

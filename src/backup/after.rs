@@ -101,11 +101,7 @@ impl AfterDurable for ClearBitmap {
         self.clear = Some(Prepared {
             clear: source.prepare_bitmap_clear(&self.name)?,
             image: source.name().to_path_buf(),
-            identity: source
-                .files()
-                .first()
-                .and_then(|f| f.identity())
-                .map(|i| (i.dev, i.ino)),
+            identity: source.identity(),
         });
         Ok(())
     }

@@ -253,12 +253,7 @@ fn fits_previous(
         // Refused later: an incremental needs the previous backup.
         return Ok(());
     };
-    let identity = source
-        .files()
-        .first()
-        .and_then(|f| f.identity())
-        .map(|i| (i.dev, i.ino));
-    let Some(identity) = identity else {
+    let Some(identity) = source.identity() else {
         return Err(lineage::Mismatch::Chain {
             why: format!("{}: its identity cannot be read", source.name().display()),
         });

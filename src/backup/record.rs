@@ -144,11 +144,7 @@ pub fn start(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         source: cfg.source.display().to_string(),
-        source_identity: source
-            .files()
-            .first()
-            .and_then(|f| f.identity())
-            .map(|i| (i.dev, i.ino)),
+        source_identity: source.identity(),
         virtual_size: size,
         cluster_size: about.cluster_size.bytes(),
         sync: about.mode.name().to_string(),

@@ -105,6 +105,13 @@ pub trait SourceChecks: Source {
     /// is one of them).
     fn files(&self) -> Vec<Arc<dyn Storage>>;
 
+    /// The top image's device and inode, when it is a local file: what a
+    /// manifest records as the source, and a bitmap record as its image.
+    fn identity(&self) -> Option<(u64, u64)> {
+        let top = self.files().into_iter().next()?;
+        top.identity().map(|i| (i.dev, i.ino))
+    }
+
     /// The images of the source that QEMU marked corrupt (read anyway, as
     /// QEMU reads them read-only).
     fn marked_corrupt(&self) -> Vec<PathBuf>;
