@@ -12,5 +12,6 @@ pub mod compare;
 pub mod info;
 pub mod manifest;
 pub mod map;
+pub mod set;
 pub mod source;
 pub mod verify;

@@ -109,6 +109,8 @@ pub struct BackupConfig {
     /// `qemu-img create -u`); the caller vouches that it will resolve to
     /// the right image.
     pub backing_unchecked: bool,
+    /// The backup's identity, chosen by the caller (`None`: a fresh one).
+    pub id: Option<String>,
 }
 
 /// What a finished backup did (the CLI formats it).

@@ -138,7 +138,11 @@ pub fn start(
     };
     let size = source.virtual_size();
     let meta = Meta {
-        id: manifest::new_id().map_err(|e| io("read /dev/urandom for the backup's identity", e))?,
+        id: match &cfg.id {
+            Some(id) => id.clone(),
+            None => manifest::new_id()
+                .map_err(|e| io("read /dev/urandom for the backup's identity", e))?,
+        },
         tool: format!("qbackup {}", env!("CARGO_PKG_VERSION")),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -105,6 +105,7 @@ pub struct BackupRequest {
     backing: Option<String>,
     backing_unchecked: bool,
     force_share: bool,
+    id: Option<String>,
 }
 
 /// Chainable setters, one per field of the same name: each takes the
@@ -156,6 +157,7 @@ impl BackupRequest {
             backing: None,
             backing_unchecked: false,
             force_share: false,
+            id: None,
         }
     }
 
@@ -213,6 +215,11 @@ impl BackupRequest {
         /// Top: the backing file name to record. Incremental: the
         /// previous backup.
         backing: String;
+        /// The backup's identity, for a caller that names files by it
+        /// before the backup exists (a backup set): 32 lowercase hex
+        /// digits, as [`crate::manifest::new_id`] makes (`None`: a fresh
+        /// one).
+        id: String;
     }
 
     /// Checks every rule and returns the configuration to run, with the
@@ -271,6 +278,12 @@ impl BackupRequest {
         if self.backing_unchecked && (self.sync != SyncMode::Top || self.backing.is_none()) {
             return Err(RequestError::BackingUncheckedMisplaced);
         }
+        if let Some(id) = &self.id {
+            let hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+            if id.len() != 32 || !id.chars().all(hex) {
+                return Err(RequestError::BadId(id.clone()));
+            }
+        }
         let clear_bitmap = self.clear_bitmap()?;
         Ok(BackupConfig {
             threads: self.threads.unwrap_or(cores.min(MAX_THREADS)),
@@ -295,6 +308,7 @@ impl BackupRequest {
             recompress: self.recompress,
             backing: self.backing,
             backing_unchecked: self.backing_unchecked,
+            id: self.id,
         })
     }
 
@@ -495,6 +509,24 @@ mod tests {
     fn speed_rule() {
         assert_eq!(err(req().speed(0)), RequestError::ZeroSpeed);
         assert_eq!(ok(req().speed(1)).speed, Some(1));
+    }
+
+    #[test]
+    fn id_rule() {
+        let id = "0123456789abcdef0123456789abcdef".to_string();
+        assert_eq!(ok(req().id(id.clone())).id, Some(id));
+        assert_eq!(ok(req()).id, None);
+        for bad in [
+            "",
+            "0123",
+            "0123456789ABCDEF0123456789ABCDEF",
+            "../../../../../../../../etc/passw",
+        ] {
+            assert_eq!(
+                err(req().id(bad.to_string())),
+                RequestError::BadId(bad.to_string())
+            );
+        }
     }
 
     #[test]

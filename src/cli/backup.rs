@@ -242,6 +242,8 @@ pub fn usage_text(e: &RequestError) -> String {
             backup::request::MAX_THREADS
         ),
         E::ZeroSpeed => "--speed must be positive".into(),
+        // Only library callers (a backup set, the QMP orchestrator) set it.
+        E::BadId(_) => e.to_string(),
         E::BackingWithFull => "--backing only applies to --sync top and incremental".into(),
         E::BackingUncheckedMisplaced => "--backing-unchecked only applies to --sync top --backing NAME".into(),
         E::BitmapModeWithoutBitmap => "--bitmap-mode needs --bitmap NAME".into(),

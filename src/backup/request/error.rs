@@ -66,6 +66,9 @@ pub enum RequestError {
     /// A rate limit of 0 bytes per second.
     #[error("the speed limit must be positive")]
     ZeroSpeed,
+    /// A backup identity that is not 32 lowercase hex digits.
+    #[error("a backup identity must be 32 lowercase hex digits, not {0:?}")]
+    BadId(String),
     /// A backing file with sync full.
     #[error("a backing file only applies to sync top and incremental")]
     BackingWithFull,
