@@ -1,0 +1,408 @@
+//! One cycle after recovery: plan each disk, freeze and export (running
+//! domain) or open the image files (shut off), pull every disk into the
+//! set, then commit (end the job, drop superseded checkpoints) or roll
+//! back (end the job, delete this cycle's checkpoint and files). The
+//! libvirt-specific steps are `begin`, `end_job` and the checkpoint calls;
+//! `pull` is the generic per-disk backup.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use super::plan::{self, Mode};
+use super::{
+    api, domain_err, io_err, remove_backup, sync_dir, write_durably, xml, DiskResult, LibvirtError,
+    LibvirtReport, LibvirtRequest, PENDING,
+};
+use crate::backup::{self, BackupRequest, BitmapMode, Cancel, SyncMode};
+use crate::set::layout::{DiskDir, Entry};
+use qbackup_formats::open::FileOpener;
+use virt::domain::Domain;
+
+/// A cycle in progress: what rollback must undo.
+pub(super) struct Cycle<'a> {
+    pub req: &'a LibvirtRequest,
+    pub dom: &'a Domain,
+    /// This cycle's backups' identity (and checkpoint's name).
+    pub id: String,
+    /// Backups this cycle wrote.
+    pub files: Vec<PathBuf>,
+    pub running: bool,
+}
+
+/// One disk's plan.
+struct Planned {
+    disk: xml::DomainDisk,
+    latest: Option<Entry>,
+    mode: Mode,
+    reason: String,
+}
+
+/// No progress display (the CLI prints one line per disk).
+struct Quiet;
+impl backup::Progress for Quiet {
+    fn advance(&self, _bytes: u64) {}
+}
+
+impl Cycle<'_> {
+    pub fn run(
+        &mut self,
+        all: &[xml::DomainDisk],
+        chosen: &[xml::DomainDisk],
+        cancel: &Cancel,
+        note: &mut dyn FnMut(String),
+    ) -> Result<LibvirtReport, LibvirtError> {
+        let name = &self.req.domain;
+        let checkpoints = if self.running {
+            api::checkpoints(self.dom).map_err(domain_err(name, "list its checkpoints"))?
+        } else {
+            vec![]
+        };
+        let mut planned = Vec::new();
+        for d in chosen {
+            let latest = DiskDir::new(&self.req.set, &d.target).latest()?;
+            let size = self.size(d)?;
+            let covered = match &latest {
+                Some(e) if self.running => {
+                    let cp = plan::checkpoint_name(&e.meta.id);
+                    api::checkpoint_xml(self.dom, &cp)
+                        .map_err(domain_err(name, "read a checkpoint"))?
+                        .and_then(|x| xml::checkpoint_disks(&x).ok())
+                        .is_some_and(|ds| ds.contains(&d.target))
+                }
+                _ => false,
+            };
+            let state = plan::DiskState {
+                disk: &d.target,
+                latest: latest.as_ref(),
+                size,
+                running: self.running,
+                checkpoints: &checkpoints,
+                covered,
+            };
+            let (mode, reason) = plan::decide(self.req.sync, &state).map_err(|reason| {
+                LibvirtError::NoIncremental {
+                    disk: d.target.clone(),
+                    reason,
+                }
+            })?;
+            planned.push(Planned {
+                disk: d.clone(),
+                latest,
+                mode,
+                reason,
+            });
+        }
+        write_durably(&self.req.set.join(PENDING), &format!("{}\n", self.id))?;
+        let started = SystemTime::now();
+        let mut sources: Vec<(String, Option<String>)> = Vec::new();
+        let mut socket = None;
+        if self.running {
+            let (sock, exports) = self.begin(all, &mut planned, note)?;
+            for p in &planned {
+                let e = exports.iter().find(|e| e.disk == p.disk.target);
+                let Some(e) = e else {
+                    return Err(LibvirtError::Domain {
+                        domain: name.clone(),
+                        action: format!("export {}", p.disk.target),
+                        message: "libvirt's backup job does not export it".into(),
+                    });
+                };
+                sources.push((
+                    format!("nbd+unix:///{}?socket={}", e.name, sock.display()),
+                    e.bitmap.clone(),
+                ));
+            }
+            socket = Some(sock);
+        } else {
+            for p in &planned {
+                let src = p.disk.source.clone().expect("chosen disks have an image");
+                sources.push((src.to_string_lossy().into_owned(), None));
+            }
+        }
+        let mut disks = Vec::new();
+        for (p, (source, bitmap)) in planned.iter().zip(sources) {
+            let (report, mode_word, reason) = self.pull(p, &source, bitmap, started, cancel)?;
+            disks.push(DiskResult {
+                disk: p.disk.target.clone(),
+                sync: mode_word,
+                reason,
+                report,
+            });
+        }
+        // Every disk is durable: the cycle commits here.
+        let record = self.req.set.join(PENDING);
+        std::fs::remove_file(&record).map_err(io_err(&record, "remove"))?;
+        sync_dir(&self.req.set)?;
+        self.files.clear();
+        let checkpoint = if self.running {
+            self.end_job(note);
+            if let Some(s) = socket {
+                let _ = std::fs::remove_file(s);
+            }
+            self.drop_superseded(note);
+            Some(plan::checkpoint_name(&self.id))
+        } else {
+            None
+        };
+        Ok(LibvirtReport {
+            domain: name.clone(),
+            running: self.running,
+            checkpoint,
+            disks,
+        })
+    }
+
+    /// The disk's size now.
+    fn size(&self, d: &xml::DomainDisk) -> Result<u64, LibvirtError> {
+        if self.running {
+            let info = self
+                .dom
+                .block_info(&d.target, 0)
+                .map_err(domain_err(&self.req.domain, "read a disk's size"))?;
+            return Ok(info.capacity);
+        }
+        let src = d.source.as_deref().expect("chosen disks have an image");
+        let format = match d.format.as_deref() {
+            Some("raw") => Some(qbackup_formats::Format::Raw),
+            Some("qcow2") => Some(qbackup_formats::Format::Qcow2),
+            _ => None,
+        };
+        let chain =
+            qbackup_formats::Chain::open(src, format).map_err(|e| LibvirtError::Request {
+                disk: d.target.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(chain.virtual_size())
+    }
+
+    /// Starts the pull-mode job with this cycle's checkpoint; an
+    /// incremental libvirt refuses (an inconsistent bitmap after a crash)
+    /// is retried as a comparison by content. Returns the socket and the
+    /// exports.
+    fn begin(
+        &mut self,
+        all: &[xml::DomainDisk],
+        planned: &mut [Planned],
+        note: &mut dyn FnMut(String),
+    ) -> Result<(PathBuf, Vec<xml::Export>), LibvirtError> {
+        let name = self.req.domain.clone();
+        let scratch = self.scratch_dir(planned)?;
+        let short: String = self.id.chars().take(8).collect();
+        let socket = scratch.join(format!("{}{short}.sock", plan::PREFIX));
+        let chosen: Vec<String> = planned.iter().map(|p| p.disk.target.clone()).collect();
+        let others: Vec<String> = all
+            .iter()
+            .filter(|d| !chosen.contains(&d.target) && d.device == "disk")
+            .map(|d| d.target.clone())
+            .collect();
+        let checkpoint = xml::checkpoint(&plan::checkpoint_name(&self.id), &chosen, &others);
+        let job_disks = |planned: &[Planned]| -> Vec<xml::JobDisk> {
+            planned
+                .iter()
+                .map(|p| xml::JobDisk {
+                    name: p.disk.target.clone(),
+                    incremental: match &p.mode {
+                        Mode::Bitmap { checkpoint } => Some(checkpoint.clone()),
+                        _ => None,
+                    },
+                    scratch: scratch.join(format!(
+                        "{}{short}-{}.qcow2",
+                        plan::PREFIX,
+                        p.disk.target
+                    )),
+                })
+                .collect()
+        };
+        let first = api::backup_begin(
+            self.dom,
+            &xml::backup(&socket, &job_disks(planned), &others),
+            &checkpoint,
+        );
+        if let Err(e) = first {
+            let by_bitmap = planned
+                .iter()
+                .any(|p| matches!(p.mode, Mode::Bitmap { .. }));
+            if !by_bitmap {
+                return Err(domain_err(&name, "start the backup job")(e));
+            }
+            for p in planned.iter_mut() {
+                if let Mode::Bitmap { checkpoint } = &p.mode {
+                    p.reason = format!(
+                        "libvirt refused the incremental from {checkpoint} ({}): compared by content",
+                        e.message()
+                    );
+                    note(format!("{}: {}", p.disk.target, p.reason));
+                    p.mode = Mode::Content;
+                }
+            }
+            api::backup_begin(
+                self.dom,
+                &xml::backup(&socket, &job_disks(planned), &others),
+                &checkpoint,
+            )
+            .map_err(domain_err(&name, "start the backup job"))?;
+        }
+        let x = api::backup_xml(self.dom)
+            .map_err(domain_err(&name, "read its backup job"))?
+            .unwrap_or_default();
+        let job = xml::job(&x).map_err(|message| LibvirtError::Domain {
+            domain: name.clone(),
+            action: "read its backup job".into(),
+            message,
+        })?;
+        Ok((socket, job.exports))
+    }
+
+    /// The scratch directory: `--scratch`, or `SET/.qbackup-scratch`
+    /// made private (0700) and, when run as root, given to the owner of
+    /// the domain's first image (QEMU's user under libvirt), who must
+    /// write the scratch files and the socket there.
+    fn scratch_dir(&self, planned: &[Planned]) -> Result<PathBuf, LibvirtError> {
+        if let Some(s) = &self.req.scratch {
+            return Ok(s.clone());
+        }
+        let dir = self.req.set.join(".qbackup-scratch");
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir, "create the scratch directory"))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&dir, "make the scratch directory private"))?;
+            let owner = planned.iter().find_map(|p| {
+                p.disk
+                    .source
+                    .as_deref()
+                    .and_then(|s| std::fs::metadata(s).ok())
+            });
+            if let Some(m) = owner {
+                if rustix::process::geteuid().is_root() && m.uid() != 0 {
+                    std::os::unix::fs::chown(&dir, Some(m.uid()), Some(m.gid()))
+                        .map_err(io_err(&dir, "give the scratch directory to QEMU's user"))?;
+                }
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Backs up one disk from `source` into the set.
+    fn pull(
+        &mut self,
+        p: &Planned,
+        source: &str,
+        bitmap: Option<String>,
+        started: SystemTime,
+        cancel: &Cancel,
+    ) -> Result<(backup::BackupReport, &'static str, String), LibvirtError> {
+        let dir = DiskDir::new(&self.req.set, &p.disk.target);
+        dir.create()?;
+        let target = dir.backup_path(started, &self.id);
+        let mut r = BackupRequest::new(source, &target)
+            .id(self.id.clone())
+            .threads(self.req.threads)
+            .speed(self.req.speed);
+        let previous = p
+            .latest
+            .as_ref()
+            .map(|e| e.path.to_string_lossy().into_owned());
+        r = match &p.mode {
+            Mode::Full => r.sync(SyncMode::Full),
+            Mode::Bitmap { .. } => r
+                .sync(SyncMode::Incremental)
+                .backing(previous)
+                .bitmap(bitmap)
+                .bitmap_mode(BitmapMode::Never),
+            Mode::Content => r.sync(SyncMode::Incremental).backing(previous),
+        };
+        if !self.running && p.disk.format.as_deref() == Some("raw") {
+            r = r.source_format(qbackup_formats::Format::Raw);
+        }
+        let cfg = r.validate().map_err(|e| LibvirtError::Request {
+            disk: p.disk.target.clone(),
+            message: e.to_string(),
+        })?;
+        self.files.push(target.clone());
+        let report =
+            backup::run(&cfg, &FileOpener, vec![], &Quiet, &mut |_| {}, cancel).map_err(|e| {
+                LibvirtError::Backup {
+                    disk: p.disk.target.clone(),
+                    source: Box::new(e),
+                }
+            })?;
+        let (word, reason) = match &report.fallback {
+            Some(why) => (
+                Mode::Content.word(),
+                format!("{} (bitmap unusable: {why})", p.reason),
+            ),
+            None => (p.mode.word(), p.reason.clone()),
+        };
+        Ok((report, word, reason))
+    }
+
+    /// Ends the backup job (the export and scratch files go; the new
+    /// checkpoint stays). A failure is reported, not fatal: the backups
+    /// are durable.
+    fn end_job(&self, note: &mut dyn FnMut(String)) {
+        if let Err(e) = api::abort_job(self.dom) {
+            note(format!(
+                "domain {}: could not end the backup job: {} (virsh domjobabort {} ends it)",
+                self.req.domain,
+                e.message(),
+                self.req.domain
+            ));
+        }
+    }
+
+    /// Deletes the qbackup checkpoints no disk's newest backup is named
+    /// after.
+    fn drop_superseded(&self, note: &mut dyn FnMut(String)) {
+        let name = &self.req.domain;
+        let Ok(cps) = api::checkpoints(self.dom) else {
+            return;
+        };
+        let mut keep = vec![self.id.clone()];
+        if let Ok(dirs) = std::fs::read_dir(&self.req.set) {
+            for d in dirs.flatten() {
+                let fname = d.file_name().to_string_lossy().into_owned();
+                if fname.starts_with('.') || !d.path().is_dir() {
+                    continue;
+                }
+                if let Ok(Some(e)) = DiskDir::new(&self.req.set, &fname).latest() {
+                    keep.push(e.meta.id);
+                }
+            }
+        }
+        for cp in plan::stale(&cps, &keep) {
+            if let Err(e) = api::delete_checkpoint(self.dom, &cp) {
+                note(format!(
+                    "domain {name}: could not delete superseded checkpoint {cp}: {}",
+                    e.message()
+                ));
+            }
+        }
+    }
+
+    /// Undoes the cycle: ends the job, deletes its checkpoint (its bitmap
+    /// merges into the parent's) and its files, then the record.
+    pub fn rollback(&mut self, note: &mut dyn FnMut(String)) {
+        let name = &self.req.domain;
+        if self.running {
+            if let Ok(Some(_)) = api::backup_xml(self.dom) {
+                self.end_job(note);
+            }
+            let cp = plan::checkpoint_name(&self.id);
+            if let Err(e) = api::delete_checkpoint(self.dom, &cp) {
+                note(format!(
+                    "domain {name}: could not delete checkpoint {cp} of the failed run: {} (the next run retries)",
+                    e.message()
+                ));
+                return;
+            }
+        }
+        for f in std::mem::take(&mut self.files) {
+            if let Err(e) = remove_backup(&f) {
+                note(format!("{e} (the next run retries)"));
+                return;
+            }
+        }
+        let _ = std::fs::remove_file(self.req.set.join(PENDING));
+    }
+}
