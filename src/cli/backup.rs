@@ -21,6 +21,8 @@ enum SyncArg {
     Full,
     Top,
     Incremental,
+    /// --libvirt only: incremental when possible, else full.
+    Auto,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,8 +70,9 @@ pub struct BackupArgs {
     /// what changed since the previous backup (--backing PREV): what the
     /// source's dirty bitmap marks (--bitmap), or else every cluster whose
     /// content differs from PREV's manifest.
-    #[arg(long, value_enum, default_value = "full")]
-    sync: SyncArg,
+    /// (Default full; with --libvirt: auto.)
+    #[arg(long, value_enum)]
+    sync: Option<SyncArg>,
     /// The source's persistent dirty bitmap (or an NBD export's
     /// qemu:dirty-bitmap:NAME context). --sync incremental copies what it
     /// marks; --sync full starts a new cycle by clearing it.
@@ -167,22 +170,26 @@ pub struct BackupArgs {
     /// an NBD export instead.
     #[arg(short = 'U', long)]
     force_share: bool,
-    /// The image to back up.
+    #[command(flatten)]
+    libvirt: super::libvirt::LibvirtArgs,
+    /// The image to back up (with --libvirt: the backup set's directory).
     source: PathBuf,
     /// Where to write the backup.
-    target: PathBuf,
+    #[arg(required_unless_present = "libvirt", conflicts_with = "libvirt")]
+    target: Option<PathBuf>,
 }
 
 impl BackupArgs {
     /// The flags as the library's request (nothing checked yet).
     fn request(&self) -> BackupRequest {
-        BackupRequest::new(&self.source, &self.target)
+        BackupRequest::new(&self.source, self.target.clone().unwrap_or_default())
             .source_format(self.format.map(Into::into))
             .target_format(self.target_format.into())
             .sync(match self.sync {
-                SyncArg::Full => SyncMode::Full,
-                SyncArg::Top => SyncMode::Top,
-                SyncArg::Incremental => SyncMode::Incremental,
+                // auto is refused in run() without --libvirt.
+                None | Some(SyncArg::Full | SyncArg::Auto) => SyncMode::Full,
+                Some(SyncArg::Top) => SyncMode::Top,
+                Some(SyncArg::Incremental) => SyncMode::Incremental,
             })
             .bitmap(self.bitmap.clone())
             .bitmap_mode(self.bitmap_mode.map(|m| match m {
@@ -262,6 +269,12 @@ pub fn usage_text(e: &RequestError) -> String {
 /// Runs the backup; exit status 0, or 3 when ranges could not be read
 /// (`--on-source-error ignore`).
 pub fn run(args: BackupArgs) -> Result<u8> {
+    if args.libvirt.libvirt.is_some() {
+        return super::libvirt::run(&args.libvirt, libvirt_common(&args)?);
+    }
+    if args.sync == Some(SyncArg::Auto) {
+        return Err(UsageError("--sync auto applies to --libvirt DOMAIN only".into()).into());
+    }
     let (quiet, output) = (args.quiet, args.output);
     let files = super::Files::new(args.force_share);
     let reporter = Reporter::new(args.progress);
@@ -322,6 +335,26 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         status::SUCCESS
     } else {
         status::UNREADABLE
+    })
+}
+
+/// The backup flags a libvirt cycle takes.
+fn libvirt_common(args: &BackupArgs) -> Result<super::libvirt::Common> {
+    use super::libvirt::Sync;
+    Ok(super::libvirt::Common {
+        sync: match args.sync {
+            None | Some(SyncArg::Auto) => Sync::Auto,
+            Some(SyncArg::Full) => Sync::Full,
+            Some(SyncArg::Incremental) => Sync::Incremental,
+            Some(SyncArg::Top) => {
+                return Err(UsageError("--sync top does not apply to --libvirt".into()).into())
+            }
+        },
+        set: args.source.clone(),
+        threads: args.threads,
+        speed: args.speed,
+        quiet: args.quiet,
+        output: args.output,
     })
 }
 
