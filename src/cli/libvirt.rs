@@ -143,7 +143,7 @@ pub(super) fn run(args: &LibvirtArgs, common: Common) -> Result<u8> {
                     d.disk,
                     d.sync,
                     d.reason,
-                    super::report::human(&d.report)
+                    super::report::human(&d.report).trim_start_matches("qbackup: ")
                 );
             }
         }

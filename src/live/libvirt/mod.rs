@@ -204,6 +204,8 @@ pub fn run(
     cancel: &Cancel,
     note: &mut dyn FnMut(String),
 ) -> Result<LibvirtReport, LibvirtError> {
+    // Errors are returned, not printed by libvirt's default handler.
+    virt::error::clear_error_callback();
     let conn = Connect::open(req.uri.as_deref()).map_err(|e| LibvirtError::Connect {
         uri: req.uri.clone().unwrap_or_else(|| "default".into()),
         message: e.message().to_string(),
@@ -213,6 +215,14 @@ pub fn run(
         .lookup_domain_by_name(name)
         .map_err(domain_err(name, "look it up"))?;
     std::fs::create_dir_all(&req.set).map_err(io_err(&req.set, "create the set directory"))?;
+    // libvirt takes absolute paths only (scratch files, the socket).
+    let mut req = req.clone();
+    req.set = std::fs::canonicalize(&req.set).map_err(io_err(&req.set, "resolve"))?;
+    if let Some(s) = &req.scratch {
+        std::fs::create_dir_all(s).map_err(io_err(s, "create the scratch directory"))?;
+        req.scratch = Some(std::fs::canonicalize(s).map_err(io_err(s, "resolve"))?);
+    }
+    let req = &req;
     let running = dom
         .is_active()
         .map_err(domain_err(name, "read its state"))?;
