@@ -171,7 +171,7 @@ pub struct BackupArgs {
     #[arg(short = 'U', long)]
     force_share: bool,
     #[command(flatten)]
-    libvirt: super::libvirt::LibvirtArgs,
+    libvirt: Box<super::libvirt::LibvirtArgs>,
     /// The image to back up (with --libvirt: the backup set's directory).
     source: PathBuf,
     /// Where to write the backup.

@@ -104,7 +104,18 @@ pub(super) fn run(args: &LibvirtArgs, common: Common) -> Result<u8> {
     .collect();
     status::record_signals(&signals)?;
     crate::signals::watch(Arc::clone(&cancel), &signals)?;
-    let report = libvirt::run(&req, &cancel, &mut |line| eprintln!("qbackup: {line}"))?;
+    let report = libvirt::run(&req, &cancel, &mut |line| eprintln!("qbackup: {line}")).map_err(
+        |e| -> anyhow::Error {
+            use qbackup_formats::{Classify, ErrorClass};
+            match e {
+                // The backup's own error (it names the disk's backup file),
+                // so that a signal maps to its exit status.
+                libvirt::LibvirtError::Backup { source, .. } => anyhow::Error::from(*source),
+                e if e.class() == ErrorClass::Usage => status::UsageError(e.to_string()).into(),
+                e => e.into(),
+            }
+        },
+    )?;
     for d in &report.disks {
         for w in &d.report.warnings {
             eprintln!("qbackup: warning: {}: {w}", d.disk);

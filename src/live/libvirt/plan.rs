@@ -109,7 +109,7 @@ pub fn decide(policy: SyncPolicy, s: &DiskState) -> Result<(Mode, String), Strin
             "the domain is shut off: its image compared with the previous backup".into(),
         ));
     }
-    if !s.checkpoints.iter().any(|c| *c == name) {
+    if !s.checkpoints.contains(&name) {
         return Ok((
             Mode::Content,
             format!("checkpoint {name} of the previous backup is gone (checkpoint deleted, domain redefined, or taken while shut off): compared by content"),
