@@ -43,6 +43,7 @@ pub enum Sync {
 }
 
 /// What `backup --libvirt` takes from the other backup flags.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(super) struct Common {
     /// `--sync`.
     pub(super) sync: Sync,
