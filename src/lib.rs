@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod compare;
 pub mod info;
+pub mod live;
 pub mod manifest;
 pub mod map;
 pub mod set;

@@ -17,10 +17,13 @@ use super::status::{self, UsageError};
 use super::{report, size, FormatArg, OutputArg};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum SyncArg {
+pub(super) enum SyncArg {
     Full,
     Top,
     Incremental,
+    /// With --qmp: incremental when the set holds a backup of the disk,
+    /// else full.
+    Auto,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,9 +70,24 @@ pub struct BackupArgs {
     /// What to copy: everything, only the top layer of the chain, or only
     /// what changed since the previous backup (--backing PREV): what the
     /// source's dirty bitmap marks (--bitmap), or else every cluster whose
-    /// content differs from PREV's manifest.
-    #[arg(long, value_enum, default_value = "full")]
-    sync: SyncArg,
+    /// content differs from PREV's manifest. Default full; with --qmp,
+    /// auto (incremental when the set has a backup of the disk).
+    #[arg(long, value_enum)]
+    pub(super) sync: Option<SyncArg>,
+    /// Back up a running VM through QEMU's QMP socket (its -qmp
+    /// unix:PATH,server=on): every disk frozen at one point in time, pulled
+    /// into the backup set directory DIR (the one path argument). See
+    /// docs/live-vms.md.
+    #[arg(long, value_name = "SOCKET")]
+    pub(super) qmp: Option<PathBuf>,
+    /// With --qmp: back up this disk (a device id or node name); repeat for
+    /// more. Default: every writable, non-removable disk.
+    #[arg(long = "disk", value_name = "NAME", requires = "qmp")]
+    pub(super) disks: Vec<String>,
+    /// With --qmp: the directory for the fleecing images (default:
+    /// DIR/.qbackup-scratch). It must have room for each disk's size.
+    #[arg(long, value_name = "DIR", requires = "qmp")]
+    pub(super) scratch: Option<PathBuf>,
     /// The source's persistent dirty bitmap (or an NBD export's
     /// qemu:dirty-bitmap:NAME context). --sync incremental copies what it
     /// marks; --sync full starts a new cycle by clearing it.
@@ -167,22 +185,51 @@ pub struct BackupArgs {
     /// an NBD export instead.
     #[arg(short = 'U', long)]
     force_share: bool,
-    /// The image to back up.
-    source: PathBuf,
-    /// Where to write the backup.
-    target: PathBuf,
+    /// The image to back up (with --qmp: the backup set directory).
+    #[arg(value_name = "SOURCE")]
+    pub(super) source: PathBuf,
+    /// Where to write the backup (not with --qmp).
+    #[arg(value_name = "TARGET")]
+    pub(super) target: Option<PathBuf>,
 }
 
 impl BackupArgs {
+    /// The first flag given that a live backup (--qmp) decides itself or
+    /// cannot use.
+    pub(super) fn not_for_live(&self) -> Option<&'static str> {
+        [
+            (self.backing.is_some(), "--backing"),
+            (self.backing_unchecked, "--backing-unchecked"),
+            (self.bitmap.is_some(), "--bitmap"),
+            (self.bitmap_mode.is_some(), "--bitmap-mode"),
+            (self.allow_disabled_bitmap, "--allow-disabled-bitmap"),
+            (self.require_bitmap, "--require-bitmap"),
+            (self.format.is_some(), "-f"),
+            (self.no_create, "-n"),
+            (self.force_share, "-U"),
+            (self.force, "--force"),
+            (self.no_manifest, "--no-manifest"),
+            (matches!(self.target_format, FormatArg::Raw), "-O raw"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
+    /// The progress mode, the quiet flag.
+    pub(super) fn display(&self) -> (Option<ProgressArg>, bool) {
+        (self.progress, self.quiet)
+    }
+
     /// The flags as the library's request (nothing checked yet).
-    fn request(&self) -> BackupRequest {
-        BackupRequest::new(&self.source, &self.target)
+    pub(super) fn request(&self) -> BackupRequest {
+        let target = self.target.clone().unwrap_or_default();
+        BackupRequest::new(&self.source, target)
             .source_format(self.format.map(Into::into))
             .target_format(self.target_format.into())
             .sync(match self.sync {
-                SyncArg::Full => SyncMode::Full,
-                SyncArg::Top => SyncMode::Top,
-                SyncArg::Incremental => SyncMode::Incremental,
+                None | Some(SyncArg::Full | SyncArg::Auto) => SyncMode::Full,
+                Some(SyncArg::Top) => SyncMode::Top,
+                Some(SyncArg::Incremental) => SyncMode::Incremental,
             })
             .bitmap(self.bitmap.clone())
             .bitmap_mode(self.bitmap_mode.map(|m| match m {
@@ -259,17 +306,17 @@ pub fn usage_text(e: &RequestError) -> String {
     }
 }
 
-/// Runs the backup; exit status 0, or 3 when ranges could not be read
-/// (`--on-source-error ignore`).
-pub fn run(args: BackupArgs) -> Result<u8> {
-    let (quiet, output) = (args.quiet, args.output);
-    let files = super::Files::new(args.force_share);
-    let reporter = Reporter::new(args.progress);
-    let cfg = args
-        .request()
-        .validate()
-        .map_err(|e| UsageError(usage_text(&e)))?;
-    let cancel = Arc::new(backup::Cancel::new());
+/// Routes SIGINT, SIGTERM and SIGHUP (less those ignored at start) to
+/// `cancel`.
+pub(super) fn watch_signals(cancel: &Arc<backup::Cancel>) -> Result<()> {
+    watch_signals_with_grace(cancel, None)
+}
+
+/// [`watch_signals`], with `grace` instead of the default grace period.
+pub(super) fn watch_signals_with_grace(
+    cancel: &Arc<backup::Cancel>,
+    grace: Option<std::time::Duration>,
+) -> Result<()> {
     let signals: Vec<i32> = [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -279,7 +326,39 @@ pub fn run(args: BackupArgs) -> Result<u8> {
     .filter(|&s| !status::ignored_at_start(s))
     .collect();
     status::record_signals(&signals)?;
-    crate::signals::watch(Arc::clone(&cancel), &signals)?;
+    match grace {
+        None => crate::signals::watch(Arc::clone(cancel), &signals)?,
+        Some(g) => crate::signals::watch_with_grace(Arc::clone(cancel), &signals, g)?,
+    }
+    Ok(())
+}
+
+/// Runs the backup; exit status 0, or 3 when ranges could not be read
+/// (`--on-source-error ignore`).
+pub fn run(args: BackupArgs) -> Result<u8> {
+    if args.qmp.is_some() {
+        return super::live::run(args);
+    }
+    if args.target.is_none() {
+        return Err(
+            UsageError("backup needs SOURCE and TARGET (or --qmp SOCKET DIR)".into()).into(),
+        );
+    }
+    if args.sync == Some(SyncArg::Auto) {
+        return Err(UsageError(
+            "--sync auto applies to --qmp (a backup set), not to one TARGET file".into(),
+        )
+        .into());
+    }
+    let (quiet, output) = (args.quiet, args.output);
+    let files = super::Files::new(args.force_share);
+    let reporter = Reporter::new(args.progress);
+    let cfg = args
+        .request()
+        .validate()
+        .map_err(|e| UsageError(usage_text(&e)))?;
+    let cancel = Arc::new(backup::Cancel::new());
+    watch_signals(&cancel)?;
     let mut on_plan = |total: u64| reporter.start(total);
     let after = backup::after::requested(&cfg);
     let result = backup::run(

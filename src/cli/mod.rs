@@ -10,6 +10,7 @@ pub mod backup;
 pub mod compare;
 pub mod hint;
 pub mod info;
+pub mod live;
 pub mod map;
 pub mod progress;
 pub mod report;

@@ -279,7 +279,7 @@ pub enum StorageError {
     },
     /// Another process holds the image in a way that rules out a
     /// consistent read (QEMU's image locks).
-    #[error("{}; back up a running VM through an NBD export of its disk, or read the file anyway, accepting that the copy may be inconsistent", in_use_text(*.conflict))]
+    #[error("{}; back up a running VM through its QMP socket instead, or read the file anyway, accepting that the copy may be inconsistent", in_use_text(*.conflict))]
     InUse {
         /// What the other process holds.
         conflict: lock::Conflict,
