@@ -349,8 +349,9 @@ fn roll_back(qmp: &mut Qmp, set: &Path, j: &Journal) -> Result<(), LiveError> {
 /// Commits a cycle whose backups are durable: drops the frozen bitmaps,
 /// removes qbackup's nodes, then the journal.
 fn finish(qmp: &mut Qmp, set: &Path, j: &Journal) -> Result<(), LiveError> {
-    fleece::commit_bitmaps(qmp, j)?;
+    // The exports hold the frozen bitmaps: they go first.
     fleece::teardown(qmp, j)?;
+    fleece::commit_bitmaps(qmp, j)?;
     remove_files(j);
     journal::remove(set)?;
     Ok(())
