@@ -167,6 +167,9 @@ pub struct BackupArgs {
     /// an NBD export instead.
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// TLS settings of nbds:// sources.
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
     /// The image to back up.
     source: PathBuf,
     /// Where to write the backup.
@@ -261,7 +264,7 @@ pub fn usage_text(e: &RequestError) -> String {
 /// (`--on-source-error ignore`).
 pub fn run(args: BackupArgs) -> Result<u8> {
     let (quiet, output) = (args.quiet, args.output);
-    let files = super::Files::new(args.force_share);
+    let files = super::Files::new(args.force_share, &args.tls);
     let reporter = Reporter::new(args.progress);
     let cfg = args
         .request()

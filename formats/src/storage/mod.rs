@@ -352,7 +352,7 @@ impl StorageError {
     /// True when an NBD server does not offer a metadata context asked
     /// for (for `qemu:dirty-bitmap:NAME`: no such bitmap is exported).
     pub fn is_context_refused(&self) -> bool {
-        matches!(self, StorageError::Nbd(e) if matches!(**e, crate::nbd::NbdError::ContextRefused { .. }))
+        matches!(self, StorageError::Nbd(e) if e.is_context_refused())
     }
 }
 
@@ -386,6 +386,7 @@ impl Classify for StorageError {
         match self {
             StorageError::InUse { .. } => Some(Remedy::ForceShare),
             StorageError::InUseForUpdate { .. } => Some(Remedy::KeepBitmap),
+            StorageError::Nbd(e) => e.remedy(),
             _ => None,
         }
     }
