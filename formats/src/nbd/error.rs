@@ -167,8 +167,7 @@ impl Classify for NbdError {
             | NbdError::TlsSetup { .. }
             | NbdError::TlsRequired
             | NbdError::Tls {
-                certificate: true,
-                ..
+                certificate: true, ..
             } => ErrorClass::Usage,
             NbdError::TlsNotOffered { .. } => ErrorClass::Unsupported,
             NbdError::Tls { .. } => ErrorClass::Io,

@@ -18,13 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
-use rustls::{
-    AlertDescription, CertificateError, ClientConfig, RootCertStore, SignatureScheme,
-};
+use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore, SignatureScheme};
 
 use crate::nbd::error::NbdError;
 
@@ -52,7 +50,10 @@ impl TlsConfig {
     /// `self`, with what it leaves unset taken from `defaults`.
     pub fn or(&self, defaults: &TlsConfig) -> TlsConfig {
         TlsConfig {
-            certs_dir: self.certs_dir.clone().or_else(|| defaults.certs_dir.clone()),
+            certs_dir: self
+                .certs_dir
+                .clone()
+                .or_else(|| defaults.certs_dir.clone()),
             hostname: self.hostname.clone().or_else(|| defaults.hostname.clone()),
         }
     }
@@ -60,7 +61,10 @@ impl TlsConfig {
     /// The rustls configuration and the name to verify for a server at
     /// `host` (`None` for a Unix socket): reads the certificates.
     pub(crate) fn client(&self, host: Option<&str>) -> Result<TlsClient, NbdError> {
-        let dir = self.certs_dir.as_deref().ok_or(NbdError::TlsNoCertificates)?;
+        let dir = self
+            .certs_dir
+            .as_deref()
+            .ok_or(NbdError::TlsNoCertificates)?;
         let setup = |what: String| NbdError::TlsSetup {
             dir: dir.to_path_buf(),
             what,
@@ -202,7 +206,9 @@ pub(crate) fn describe(e: &rustls::Error, has_client_cert: bool) -> String {
         ) => format!("the server rejected the client certificate ({a:?} alert)"),
         E::AlertReceived(a) => format!("the server ended TLS with a {a:?} alert"),
         E::NoCertificatesPresented => "the server presented no certificate".into(),
-        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. } => {
             format!("the server does not speak TLS properly ({e})")
         }
         other => other.to_string(),
@@ -217,7 +223,10 @@ fn certificate(c: &CertificateError) -> String {
         C::NotValidYet | C::NotValidYetContext { .. } => "is not valid yet".into(),
         C::NotValidForName | C::NotValidForNameContext { .. } => {
             let detail = match c {
-                C::NotValidForNameContext { expected, presented } => format!(
+                C::NotValidForNameContext {
+                    expected,
+                    presented,
+                } => format!(
                     ": expected {expected:?}, it names {}",
                     if presented.is_empty() {
                         "nothing".to_string()
@@ -230,9 +239,7 @@ fn certificate(c: &CertificateError) -> String {
             format!("does not name the server{detail}")
         }
         C::Revoked => "has been revoked".into(),
-        C::BadSignature => {
-            "has a bad or unsupported signature".into()
-        }
+        C::BadSignature => "has a bad or unsupported signature".into(),
         other => format!("is not acceptable ({other:?})"),
     }
 }
@@ -275,12 +282,17 @@ mod tests {
     #[test]
     fn descriptions_name_the_cause() {
         let d = |e| describe(&e, false);
-        assert!(d(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
-            .contains("not signed by the CA"));
-        assert!(d(rustls::Error::InvalidCertificate(CertificateError::Expired))
-            .contains("expired"));
-        assert!(d(rustls::Error::InvalidCertificate(CertificateError::NotValidForName))
-            .contains("does not name the server"));
+        assert!(d(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer
+        ))
+        .contains("not signed by the CA"));
+        assert!(
+            d(rustls::Error::InvalidCertificate(CertificateError::Expired)).contains("expired")
+        );
+        assert!(d(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName
+        ))
+        .contains("does not name the server"));
         assert!(d(rustls::Error::AlertReceived(
             AlertDescription::CertificateRequired
         ))

@@ -76,18 +76,17 @@ impl NbdUri {
         let Some((scheme, rest)) = s.split_once(':') else {
             return Err(err("no scheme (expected nbd:// or nbd+unix://)"));
         };
-        let (unix, tls) = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" | "nbd+tcp" => (false, false),
-            "nbd+unix" => (true, false),
-            "nbds" | "nbds+tcp" => (false, true),
-            "nbds+unix" => (true, true),
-            "nbd+vsock" | "nbds+vsock" => return Err(err("vsock transport is not supported")),
-            _ => {
-                return Err(err(
+        let (unix, tls) =
+            match scheme.to_ascii_lowercase().as_str() {
+                "nbd" | "nbd+tcp" => (false, false),
+                "nbd+unix" => (true, false),
+                "nbds" | "nbds+tcp" => (false, true),
+                "nbds+unix" => (true, true),
+                "nbd+vsock" | "nbds+vsock" => return Err(err("vsock transport is not supported")),
+                _ => return Err(err(
                     "unsupported scheme (expected nbd://, nbd+unix://, nbds:// or nbds+unix://)",
-                ))
-            }
-        };
+                )),
+            };
         if rest.contains('#') {
             return Err(err("fragments (#...) are not allowed"));
         }
@@ -141,8 +140,8 @@ impl NbdUri {
                     }
                 }
                 b"tls-hostname" => {
-                    let name = String::from_utf8(value)
-                        .map_err(|_| err("tls-hostname is not UTF-8"))?;
+                    let name =
+                        String::from_utf8(value).map_err(|_| err("tls-hostname is not UTF-8"))?;
                     if name.is_empty() {
                         return Err(err("empty tls-hostname"));
                     }
@@ -421,7 +420,10 @@ mod tests {
             ("nbds://u@h/x", "pre-shared keys"),
             ("nbds://h/x?tls-verify-peer=false", "always verified"),
             ("nbds://h/x?tls-certificates=", "empty tls-certificates"),
-            ("nbds://h/x?tls-certificates=a&tls-certificates=b", "more than one"),
+            (
+                "nbds://h/x?tls-certificates=a&tls-certificates=b",
+                "more than one",
+            ),
             ("nbds://h/x?tls-hostname=", "empty tls-hostname"),
             ("nbds+unix:///x", "socket=PATH"),
             ("nbd+vsock://1:10809", "vsock"),

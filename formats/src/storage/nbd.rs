@@ -33,7 +33,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::{FileExtent, Storage, StorageError};
+use super::{FileExtent, Padding, Storage, StorageError};
 use crate::nbd::proto;
 use crate::nbd::{ConnectOptions, Connection, NbdError, NbdUri, SharedConnection, TlsConfig};
 use crate::units::HostOffset;
@@ -292,6 +292,16 @@ impl Storage for NbdStorage {
 
     fn len(&self) -> u64 {
         self.size
+    }
+
+    /// As QEMU's NBD driver reports them: zeros without a host offset with
+    /// block status, data like the rest without.
+    fn padding(&self) -> Padding {
+        if self.allocation {
+            Padding::Zero
+        } else {
+            Padding::Data
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {

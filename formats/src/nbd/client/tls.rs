@@ -62,7 +62,9 @@ pub(super) struct TlsStream {
 
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsStream").field("sock", &self.sock).finish()
+        f.debug_struct("TlsStream")
+            .field("sock", &self.sock)
+            .finish()
     }
 }
 
@@ -74,11 +76,9 @@ impl TlsStream {
     /// Runs the TLS handshake as a client on `sock` (nothing of the server
     /// buffered yet), with the socket's timeouts.
     pub(super) fn handshake(sock: Stream, client: &TlsClient) -> io::Result<TlsStream> {
-        let mut conn = ClientConnection::new(
-            Arc::clone(&client.config),
-            client.server_name.clone(),
-        )
-        .map_err(|e| failure(e, client.has_client_cert))?;
+        let mut conn =
+            ClientConnection::new(Arc::clone(&client.config), client.server_name.clone())
+                .map_err(|e| failure(e, client.has_client_cert))?;
         // Requests are sealed as they are written.
         conn.set_buffer_limit(None);
         let mut s = TlsStream {
