@@ -87,16 +87,16 @@ impl Connection {
             // In TLS 1.3 the server judges the client's certificate after
             // the client has finished its handshake: a refusal shows as
             // the end of the connection, or an alert, on the next read.
-            (
-                NbdError::Disconnected { doing }
-                | NbdError::Io { doing, .. }
-                | NbdError::Tls { doing, .. },
-                Some(t),
-            ) if t.client_cert_requested() && !t.has_client_cert => NbdError::Tls {
-                doing,
-                what: TlsClient::demanded_text(),
-                certificate: true,
-            },
+            // (An alert is described as it is.)
+            (NbdError::Disconnected { doing } | NbdError::Io { doing, .. }, Some(t))
+                if t.client_cert_requested() && !t.has_client_cert =>
+            {
+                NbdError::Tls {
+                    doing,
+                    what: TlsClient::demanded_text(),
+                    certificate: true,
+                }
+            }
             (e, _) => e,
         });
         if let Err(e) = &r {
