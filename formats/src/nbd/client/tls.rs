@@ -55,10 +55,15 @@ pub(super) struct TlsStream {
     session: Arc<Session>,
     /// This handle's duplicate of the socket.
     sock: Box<Stream>,
-    /// Ciphertext read from the socket that the session has not taken yet.
+    /// Ciphertext read from the socket (allocated at the first read);
+    /// `pending[pos..end]` is what the session has not taken yet.
     pending: Vec<u8>,
     pos: usize,
+    end: usize,
 }
+
+/// How much ciphertext one socket read takes at most.
+const READ_BUF: usize = 64 * 1024;
 
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,6 +95,7 @@ impl TlsStream {
             sock: Box::new(sock),
             pending: Vec::new(),
             pos: 0,
+            end: 0,
         };
         loop {
             s.flush_tls()?;
@@ -116,6 +122,7 @@ impl TlsStream {
             sock: Box::new(self.sock.try_clone()?),
             pending: Vec::new(),
             pos: 0,
+            end: 0,
         })
     }
 
@@ -136,22 +143,20 @@ impl TlsStream {
     /// with its own records.
     fn receive(&mut self) -> io::Result<bool> {
         let mut open = true;
-        if self.pos == self.pending.len() {
-            self.pending.resize(64 * 1024, 0);
+        if self.pos == self.end {
+            self.pending.resize(READ_BUF, 0);
             let n = loop {
                 match self.sock.read(&mut self.pending) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     r => break r,
                 }
             };
-            let n = n.inspect_err(|_| self.pending.clear())?;
-            self.pending.truncate(n);
-            self.pos = 0;
-            open = n > 0;
+            (self.pos, self.end) = (0, n?);
+            open = self.end > 0;
         }
         let processed = {
             let mut conn = lock(&self.session.conn);
-            let mut input = &self.pending[self.pos..];
+            let mut input = &self.pending[self.pos..self.end];
             self.pos += conn.read_tls(&mut input)?;
             conn.process_new_packets().map(|_| ())
         };
