@@ -133,7 +133,12 @@ impl Connection {
             (Some(t), NbdTransport::Tcp { host, .. }) => Some(t.client(Some(host))?),
             (Some(t), NbdTransport::Unix { .. }) => Some(t.client(None)?),
         };
-        let target = uri.to_string();
+        // The server, for messages (without the TLS settings).
+        let target = NbdUri {
+            tls: uri.tls.as_ref().map(|_| crate::nbd::TlsConfig::default()),
+            ..uri.clone()
+        }
+        .to_string();
         let connect_err = |source| NbdError::Connect {
             target: target.clone(),
             source,

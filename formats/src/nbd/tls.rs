@@ -227,11 +227,16 @@ fn certificate(c: &CertificateError) -> String {
                     expected,
                     presented,
                 } => format!(
-                    ": expected {expected:?}, it names {}",
+                    ": expected {}, it names {}",
+                    expected.to_str(),
                     if presented.is_empty() {
                         "nothing".to_string()
                     } else {
-                        presented.join(", ")
+                        presented
+                            .iter()
+                            .map(|p| bare_name(p))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     }
                 ),
                 _ => String::new(),
@@ -242,6 +247,18 @@ fn certificate(c: &CertificateError) -> String {
         C::BadSignature => "has a bad or unsupported signature".into(),
         other => format!("is not acceptable ({other:?})"),
     }
+}
+
+/// A name as rustls lists it (`DnsName("a.example")`, `IpAddress(1.2.3.4)`)
+/// without the wrapping.
+fn bare_name(p: &str) -> &str {
+    p.strip_prefix("DnsName(\"")
+        .and_then(|r| r.strip_suffix("\")"))
+        .or_else(|| {
+            p.strip_prefix("IpAddress(")
+                .and_then(|r| r.strip_suffix(')'))
+        })
+        .unwrap_or(p)
 }
 
 #[cfg(test)]
@@ -277,6 +294,13 @@ mod tests {
         std::fs::write(dir.path().join(CA_CERT), "junk").unwrap();
         let e = t.client(Some("h")).unwrap_err();
         assert!(e.to_string().contains("ca-cert.pem"), "{e}");
+    }
+
+    #[test]
+    fn names_lose_their_wrapping() {
+        assert_eq!(bare_name("DnsName(\"a.example\")"), "a.example");
+        assert_eq!(bare_name("IpAddress(127.0.0.1)"), "127.0.0.1");
+        assert_eq!(bare_name("other"), "other");
     }
 
     #[test]
