@@ -12,6 +12,7 @@ use super::*;
 use crate::error::{Classify, ErrorClass};
 
 mod shared;
+mod tls;
 mod transmission;
 
 /// The timeout of the tests that expect one; the others use 5 s, so that a
