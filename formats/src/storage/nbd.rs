@@ -119,8 +119,9 @@ impl NbdStorage {
         };
         let (first, allocation) = match Connection::connect(&parsed, &opts) {
             Ok(c) => (c, true),
-            Err(NbdError::OptionRefused { option, .. })
-                if option == proto::opt_name(proto::OPT_STRUCTURED_REPLY) =>
+            Err(NbdError::OptionRefused { option, reply, .. })
+                if option == proto::opt_name(proto::OPT_STRUCTURED_REPLY)
+                    && reply != proto::REP_ERR_SHUTDOWN =>
             {
                 // Simple replies only: no contexts at all.
                 if let Some(name) = extra_contexts.first() {
