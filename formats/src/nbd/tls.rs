@@ -186,25 +186,33 @@ fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
 }
 
 /// One line for what went wrong in TLS with the server, naming the cause
-/// (`has_client_cert`: whether a client certificate was offered).
-pub(crate) fn describe(e: &rustls::Error, has_client_cert: bool) -> String {
+/// (`has_client_cert`: whether a client certificate was offered;
+/// `cert_requested`: whether the server asked for one).
+pub(crate) fn describe(e: &rustls::Error, has_client_cert: bool, cert_requested: bool) -> String {
     use rustls::Error as E;
+    use AlertDescription as A;
     match e {
         E::InvalidCertificate(c) => format!("the server's certificate {}", certificate(c)),
-        E::AlertReceived(
-            AlertDescription::CertificateRequired | AlertDescription::HandshakeFailure,
-        ) if !has_client_cert => TlsClient::demanded_text(),
-        E::AlertReceived(
-            a @ (AlertDescription::BadCertificate
-            | AlertDescription::UnknownCA
-            | AlertDescription::CertificateExpired
-            | AlertDescription::CertificateRevoked
-            | AlertDescription::CertificateUnknown
-            | AlertDescription::AccessDenied
-            | AlertDescription::HandshakeFailure
-            | AlertDescription::CertificateRequired),
-        ) => format!("the server rejected the client certificate ({a:?} alert)"),
-        E::AlertReceived(a) => format!("the server ended TLS with a {a:?} alert"),
+        E::AlertReceived(a) => match (a, has_client_cert, cert_requested) {
+            (A::CertificateRequired, false, _) | (A::HandshakeFailure, false, true) => {
+                TlsClient::demanded_text()
+            }
+            (
+                A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::CertificateUnknown
+                | A::AccessDenied
+                | A::CertificateRequired,
+                true,
+                _,
+            )
+            | (A::HandshakeFailure, true, true) => {
+                format!("the server rejected the client certificate ({a:?} alert)")
+            }
+            _ => format!("the server ended TLS with a {a:?} alert"),
+        },
         E::NoCertificatesPresented => "the server presented no certificate".into(),
         E::InvalidMessage(_)
         | E::InappropriateMessage { .. }
@@ -305,7 +313,7 @@ mod tests {
 
     #[test]
     fn descriptions_name_the_cause() {
-        let d = |e| describe(&e, false);
+        let d = |e| describe(&e, false, true);
         assert!(d(rustls::Error::InvalidCertificate(
             CertificateError::UnknownIssuer
         ))
@@ -323,8 +331,16 @@ mod tests {
         .contains("demands a client certificate"));
         assert!(describe(
             &rustls::Error::AlertReceived(AlertDescription::BadCertificate),
+            true,
             true
         )
         .contains("rejected the client certificate"));
+        // Not asked for a certificate: a handshake failure is just that.
+        let other = describe(
+            &rustls::Error::AlertReceived(AlertDescription::HandshakeFailure),
+            false,
+            false,
+        );
+        assert!(other.contains("HandshakeFailure alert"), "{other}");
     }
 }

@@ -30,6 +30,7 @@ use crate::nbd::tls::TlsClient;
 pub(crate) struct TlsFailure {
     pub(crate) error: rustls::Error,
     pub(crate) has_client_cert: bool,
+    pub(crate) cert_requested: bool,
 }
 
 impl std::fmt::Display for TlsFailure {
@@ -37,6 +38,7 @@ impl std::fmt::Display for TlsFailure {
         f.write_str(&crate::nbd::tls::describe(
             &self.error,
             self.has_client_cert,
+            self.cert_requested,
         ))
     }
 }
@@ -47,7 +49,9 @@ struct Session {
     conn: Mutex<ClientConnection>,
     /// Held while sealed records are written to the socket.
     write: Mutex<()>,
-    has_client_cert: bool,
+    /// What the session was made with (says whether a client certificate
+    /// was offered, and asked for).
+    client: TlsClient,
 }
 
 /// One handle on a TLS session (see the module docs).
@@ -83,14 +87,14 @@ impl TlsStream {
     pub(super) fn handshake(sock: Stream, client: &TlsClient) -> io::Result<TlsStream> {
         let mut conn =
             ClientConnection::new(Arc::clone(&client.config), client.server_name.clone())
-                .map_err(|e| failure(e, client.has_client_cert))?;
+                .map_err(|e| failure(e, client))?;
         // Requests are sealed as they are written.
         conn.set_buffer_limit(None);
         let mut s = TlsStream {
             session: Arc::new(Session {
                 conn: Mutex::new(conn),
                 write: Mutex::new(()),
-                has_client_cert: client.has_client_cert,
+                client: client.clone(),
             }),
             sock: Box::new(sock),
             pending: Vec::new(),
@@ -167,7 +171,7 @@ impl TlsStream {
                 flushed?;
             }
         }
-        processed.map_err(|e| failure(e, self.session.has_client_cert))?;
+        processed.map_err(|e| failure(e, &self.session.client))?;
         Ok(open)
     }
 }
@@ -185,12 +189,13 @@ fn write_sealed(session: &Session, sock: &mut Stream) -> io::Result<()> {
     sock.write_all(&out)
 }
 
-fn failure(error: rustls::Error, has_client_cert: bool) -> io::Error {
+fn failure(error: rustls::Error, client: &TlsClient) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         TlsFailure {
             error,
-            has_client_cert,
+            has_client_cert: client.has_client_cert,
+            cert_requested: client.client_cert_requested(),
         },
     )
 }
