@@ -185,6 +185,9 @@ pub struct BackupArgs {
     /// an NBD export instead.
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// TLS settings of nbds:// sources.
+    #[command(flatten)]
+    pub(super) tls: super::tls::TlsArgs,
     /// The image to back up (with --qmp: the backup set directory).
     #[arg(value_name = "SOURCE")]
     pub(super) source: PathBuf,
@@ -351,7 +354,7 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         .into());
     }
     let (quiet, output) = (args.quiet, args.output);
-    let files = super::Files::new(args.force_share);
+    let files = super::Files::new(args.force_share, &args.tls);
     let reporter = Reporter::new(args.progress);
     let cfg = args
         .request()

@@ -129,6 +129,16 @@ fn words(remedy: Remedy) -> Option<(String, String, Join)> {
             "--backing-unchecked records the name anyway".into(),
             Join::Aside,
         ),
+        Remedy::UseTls => (
+            "nbds://",
+            "connect with an nbds:// URI (and --tls-certs DIR)".into(),
+            Join::Do,
+        ),
+        Remedy::TlsCertificates => (
+            "--tls-certs",
+            "pass --tls-certs DIR (or tls-certificates=DIR in the URI)".into(),
+            Join::Do,
+        ),
         _ => return None,
     };
     Some((option.to_string(), hint, join))
@@ -184,6 +194,8 @@ mod tests {
             Remedy::JsonOutput,
             Remedy::ClusterSize(65536),
             Remedy::RecordBackingUnchecked,
+            Remedy::UseTls,
+            Remedy::TlsCertificates,
         ] {
             let (option, hint, _) = words(r).expect("words");
             assert!(hint.contains(&option), "{r:?}: {hint}");

@@ -63,7 +63,7 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         options,
     };
     let ((progress, quiet), output) = (args.display(), args.output);
-    let files = super::Files::new(false);
+    let files = super::Files::new(false, &args.tls);
     let reporter = Reporter::new(progress);
     let cancel = Arc::new(backup::Cancel::new());
     super::backup::watch_signals_with_grace(&cancel, Some(GRACE))?;
