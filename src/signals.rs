@@ -21,6 +21,17 @@ const GRACE: Duration = Duration::from_millis(100);
 /// Routes `signals` (SIGINT, SIGTERM, SIGHUP less those ignored at start)
 /// to `cancel` for the rest of the process.
 pub fn watch(cancel: Arc<Cancel>, signals: &[i32]) -> std::io::Result<()> {
+    watch_with_grace(cancel, signals, GRACE)
+}
+
+/// [`watch`] with another grace period: a live backup needs time after
+/// its pull stops to undo its changes in QEMU (a killed one is repaired by
+/// the next run instead).
+pub fn watch_with_grace(
+    cancel: Arc<Cancel>,
+    signals: &[i32],
+    grace: Duration,
+) -> std::io::Result<()> {
     let mut signals = Signals::new(signals)?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -29,7 +40,7 @@ pub fn watch(cancel: Arc<Cancel>, signals: &[i32]) -> std::io::Result<()> {
                 return;
             };
             cancel.request(signo);
-            std::thread::sleep(GRACE);
+            std::thread::sleep(grace);
             // Still running: the backup is stuck in a step that cannot be
             // interrupted. Clean up and leave without it, unless it is
             // already complete at TARGET (then it finishes normally).

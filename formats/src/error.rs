@@ -89,6 +89,10 @@ pub enum Remedy {
     ClusterSize(u64),
     /// Record the backing file name without checking it.
     RecordBackingUnchecked,
+    /// Connect with TLS (an `nbds` URI): the server requires it.
+    UseTls,
+    /// Name the directory of TLS certificates.
+    TlsCertificates,
 }
 
 /// Displays an I/O error as its text alone: an OS error as its strerror

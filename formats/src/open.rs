@@ -13,6 +13,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::nbd::TlsConfig;
 use crate::storage::{FileStorage, Storage, StorageError};
 
 /// Why a file is opened.
@@ -126,6 +127,57 @@ impl Opener for FileOpener {
             return Ok(name.to_path_buf());
         }
         std::fs::canonicalize(name).map_err(|source| StorageError::Open { source })
+    }
+}
+
+/// Opens `nbds` URIs with the TLS settings they leave out (a front end's
+/// options: the certificates directory, the server name to verify) and
+/// everything else through `inner`.
+#[derive(Debug, Default)]
+pub struct TlsOpener<O> {
+    inner: O,
+    tls: TlsConfig,
+}
+
+impl<O: Opener> TlsOpener<O> {
+    /// `inner`, with `tls` for the NBD URIs it is asked to open.
+    pub fn new(inner: O, tls: TlsConfig) -> Self {
+        TlsOpener { inner, tls }
+    }
+
+    /// The opener of everything but NBD URIs.
+    pub fn inner(&self) -> &O {
+        &self.inner
+    }
+}
+
+impl<O: Opener> Opener for TlsOpener<O> {
+    fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        self.open_with(name, role, &OpenOptions::default())
+    }
+
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
+        match nbd_uri(name) {
+            Some(uri) => Ok(Arc::new(crate::storage::nbd::open_with_tls(
+                uri,
+                &options.meta_contexts,
+                &self.tls,
+            )?)),
+            None => self.inner.open_with(name, role, options),
+        }
+    }
+
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        self.inner.canonical(name)
+    }
+
+    fn target(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        self.inner.target(storage)
     }
 }
 

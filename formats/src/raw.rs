@@ -1,6 +1,7 @@
 //! Raw images: the storage is the disk. Allocation comes from the storage's
 //! data/hole map; the virtual size is the length rounded up to 512 bytes, as
-//! qemu-img reports it, and the tail past the end reads as zeros.
+//! qemu-img reports it, and the tail past the end reads as zeros (mapped as
+//! the storage says, [`Storage::padding`]).
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use crate::extent::{Allocation, HostFile, HostLocation, LayerExtent};
 use crate::format::Format;
 use crate::image::error::ImageError;
 use crate::layer::{Layer, LayerInfo, LayerRead};
-use crate::storage::{FileExtent, Storage};
+use crate::storage::{FileExtent, Padding, Storage};
 use crate::units::{ClusterSize, GuestOffset, HostOffset};
 
 /// A read-only raw image.
@@ -54,10 +55,24 @@ impl Layer for RawImage {
 
     fn status(&self, offset: GuestOffset, max_len: u64) -> Result<(LayerExtent, u64), ImageError> {
         let max_len = max_len.min(self.size.saturating_sub(offset.0));
-        let (kind, len) = self
-            .storage
-            .extent_at(HostOffset(offset.0), max_len)
-            .map_err(|e| self.err(e))?;
+        let past_end = offset.0 >= self.storage.len();
+        if past_end && self.storage.padding() == Padding::Zero {
+            return Ok((
+                LayerExtent {
+                    allocation: Allocation::Zero,
+                    host: None,
+                    data_reads_zero: false,
+                },
+                max_len,
+            ));
+        }
+        let (kind, len) = match self.storage.padding() {
+            Padding::Data if past_end => (FileExtent::Data, max_len),
+            _ => self
+                .storage
+                .extent_at(HostOffset(offset.0), max_len)
+                .map_err(|e| self.err(e))?,
+        };
         let allocation = match kind {
             FileExtent::Data | FileExtent::ZeroData => Allocation::Data,
             FileExtent::Hole => Allocation::Zero,

@@ -106,6 +106,7 @@ impl Server {
                 socket: self.socket.clone(),
             },
             export: String::new(),
+            tls: None,
         }
     }
 

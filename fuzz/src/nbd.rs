@@ -106,6 +106,7 @@ pub fn exercise_client(data: &[u8]) {
             socket: guard.socket.clone(),
         },
         export: String::new(),
+        tls: None,
     };
     let mut contexts = vec!["base:allocation".to_string()];
     if sel & 2 != 0 {

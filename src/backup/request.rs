@@ -161,6 +161,15 @@ impl BackupRequest {
         }
     }
 
+    /// The same request for another source and target (a front end that
+    /// runs one request per disk builds it once from its options).
+    #[must_use]
+    pub fn retarget(mut self, source: impl Into<PathBuf>, target: impl Into<PathBuf>) -> Self {
+        self.source = source.into();
+        self.target = target.into();
+        self
+    }
+
     setters! {
         /// The target's format (default qcow2).
         target_format: Format;

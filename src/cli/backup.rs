@@ -17,11 +17,12 @@ use super::status::{self, UsageError};
 use super::{report, size, FormatArg, OutputArg};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum SyncArg {
+pub(super) enum SyncArg {
     Full,
     Top,
     Incremental,
-    /// --libvirt only: incremental when possible, else full.
+    /// With --qmp or --libvirt: incremental when the set holds a backup
+    /// of the disk, else full.
     Auto,
 }
 
@@ -69,10 +70,29 @@ pub struct BackupArgs {
     /// What to copy: everything, only the top layer of the chain, or only
     /// what changed since the previous backup (--backing PREV): what the
     /// source's dirty bitmap marks (--bitmap), or else every cluster whose
-    /// content differs from PREV's manifest.
-    /// (Default full; with --libvirt: auto.)
+    /// content differs from PREV's manifest. Default full; with --qmp,
+    /// auto (incremental when the set has a backup of the disk).
     #[arg(long, value_enum)]
-    sync: Option<SyncArg>,
+    pub(super) sync: Option<SyncArg>,
+    /// Back up a running VM through QEMU's QMP socket (its -qmp
+    /// unix:PATH,server=on): every disk frozen at one point in time, pulled
+    /// into the backup set directory DIR (the one path argument). See
+    /// docs/live-vms.md.
+    #[arg(long, value_name = "SOCKET")]
+    pub(super) qmp: Option<PathBuf>,
+    /// With --qmp: back up this disk (a device id or node name); repeat for
+    /// more. Default: every writable, non-removable disk. With --libvirt:
+    /// a disk's target (vda).
+    #[arg(long = "disk", value_name = "NAME")]
+    pub(super) disks: Vec<String>,
+    /// With --qmp: the directory for the fleecing images (default:
+    /// DIR/.qbackup-scratch). It must have room for each disk's size.
+    /// With --libvirt: for libvirt's scratch files and the export's socket
+    /// (QEMU's user must write there).
+    #[arg(long, value_name = "DIR")]
+    pub(super) scratch: Option<PathBuf>,
+    #[command(flatten)]
+    pub(super) libvirt: Box<super::libvirt::LibvirtArgs>,
     /// The source's persistent dirty bitmap (or an NBD export's
     /// qemu:dirty-bitmap:NAME context). --sync incremental copies what it
     /// marks; --sync full starts a new cycle by clearing it.
@@ -170,23 +190,51 @@ pub struct BackupArgs {
     /// an NBD export instead.
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// TLS settings of nbds:// sources.
     #[command(flatten)]
-    libvirt: Box<super::libvirt::LibvirtArgs>,
-    /// The image to back up (with --libvirt: the backup set's directory).
-    source: PathBuf,
-    /// Where to write the backup.
-    #[arg(required_unless_present = "libvirt", conflicts_with = "libvirt")]
-    target: Option<PathBuf>,
+    pub(super) tls: super::tls::TlsArgs,
+    /// The image to back up (with --qmp: the backup set directory).
+    #[arg(value_name = "SOURCE")]
+    pub(super) source: PathBuf,
+    /// Where to write the backup (not with --qmp).
+    #[arg(value_name = "TARGET")]
+    pub(super) target: Option<PathBuf>,
 }
 
 impl BackupArgs {
+    /// The first flag given that a live backup (--qmp) decides itself or
+    /// cannot use.
+    pub(super) fn not_for_live(&self) -> Option<&'static str> {
+        [
+            (self.backing.is_some(), "--backing"),
+            (self.backing_unchecked, "--backing-unchecked"),
+            (self.bitmap.is_some(), "--bitmap"),
+            (self.bitmap_mode.is_some(), "--bitmap-mode"),
+            (self.allow_disabled_bitmap, "--allow-disabled-bitmap"),
+            (self.require_bitmap, "--require-bitmap"),
+            (self.format.is_some(), "-f"),
+            (self.no_create, "-n"),
+            (self.force_share, "-U"),
+            (self.force, "--force"),
+            (self.no_manifest, "--no-manifest"),
+            (matches!(self.target_format, FormatArg::Raw), "-O raw"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
+    /// The progress mode, the quiet flag.
+    pub(super) fn display(&self) -> (Option<ProgressArg>, bool) {
+        (self.progress, self.quiet)
+    }
+
     /// The flags as the library's request (nothing checked yet).
-    fn request(&self) -> BackupRequest {
-        BackupRequest::new(&self.source, self.target.clone().unwrap_or_default())
+    pub(super) fn request(&self) -> BackupRequest {
+        let target = self.target.clone().unwrap_or_default();
+        BackupRequest::new(&self.source, target)
             .source_format(self.format.map(Into::into))
             .target_format(self.target_format.into())
             .sync(match self.sync {
-                // auto is refused in run() without --libvirt.
                 None | Some(SyncArg::Full | SyncArg::Auto) => SyncMode::Full,
                 Some(SyncArg::Top) => SyncMode::Top,
                 Some(SyncArg::Incremental) => SyncMode::Incremental,
@@ -266,23 +314,17 @@ pub fn usage_text(e: &RequestError) -> String {
     }
 }
 
-/// Runs the backup; exit status 0, or 3 when ranges could not be read
-/// (`--on-source-error ignore`).
-pub fn run(args: BackupArgs) -> Result<u8> {
-    if args.libvirt.libvirt.is_some() {
-        return super::libvirt::run(&args.libvirt, libvirt_common(&args)?);
-    }
-    if args.sync == Some(SyncArg::Auto) {
-        return Err(UsageError("--sync auto applies to --libvirt DOMAIN only".into()).into());
-    }
-    let (quiet, output) = (args.quiet, args.output);
-    let files = super::Files::new(args.force_share);
-    let reporter = Reporter::new(args.progress);
-    let cfg = args
-        .request()
-        .validate()
-        .map_err(|e| UsageError(usage_text(&e)))?;
-    let cancel = Arc::new(backup::Cancel::new());
+/// Routes SIGINT, SIGTERM and SIGHUP (less those ignored at start) to
+/// `cancel`.
+pub(super) fn watch_signals(cancel: &Arc<backup::Cancel>) -> Result<()> {
+    watch_signals_with_grace(cancel, None)
+}
+
+/// [`watch_signals`], with `grace` instead of the default grace period.
+pub(super) fn watch_signals_with_grace(
+    cancel: &Arc<backup::Cancel>,
+    grace: Option<std::time::Duration>,
+) -> Result<()> {
     let signals: Vec<i32> = [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -292,7 +334,45 @@ pub fn run(args: BackupArgs) -> Result<u8> {
     .filter(|&s| !status::ignored_at_start(s))
     .collect();
     status::record_signals(&signals)?;
-    crate::signals::watch(Arc::clone(&cancel), &signals)?;
+    match grace {
+        None => crate::signals::watch(Arc::clone(cancel), &signals)?,
+        Some(g) => crate::signals::watch_with_grace(Arc::clone(cancel), &signals, g)?,
+    }
+    Ok(())
+}
+
+/// Runs the backup; exit status 0, or 3 when ranges could not be read
+/// (`--on-source-error ignore`).
+pub fn run(args: BackupArgs) -> Result<u8> {
+    if args.libvirt.libvirt.is_some() {
+        return super::libvirt::run(args);
+    }
+    if args.qmp.is_some() {
+        return super::live::run(args);
+    }
+    if !args.disks.is_empty() || args.scratch.is_some() {
+        return Err(UsageError("--disk and --scratch apply to --qmp and --libvirt".into()).into());
+    }
+    if args.target.is_none() {
+        return Err(
+            UsageError("backup needs SOURCE and TARGET (or --qmp SOCKET DIR)".into()).into(),
+        );
+    }
+    if args.sync == Some(SyncArg::Auto) {
+        return Err(UsageError(
+            "--sync auto applies to --qmp (a backup set), not to one TARGET file".into(),
+        )
+        .into());
+    }
+    let (quiet, output) = (args.quiet, args.output);
+    let files = super::Files::new(args.force_share, &args.tls);
+    let reporter = Reporter::new(args.progress);
+    let cfg = args
+        .request()
+        .validate()
+        .map_err(|e| UsageError(usage_text(&e)))?;
+    let cancel = Arc::new(backup::Cancel::new());
+    watch_signals(&cancel)?;
     let mut on_plan = |total: u64| reporter.start(total);
     let after = backup::after::requested(&cfg);
     let result = backup::run(
@@ -335,26 +415,6 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         status::SUCCESS
     } else {
         status::UNREADABLE
-    })
-}
-
-/// The backup flags a libvirt cycle takes.
-fn libvirt_common(args: &BackupArgs) -> Result<super::libvirt::Common> {
-    use super::libvirt::Sync;
-    Ok(super::libvirt::Common {
-        sync: match args.sync {
-            None | Some(SyncArg::Auto) => Sync::Auto,
-            Some(SyncArg::Full) => Sync::Full,
-            Some(SyncArg::Incremental) => Sync::Incremental,
-            Some(SyncArg::Top) => {
-                return Err(UsageError("--sync top does not apply to --libvirt".into()).into())
-            }
-        },
-        set: args.source.clone(),
-        threads: args.threads,
-        speed: args.speed,
-        quiet: args.quiet,
-        output: args.output,
     })
 }
 

@@ -25,6 +25,9 @@ pub struct CompareArgs {
     /// image locks; the result may be inconsistent).
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// TLS settings of nbds:// sources.
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
     /// Print nothing; only the exit status tells.
     #[arg(short = 'q', long)]
     quiet: bool,
@@ -36,7 +39,7 @@ pub struct CompareArgs {
 
 /// Compares; the exit status says the outcome.
 pub fn run(args: CompareArgs) -> Result<u8> {
-    let files = super::Files::new(args.force_share);
+    let files = super::Files::new(args.force_share, &args.tls);
     let open = |p: &PathBuf, f: Option<FormatArg>| {
         source::open(files.opener(), p, f.map(Into::into), None)
     };

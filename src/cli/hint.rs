@@ -12,6 +12,7 @@ use std::error::Error as StdError;
 
 use qbackup::backup::target::TargetError;
 use qbackup::backup::{BackupError, RequestError};
+use qbackup::live::LiveError;
 use qbackup::manifest::ManifestError;
 use qbackup::map::MapError;
 use qbackup::verify::VerifyError;
@@ -34,6 +35,7 @@ fn classified<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn Classify> {
         UsageError,
         RequestError,
         BackupError,
+        LiveError,
         TargetError,
         VerifyError,
         ManifestError,
@@ -89,7 +91,11 @@ enum Join {
 /// messages named the options.
 fn words(remedy: Remedy) -> Option<(String, String, Join)> {
     let (option, hint, join) = match remedy {
-        Remedy::ForceShare => ("--force-share", "pass -U/--force-share".into(), Join::Do),
+        Remedy::ForceShare => (
+            "--force-share",
+            "pass -U/--force-share (a running VM: qbackup backup --qmp SOCKET DIR)".into(),
+            Join::Do,
+        ),
         Remedy::KeepBitmap => (
             "--bitmap-mode never",
             "pass --bitmap-mode never".into(),
@@ -122,6 +128,16 @@ fn words(remedy: Remedy) -> Option<(String, String, Join)> {
             "--backing-unchecked",
             "--backing-unchecked records the name anyway".into(),
             Join::Aside,
+        ),
+        Remedy::UseTls => (
+            "nbds://",
+            "connect with an nbds:// URI (and --tls-certs DIR)".into(),
+            Join::Do,
+        ),
+        Remedy::TlsCertificates => (
+            "--tls-certs",
+            "pass --tls-certs DIR (or tls-certificates=DIR in the URI)".into(),
+            Join::Do,
         ),
         _ => return None,
     };
@@ -178,6 +194,8 @@ mod tests {
             Remedy::JsonOutput,
             Remedy::ClusterSize(65536),
             Remedy::RecordBackingUnchecked,
+            Remedy::UseTls,
+            Remedy::TlsCertificates,
         ] {
             let (option, hint, _) = words(r).expect("words");
             assert!(hint.contains(&option), "{r:?}: {hint}");
@@ -215,9 +233,9 @@ mod tests {
                 "b.qcow2: this backing file is 1 bytes but the source's is 2; the overlay needs a backing file of the same size (--backing-unchecked records the name anyway)",
             ),
             (
-                "d.qcow2: in use; back up a running VM through an NBD export of its disk, or read the file anyway, accepting that the copy may be inconsistent",
+                "d.qcow2: in use; back up a running VM through its QMP socket instead, or read the file anyway, accepting that the copy may be inconsistent",
                 Remedy::ForceShare,
-                "d.qcow2: in use; back up a running VM through an NBD export of its disk, or read the file anyway, accepting that the copy may be inconsistent: pass -U/--force-share",
+                "d.qcow2: in use; back up a running VM through its QMP socket instead, or read the file anyway, accepting that the copy may be inconsistent: pass -U/--force-share (a running VM: qbackup backup --qmp SOCKET DIR)",
             ),
             (
                 "d.qcow2: in use; clearing a dirty bitmap in it needs the image to itself (or leave the bitmap as it is)",

@@ -18,6 +18,9 @@ pub struct InfoArgs {
     /// image locks; the result may be inconsistent).
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// TLS settings of nbds:// sources.
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub(super) output: OutputArg,
@@ -30,7 +33,7 @@ pub struct InfoArgs {
 
 /// Prints the image's (or its whole chain's) information on stdout.
 pub fn run(a: InfoArgs) -> Result<u8> {
-    let files = super::Files::new(a.force_share);
+    let files = super::Files::new(a.force_share, &a.tls);
     let format = a.format.map(Into::into);
     let text = if a.backing_chain {
         let chain = info::chain_json(files.opener(), &a.image, format)?;

@@ -1,68 +1,37 @@
 //! `qbackup backup --libvirt DOMAIN [--connect URI] [--disk DEV]...
 //! [--sync auto|full|incremental] [--scratch DIR] SET`: maps the flags to a
-//! [`LibvirtRequest`], runs one cycle and prints one line per disk (or one
-//! JSON object with `"disks": [...]`).
+//! libvirt cycle's request, runs one cycle and prints one line per disk
+//! (or one JSON object with a `disks` array, as `--qmp` does).
 
-use std::path::PathBuf;
+#[cfg(feature = "libvirt")]
+use std::io::Write;
+#[cfg(feature = "libvirt")]
+use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::OutputArg;
+use super::backup::BackupArgs;
+use super::status::UsageError;
 
-/// The `backup` flags of a libvirt domain's backup.
+/// The `backup` flags of a libvirt domain's backup (`--disk`, `--scratch`
+/// and `--sync` are shared with `--qmp`).
 #[derive(clap::Args, Debug, Default)]
 pub struct LibvirtArgs {
-    /// Back up the libvirt domain DOMAIN (running: through libvirt's
-    /// pull-mode backup and checkpoints; shut off: from its image files)
-    /// into the backup set SOURCE (the only positional argument).
-    #[arg(long, value_name = "DOMAIN")]
+    /// Back up the libvirt domain DOMAIN into the backup set directory DIR
+    /// (the one path argument): running, through libvirt's pull-mode
+    /// backup and checkpoints; shut off, from its image files. See
+    /// docs/libvirt.md.
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "qmp")]
     pub libvirt: Option<String>,
     /// With --libvirt: libvirt's connection URI (default: libvirt's).
     #[arg(long, value_name = "URI", requires = "libvirt")]
     pub connect: Option<String>,
-    /// With --libvirt: a disk to back up, by target (vda); repeat for
-    /// more. Default: every writable disk with a local image.
-    #[arg(long = "disk", value_name = "TARGET-DEV", requires = "libvirt")]
-    pub disks: Vec<String>,
-    /// With --libvirt: where libvirt puts the scratch files and the
-    /// export's socket (QEMU's user must write there). Default:
-    /// SET/.qbackup-scratch.
-    #[arg(long, value_name = "DIR", requires = "libvirt")]
-    pub scratch: Option<PathBuf>,
-}
-
-/// `--sync` as the libvirt cycle reads it (`None`: auto).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sync {
-    /// Incremental when possible, else full.
-    Auto,
-    /// Always full.
-    Full,
-    /// Incremental or fail.
-    Incremental,
-}
-
-/// What `backup --libvirt` takes from the other backup flags.
-#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
-pub(super) struct Common {
-    /// `--sync`.
-    pub(super) sync: Sync,
-    /// The set directory.
-    pub(super) set: PathBuf,
-    /// `--threads`.
-    pub(super) threads: Option<usize>,
-    /// `--speed`.
-    pub(super) speed: Option<u64>,
-    /// `-q`.
-    pub(super) quiet: bool,
-    /// `--output`.
-    pub(super) output: OutputArg,
 }
 
 /// Runs one cycle.
 #[cfg(not(feature = "libvirt"))]
-pub(super) fn run(_args: &LibvirtArgs, _common: Common) -> Result<u8> {
-    Err(super::status::UsageError(
+pub fn run(_args: BackupArgs) -> Result<u8> {
+    Err(UsageError(
         "--libvirt: this qbackup was built without libvirt (cargo feature `libvirt`)".into(),
     )
     .into())
@@ -70,49 +39,64 @@ pub(super) fn run(_args: &LibvirtArgs, _common: Common) -> Result<u8> {
 
 /// Runs one cycle.
 #[cfg(feature = "libvirt")]
-pub(super) fn run(args: &LibvirtArgs, common: Common) -> Result<u8> {
-    use std::io::Write;
-    use std::sync::Arc;
-
+pub fn run(args: BackupArgs) -> Result<u8> {
     use qbackup::backup::Cancel;
-    use qbackup::live::libvirt::{self, LibvirtRequest, SyncPolicy};
+    use qbackup::live::libvirt::{self, LibvirtError, LibvirtRequest, SyncPolicy};
+    use qbackup_formats::{Classify, ErrorClass};
     use serde_json::json;
 
-    use super::status;
+    use super::backup::{usage_text, SyncArg};
+    use super::{report, status, OutputArg};
 
+    if args.target.is_some() {
+        return Err(UsageError(
+            "--libvirt backs up into one backup set directory: give DIR only".into(),
+        )
+        .into());
+    }
+    let sync =
+        match args.sync {
+            None | Some(SyncArg::Auto) => SyncPolicy::Auto,
+            Some(SyncArg::Full) => SyncPolicy::Full,
+            Some(SyncArg::Incremental) => SyncPolicy::Incremental,
+            Some(SyncArg::Top) => return Err(UsageError(
+                "--sync top does not apply to --libvirt (a live backup copies the guest's view)"
+                    .into(),
+            )
+            .into()),
+        };
+    if let Some(flag) = args.not_for_live() {
+        return Err(UsageError(format!(
+            "{flag} does not apply to --libvirt: qbackup picks each disk's previous backup and bitmap itself, into qcow2 files with manifests"
+        ))
+        .into());
+    }
+    // --sync is the cycle's (per disk); the shared options are checked
+    // as a full backup's.
+    let options = args.request().sync(qbackup::backup::SyncMode::Full);
+    options
+        .clone()
+        .validate()
+        .map_err(|e| UsageError(usage_text(&e)))?;
     let req = LibvirtRequest {
-        uri: args.connect.clone(),
-        domain: args.libvirt.clone().unwrap_or_default(),
+        uri: args.libvirt.connect.clone(),
+        domain: args.libvirt.libvirt.clone().unwrap_or_default(),
         disks: args.disks.clone(),
-        sync: match common.sync {
-            Sync::Auto => SyncPolicy::Auto,
-            Sync::Full => SyncPolicy::Full,
-            Sync::Incremental => SyncPolicy::Incremental,
-        },
-        set: common.set,
+        sync,
+        set: args.source.clone(),
         scratch: args.scratch.clone(),
-        threads: common.threads,
-        speed: common.speed,
+        options,
     };
+    let ((_, quiet), output) = (args.display(), args.output);
     let cancel = Arc::new(Cancel::new());
-    let signals: Vec<i32> = [
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ]
-    .into_iter()
-    .filter(|&s| !status::ignored_at_start(s))
-    .collect();
-    status::record_signals(&signals)?;
-    crate::signals::watch(Arc::clone(&cancel), &signals)?;
+    super::backup::watch_signals(&cancel)?;
     let report = libvirt::run(&req, &cancel, &mut |line| eprintln!("qbackup: {line}")).map_err(
         |e| -> anyhow::Error {
-            use qbackup_formats::{Classify, ErrorClass};
             match e {
-                // The backup's own error (it names the disk's backup file),
-                // so that a signal maps to its exit status.
-                libvirt::LibvirtError::Backup { source, .. } => anyhow::Error::from(*source),
-                e if e.class() == ErrorClass::Usage => status::UsageError(e.to_string()).into(),
+                // The backup's own error (it names the disk's backup
+                // file), so that a signal maps to its exit status.
+                LibvirtError::Backup { source, .. } => anyhow::Error::from(*source),
+                e if e.class() == ErrorClass::Usage => UsageError(e.to_string()).into(),
                 e => e.into(),
             }
         },
@@ -122,40 +106,45 @@ pub(super) fn run(args: &LibvirtArgs, common: Common) -> Result<u8> {
             eprintln!("qbackup: warning: {}: {w}", d.disk);
         }
     }
-    match common.output {
+    match output {
         OutputArg::Json => {
             let disks: Vec<_> = report
                 .disks
                 .iter()
                 .map(|d| {
-                    let mut v = super::report::json(&d.report);
-                    v["disk"] = json!(d.disk);
-                    v["sync"] = json!(d.sync);
-                    v["reason"] = json!(d.reason);
-                    v
+                    let mut o = report::json(&d.report);
+                    let map = o.as_object_mut().expect("an object");
+                    let mut head = serde_json::Map::new();
+                    head.insert("name".into(), json!(d.disk));
+                    head.insert("reason".into(), json!(d.reason));
+                    head.append(map);
+                    // What ran, in the cycle's words (incremental by
+                    // bitmap or by content).
+                    head.insert("sync".into(), json!(d.sync));
+                    serde_json::Value::Object(head)
                 })
                 .collect();
+            let obj = json!({
+                "domain": report.domain,
+                "running": report.running,
+                "checkpoint": report.checkpoint,
+                "disks": disks,
+            });
             let mut out = std::io::stdout().lock();
-            writeln!(
-                out,
-                "{}",
-                json!({
-                    "domain": report.domain,
-                    "running": report.running,
-                    "checkpoint": report.checkpoint,
-                    "disks": disks,
-                })
-            )?;
+            writeln!(out, "{obj}")?;
             out.flush()?;
         }
-        OutputArg::Human if !common.quiet => {
+        OutputArg::Human if !quiet => {
             for d in &report.disks {
                 eprintln!(
-                    "{}: {} ({}): {}",
+                    "qbackup: {}: {} backup {} ({}): {}",
                     d.disk,
                     d.sync,
+                    d.report.target.display(),
                     d.reason,
-                    super::report::human(&d.report).trim_start_matches("qbackup: ")
+                    report::human(&d.report)
+                        .strip_prefix("qbackup: backup done: ")
+                        .unwrap_or_default()
                 );
             }
         }

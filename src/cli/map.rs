@@ -19,6 +19,9 @@ pub struct MapArgs {
     /// image locks; the result may be inconsistent).
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// TLS settings of nbds:// sources.
+    #[command(flatten)]
+    tls: super::tls::TlsArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub(super) output: OutputArg,
@@ -38,7 +41,7 @@ pub fn run(a: MapArgs) -> Result<u8> {
         start: a.start_offset.unwrap_or(0),
         max_length: a.max_length,
     };
-    let files = super::Files::new(a.force_share);
+    let files = super::Files::new(a.force_share, &a.tls);
     let src = source::open(files.opener(), &a.image, a.format.map(Into::into), None)?;
     super::warn_marked_corrupt(src.as_ref());
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());

@@ -4,18 +4,20 @@
 //! them: `progress` (`-p`), `report` (the backup's result), `size`
 //! (qemu-img's sizes, for every size option), `status` (exit statuses and
 //! the JSON error object), `hint` (the CLI's words for a library error's
-//! remedy).
+//! remedy), `tls` (the TLS options of NBD sources).
 
 pub mod backup;
 pub mod compare;
 pub mod hint;
 pub mod info;
 pub mod libvirt;
+pub mod live;
 pub mod map;
 pub mod progress;
 pub mod report;
 pub mod size;
 pub mod status;
+pub mod tls;
 pub mod verify;
 
 use std::io::Write;
@@ -24,7 +26,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use qbackup::{backup as lib_backup, source};
-use qbackup_formats::open::{FileOpener, ForceShareOpener, Opener};
+use qbackup_formats::open::{FileOpener, ForceShareOpener, Opener, TlsOpener};
 use qbackup_formats::Format;
 
 /// Back up qcow2 and raw disk images like QEMU's backup job.
@@ -87,18 +89,18 @@ enum Command {
 }
 
 /// The opener for a command: QEMU's image locks honoured, or ignored with
-/// `-U`.
+/// `-U`; `nbds` URIs with the TLS options.
 enum Files {
-    Locked(FileOpener),
-    Shared(ForceShareOpener),
+    Locked(TlsOpener<FileOpener>),
+    Shared(TlsOpener<ForceShareOpener>),
 }
 
 impl Files {
-    fn new(force_share: bool) -> Files {
+    fn new(force_share: bool, tls: &tls::TlsArgs) -> Files {
         if force_share {
-            Files::Shared(ForceShareOpener::default())
+            Files::Shared(TlsOpener::new(ForceShareOpener::default(), tls.config()))
         } else {
-            Files::Locked(FileOpener)
+            Files::Locked(TlsOpener::new(FileOpener, tls.config()))
         }
     }
 
@@ -113,7 +115,7 @@ impl Files {
     /// another process was writing.
     fn warn_in_use(&self) {
         if let Files::Shared(o) = self {
-            for p in o.in_use() {
+            for p in o.inner().in_use() {
                 eprintln!(
                     "qbackup: warning: {}: another process held it for writing (--force-share); what was read may be inconsistent",
                     p.display()

@@ -19,6 +19,7 @@
 //!   the backup tests.
 //! - [`map_info`]: fixtures shared by the `map` and `info` tests.
 //! - [`process`]: qemu-nbd and QEMU started by tests, and a QMP client.
+//! - [`tls`]: certificates made with openssl, free TCP ports.
 
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
@@ -34,6 +35,7 @@ pub mod process;
 pub mod qcow2;
 pub mod run;
 pub mod scratch;
+pub mod tls;
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;

@@ -6,6 +6,7 @@ mod read;
 mod reply;
 mod shared;
 mod stream;
+mod tls;
 
 use std::io::{BufReader, Write};
 use std::net::Shutdown;
@@ -18,6 +19,7 @@ use reply::{unknown_cookie, PendingStatus, Rx, Step};
 use stream::{connect_tcp, connect_unix, Stream};
 
 pub use shared::SharedConnection;
+pub(crate) use tls::TlsFailure;
 
 /// At most this many requests of one [`Connection`] are in flight at once.
 const MAX_IN_FLIGHT: usize = 16;
@@ -118,12 +120,25 @@ fn round_up(x: u64, to: u64) -> u64 {
 }
 
 impl Connection {
-    /// Connects to `uri`, negotiates (fixed newstyle, extended headers or
+    /// Connects to `uri`, negotiates (fixed newstyle, TLS first for an
+    /// `nbds` URI, extended headers or
     /// structured replies, the metadata contexts of `opts`, `NBD_OPT_GO`
     /// with block size constraints) and enters the transmission phase.
     pub fn connect(uri: &NbdUri, opts: &ConnectOptions) -> Result<Connection, NbdError> {
         Connection::check_request(&uri.export, opts)?;
-        let target = uri.to_string();
+        // Certificates are read before connecting: a bad setup fails
+        // without touching the server.
+        let tls = match (&uri.tls, &uri.transport) {
+            (None, _) => None,
+            (Some(t), NbdTransport::Tcp { host, .. }) => Some(t.client(Some(host))?),
+            (Some(t), NbdTransport::Unix { .. }) => Some(t.client(None)?),
+        };
+        // The server, for messages (without the TLS settings).
+        let target = NbdUri {
+            tls: uri.tls.as_ref().map(|_| crate::nbd::TlsConfig::default()),
+            ..uri.clone()
+        }
+        .to_string();
         let connect_err = |source| NbdError::Connect {
             target: target.clone(),
             source,
@@ -163,7 +178,7 @@ impl Connection {
             next_cookie: 1,
             ready: false,
         };
-        match conn.negotiate(&uri.export, opts) {
+        match conn.negotiate(&uri.export, opts, tls.as_ref()) {
             Ok(()) => {
                 conn.rx
                     .io

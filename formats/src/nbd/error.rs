@@ -52,6 +52,13 @@ pub enum NbdError {
         /// The context's name.
         name: String,
     },
+    /// A metadata context was asked of a server without structured
+    /// replies, which has none (it refused `NBD_OPT_STRUCTURED_REPLY`).
+    #[error("NBD server does not offer metadata context {name:?}: it has no structured replies, so no block status")]
+    NoStructuredReplies {
+        /// The context's name.
+        name: String,
+    },
     /// The server reported an error for one request.
     #[error("NBD server failed {command} of {len} bytes at offset {offset}: {}{}", proto::errno_name(*.errno), message_suffix(.message))]
     Request {
@@ -101,6 +108,42 @@ pub enum NbdError {
         /// What is wrong.
         what: String,
     },
+    /// An `nbds` URI without a certificates directory.
+    #[error("TLS needs a certificates directory with ca-cert.pem (and client-cert.pem, client-key.pem for a server that verifies clients); none was given")]
+    TlsNoCertificates,
+    /// The certificates directory cannot be used.
+    #[error("cannot use the TLS certificates in {}: {what}", .dir.display())]
+    TlsSetup {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// What is wrong (names the file).
+        what: String,
+    },
+    /// An `nbds` server that does not offer TLS (`NBD_OPT_STARTTLS`
+    /// refused): never continued in plaintext.
+    #[error("NBD server does not offer TLS (NBD_OPT_STARTTLS: {}{}); not continuing without it", proto::rep_name(*.reply), message_suffix(.message))]
+    TlsNotOffered {
+        /// The error reply type.
+        reply: u32,
+        /// The server's message, possibly empty.
+        message: String,
+    },
+    /// A plaintext connection to a server that requires TLS
+    /// (`NBD_REP_ERR_TLS_REQD`).
+    #[error("NBD server requires TLS (NBD_REP_ERR_TLS_REQD) and the URI is plaintext")]
+    TlsRequired,
+    /// The TLS handshake or session failed: the server's certificate did
+    /// not verify, the server refused the client, or TLS broke.
+    #[error("TLS with the NBD server failed while {doing}: {what}")]
+    Tls {
+        /// What the client was doing.
+        doing: &'static str,
+        /// The cause, in words.
+        what: String,
+        /// Whether the cause is a certificate (the server's or the
+        /// client's): a setup problem rather than a transport one.
+        certificate: bool,
+    },
     /// An earlier timeout, disconnection or protocol violation left the
     /// connection unusable.
     #[error("NBD connection is unusable after an earlier error")]
@@ -118,10 +161,21 @@ fn message_suffix(message: &str) -> String {
 impl Classify for NbdError {
     fn class(&self) -> ErrorClass {
         match self {
-            NbdError::Uri { .. } | NbdError::InvalidRequest { .. } => ErrorClass::Usage,
+            NbdError::Uri { .. }
+            | NbdError::InvalidRequest { .. }
+            | NbdError::TlsNoCertificates
+            | NbdError::TlsSetup { .. }
+            | NbdError::TlsRequired
+            | NbdError::Tls {
+                certificate: true, ..
+            } => ErrorClass::Usage,
+            NbdError::TlsNotOffered { .. } => ErrorClass::Unsupported,
+            NbdError::Tls { .. } => ErrorClass::Io,
             // A missing socket or a refused permission is the user's to fix.
             NbdError::Connect { source, .. } => ErrorClass::of_io(source),
-            NbdError::Handshake { .. } | NbdError::ContextRefused { .. } => ErrorClass::Unsupported,
+            NbdError::Handshake { .. }
+            | NbdError::ContextRefused { .. }
+            | NbdError::NoStructuredReplies { .. } => ErrorClass::Unsupported,
             NbdError::OptionRefused { option, reply, .. } => match *reply {
                 // No such export: the URI names something that is not there.
                 proto::REP_ERR_UNKNOWN => ErrorClass::Usage,
@@ -140,6 +194,14 @@ impl Classify for NbdError {
             | NbdError::Disconnected { .. }
             | NbdError::Io { .. }
             | NbdError::Unusable => ErrorClass::Io,
+        }
+    }
+
+    fn remedy(&self) -> Option<crate::Remedy> {
+        match self {
+            NbdError::TlsRequired => Some(crate::Remedy::UseTls),
+            NbdError::TlsNoCertificates => Some(crate::Remedy::TlsCertificates),
+            _ => None,
         }
     }
 }
@@ -170,6 +232,15 @@ impl NbdError {
         )
     }
 
+    /// Whether a metadata context asked for is not offered (by this
+    /// server, or by any server without structured replies).
+    pub fn is_context_refused(&self) -> bool {
+        matches!(
+            self,
+            NbdError::ContextRefused { .. } | NbdError::NoStructuredReplies { .. }
+        )
+    }
+
     /// A copy of an error that closed a connection, for each of the
     /// requests it failed (`io::Error` is not `Clone`: its kind and message
     /// are kept). Errors that do not close a connection become
@@ -182,6 +253,15 @@ impl NbdError {
                 after: *after,
             },
             NbdError::Disconnected { doing } => NbdError::Disconnected { doing },
+            NbdError::Tls {
+                doing,
+                what,
+                certificate,
+            } => NbdError::Tls {
+                doing,
+                what: what.clone(),
+                certificate: *certificate,
+            },
             NbdError::Io { doing, source } => NbdError::Io {
                 doing,
                 source: io::Error::new(source.kind(), crate::error::io_text(source).to_string()),
@@ -192,6 +272,19 @@ impl NbdError {
 
     /// Maps a socket error met while `doing` something.
     pub(crate) fn from_io(e: io::Error, doing: &'static str, timeout: Duration) -> NbdError {
+        let tls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<crate::nbd::client::TlsFailure>());
+        if let Some(f) = tls {
+            return NbdError::Tls {
+                doing,
+                what: f.to_string(),
+                certificate: matches!(
+                    f.error,
+                    rustls::Error::InvalidCertificate(_) | rustls::Error::AlertReceived(_)
+                ),
+            };
+        }
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => NbdError::Timeout {
                 doing,

@@ -6,7 +6,11 @@
 //! changed since the last backup.
 //!
 //! - [`uri`]: `nbd://HOST[:PORT][/EXPORT]` and
-//!   `nbd+unix:///[EXPORT]?socket=PATH`, and [`is_nbd_uri`] to route names.
+//!   `nbd+unix:///[EXPORT]?socket=PATH` (and their `nbds` forms with TLS),
+//!   and [`is_nbd_uri`] to route names.
+//! - [`tls`]: [`TlsConfig`] (certificates in QEMU's `tls-creds-x509`
+//!   layout, the name to verify), made into a rustls client; the session
+//!   is started by `NBD_OPT_STARTTLS` before any other option.
 //! - [`proto`]: the wire format, pure encode/decode, each item citing its
 //!   section of the NBD protocol document (`doc/proto.md`).
 //! - [`Connection`]: fixed newstyle handshake, extended headers when the
@@ -34,11 +38,13 @@
 //!   [`SharedConnection`] are in flight, and requests respect the server's
 //!   block size constraints (at most 32 MiB).
 //!
-//! Not implemented: TLS, writes, `NBD_CMD_FLAG_DF`, `NBD_OPT_LIST`.
+//! Not implemented: TLS with pre-shared keys, writes, `NBD_CMD_FLAG_DF`,
+//! `NBD_OPT_LIST`.
 
 mod client;
 mod error;
 pub mod proto;
+pub mod tls;
 pub mod uri;
 
 #[cfg(test)]
@@ -46,4 +52,5 @@ mod tests;
 
 pub use client::{ConnectOptions, Connection, SharedConnection};
 pub use error::NbdError;
+pub use tls::TlsConfig;
 pub use uri::{is_nbd_uri, NbdTransport, NbdUri};

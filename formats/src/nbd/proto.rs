@@ -54,6 +54,10 @@ pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const OPT_EXPORT_NAME: u32 = 1;
 /// Option: abort negotiation (proto.md "Option types").
 pub const OPT_ABORT: u32 = 2;
+/// Option: upgrade the connection to TLS; must be the first option, and
+/// the option haggling restarts inside TLS (proto.md "Option types",
+/// `NBD_OPT_STARTTLS`, and "TLS support").
+pub const OPT_STARTTLS: u32 = 5;
 /// Option: enter transmission with `NBD_REP_INFO` replies (proto.md
 /// "Option types", `NBD_OPT_INFO` and `NBD_OPT_GO`).
 pub const OPT_GO: u32 = 7;
@@ -211,6 +215,7 @@ pub fn opt_name(opt: u32) -> &'static str {
     match opt {
         OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
         OPT_ABORT => "NBD_OPT_ABORT",
+        OPT_STARTTLS => "NBD_OPT_STARTTLS",
         OPT_GO => "NBD_OPT_GO",
         OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
         OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
@@ -229,7 +234,7 @@ pub fn rep_name(rep: u32) -> String {
         REP_ERR_POLICY => "NBD_REP_ERR_POLICY",
         REP_ERR_INVALID => "NBD_REP_ERR_INVALID",
         REP_ERR_PLATFORM => "NBD_REP_ERR_PLATFORM",
-        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD (qbackup has no TLS)",
+        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD",
         REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN",
         REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN",
         REP_ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD",

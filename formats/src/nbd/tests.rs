@@ -12,6 +12,7 @@ use super::*;
 use crate::error::{Classify, ErrorClass};
 
 mod shared;
+mod tls;
 mod transmission;
 
 /// The timeout of the tests that expect one; the others use 5 s, so that a
@@ -353,6 +354,7 @@ fn serve<T: Send + 'static>(
     let uri = NbdUri {
         transport: NbdTransport::Unix { socket: path },
         export: String::new(),
+        tls: None,
     };
     (dir, uri, handle)
 }
@@ -412,6 +414,7 @@ fn silent_server_times_out_in_the_handshake() {
     let uri = NbdUri {
         transport: NbdTransport::Unix { socket: path },
         export: String::new(),
+        tls: None,
     };
     let start = Instant::now();
     let e = Connection::connect(&uri, &quick()).unwrap_err();
@@ -464,6 +467,7 @@ fn greeting_error(greeting: &'static [u8]) -> NbdError {
     let uri = NbdUri {
         transport: NbdTransport::Unix { socket: path },
         export: String::new(),
+        tls: None,
     };
     let e = Connection::connect(&uri, &opts(&[])).unwrap_err();
     h.join().unwrap();
@@ -519,6 +523,7 @@ fn silent_accept_queue_is_not_a_hang() {
     let uri = NbdUri {
         transport: NbdTransport::Unix { socket: path },
         export: String::new(),
+        tls: None,
     };
     let start = Instant::now();
     let e = Connection::connect(&uri, &quick()).unwrap_err();

@@ -3,12 +3,16 @@
 //!
 //! - `nbd://HOST[:PORT][/EXPORT]`: TCP, port 10809 by default;
 //! - `nbd+unix:///[EXPORT]?socket=PATH`: a Unix domain socket (a `PATH`
-//!   starting with `%00` names a socket in the abstract namespace).
+//!   starting with `%00` names a socket in the abstract namespace);
+//! - `nbds://…` and `nbds+unix://…`: the same with TLS, and the query
+//!   parameters `tls-certificates=DIR` and `tls-hostname=NAME` (libnbd's
+//!   names) filling [`TlsConfig`].
 //!
 //! The export name is the path without its leading `/`, percent-decoded
 //! (`nbd://h//disk` names `/disk`; no path, or `/`, the default export).
-//! TLS (`nbds`, `nbds+unix`, `tls-*` parameters) and vsock are refused with
-//! an error that says so.
+//! vsock, pre-shared keys (`tls-psk-file`, user names) and turning
+//! verification off (`tls-verify-peer=false`) are refused with an error
+//! that says so.
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -18,6 +22,7 @@ use std::str::FromStr;
 
 use crate::nbd::error::NbdError;
 use crate::nbd::proto::{DEFAULT_PORT, MAX_STRING};
+use crate::nbd::tls::TlsConfig;
 
 /// How to reach the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +50,9 @@ pub struct NbdUri {
     pub transport: NbdTransport,
     /// The export name; empty for the server's default export.
     pub export: String,
+    /// TLS (`nbds` schemes) with the URI's own settings; `None` for
+    /// plaintext.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Whether `s` is meant as an NBD URI (its scheme is `nbd`, `nbds` or
@@ -68,17 +76,17 @@ impl NbdUri {
         let Some((scheme, rest)) = s.split_once(':') else {
             return Err(err("no scheme (expected nbd:// or nbd+unix://)"));
         };
-        let unix = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" | "nbd+tcp" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" | "nbds+tcp" => {
-                return Err(err(
-                    "TLS (nbds) is not supported; use nbd:// or nbd+unix://",
-                ))
-            }
-            "nbd+vsock" | "nbds+vsock" => return Err(err("vsock transport is not supported")),
-            _ => return Err(err("unsupported scheme (expected nbd:// or nbd+unix://)")),
-        };
+        let (unix, tls) =
+            match scheme.to_ascii_lowercase().as_str() {
+                "nbd" | "nbd+tcp" => (false, false),
+                "nbd+unix" => (true, false),
+                "nbds" | "nbds+tcp" => (false, true),
+                "nbds+unix" => (true, true),
+                "nbd+vsock" | "nbds+vsock" => return Err(err("vsock transport is not supported")),
+                _ => return Err(err(
+                    "unsupported scheme (expected nbd://, nbd+unix://, nbds:// or nbds+unix://)",
+                )),
+            };
         if rest.contains('#') {
             return Err(err("fragments (#...) are not allowed"));
         }
@@ -107,6 +115,7 @@ impl NbdUri {
         }
 
         let mut socket: Option<Vec<u8>> = None;
+        let mut tls_config = TlsConfig::default();
         for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
             let key = percent_decode(key).ok_or_else(|| err("bad percent-encoding"))?;
@@ -118,9 +127,39 @@ impl NbdUri {
                     }
                 }
                 b"socket" => return Err(err("socket= is only for nbd+unix:// URIs")),
-                k if k.starts_with(b"tls") => {
-                    return Err(err("TLS parameters are not supported"));
+                k if k.starts_with(b"tls") && !tls => {
+                    return Err(err("TLS parameters are only for nbds:// URIs"));
                 }
+                b"tls-certificates" => {
+                    if value.is_empty() {
+                        return Err(err("empty tls-certificates directory"));
+                    }
+                    let dir = PathBuf::from(OsStr::from_bytes(&value));
+                    if tls_config.certs_dir.replace(dir).is_some() {
+                        return Err(err("more than one tls-certificates parameter"));
+                    }
+                }
+                b"tls-hostname" => {
+                    let name =
+                        String::from_utf8(value).map_err(|_| err("tls-hostname is not UTF-8"))?;
+                    if name.is_empty() {
+                        return Err(err("empty tls-hostname"));
+                    }
+                    if tls_config.hostname.replace(name).is_some() {
+                        return Err(err("more than one tls-hostname parameter"));
+                    }
+                }
+                b"tls-psk-file" | b"tls-username" => {
+                    return Err(err(
+                        "TLS pre-shared keys are not supported (only x509 certificates)",
+                    ));
+                }
+                b"tls-verify-peer" if value.as_slice() != b"true" => {
+                    return Err(err(
+                        "the server's certificate is always verified (tls-verify-peer=false is not supported)",
+                    ));
+                }
+                b"tls-verify-peer" => {}
                 k => {
                     return Err(err(&format!(
                         "unknown query parameter {:?}",
@@ -148,14 +187,18 @@ impl NbdUri {
             let (host, port) = parse_authority(authority).map_err(|r| err(&r))?;
             NbdTransport::Tcp { host, port }
         };
-        Ok(NbdUri { transport, export })
+        Ok(NbdUri {
+            transport,
+            export,
+            tls: tls.then_some(tls_config),
+        })
     }
 }
 
 /// Splits `host[:port]` (IPv6 literals in brackets).
 fn parse_authority(a: &str) -> Result<(String, u16), String> {
     if a.contains('@') {
-        return Err("user names are only for TLS, which is not supported".into());
+        return Err("user names are only for TLS pre-shared keys, which are not supported".into());
     }
     let (host, port) = if let Some(rest) = a.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or("unclosed '[' in the host")?;
@@ -234,6 +277,19 @@ impl FromStr for NbdUri {
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let export = percent_encode(self.export.as_bytes(), b"/:@!$&'()*+,;=");
+        let s = if self.tls.is_some() { "s" } else { "" };
+        // The TLS parameters, after the socket's.
+        let mut params = String::new();
+        if let Some(t) = &self.tls {
+            if let Some(dir) = &t.certs_dir {
+                params.push_str("&tls-certificates=");
+                params.push_str(&percent_encode(dir.as_os_str().as_bytes(), b"/"));
+            }
+            if let Some(h) = &t.hostname {
+                params.push_str("&tls-hostname=");
+                params.push_str(&percent_encode(h.as_bytes(), b""));
+            }
+        }
         match &self.transport {
             NbdTransport::Tcp { host, port } => {
                 let host = if host.contains(':') {
@@ -241,18 +297,21 @@ impl fmt::Display for NbdUri {
                 } else {
                     percent_encode(host.as_bytes(), b"")
                 };
-                write!(f, "nbd://{host}")?;
+                write!(f, "nbd{s}://{host}")?;
                 if *port != DEFAULT_PORT {
                     write!(f, ":{port}")?;
                 }
-                if !export.is_empty() {
+                if !export.is_empty() || !params.is_empty() {
                     write!(f, "/{export}")?;
+                }
+                if let Some(p) = params.strip_prefix('&') {
+                    write!(f, "?{p}")?;
                 }
                 Ok(())
             }
             NbdTransport::Unix { socket } => write!(
                 f,
-                "nbd+unix:///{export}?socket={}",
+                "nbd{s}+unix:///{export}?socket={}{params}",
                 percent_encode(socket.as_os_str().as_bytes(), b"/")
             ),
         }
@@ -271,6 +330,7 @@ mod tests {
                 port,
             },
             export: export.into(),
+            tls: None,
         }
     }
 
@@ -280,7 +340,35 @@ mod tests {
                 socket: socket.into(),
             },
             export: export.into(),
+            tls: None,
         }
+    }
+
+    fn tls(mut u: NbdUri, dir: Option<&str>, hostname: Option<&str>) -> NbdUri {
+        u.tls = Some(TlsConfig {
+            certs_dir: dir.map(PathBuf::from),
+            hostname: hostname.map(String::from),
+        });
+        u
+    }
+
+    #[test]
+    fn tls_uris() {
+        let p = |s: &str| NbdUri::parse(s).unwrap();
+        assert_eq!(p("nbds://h/d"), tls(tcp("h", 10809, "d"), None, None));
+        assert_eq!(
+            p("nbds://127.0.0.1:1234/d?tls-certificates=/etc/pki/x"),
+            tls(tcp("127.0.0.1", 1234, "d"), Some("/etc/pki/x"), None)
+        );
+        assert_eq!(
+            p("nbds+unix:///d?socket=/s&tls-certificates=c%20d&tls-hostname=vm1.example"),
+            tls(unix("/s", "d"), Some("c d"), Some("vm1.example"))
+        );
+        assert_eq!(
+            p("nbds+unix:///?socket=/s&tls-verify-peer=true"),
+            tls(unix("/s", ""), None, None)
+        );
+        assert_eq!(p("NBDS+TCP://h"), tls(tcp("h", 10809, ""), None, None));
     }
 
     #[test]
@@ -327,8 +415,17 @@ mod tests {
     #[test]
     fn refused() {
         for (s, needle) in [
-            ("nbds://host/x", "TLS"),
-            ("nbds+unix:///?socket=s", "TLS"),
+            ("nbds://h/x?tls-psk-file=/k", "pre-shared keys"),
+            ("nbds://h/x?tls-username=u", "pre-shared keys"),
+            ("nbds://u@h/x", "pre-shared keys"),
+            ("nbds://h/x?tls-verify-peer=false", "always verified"),
+            ("nbds://h/x?tls-certificates=", "empty tls-certificates"),
+            (
+                "nbds://h/x?tls-certificates=a&tls-certificates=b",
+                "more than one",
+            ),
+            ("nbds://h/x?tls-hostname=", "empty tls-hostname"),
+            ("nbds+unix:///x", "socket=PATH"),
             ("nbd+vsock://1:10809", "vsock"),
             ("nbd+foo://x", "unsupported scheme"),
             ("http://x", "unsupported scheme"),
@@ -336,7 +433,7 @@ mod tests {
             ("nbd+unix:///x", "socket=PATH"),
             ("nbd+unix://host/x?socket=s", "no host"),
             ("nbd://host/x?socket=s", "only for nbd+unix"),
-            ("nbd://host/x?tls-type=x509", "TLS"),
+            ("nbd://host/x?tls-certificates=/c", "only for nbds"),
             ("nbd://host/x?foo=1", "unknown query parameter"),
             ("nbd://", "needs a host"),
             ("nbd:x", "follow a '/'"),
@@ -390,6 +487,10 @@ mod tests {
             tcp("::1", 10809, "x"),
             unix("/tmp/a b.sock", ""),
             unix("/tmp/s", "disk?1"),
+            tls(tcp("h", 10809, ""), None, None),
+            tls(tcp("h", 99, ""), Some("/c d"), Some("n")),
+            tls(unix("/tmp/s", "x"), Some("/c"), None),
+            tls(unix("/tmp/s", ""), None, Some("n")),
         ] {
             let s = u.to_string();
             assert_eq!(NbdUri::parse(&s).unwrap(), u, "{s}");

@@ -43,6 +43,20 @@ pub enum FileExtent {
     ZeroData,
 }
 
+/// What the bytes past a storage's end read as in an allocation map (a raw
+/// image's virtual size is its length rounded up to 512 bytes), as QEMU's
+/// driver for that kind of storage reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// A hole at host offsets past the end (files: qemu's file driver).
+    Hole,
+    /// Zeros with no host offset (an NBD export with block status).
+    Zero,
+    /// Data at host offsets, like the rest (an NBD export without block
+    /// status: nothing is known, everything is data).
+    Data,
+}
+
 /// What identifies the object behind a storage, whatever name opened it
 /// (device and inode for files), so that loops and "target is the source"
 /// can be caught across paths and hard links.
@@ -73,6 +87,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Its length in bytes (for read-only storage: as it was at open time).
     fn len(&self) -> u64;
+
+    /// What the bytes past the end read as in an allocation map; the
+    /// default is a file's hole.
+    fn padding(&self) -> Padding {
+        Padding::Hole
+    }
 
     /// True when empty.
     fn is_empty(&self) -> bool {
@@ -279,7 +299,7 @@ pub enum StorageError {
     },
     /// Another process holds the image in a way that rules out a
     /// consistent read (QEMU's image locks).
-    #[error("{}; back up a running VM through an NBD export of its disk, or read the file anyway, accepting that the copy may be inconsistent", in_use_text(*.conflict))]
+    #[error("{}; back up a running VM through its QMP socket instead, or read the file anyway, accepting that the copy may be inconsistent", in_use_text(*.conflict))]
     InUse {
         /// What the other process holds.
         conflict: lock::Conflict,
@@ -352,7 +372,7 @@ impl StorageError {
     /// True when an NBD server does not offer a metadata context asked
     /// for (for `qemu:dirty-bitmap:NAME`: no such bitmap is exported).
     pub fn is_context_refused(&self) -> bool {
-        matches!(self, StorageError::Nbd(e) if matches!(**e, crate::nbd::NbdError::ContextRefused { .. }))
+        matches!(self, StorageError::Nbd(e) if e.is_context_refused())
     }
 }
 
@@ -386,6 +406,7 @@ impl Classify for StorageError {
         match self {
             StorageError::InUse { .. } => Some(Remedy::ForceShare),
             StorageError::InUseForUpdate { .. } => Some(Remedy::KeepBitmap),
+            StorageError::Nbd(e) => e.remedy(),
             _ => None,
         }
     }

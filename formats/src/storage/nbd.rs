@@ -13,6 +13,17 @@
 //! above: storage knows only flags. Each reply's extents are cached, so walking
 //! a map costs one request per reply rather than one per extent.
 //!
+//! A server without structured replies (the reference `nbd-server`,
+//! `nbdkit --no-sr`) has no block status: everything is reported as data,
+//! for the readers' zero detection to find the holes (as qemu-img does),
+//! and any other context asked for is refused
+//! ([`NbdError::NoStructuredReplies`]), so that callers fall back as for a
+//! missing bitmap.
+//!
+//! `nbds` URIs connect with TLS; settings the URI leaves out come from the
+//! opener's defaults ([`NbdStorage::connect_with`]), and every connection
+//! of the pool makes its own handshake.
+//!
 //! Invariants: the export's size is fixed at connect time; a connection
 //! that failed (timeout, disconnect, protocol violation) is dropped, never
 //! reused; every failure surfaces as an error, never as zeros.
@@ -22,8 +33,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::{FileExtent, Storage, StorageError};
-use crate::nbd::{ConnectOptions, Connection, NbdError, NbdUri, SharedConnection};
+use super::{FileExtent, Padding, Storage, StorageError};
+use crate::nbd::proto;
+use crate::nbd::{ConnectOptions, Connection, NbdError, NbdUri, SharedConnection, TlsConfig};
 use crate::units::HostOffset;
 
 /// The allocation context every NBD server with structured replies offers.
@@ -55,6 +67,9 @@ pub struct NbdStorage {
     uri: NbdUri,
     name: PathBuf,
     opts: ConnectOptions,
+    /// Whether `base:allocation` was negotiated (not without structured
+    /// replies).
+    allocation: bool,
     size: u64,
     /// Without multi-conn: the one connection every worker shares,
     /// replaced by a new one when it broke (see [`NbdStorage::shared`]).
@@ -77,17 +92,46 @@ fn to_io(e: NbdError) -> io::Error {
 }
 
 impl NbdStorage {
-    /// Connects to the export at `uri` with `base:allocation` and the
-    /// `extra_contexts` (refused contexts fail the connection).
+    /// Connects to the export at `uri` with `base:allocation` (when the
+    /// server has structured replies) and the `extra_contexts` (refused
+    /// contexts fail the connection).
     pub fn connect(uri: &str, extra_contexts: &[String]) -> Result<NbdStorage, NbdError> {
-        let parsed = NbdUri::parse(uri)?;
+        NbdStorage::connect_with(uri, extra_contexts, &TlsConfig::default())
+    }
+
+    /// [`NbdStorage::connect`], with the TLS settings an `nbds` URI leaves
+    /// out taken from `tls` (plain `nbd` URIs ignore them).
+    pub fn connect_with(
+        uri: &str,
+        extra_contexts: &[String],
+        tls: &TlsConfig,
+    ) -> Result<NbdStorage, NbdError> {
+        let given = NbdUri::parse(uri)?;
+        let mut parsed = given.clone();
+        if let Some(t) = &mut parsed.tls {
+            *t = t.or(tls);
+        }
         let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
         meta_contexts.extend(extra_contexts.iter().cloned());
-        let opts = ConnectOptions {
+        let mut opts = ConnectOptions {
             meta_contexts,
             ..Default::default()
         };
-        let first = Connection::connect(&parsed, &opts)?;
+        let (first, allocation) = match Connection::connect(&parsed, &opts) {
+            Ok(c) => (c, true),
+            Err(NbdError::OptionRefused { option, reply, .. })
+                if option == proto::opt_name(proto::OPT_STRUCTURED_REPLY)
+                    && reply != proto::REP_ERR_SHUTDOWN =>
+            {
+                // Simple replies only: no contexts at all.
+                if let Some(name) = extra_contexts.first() {
+                    return Err(NbdError::NoStructuredReplies { name: name.clone() });
+                }
+                opts.meta_contexts.clear();
+                (Connection::connect(&parsed, &opts)?, false)
+            }
+            Err(e) => return Err(e),
+        };
         let size = first.size();
         let (shared, idle) = if first.can_multi_conn() {
             (None, vec![first])
@@ -98,8 +142,9 @@ impl NbdStorage {
             )
         };
         Ok(NbdStorage {
-            name: PathBuf::from(qemu_name(&parsed)),
+            name: PathBuf::from(qemu_name(&given)),
             uri: parsed,
+            allocation,
             size,
             shared,
             pool: Mutex::new(Pool {
@@ -250,6 +295,16 @@ impl Storage for NbdStorage {
         self.size
     }
 
+    /// As QEMU's NBD driver reports them: zeros without a host offset with
+    /// block status, data like the rest without.
+    fn padding(&self) -> Padding {
+        if self.allocation {
+            Padding::Zero
+        } else {
+            Padding::Data
+        }
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {
         let n = (buf.len() as u64).min(self.size.saturating_sub(offset.0)) as usize;
         if n == 0 {
@@ -273,6 +328,9 @@ impl Storage for NbdStorage {
     }
 
     fn data_or_hole(&self, offset: HostOffset, max_len: u64) -> io::Result<(FileExtent, u64)> {
+        if !self.allocation {
+            return Ok((FileExtent::Data, max_len));
+        }
         let (flags, len) = self
             .block_status(BASE_ALLOCATION, offset.0, max_len)
             .map_err(to_io)?;
@@ -292,9 +350,9 @@ impl Storage for NbdStorage {
 fn qemu_name(uri: &NbdUri) -> String {
     let canonical = uri.to_string();
     match (&uri.transport, uri.export.is_empty()) {
-        (crate::nbd::NbdTransport::Unix { .. }, true) => {
-            canonical.replacen("nbd+unix:///?", "nbd+unix://?", 1)
-        }
+        (crate::nbd::NbdTransport::Unix { .. }, true) => canonical
+            .replacen("nbd+unix:///?", "nbd+unix://?", 1)
+            .replacen("nbds+unix:///?", "nbds+unix://?", 1),
         _ => canonical,
     }
 }
@@ -303,4 +361,14 @@ fn qemu_name(uri: &NbdUri) -> String {
 /// `meta_contexts` (a context the server does not offer fails the open).
 pub fn open(uri: &str, meta_contexts: &[String]) -> Result<NbdStorage, StorageError> {
     Ok(NbdStorage::connect(uri, meta_contexts)?)
+}
+
+/// [`open`], with the TLS settings an `nbds` URI leaves out taken from
+/// `tls`.
+pub fn open_with_tls(
+    uri: &str,
+    meta_contexts: &[String],
+    tls: &TlsConfig,
+) -> Result<NbdStorage, StorageError> {
+    Ok(NbdStorage::connect_with(uri, meta_contexts, tls)?)
 }

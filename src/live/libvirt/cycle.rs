@@ -14,7 +14,7 @@ use super::{
     api, domain_err, io_err, remove_backup, sync_dir, write_durably, xml, DiskResult, LibvirtError,
     LibvirtReport, LibvirtRequest, PENDING,
 };
-use crate::backup::{self, BackupRequest, BitmapMode, Cancel, SyncMode};
+use crate::backup::{self, BitmapMode, Cancel, SyncMode};
 use crate::set::layout::{DiskDir, Entry};
 use qbackup_formats::open::FileOpener;
 use virt::domain::Domain;
@@ -316,10 +316,12 @@ impl Cycle<'_> {
         let dir = DiskDir::new(&self.req.set, &p.disk.target);
         dir.create()?;
         let target = dir.backup_path(started, &self.id);
-        let mut r = BackupRequest::new(source, &target)
-            .id(self.id.clone())
-            .threads(self.req.threads)
-            .speed(self.req.speed);
+        let mut r = self
+            .req
+            .options
+            .clone()
+            .retarget(source, &target)
+            .id(self.id.clone());
         let previous = p
             .latest
             .as_ref()

@@ -29,7 +29,7 @@ use qbackup_formats::{Classify, ErrorClass};
 use virt::connect::Connect;
 use virt::domain::Domain;
 
-use crate::backup::{BackupError, BackupReport, Cancel};
+use crate::backup::{BackupError, BackupReport, BackupRequest, Cancel};
 use crate::manifest;
 use crate::set::layout::SetError;
 
@@ -147,10 +147,9 @@ pub struct LibvirtRequest {
     /// (default `SET/.qbackup-scratch`); QEMU's user must be able to
     /// write there.
     pub scratch: Option<PathBuf>,
-    /// Worker threads per disk (default: all cores).
-    pub threads: Option<usize>,
-    /// Rate limit in bytes per second.
-    pub speed: Option<u64>,
+    /// The backup options (codec, threads, speed...); its source, target,
+    /// sync, backing, bitmap and id are set per disk.
+    pub options: BackupRequest,
 }
 
 /// One disk's backup in a cycle.
@@ -223,6 +222,7 @@ pub fn run(
         req.scratch = Some(std::fs::canonicalize(s).map_err(io_err(s, "resolve"))?);
     }
     let req = &req;
+    let _lock = lock_set(&req.set)?;
     let running = dom
         .is_active()
         .map_err(domain_err(name, "read its state"))?;
@@ -373,6 +373,25 @@ fn remove_backup(p: &Path) -> Result<(), LibvirtError> {
         }
     }
     Ok(())
+}
+
+/// Locks the set against another qbackup cycle (`--libvirt` or `--qmp`:
+/// the same lock file) until the returned file is dropped.
+fn lock_set(set: &Path) -> Result<std::fs::File, LibvirtError> {
+    let path = set.join(".qbackup-live.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path, "open the set's lock"))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        io_err(
+            &path,
+            "lock the set (another qbackup is backing up into it)",
+        )(e.into())
+    })?;
+    Ok(f)
 }
 
 /// Writes `text` to `path` durably (file and directory synced).

@@ -1,9 +1,14 @@
 //! The handshake: fixed newstyle negotiation up to `NBD_OPT_GO` (proto.md
 //! "Handshake").
 
+use std::io::BufReader;
+
+use crate::nbd::client::stream::Stream;
+use crate::nbd::client::tls::TlsStream;
 use crate::nbd::client::{ConnectOptions, Connection};
 use crate::nbd::error::NbdError;
 use crate::nbd::proto::{self, Info, OptionReplyHeader};
+use crate::nbd::tls::TlsClient;
 
 impl Connection {
     /// Checks what the client will send, before connecting.
@@ -29,11 +34,13 @@ impl Connection {
     }
 
     /// Runs the handshake on a fresh connection, up to the transmission
-    /// phase: greeting, client flags, then the options.
+    /// phase: greeting, client flags, TLS when `tls` is given, then the
+    /// options.
     pub(super) fn negotiate(
         &mut self,
         export: &str,
         opts: &ConnectOptions,
+        tls: Option<&TlsClient>,
     ) -> Result<(), NbdError> {
         let mut b8 = [0u8; 8];
         self.recv(&mut b8, "reading the server's greeting")?;
@@ -71,11 +78,34 @@ impl Connection {
         }
         self.send(&client_flags.to_be_bytes(), "sending client flags")?;
 
-        let r = self.negotiate_options(export, opts, no_zeroes);
+        let r = match tls {
+            Some(tls) => self.start_tls(tls),
+            None => Ok(()),
+        }
+        .and_then(|()| self.negotiate_options(export, opts, no_zeroes))
+        .map_err(|e| match (e, tls) {
+            // In TLS 1.3 the server judges the client's certificate after
+            // the client has finished its handshake: a refusal shows as
+            // the end of the connection, or an alert, on the next read.
+            // (An alert is described as it is.)
+            (NbdError::Disconnected { doing } | NbdError::Io { doing, .. }, Some(t))
+                if t.client_cert_requested() && !t.has_client_cert =>
+            {
+                NbdError::Tls {
+                    doing,
+                    what: TlsClient::demanded_text(),
+                    certificate: true,
+                }
+            }
+            (e, _) => e,
+        });
         if let Err(e) = &r {
             if matches!(
                 e,
-                NbdError::OptionRefused { .. } | NbdError::ContextRefused { .. }
+                NbdError::OptionRefused { .. }
+                    | NbdError::ContextRefused { .. }
+                    | NbdError::TlsRequired
+                    | NbdError::TlsNotOffered { .. }
             ) {
                 // The stream is in step: end it with a soft disconnect
                 // (proto.md "Termination of the session during option
@@ -85,6 +115,42 @@ impl Connection {
             }
         }
         r
+    }
+
+    /// `NBD_OPT_STARTTLS`, the first option (proto.md "TLS support"),
+    /// then the TLS handshake on the same socket; the other options follow
+    /// inside TLS. A server that refuses it fails the connection: there
+    /// is no plaintext fallback.
+    fn start_tls(&mut self, tls: &TlsClient) -> Result<(), NbdError> {
+        let opt = proto::OPT_STARTTLS;
+        let (h, payload) = self.option(opt, &[])?;
+        match h.reply {
+            proto::REP_ACK => {}
+            r if r & proto::REP_FLAG_ERROR != 0 => {
+                return Err(NbdError::TlsNotOffered {
+                    reply: r,
+                    message: proto::sanitize(&payload),
+                })
+            }
+            _ => return Err(unexpected(opt, h)),
+        }
+        if !self.rx.io.buffer().is_empty() {
+            return Err(NbdError::protocol(
+                "data before the TLS handshake that NBD_OPT_STARTTLS started",
+            ));
+        }
+        let doing = "starting TLS";
+        let stand_in = self
+            .rx
+            .io
+            .get_ref()
+            .try_clone()
+            .map_err(|source| NbdError::Io { doing, source })?;
+        let plain = std::mem::replace(&mut self.rx.io, BufReader::with_capacity(0, stand_in));
+        let tls = TlsStream::handshake(plain.into_inner(), tls)
+            .map_err(|e| NbdError::from_io(e, "doing the TLS handshake", self.s.timeout))?;
+        self.rx.io = BufReader::with_capacity(64 * 1024, Stream::Tls(tls));
+        Ok(())
     }
 
     fn negotiate_options(
@@ -141,6 +207,15 @@ impl Connection {
         let mut b = [0u8; OptionReplyHeader::SIZE];
         self.recv(&mut b, "reading an option reply")?;
         let h = OptionReplyHeader::decode(&b)?;
+        if h.reply == proto::REP_ERR_TLS_REQD && h.option == opt {
+            // Skip the message: the refusal says it all.
+            self.recv_vec(
+                u64::from(h.len),
+                u64::from(proto::MAX_OPTION_REPLY),
+                "option reply",
+            )?;
+            return Err(NbdError::TlsRequired);
+        }
         if h.option != opt {
             return Err(NbdError::protocol(format!(
                 "reply to option {} while {} was asked",

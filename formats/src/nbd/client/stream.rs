@@ -1,4 +1,5 @@
-//! The socket under a connection: a Unix or TCP stream with timeouts.
+//! The socket under a connection: a Unix or TCP stream with timeouts, or
+//! a TLS session on one.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -10,6 +11,8 @@ use std::time::Duration;
 pub(super) enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// TLS on a Unix or TCP stream (never on another TLS stream).
+    Tls(super::tls::TlsStream),
 }
 
 impl Stream {
@@ -23,6 +26,7 @@ impl Stream {
                 s.set_read_timeout(Some(t))?;
                 s.set_write_timeout(Some(t))
             }
+            Stream::Tls(s) => s.set_timeouts(t),
         }
     }
 
@@ -31,6 +35,7 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.try_clone()?),
         })
     }
 
@@ -39,6 +44,10 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
+            Stream::Tls(s) => {
+                s.shutdown(how);
+                Ok(())
+            }
         };
     }
 }
@@ -48,6 +57,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -57,6 +67,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 

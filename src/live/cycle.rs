@@ -1,0 +1,421 @@
+//! One live backup cycle of a VM into a backup set (see the module doc
+//! of [`crate::live`] for the steps and the guarantees).
+//!
+//! Invariants: the journal is durable before QEMU is changed and names
+//! everything the cycle adds; the cycle commits (journal `committed`)
+//! only after every disk's backup is durable; until then any failure
+//! removes this cycle's backups and merges the frozen bitmaps back.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use qbackup_formats::open::Opener;
+
+use crate::backup::{self, BackupReport, BackupRequest, BitmapMode, Cancel, Progress, SyncMode};
+use crate::manifest;
+use crate::set::DiskDir;
+
+use super::disks::{self, Disk};
+use super::journal::{self, DiskEntry, Journal, State};
+use super::plan::{self, LiveSync, Mode};
+use super::qmp::Qmp;
+use super::{fleece, hold, LiveError};
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct LiveRequest {
+    /// QEMU's QMP socket.
+    pub qmp: PathBuf,
+    /// The backup set directory.
+    pub set: PathBuf,
+    /// Disks to back up by node name or device id (empty: all).
+    pub disks: Vec<String>,
+    /// The sync mode asked for.
+    pub sync: LiveSync,
+    /// Where the fleecing images go (default: `SET/.qbackup-scratch`).
+    pub scratch: Option<PathBuf>,
+    /// The backup options (codec, threads, speed...); its source, target,
+    /// sync, backing and bitmap are set per disk.
+    pub options: BackupRequest,
+}
+
+/// One disk's result.
+#[derive(Debug, Clone)]
+pub struct DiskReport {
+    /// The node frozen.
+    pub node: String,
+    /// The device's id, if it has one.
+    pub device: Option<String>,
+    /// The disk's name in the set.
+    pub name: String,
+    /// Why this sync mode.
+    pub reason: String,
+    /// The backup.
+    pub backup: BackupReport,
+}
+
+/// A cycle's result.
+#[derive(Debug, Clone)]
+pub struct LiveReport {
+    /// Per disk, in QEMU's order.
+    pub disks: Vec<DiskReport>,
+    /// What the cycle repaired before starting (a killed run's leftovers).
+    pub repaired: Option<String>,
+}
+
+struct Planned {
+    disk: Disk,
+    name: String,
+    mode: Mode,
+    reason: String,
+    id: String,
+}
+
+/// Runs one cycle.
+pub fn run(
+    req: &LiveRequest,
+    opener: &dyn Opener,
+    progress: &dyn Progress,
+    on_plan: &mut dyn FnMut(u64),
+    cancel: &Cancel,
+) -> Result<LiveReport, LiveError> {
+    let set = &req.set;
+    std::fs::create_dir_all(set).map_err(|source| LiveError::File {
+        path: set.clone(),
+        action: "create the backup set directory",
+        source,
+    })?;
+    let _lock = lock_set(set)?;
+    let mut qmp = Qmp::connect(&req.qmp)?;
+    let repaired = match journal::read(set)? {
+        Some(j) => Some(repair(&mut qmp, set, j)?),
+        None => None,
+    };
+    let chosen = choose(&mut qmp, req)?;
+    let token: String = new_id(set)?.chars().take(8).collect();
+    let mut planned = Vec::new();
+    for disk in chosen {
+        let dir = DiskDir::new(set, disk.name());
+        dir.create()?;
+        let (mode, reason) = plan::decide(req.sync, &disk, &dir)?;
+        planned.push(Planned {
+            name: dir.name().to_string(),
+            disk,
+            mode,
+            reason,
+            id: new_id(set)?,
+        });
+    }
+    let scratch = req
+        .scratch
+        .clone()
+        .unwrap_or_else(|| set.join(".qbackup-scratch"));
+    std::fs::create_dir_all(&scratch).map_err(|source| LiveError::File {
+        path: scratch.clone(),
+        action: "create the scratch directory",
+        source,
+    })?;
+    let socket_dir = tempfile::Builder::new()
+        .prefix("qbackup-nbd-")
+        .tempdir()
+        .map_err(|source| LiveError::File {
+            path: std::env::temp_dir(),
+            action: "create a private directory for the NBD socket",
+            source,
+        })?
+        .keep();
+    let now = SystemTime::now();
+    let mut j = Journal {
+        state: State::Prepared,
+        token: token.clone(),
+        socket_dir: socket_dir.clone(),
+        server: false,
+        disks: planned
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let dir = DiskDir::new(set, &p.name);
+                let q = |what: &str| format!("qbackup-{token}-{what}{i}");
+                DiskEntry {
+                    name: p.name.clone(),
+                    node: p.disk.node.clone(),
+                    new_bitmap: plan::bitmap_name(&p.id),
+                    frozen_bitmap: match &p.mode {
+                        Mode::Bitmap { bitmap, .. } => Some(bitmap.clone()),
+                        _ => None,
+                    },
+                    target: dir.backup_path(now, &p.id),
+                    fleece: scratch.join(format!("{token}-{}.fleece", p.name)),
+                    fleece_node: q("fl"),
+                    job: q("job"),
+                    filter: q("cbw"),
+                    access_node: q("sa"),
+                    export: q("e"),
+                }
+            })
+            .collect(),
+    };
+    if let Err(e) = reserve(&j, &planned) {
+        remove_files(&j);
+        return Err(e);
+    }
+    journal::write(set, &j)?;
+    hold("before-freeze");
+    let persistent: Vec<bool> = planned
+        .iter()
+        .map(|p| p.disk.persistent_bitmaps())
+        .collect();
+    let result = (|| -> Result<Vec<DiskReport>, LiveError> {
+        fleece::freeze(&mut qmp, &j, &persistent)?;
+        hold("after-freeze");
+        fleece::start_server(&mut qmp, &socket_dir.join("nbd.sock"))?;
+        j.server = true;
+        journal::write(set, &j)?;
+        fleece::export(&mut qmp, &j)?;
+        hold("exported");
+        let mut reports = Vec::new();
+        for (p, d) in planned.iter().zip(&j.disks) {
+            let backup = pull(req, opener, progress, on_plan, cancel, p, d, &socket_dir)?;
+            hold("pulled-one");
+            reports.push(DiskReport {
+                node: p.disk.node.clone(),
+                device: p.disk.device.clone(),
+                name: p.name.clone(),
+                reason: p.reason.clone(),
+                backup,
+            });
+        }
+        Ok(reports)
+    })();
+    let reports = match result {
+        Ok(r) => r,
+        Err(error) => return Err(undo(&mut qmp, set, &j, error)),
+    };
+    hold("before-commit");
+    j.state = State::Committed;
+    journal::write(set, &j)?;
+    hold("committed");
+    finish(&mut qmp, set, &j)?;
+    Ok(LiveReport {
+        disks: reports,
+        repaired,
+    })
+}
+
+/// The disks to back up: those named, or all.
+fn choose(qmp: &mut Qmp, req: &LiveRequest) -> Result<Vec<Disk>, LiveError> {
+    let all = disks::list(qmp)?;
+    let socket = req.qmp.display().to_string();
+    if all.is_empty() {
+        return Err(LiveError::NoDisks(socket));
+    }
+    if req.disks.is_empty() {
+        return Ok(all);
+    }
+    let mut chosen = Vec::new();
+    for name in &req.disks {
+        let Some(d) = all
+            .iter()
+            .find(|d| d.node == *name || d.device.as_deref() == Some(name))
+        else {
+            let known: Vec<String> = all
+                .iter()
+                .map(|d| match &d.device {
+                    Some(dev) => format!("{dev} (node {})", d.node),
+                    None => d.node.clone(),
+                })
+                .collect();
+            return Err(LiveError::NoSuchDisk {
+                socket,
+                name: name.clone(),
+                known: known.join(", "),
+            });
+        };
+        if !chosen.iter().any(|c: &Disk| c.node == d.node) {
+            chosen.push(d.clone());
+        }
+    }
+    Ok(chosen)
+}
+
+/// Pulls one disk's frozen view into its backup file.
+#[allow(clippy::too_many_arguments)]
+fn pull(
+    req: &LiveRequest,
+    opener: &dyn Opener,
+    progress: &dyn Progress,
+    on_plan: &mut dyn FnMut(u64),
+    cancel: &Cancel,
+    p: &Planned,
+    d: &DiskEntry,
+    socket_dir: &Path,
+) -> Result<BackupReport, LiveError> {
+    let uri = format!(
+        "nbd+unix:///{}?socket={}",
+        d.name,
+        socket_dir.join("nbd.sock").display()
+    );
+    let mut r = req
+        .options
+        .clone()
+        .retarget(uri, &d.target)
+        .id(p.id.clone());
+    r = match &p.mode {
+        Mode::Full => r.sync(SyncMode::Full),
+        Mode::Bitmap { previous, bitmap } => r
+            .sync(SyncMode::Incremental)
+            .backing(previous.path.display().to_string())
+            .bitmap(bitmap.clone())
+            .bitmap_mode(BitmapMode::Never)
+            .require_bitmap(true),
+        Mode::Content { previous } => r
+            .sync(SyncMode::Incremental)
+            .backing(previous.path.display().to_string()),
+    };
+    let fail = |source: backup::BackupError| LiveError::Backup {
+        disk: p.name.clone(),
+        source: Box::new(source),
+    };
+    let cfg = r.validate().map_err(|source| LiveError::Request {
+        disk: p.name.clone(),
+        source,
+    })?;
+    backup::run(&cfg, opener, Vec::new(), progress, on_plan, cancel).map_err(fail)
+}
+
+/// Reserves every fleecing file's space (the disk's size), so the guest's
+/// writes never fail for lack of room in it.
+fn reserve(j: &Journal, planned: &[Planned]) -> Result<(), LiveError> {
+    for (d, p) in j.disks.iter().zip(planned) {
+        let size = p.disk.virtual_size;
+        let fail = |source| LiveError::Reserve {
+            path: d.fleece.clone(),
+            disk: d.name.clone(),
+            bytes: size,
+            source,
+        };
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&d.fleece)
+            .map_err(fail)?;
+        if size > 0 {
+            rustix::fs::fallocate(f.as_fd(), rustix::fs::FallocateFlags::empty(), 0, size)
+                .map_err(|e| fail(e.into()))?;
+        }
+        f.sync_all().map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Undoes a failed cycle: QEMU's nodes, this cycle's backups, the
+/// bitmaps, the files; the journal goes last, only if all of it worked.
+fn undo(qmp: &mut Qmp, set: &Path, j: &Journal, error: LiveError) -> LiveError {
+    match roll_back(qmp, set, j) {
+        Ok(()) => error,
+        Err(undo) => LiveError::Undo {
+            error: Box::new(error),
+            undo: Box::new(undo),
+            journal: journal::path(set),
+        },
+    }
+}
+
+fn roll_back(qmp: &mut Qmp, set: &Path, j: &Journal) -> Result<(), LiveError> {
+    let torn = fleece::teardown(qmp, j);
+    for d in &j.disks {
+        for path in [d.target.clone(), manifest::path_for(&d.target)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(LiveError::File {
+                        path,
+                        action: "remove this cycle's backup",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+    torn?;
+    fleece::roll_back_bitmaps(qmp, j)?;
+    remove_files(j);
+    journal::remove(set)?;
+    Ok(())
+}
+
+/// Commits a cycle whose backups are durable: drops the frozen bitmaps,
+/// removes qbackup's nodes, then the journal.
+fn finish(qmp: &mut Qmp, set: &Path, j: &Journal) -> Result<(), LiveError> {
+    // The exports hold the frozen bitmaps: they go first.
+    fleece::teardown(qmp, j)?;
+    fleece::commit_bitmaps(qmp, j)?;
+    remove_files(j);
+    journal::remove(set)?;
+    Ok(())
+}
+
+/// Repairs what a killed cycle left, from its journal; returns the line
+/// that says what was done.
+fn repair(qmp: &mut Qmp, set: &Path, j: Journal) -> Result<String, LiveError> {
+    let disks: Vec<&str> = j.disks.iter().map(|d| d.name.as_str()).collect();
+    match j.state {
+        State::Committed => {
+            finish(qmp, set, &j)?;
+            Ok(format!(
+                "finished a live backup cycle of {} that was interrupted after its backups were durable",
+                disks.join(", ")
+            ))
+        }
+        State::Prepared => {
+            roll_back(qmp, set, &j)?;
+            Ok(format!(
+                "rolled back a live backup cycle of {} that was interrupted before its backups were all durable: its partial backups removed, its bitmaps merged back, its nodes removed from QEMU",
+                disks.join(", ")
+            ))
+        }
+    }
+}
+
+/// Removes the fleecing files and the socket directory (best effort:
+/// they hold no data anyone needs).
+fn remove_files(j: &Journal) {
+    for d in &j.disks {
+        let _ = std::fs::remove_file(&d.fleece);
+    }
+    let _ = std::fs::remove_dir_all(&j.socket_dir);
+}
+
+fn new_id(set: &Path) -> Result<String, LiveError> {
+    manifest::new_id().map_err(|source| LiveError::File {
+        path: set.to_path_buf(),
+        action: "read /dev/urandom for a backup identity for",
+        source,
+    })
+}
+
+/// One live cycle per set at a time: an exclusive lock on
+/// `SET/.qbackup-live.lock`, held until the cycle returns.
+fn lock_set(set: &Path) -> Result<std::fs::File, LiveError> {
+    let path = set.join(".qbackup-live.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| LiveError::File {
+            path: path.clone(),
+            action: "open the set's lock",
+            source,
+        })?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        LiveError::File {
+            path,
+            action: "lock the set (another qbackup is backing up into it)",
+            source: e.into(),
+        }
+    })?;
+    Ok(f)
+}
