@@ -354,9 +354,10 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         return Err(UsageError("--disk and --scratch apply to --qmp and --libvirt".into()).into());
     }
     if args.target.is_none() {
-        return Err(
-            UsageError("backup needs SOURCE and TARGET (or --qmp SOCKET DIR)".into()).into(),
-        );
+        return Err(UsageError(
+            "backup needs SOURCE and TARGET (or --qmp SOCKET DIR, or --libvirt DOMAIN DIR)".into(),
+        )
+        .into());
     }
     if args.sync == Some(SyncArg::Auto) {
         return Err(UsageError(
