@@ -3,8 +3,9 @@
 //! (a qcow2 overlay on a backing file, and a plain qcow2):
 //! full → incremental → incremental, each equal to the disks at its freeze
 //! point although the guest writes during every pull; `kill -9` mid-pull
-//! then a normal run; the domain restarted between cycles; a checkpoint
-//! deleted behind qbackup's back; the domain shut off.
+//! then a normal run (a transient domain); the domain restarted between
+//! cycles; a checkpoint deleted behind qbackup's back; the domain shut
+//! off; QEMU killed (its bitmaps left in use); refusals.
 //!
 //! The freeze point's reference: with the guest writer paused, QEMU
 //! flushes the disk (`qemu-io flush` through the device) and `qemu-img
@@ -158,7 +159,8 @@ fn three_cycles_equal_their_freeze_points_while_the_guest_writes() {
 #[test]
 fn kill_9_mid_pull_then_a_normal_run_loses_nothing() {
     let lv = Libvirt::start();
-    let dom = lv.two_disk_domain("killed");
+    // A transient domain: checkpoints work the same.
+    let dom = lv.two_disk_transient("killed");
     let set = lv.dir().join("set");
     let (first, _) = finish(qbackup(&lv, &dom, &set, &[]).spawn().unwrap());
     lv.guest_io(&dom, "vda", "write -P 0x31 30M 4M");
@@ -262,6 +264,37 @@ fn restart_deleted_checkpoint_and_shut_off_domain() {
     lv.guest_io(&dom, "vda", "write -P 0x45 9M 1M");
     let refs = references(&lv, &dom, "last", true);
     let (result, _) = run(&["--sync", "incremental"]);
+    assert_eq!(syncs(&result), ["incremental", "incremental"], "{result}");
+    assert_backups_equal(&result, &refs);
+    assert_consistent(&lv, &dom, &result);
+}
+
+#[test]
+fn a_crash_breaks_the_checkpoint_and_the_next_cycle_compares_by_content() {
+    let lv = Libvirt::start();
+    let dom = lv.two_disk_domain("crashed");
+    let set = lv.dir().join("set");
+    let run = |extra: &[&str]| finish(qbackup(&lv, &dom, &set, extra).spawn().unwrap());
+    run(&[]);
+    lv.guest_io(&dom, "vdb", "write -P 0x51 3M 1M");
+    lv.guest_io(&dom, "vdb", "flush");
+    lv.crash(&dom);
+    lv.virsh_ok(&["start", &dom.name]);
+    lv.guest_io(&dom, "vda", "write -P 0x52 6M 1M");
+    let refs = references(&lv, &dom, "crash", true);
+    let (result, err) = run(&[]);
+    assert_eq!(
+        syncs(&result),
+        ["incremental-by-content", "incremental-by-content"],
+        "{result}"
+    );
+    assert!(err.contains("libvirt refused the incremental"), "{err}");
+    assert_backups_equal(&result, &refs);
+    assert_consistent(&lv, &dom, &result);
+    // And by bitmap again from the new checkpoint.
+    lv.guest_io(&dom, "vdb", "write -P 0x53 9M 1M");
+    let refs = references(&lv, &dom, "after-crash", true);
+    let (result, _) = run(&[]);
     assert_eq!(syncs(&result), ["incremental", "incremental"], "{result}");
     assert_backups_equal(&result, &refs);
     assert_consistent(&lv, &dom, &result);

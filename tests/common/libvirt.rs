@@ -128,6 +128,16 @@ impl Libvirt {
     /// (alias `ua-vda`) a 64 MiB qcow2 overlay on `NAME-base.qcow2`, and
     /// `vdb` (alias `ua-vdb`) a 32 MiB qcow2; images in `DIR/img`.
     pub fn two_disk_domain(&self, name: &str) -> Domain {
+        self.domain_with_two_disks(name, true)
+    }
+
+    /// [`two_disk_domain`](Self::two_disk_domain), transient (created,
+    /// never defined).
+    pub fn two_disk_transient(&self, name: &str) -> Domain {
+        self.domain_with_two_disks(name, false)
+    }
+
+    fn domain_with_two_disks(&self, name: &str, persistent: bool) -> Domain {
         let img = self.shared_dir("img");
         let base = img.join(format!("{name}-base.qcow2"));
         let a = img.join(format!("{name}-a.qcow2"));
@@ -168,8 +178,12 @@ impl Libvirt {
         );
         let file = self.dir().join(format!("{name}.xml"));
         std::fs::write(&file, xml).unwrap();
-        self.virsh_ok(&["define", path(&file)]);
-        self.virsh_ok(&["start", name]);
+        if persistent {
+            self.virsh_ok(&["define", path(&file)]);
+            self.virsh_ok(&["start", name]);
+        } else {
+            self.virsh_ok(&["create", path(&file)]);
+        }
         Domain {
             name: name.to_string(),
             images: vec![("vda".into(), a), ("vdb".into(), b)],
@@ -199,6 +213,29 @@ impl Libvirt {
     /// Whether the domain has a backup job.
     pub fn has_backup_job(&self, dom: &Domain) -> bool {
         self.virsh(&["backup-dumpxml", &dom.name]).status.success()
+    }
+
+    /// Kills the domain's QEMU with SIGKILL (a host crash for its disks:
+    /// persistent bitmaps left in use) and waits until libvirt sees it off.
+    pub fn crash(&self, dom: &Domain) {
+        let pid_file = self
+            .dir()
+            .join(format!("run/libvirt/qemu/run/{}.pid", dom.name));
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+        let st = Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+        let t = Instant::now();
+        while !self.virsh_ok(&["domstate", &dom.name]).contains("shut off") {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "domain still running"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stops the domain cleanly (QEMU gets SIGTERM and stores its

@@ -150,12 +150,22 @@ pub fn checkpoint_xml(dom: &Domain, name: &str) -> Result<Option<String>, Error>
 /// parent's, so the parent still covers every write since itself).
 /// Returns false when there was none.
 pub fn delete_checkpoint(dom: &Domain, name: &str) -> Result<bool, Error> {
+    delete_checkpoint_with(dom, name, 0)
+}
+
+/// Forgets the checkpoint `name` without touching its bitmaps (for a
+/// checkpoint whose bitmaps a crash broke, which libvirt cannot merge).
+pub fn forget_checkpoint(dom: &Domain, name: &str) -> Result<bool, Error> {
+    delete_checkpoint_with(dom, name, sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+}
+
+fn delete_checkpoint_with(dom: &Domain, name: &str, flags: u32) -> Result<bool, Error> {
     let Some(cp) = lookup(dom, name)? else {
         return Ok(false);
     };
     // SAFETY: valid checkpoint pointer, freed after use.
     let r = unsafe {
-        let r = sys::virDomainCheckpointDelete(cp, 0);
+        let r = sys::virDomainCheckpointDelete(cp, flags);
         let err = (r < 0).then(Error::last_error);
         sys::virDomainCheckpointFree(cp);
         err

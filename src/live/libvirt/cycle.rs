@@ -394,11 +394,21 @@ impl Cycle<'_> {
             }
         }
         for cp in plan::stale(&cps, &keep) {
-            if let Err(e) = api::delete_checkpoint(self.dom, &cp) {
-                note(format!(
-                    "domain {name}: could not delete superseded checkpoint {cp}: {}",
+            let Err(e) = api::delete_checkpoint(self.dom, &cp) else {
+                continue;
+            };
+            // Its bitmaps are broken (a crash): nothing to merge, so only
+            // libvirt's record of it goes.
+            match api::forget_checkpoint(self.dom, &cp) {
+                Ok(_) => note(format!(
+                    "domain {name}: superseded checkpoint {cp} removed from libvirt's records only ({})",
                     e.message()
-                ));
+                )),
+                Err(e2) => note(format!(
+                    "domain {name}: could not delete superseded checkpoint {cp}: {}; {}",
+                    e.message(),
+                    e2.message()
+                )),
             }
         }
     }
