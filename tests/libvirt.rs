@@ -206,6 +206,59 @@ fn kill_9_mid_pull_then_a_normal_run_loses_nothing() {
 }
 
 #[test]
+fn sigterm_mid_pull_rolls_the_cycle_back() {
+    let lv = Libvirt::start();
+    let dom = lv.two_disk_domain("term");
+    let set = lv.dir().join("set");
+    let (first, _) = finish(qbackup(&lv, &dom, &set, &[]).spawn().unwrap());
+    let before = lv.checkpoints(&dom);
+    lv.guest_io(&dom, "vda", "write -P 0x61 30M 4M");
+    let child = qbackup(&lv, &dom, &set, &["--speed", "1M"])
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !lv.has_backup_job(&dom) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no backup job appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Rolled back: no job, the checkpoints as before, no file of the cycle.
+    assert!(!lv.has_backup_job(&dom));
+    assert_eq!(lv.checkpoints(&dom), before);
+    assert!(!set.join(".qbackup-libvirt-pending").exists());
+    for d in DISKS {
+        let n = std::fs::read_dir(set.join(d))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+            .count();
+        assert_eq!(n, 1, "{d}: {first}");
+    }
+    // The next incremental still has the writes of the rolled-back cycle.
+    let refs = references(&lv, &dom, "after-term", true);
+    let (result, err) = finish(qbackup(&lv, &dom, &set, &[]).spawn().unwrap());
+    assert!(!err.contains("killed"), "nothing to repair: {err}");
+    assert_eq!(syncs(&result), ["incremental", "incremental"], "{result}");
+    assert_backups_equal(&result, &refs);
+    assert_consistent(&lv, &dom, &result);
+}
+
+#[test]
 fn restart_deleted_checkpoint_and_shut_off_domain() {
     let lv = Libvirt::start();
     let dom = lv.two_disk_domain("lifecycle");
