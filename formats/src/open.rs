@@ -13,6 +13,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::storage::cache::{CacheDropping, CachePolicy};
 use crate::storage::{FileStorage, Storage, StorageError};
 
 /// Why a file is opened.
@@ -289,6 +290,62 @@ impl<O: Opener> Opener for WrappingOpener<O> {
         let s = self.inner.target(storage);
         let name = s.name().to_path_buf();
         (self.wrap)(&name, Role::Target, s)
+    }
+}
+
+/// An opener that applies a [`CachePolicy`] to everything `inner` opens:
+/// with [`CachePolicy::Drop`], each local file read and each target is
+/// wrapped in [`CacheDropping`] (see [`crate::storage::cache`]); with
+/// [`CachePolicy::Keep`] storage passes through as it is.
+pub struct CacheOpener<'a> {
+    inner: &'a dyn Opener,
+    policy: CachePolicy,
+}
+
+impl<'a> CacheOpener<'a> {
+    /// Applies `policy` to what `inner` opens.
+    pub fn new(inner: &'a dyn Opener, policy: CachePolicy) -> Self {
+        CacheOpener { inner, policy }
+    }
+
+    fn read(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        match self.policy {
+            CachePolicy::Drop => CacheDropping::reading(storage),
+            CachePolicy::Keep => storage,
+        }
+    }
+}
+
+impl fmt::Debug for CacheOpener<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheOpener({:?})", self.policy)
+    }
+}
+
+impl Opener for CacheOpener<'_> {
+    fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(self.read(self.inner.open(name, role)?))
+    }
+
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(self.read(self.inner.open_with(name, role, options)?))
+    }
+
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        self.inner.canonical(name)
+    }
+
+    fn target(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        let storage = self.inner.target(storage);
+        match self.policy {
+            CachePolicy::Drop => CacheDropping::written(storage),
+            CachePolicy::Keep => storage,
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use qbackup_formats::codec::CompressionType;
 use qbackup_formats::open::nbd_uri;
+use qbackup_formats::storage::cache::CachePolicy;
 use qbackup_formats::{ClusterSize, Format};
 
 use super::policy::{OnSourceError, OnTargetError};
@@ -105,6 +106,7 @@ pub struct BackupRequest {
     backing: Option<String>,
     backing_unchecked: bool,
     force_share: bool,
+    cache: CachePolicy,
 }
 
 /// Chainable setters, one per field of the same name: each takes the
@@ -156,6 +158,7 @@ impl BackupRequest {
             backing: None,
             backing_unchecked: false,
             force_share: false,
+            cache: CachePolicy::Drop,
         }
     }
 
@@ -188,6 +191,9 @@ impl BackupRequest {
         /// The source is read without taking QEMU's image locks (the
         /// caller's opener shares it): its bitmap cannot be cleared.
         force_share: bool;
+        /// What the backup does with the page cache (default: drop what
+        /// it brought in, see [`CachePolicy`]).
+        cache: CachePolicy;
     }
 
     setters! {
@@ -295,6 +301,7 @@ impl BackupRequest {
             recompress: self.recompress,
             backing: self.backing,
             backing_unchecked: self.backing_unchecked,
+            cache: self.cache,
         })
     }
 

@@ -1,0 +1,448 @@
+//! Page-cache hygiene: what a backup, verify or compare reads and writes
+//! goes through the kernel's page cache, and on a hypervisor every page it
+//! leaves there evicts one the VMs' host had cached. [`CachePolicy::Drop`]
+//! puts a [`CacheDropping`] wrapper under each local file
+//! ([`crate::open::CacheOpener`]) that leaves the cache as it found it:
+//!
+//! - A file that is read (a source, an image verified or compared): its
+//!   readahead is turned off (`POSIX_FADV_RANDOM` on our own descriptor,
+//!   which affects no other process), so the kernel brings in exactly the
+//!   pages asked for, as qemu-img's `-T none` (`O_DIRECT`) does. The first
+//!   time a read touches a [`REGION`], which of its pages are resident is
+//!   recorded (`mincore` over a `PROT_READ` mapping: nothing is faulted in),
+//!   before any of our reads can bring one in. After each read, the pages
+//!   it covered that were not resident then are dropped
+//!   (`POSIX_FADV_DONTNEED`); the others, cached by someone else before we
+//!   looked, stay. So what a read adds is gone when it returns, and the
+//!   last of several overlapping reads drops after it finishes.
+//! - A target: after each successful sync (the early syncs every 64 MiB
+//!   and the final ones) its pages are dropped. Only clean pages can be:
+//!   `DONTNEED` never discards a dirty page, and the drop comes after the
+//!   sync that made the data durable.
+//!
+//! Invariants: these are hints. A failed `mmap`, `mincore` or `fadvise`
+//! never fails the I/O; it leaves pages cached, as [`CachePolicy::Keep`]
+//! does. Residency unknown counts as resident, so we never evict what we
+//! did not bring in; in particular Linux (since 5.0) answers `mincore` with
+//! "resident" for files the process could not write, so for such a file
+//! nothing is dropped. Memory: nothing for a region none of whose pages was
+//! resident, 1 bit per page (2 KiB) for one that had some.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use super::{ChangeStamp, FileExtent, Identity, Storage};
+use crate::units::HostOffset;
+
+/// What a command does with the page cache it fills.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// Leave the cache as it was found: drop what our reads brought in
+    /// and what our writes left once it is durable (see the module docs).
+    #[default]
+    Drop,
+    /// Use the page cache as any program does (readahead on, nothing
+    /// dropped): what was read or written stays cached.
+    Keep,
+}
+
+/// The span whose residency is recorded at once (64 MiB).
+pub const REGION: u64 = 64 << 20;
+
+/// A storage whose page-cache footprint is dropped as it goes (see the
+/// module docs).
+#[derive(Debug)]
+pub struct CacheDropping {
+    inner: Arc<dyn Storage>,
+    page: u64,
+    mode: Mode,
+}
+
+#[derive(Debug)]
+enum Mode {
+    /// Read: which pages were resident before our reads, by region.
+    Read(Mutex<HashMap<u64, Resident>>),
+    /// Written: dropped after each sync.
+    Written,
+}
+
+/// A region's pages that were resident when it was first touched.
+#[derive(Debug)]
+enum Resident {
+    /// None of them.
+    None,
+    /// One bit per page, set when resident.
+    Some(Box<[u64]>),
+}
+
+impl CacheDropping {
+    /// Wraps a storage that is read (a source, an image to verify); turns
+    /// its readahead off. Storage without a page cache (no
+    /// [`Storage::cache_fd`]) is returned as it is.
+    pub fn reading(inner: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        let Some(fd) = inner.cache_fd() else {
+            return inner;
+        };
+        // Best effort: with readahead on, pages past our reads would stay.
+        let _ = fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM);
+        Arc::new(CacheDropping {
+            inner,
+            page: page_size(),
+            mode: Mode::Read(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Wraps a target being written: its pages are dropped after each
+    /// successful sync.
+    pub fn written(inner: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        if inner.cache_fd().is_none() {
+            return inner;
+        }
+        Arc::new(CacheDropping {
+            inner,
+            page: page_size(),
+            mode: Mode::Written,
+        })
+    }
+
+    /// Records the residency of every region `[offset, end)` touches that
+    /// has none recorded yet.
+    fn look_before(&self, regions: &Mutex<HashMap<u64, Resident>>, offset: u64, end: u64) {
+        let Some(fd) = self.inner.cache_fd() else {
+            return;
+        };
+        let mut map = regions.lock().unwrap_or_else(|e| e.into_inner());
+        for region in offset / REGION..end.div_ceil(REGION) {
+            map.entry(region)
+                .or_insert_with(|| resident(fd, region * REGION, self.page));
+        }
+    }
+
+    /// Drops the pages of `[offset, end)` that were not resident when
+    /// their region was first touched.
+    fn drop_read(&self, regions: &Mutex<HashMap<u64, Resident>>, offset: u64, end: u64) {
+        let Some(fd) = self.inner.cache_fd() else {
+            return;
+        };
+        let runs = {
+            let map = regions.lock().unwrap_or_else(|e| e.into_inner());
+            cold_runs(&map, offset / self.page, end.div_ceil(self.page), self.page)
+        };
+        for (first, count) in runs {
+            let _ = fadvise(
+                fd,
+                first * self.page,
+                count * self.page,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+}
+
+/// Runs `(first page, pages)` of pages in `first..end` that were not
+/// resident (a region with nothing recorded counts as resident).
+fn cold_runs(map: &HashMap<u64, Resident>, first: u64, end: u64, page: u64) -> Vec<(u64, u64)> {
+    let per_region = REGION / page;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in first..end {
+        let cold = match map.get(&(p / per_region)) {
+            Some(Resident::None) => true,
+            Some(Resident::Some(bits)) => {
+                let i = (p % per_region) as usize;
+                bits[i / 64] & (1 << (i % 64)) == 0
+            }
+            None => false,
+        };
+        if !cold {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
+
+/// Which pages of the region at `offset` are resident; all of them when
+/// that cannot be told.
+fn resident(fd: BorrowedFd<'_>, offset: u64, page: u64) -> Resident {
+    let pages = (REGION / page) as usize;
+    let all = || Resident::Some(vec![u64::MAX; pages.div_ceil(64)].into_boxed_slice());
+    let Some(vec) = mincore(fd, offset, REGION as usize, pages) else {
+        return all();
+    };
+    if vec.iter().all(|v| v & 1 == 0) {
+        return Resident::None;
+    }
+    let mut bits = vec![0u64; pages.div_ceil(64)];
+    for (i, v) in vec.iter().enumerate() {
+        if v & 1 != 0 {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+    }
+    Resident::Some(bits.into_boxed_slice())
+}
+
+/// `mincore` over a read-only shared mapping of `len` bytes at `offset`:
+/// one byte per page, bit 0 set when the page is in the page cache.
+fn mincore(fd: BorrowedFd<'_>, offset: u64, len: usize, pages: usize) -> Option<Vec<u8>> {
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a fresh read-only mapping that this function alone uses and
+    // unmaps before returning; mincore writes one byte per page of it into
+    // `vec`, which has `pages` = len / page size bytes. The mapping is never
+    // dereferenced, so a file shorter than the mapping cannot fault.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            libc::off_t::try_from(offset).ok()?,
+        );
+        if addr == libc::MAP_FAILED {
+            return None;
+        }
+        let rc = libc::mincore(addr, len, vec.as_mut_ptr());
+        libc::munmap(addr, len);
+        (rc == 0).then_some(vec)
+    }
+}
+
+/// Drops the clean cached pages of `storage`'s file (a hint: dirty pages
+/// stay, and nothing happens to storage without a page cache). For pages
+/// only we can have cached: a new file we wrote and synced, or read back.
+pub fn drop_clean(storage: &dyn Storage) {
+    if let Some(fd) = storage.cache_fd() {
+        let _ = fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+fn fadvise(fd: BorrowedFd<'_>, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: a plain syscall on a descriptor the caller borrows; no memory
+    // is passed.
+    match unsafe { libc::posix_fadvise(fd.as_raw_fd(), offset, len, advice) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    }
+}
+
+impl Storage for CacheDropping {
+    fn name(&self) -> &Path {
+        self.inner.name()
+    }
+
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: HostOffset) -> io::Result<usize> {
+        let Mode::Read(regions) = &self.mode else {
+            return self.inner.read_at(buf, offset);
+        };
+        if buf.is_empty() {
+            return self.inner.read_at(buf, offset);
+        }
+        let end = offset.0.saturating_add(buf.len() as u64);
+        self.look_before(regions, offset.0, end);
+        let result = self.inner.read_at(buf, offset);
+        // Also after a failure: the pages read before it are cached.
+        self.drop_read(regions, offset.0, end);
+        result
+    }
+
+    fn data_or_hole(&self, offset: HostOffset, max_len: u64) -> io::Result<(FileExtent, u64)> {
+        self.inner.data_or_hole(offset, max_len)
+    }
+
+    fn writable(&self) -> bool {
+        self.inner.writable()
+    }
+
+    fn write_at(&self, buf: &[u8], offset: HostOffset) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: HostOffset, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()?;
+        if let Mode::Written = self.mode {
+            // Durable now, so clean: dropping them loses nothing. Pages
+            // written since the sync began are dirty and stay.
+            drop_clean(self.inner.as_ref());
+        }
+        Ok(())
+    }
+
+    fn start_writeback(&self) {
+        self.inner.start_writeback()
+    }
+
+    fn context_status(
+        &self,
+        context: &str,
+        offset: HostOffset,
+        max_len: u64,
+    ) -> io::Result<(u32, u64)> {
+        self.inner.context_status(context, offset, max_len)
+    }
+
+    fn identity(&self) -> Option<Identity> {
+        self.inner.identity()
+    }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.inner.allocated_size()
+    }
+
+    fn change_stamp(&self) -> Option<ChangeStamp> {
+        self.inner.change_stamp()
+    }
+
+    fn cache_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.inner.cache_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::Write;
+
+    use super::*;
+    use crate::storage::FileStorage;
+
+    /// Pages of `path` in `[offset, offset + len)` that are resident.
+    fn resident_pages(path: &Path, offset: u64, len: u64) -> usize {
+        let f = File::open(path).unwrap();
+        let page = page_size();
+        let pages = len.div_ceil(page) as usize;
+        let fd = std::os::fd::AsFd::as_fd(&f);
+        let v = mincore(fd, offset, pages * page as usize, pages).expect("mincore");
+        v.iter().filter(|b| *b & 1 != 0).count()
+    }
+
+    fn evict(path: &Path) {
+        let f = File::open(path).unwrap();
+        fadvise(
+            std::os::fd::AsFd::as_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+    }
+
+    fn file_of(len: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut f = File::create(&p).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        evict(&p);
+        (dir, p)
+    }
+
+    #[test]
+    fn runs_skip_resident_pages_and_unrecorded_regions() {
+        let page = 4096;
+        let per_region = (REGION / page) as usize;
+        let mut bits = vec![0u64; per_region.div_ceil(64)];
+        bits[0] = 0b0110; // pages 1 and 2 were resident
+        let mut map = HashMap::new();
+        map.insert(0, Resident::Some(bits.into_boxed_slice()));
+        map.insert(2, Resident::None);
+        assert_eq!(cold_runs(&map, 0, 6, page), vec![(0, 1), (3, 3)]);
+        // Region 1 was never looked at: nothing of it is dropped.
+        let r1 = per_region as u64;
+        assert_eq!(cold_runs(&map, r1, r1 + 4, page), vec![]);
+        let r2 = 2 * r1;
+        assert_eq!(cold_runs(&map, r2 - 1, r2 + 2, page), vec![(r2, 2)]);
+    }
+
+    /// What a read brings in is gone when it returns; what was cached
+    /// before stays, and the bytes read are right either way.
+    #[test]
+    fn reads_leave_the_cache_as_found() {
+        let len = 8 << 20;
+        let (_dir, p) = file_of(len);
+        if resident_pages(&p, 0, len as u64) != 0 {
+            eprintln!("skipped: the temporary directory's file system keeps every page (tmpfs)");
+            return;
+        }
+        // Someone else caches the second MiB.
+        let mut warm = vec![0u8; 1 << 20];
+        std::os::unix::fs::FileExt::read_exact_at(&File::open(&p).unwrap(), &mut warm, 1 << 20)
+            .unwrap();
+        let before = resident_pages(&p, 0, len as u64);
+        let warm_pages = resident_pages(&p, 1 << 20, 1 << 20);
+        assert_eq!(warm_pages, (1 << 20) / page_size() as usize);
+        let storage = CacheDropping::reading(Arc::new(FileStorage::open_read_only(&p).unwrap()));
+        let mut buf = vec![0u8; 3 << 20];
+        let n = storage.read_at(&mut buf, HostOffset(0)).unwrap();
+        assert_eq!(n, buf.len());
+        assert_eq!(&buf[1 << 20..2 << 20], &warm[..]);
+        assert_eq!(buf[5], 35);
+        // An unaligned read in the middle of a page.
+        let mut small = [0u8; 100];
+        storage.read_at(&mut small, HostOffset(5000)).unwrap();
+        assert_eq!(resident_pages(&p, 0, len as u64), before);
+        assert_eq!(resident_pages(&p, 1 << 20, 1 << 20), warm_pages);
+        assert_eq!(resident_pages(&p, 0, 1 << 20), 0);
+        // Keep: the same read leaves its pages cached.
+        let kept = FileStorage::open_read_only(&p).unwrap();
+        kept.read_at(&mut buf, HostOffset(4 << 20)).unwrap();
+        assert!(resident_pages(&p, 4 << 20, 3 << 20) > 0);
+    }
+
+    #[test]
+    fn a_target_is_dropped_after_each_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        let storage = CacheDropping::written(Arc::new(FileStorage::writable(f, &p).unwrap()));
+        storage
+            .write_at(&vec![0xa5; 4 << 20], HostOffset(0))
+            .unwrap();
+        assert!(
+            resident_pages(&p, 0, 4 << 20) > 0,
+            "written pages are cached"
+        );
+        storage.sync().unwrap();
+        assert_eq!(resident_pages(&p, 0, 4 << 20), 0);
+        let mut back = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&File::open(&p).unwrap(), &mut back, 4 << 19)
+            .unwrap();
+        assert!(back.iter().all(|b| *b == 0xa5));
+    }
+}
