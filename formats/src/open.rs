@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::storage::cache::{CacheDropping, CachePolicy};
+use crate::storage::cache::{CacheDropping, CachePolicy, Records};
 use crate::storage::{FileStorage, Storage, StorageError};
 
 /// Why a file is opened.
@@ -300,17 +300,22 @@ impl<O: Opener> Opener for WrappingOpener<O> {
 pub struct CacheOpener<'a> {
     inner: &'a dyn Opener,
     policy: CachePolicy,
+    records: Records,
 }
 
 impl<'a> CacheOpener<'a> {
     /// Applies `policy` to what `inner` opens.
     pub fn new(inner: &'a dyn Opener, policy: CachePolicy) -> Self {
-        CacheOpener { inner, policy }
+        CacheOpener {
+            inner,
+            policy,
+            records: Records::default(),
+        }
     }
 
     fn read(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
         match self.policy {
-            CachePolicy::Drop => CacheDropping::reading(storage),
+            CachePolicy::Drop => CacheDropping::reading(storage, &self.records),
             CachePolicy::Keep => storage,
         }
     }

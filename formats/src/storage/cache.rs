@@ -8,9 +8,13 @@
 //!   readahead is turned off (`POSIX_FADV_RANDOM` on our own descriptor,
 //!   which affects no other process), so the kernel brings in exactly the
 //!   pages asked for, as qemu-img's `-T none` (`O_DIRECT`) does. The first
-//!   time a read touches a [`REGION`], which of its pages are resident is
-//!   recorded (`mincore` over a `PROT_READ` mapping: nothing is faulted in),
-//!   before any of our reads can bring one in. After each read, the pages
+//!   time a read touches a [`REGION`], which of its pages, and of the next
+//!   region's, are resident is recorded (`mincore` over a `PROT_READ`
+//!   mapping: nothing is faulted in), before any of our reads can bring one
+//!   in. (Readahead still runs when our reads hit the marker page of
+//!   someone else's readahead, and then keeps running ahead of them, by a
+//!   readahead window, much less than a region: so the next region is
+//!   recorded too.) After each read, the pages
 //!   it covered that were not resident then are dropped
 //!   (`POSIX_FADV_DONTNEED`); the others, cached by someone else before we
 //!   looked, stay. So what a read adds is gone when it returns, and the
@@ -52,6 +56,12 @@ pub enum CachePolicy {
 /// The span whose residency is recorded at once (64 MiB).
 pub const REGION: u64 = 64 << 20;
 
+/// The largest page-cache folio readahead makes (2 MiB on x86-64). A
+/// `DONTNEED` skips a folio that straddles its range, so drops after a
+/// read are widened to these boundaries (dropping only pages that were not
+/// resident: never someone else's).
+const FOLIO: u64 = 2 << 20;
+
 /// A storage whose page-cache footprint is dropped as it goes (see the
 /// module docs).
 #[derive(Debug)]
@@ -63,10 +73,33 @@ pub struct CacheDropping {
 
 #[derive(Debug)]
 enum Mode {
-    /// Read: which pages were resident before our reads, by region.
-    Read(Mutex<HashMap<u64, Resident>>),
+    /// Read: which pages were resident before our reads.
+    Read(Arc<Residency>),
     /// Written: dropped after each sync.
     Written,
+}
+
+/// Which pages of a file were resident before our reads, by region. One
+/// per file, shared by every storage that reads it ([`Records`]): what one
+/// storage's reads bring in must not look cached to another's.
+#[derive(Debug, Default)]
+pub struct Residency(Mutex<HashMap<u64, Resident>>);
+
+/// The [`Residency`] of each file, by identity, for the storages opened by
+/// one opener.
+#[derive(Debug, Default)]
+pub struct Records(Mutex<HashMap<Identity, Arc<Residency>>>);
+
+impl Records {
+    /// The record of the file behind `storage` (a new one for storage
+    /// without an identity).
+    pub fn of(&self, storage: &dyn Storage) -> Arc<Residency> {
+        let Some(id) = storage.identity() else {
+            return Arc::default();
+        };
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(map.entry(id).or_default())
+    }
 }
 
 /// A region's pages that were resident when it was first touched.
@@ -80,18 +113,20 @@ enum Resident {
 
 impl CacheDropping {
     /// Wraps a storage that is read (a source, an image to verify); turns
-    /// its readahead off. Storage without a page cache (no
-    /// [`Storage::cache_fd`]) is returned as it is.
-    pub fn reading(inner: Arc<dyn Storage>) -> Arc<dyn Storage> {
+    /// its readahead off. `records` holds what is known of the files read
+    /// so far. Storage without a page cache (no [`Storage::cache_fd`]) is
+    /// returned as it is.
+    pub fn reading(inner: Arc<dyn Storage>, records: &Records) -> Arc<dyn Storage> {
         let Some(fd) = inner.cache_fd() else {
             return inner;
         };
         // Best effort: with readahead on, pages past our reads would stay.
         let _ = fadvise(fd, 0, 0, libc::POSIX_FADV_RANDOM);
+        let record = records.of(inner.as_ref());
         Arc::new(CacheDropping {
             inner,
             page: page_size(),
-            mode: Mode::Read(Mutex::new(HashMap::new())),
+            mode: Mode::Read(record),
         })
     }
 
@@ -108,27 +143,37 @@ impl CacheDropping {
         })
     }
 
-    /// Records the residency of every region `[offset, end)` touches that
-    /// has none recorded yet.
-    fn look_before(&self, regions: &Mutex<HashMap<u64, Resident>>, offset: u64, end: u64) {
+    /// Records the residency of every region `[offset, end)` touches, and
+    /// of the region after them, that has none recorded yet: the kernel's
+    /// readahead may run ahead of our reads (see the module docs), never by
+    /// a region.
+    fn look_before(&self, regions: &Residency, offset: u64, end: u64) {
         let Some(fd) = self.inner.cache_fd() else {
             return;
         };
-        let mut map = regions.lock().unwrap_or_else(|e| e.into_inner());
-        for region in offset / REGION..end.div_ceil(REGION) {
+        let mut map = regions.0.lock().unwrap_or_else(|e| e.into_inner());
+        for region in offset / REGION..=end.div_ceil(REGION) {
             map.entry(region)
                 .or_insert_with(|| resident(fd, region * REGION, self.page));
         }
     }
 
+    /// Drops the pages around `[offset, end)` (to [`FOLIO`] boundaries)
+    /// that were not resident when their region was first touched.
+    fn drop_read(&self, regions: &Residency, offset: u64, end: u64) {
+        let start = offset / FOLIO * FOLIO;
+        let end = end.div_ceil(FOLIO).saturating_mul(FOLIO);
+        self.drop_cold(regions, start, end);
+    }
+
     /// Drops the pages of `[offset, end)` that were not resident when
     /// their region was first touched.
-    fn drop_read(&self, regions: &Mutex<HashMap<u64, Resident>>, offset: u64, end: u64) {
+    fn drop_cold(&self, regions: &Residency, offset: u64, end: u64) {
         let Some(fd) = self.inner.cache_fd() else {
             return;
         };
         let runs = {
-            let map = regions.lock().unwrap_or_else(|e| e.into_inner());
+            let map = regions.0.lock().unwrap_or_else(|e| e.into_inner());
             cold_runs(&map, offset / self.page, end.div_ceil(self.page), self.page)
         };
         for (first, count) in runs {
@@ -147,22 +192,27 @@ impl CacheDropping {
 fn cold_runs(map: &HashMap<u64, Resident>, first: u64, end: u64, page: u64) -> Vec<(u64, u64)> {
     let per_region = REGION / page;
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    for p in first..end {
-        let cold = match map.get(&(p / per_region)) {
-            Some(Resident::None) => true,
+    let mut push = |p: u64, n: u64| match runs.last_mut() {
+        Some((start, len)) if *start + *len == p => *len += n,
+        _ => runs.push((p, n)),
+    };
+    let mut p = first;
+    while p < end {
+        let region = p / per_region;
+        let stop = end.min((region + 1) * per_region);
+        match map.get(&region) {
+            Some(Resident::None) => push(p, stop - p),
             Some(Resident::Some(bits)) => {
-                let i = (p % per_region) as usize;
-                bits[i / 64] & (1 << (i % 64)) == 0
+                for q in p..stop {
+                    let i = (q % per_region) as usize;
+                    if bits[i / 64] & (1 << (i % 64)) == 0 {
+                        push(q, 1);
+                    }
+                }
             }
-            None => false,
-        };
-        if !cold {
-            continue;
+            None => {}
         }
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n == p => *n += 1,
-            _ => runs.push((p, 1)),
-        }
+        p = stop;
     }
     runs
 }
@@ -239,6 +289,23 @@ fn page_size() -> u64 {
     match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         n if n > 0 => n as u64,
         _ => 4096,
+    }
+}
+
+impl Drop for CacheDropping {
+    /// Drops what is left of ours in every region read: pages readahead
+    /// brought in past our last reads.
+    fn drop(&mut self) {
+        if let Mode::Read(regions) = &self.mode {
+            let mut touched: Vec<u64> = {
+                let map = regions.0.lock().unwrap_or_else(|e| e.into_inner());
+                map.keys().copied().collect()
+            };
+            touched.sort_unstable();
+            for region in touched {
+                self.drop_cold(regions, region * REGION, (region + 1) * REGION);
+            }
+        }
     }
 }
 
@@ -401,7 +468,9 @@ mod tests {
         let before = resident_pages(&p, 0, len as u64);
         let warm_pages = resident_pages(&p, 1 << 20, 1 << 20);
         assert_eq!(warm_pages, (1 << 20) / page_size() as usize);
-        let storage = CacheDropping::reading(Arc::new(FileStorage::open_read_only(&p).unwrap()));
+        let records = Records::default();
+        let storage =
+            CacheDropping::reading(Arc::new(FileStorage::open_read_only(&p).unwrap()), &records);
         let mut buf = vec![0u8; 3 << 20];
         let n = storage.read_at(&mut buf, HostOffset(0)).unwrap();
         assert_eq!(n, buf.len());
