@@ -19,10 +19,12 @@
 //!   (`POSIX_FADV_DONTNEED`); the others, cached by someone else before we
 //!   looked, stay. So what a read adds is gone when it returns, and the
 //!   last of several overlapping reads drops after it finishes.
-//! - A target: after each successful sync (the early syncs every 64 MiB
-//!   and the final ones) its pages are dropped. Only clean pages can be:
-//!   `DONTNEED` never discards a dirty page, and the drop comes after the
-//!   sync that made the data durable.
+//! - A target: its clean pages are dropped after each successful sync (the
+//!   early syncs every 64 MiB and the final ones) and each writeback hint
+//!   (every 32 MiB). Only clean pages can be: `DONTNEED` never discards a
+//!   dirty page, and a clean page is on disk (memory pressure could evict
+//!   it as well; the syncs that make the backup durable do not depend on
+//!   it staying cached).
 //!
 //! Invariants: these are hints. A failed `mmap`, `mincore` or `fadvise`
 //! never fails the I/O; it leaves pages cached, as [`CachePolicy::Keep`]
@@ -364,7 +366,14 @@ impl Storage for CacheDropping {
     }
 
     fn start_writeback(&self) {
-        self.inner.start_writeback()
+        self.inner.start_writeback();
+        if let Mode::Written = self.mode {
+            // Pages whose writeback finished since the last call are clean
+            // (on disk, as after memory pressure evicted them; the final
+            // sync still makes them durable): dropping them bounds the
+            // target's share between syncs.
+            drop_clean(self.inner.as_ref());
+        }
     }
 
     fn context_status(
