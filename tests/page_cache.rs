@@ -215,6 +215,23 @@ fn backup_keeps_what_was_cached_before() {
     assert!(added <= BUDGET, "the backup added {added} bytes");
 }
 
+/// A full backup that clears a dirty bitmap opens the source for update,
+/// outside the usual opener: it leaves the cache as found too.
+#[test]
+fn backup_clearing_a_bitmap_adds_at_most_64_mib() {
+    let f = fixture();
+    let src = f.source.to_str().unwrap();
+    let info = f.scratch.img(&["info", "--output=json", "-U", src]);
+    if !info.contains("\"bm0\"") {
+        f.scratch.img(&["bitmap", "--add", src, "bm0"]);
+    }
+    evict(&f.source);
+    let out = backup(&f, "bitmap.qcow2", &["--bitmap", "bm0"]);
+    let added = resident(&[&f.source, &out, &manifest(&out)]);
+    eprintln!("backup --bitmap (cleared) added {} KiB", added / 1024);
+    assert!(added <= BUDGET, "the backup added {added} bytes");
+}
+
 /// `--cache keep` leaves the source cached: the measurement above sees
 /// the page cache.
 #[test]

@@ -82,6 +82,16 @@ pub trait Opener: Send + Sync {
     fn target(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
         storage
     }
+
+    /// Storage for `name` and `role` that was opened around this opener
+    /// (the top image [`UpdatingOpener`] opens for update), wrapped as far
+    /// as its page cache is concerned as this opener would wrap it
+    /// ([`CacheOpener`]). Wrappers forward it; the default passes it
+    /// through.
+    fn wrap_opened(&self, name: &Path, role: Role, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        let _ = (name, role);
+        storage
+    }
 }
 
 /// Opens local files and block devices as a consistent reader: takes
@@ -211,7 +221,7 @@ impl Opener for UpdatingOpener<'_> {
         }
         let storage = FileStorage::open_for_update(name)?;
         storage.lock_for_update()?;
-        Ok(Arc::new(storage))
+        Ok(self.inner.wrap_opened(name, role, Arc::new(storage)))
     }
 
     fn open_with(
@@ -351,6 +361,10 @@ impl Opener for CacheOpener<'_> {
             CachePolicy::Drop => CacheDropping::written(storage),
             CachePolicy::Keep => storage,
         }
+    }
+
+    fn wrap_opened(&self, name: &Path, role: Role, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        self.read(self.inner.wrap_opened(name, role, storage))
     }
 }
 

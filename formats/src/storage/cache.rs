@@ -32,7 +32,8 @@
 //! did not bring in; in particular Linux (since 5.0) answers `mincore` with
 //! "resident" for files the process could not write, so for such a file
 //! nothing is dropped. Memory: nothing for a region none of whose pages was
-//! resident, 1 bit per page (2 KiB) for one that had some.
+//! resident, 4 bytes per resident page for one that had a few, 1 bit per
+//! page (2 KiB) for one that had many: at most 1/32768 of what was cached.
 
 use std::collections::HashMap;
 use std::io;
@@ -109,8 +110,22 @@ impl Records {
 enum Resident {
     /// None of them.
     None,
-    /// One bit per page, set when resident.
+    /// A few: their indexes in the region, sorted (4 bytes each, so a
+    /// VM's cache scattered over a large image costs little).
+    Few(Box<[u32]>),
+    /// Many: one bit per page, set when resident (2 KiB).
     Some(Box<[u64]>),
+}
+
+impl Resident {
+    /// Whether page `i` of the region was resident.
+    fn has(&self, i: usize) -> bool {
+        match self {
+            Resident::None => false,
+            Resident::Few(pages) => pages.binary_search(&(i as u32)).is_ok(),
+            Resident::Some(bits) => bits[i / 64] & (1 << (i % 64)) != 0,
+        }
+    }
 }
 
 impl CacheDropping {
@@ -204,10 +219,9 @@ fn cold_runs(map: &HashMap<u64, Resident>, first: u64, end: u64, page: u64) -> V
         let stop = end.min((region + 1) * per_region);
         match map.get(&region) {
             Some(Resident::None) => push(p, stop - p),
-            Some(Resident::Some(bits)) => {
+            Some(resident) => {
                 for q in p..stop {
-                    let i = (q % per_region) as usize;
-                    if bits[i / 64] & (1 << (i % 64)) == 0 {
+                    if !resident.has((q % per_region) as usize) {
                         push(q, 1);
                     }
                 }
@@ -227,8 +241,13 @@ fn resident(fd: BorrowedFd<'_>, offset: u64, page: u64) -> Resident {
     let Some(vec) = mincore(fd, offset, REGION as usize, pages) else {
         return all();
     };
-    if vec.iter().all(|v| v & 1 == 0) {
+    let count = vec.iter().filter(|v| *v & 1 != 0).count();
+    if count == 0 {
         return Resident::None;
+    }
+    if count * 32 < pages {
+        let few = (0..pages).filter(|i| vec[*i] & 1 != 0).map(|i| i as u32);
+        return Resident::Few(few.collect());
     }
     let mut bits = vec![0u64; pages.div_ceil(64)];
     for (i, v) in vec.iter().enumerate() {
@@ -452,7 +471,13 @@ mod tests {
         let mut map = HashMap::new();
         map.insert(0, Resident::Some(bits.into_boxed_slice()));
         map.insert(2, Resident::None);
+        map.insert(3, Resident::Few(vec![1, 2].into_boxed_slice()));
         assert_eq!(cold_runs(&map, 0, 6, page), vec![(0, 1), (3, 3)]);
+        let r3 = 3 * per_region as u64;
+        assert_eq!(
+            cold_runs(&map, r3, r3 + 6, page),
+            vec![(r3, 1), (r3 + 3, 3)]
+        );
         // Region 1 was never looked at: nothing of it is dropped.
         let r1 = per_region as u64;
         assert_eq!(cold_runs(&map, r1, r1 + 4, page), vec![]);
