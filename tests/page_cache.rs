@@ -137,19 +137,28 @@ fn warm(path: &Path, offset: u64, len: u64) {
         .unwrap();
 }
 
-/// Asserts that every page resident in `before` still is.
+/// Asserts that the pages resident in `before` still are. Not every one:
+/// the kernel evicts a few pages of a file nobody touches now and then
+/// (seen on the development machine: a few pages, or a 2 MiB folio, in 2
+/// of 6 idle waits of 1.5 s, no reclaim counted), so up to 1/16 of them
+/// may go; a command that dropped what it did not bring in would lose
+/// most of them.
 fn assert_still_cached(path: &Path, before: &[bool]) {
     let after = residency(path);
-    let lost = before
+    let cached = before.iter().filter(|b| **b).count();
+    let lost: Vec<usize> = before
         .iter()
         .zip(&after)
-        .filter(|(b, a)| **b && !**a)
-        .count();
-    assert_eq!(
-        lost,
-        0,
-        "{}: {lost} pages cached before the command were evicted",
-        path.display()
+        .enumerate()
+        .filter(|(_, (b, a))| **b && !**a)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        lost.len() * 16 <= cached,
+        "{}: {} of the {cached} pages cached before the command were evicted (pages {:?}...)",
+        path.display(),
+        lost.len(),
+        &lost[..lost.len().min(20)]
     );
 }
 
