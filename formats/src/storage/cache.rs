@@ -82,11 +82,26 @@ enum Mode {
     Written,
 }
 
-/// Which pages of a file were resident before our reads, by region. One
-/// per file, shared by every storage that reads it ([`Records`]): what one
-/// storage's reads bring in must not look cached to another's.
+/// Which pages of a file were resident before our reads, by region, and
+/// the reads running now. One per file, shared by every storage that reads
+/// it ([`Records`]): what one storage's reads bring in must not look cached
+/// to another's, nor be dropped under another's running read.
 #[derive(Debug, Default)]
-pub struct Residency(Mutex<HashMap<u64, Resident>>);
+pub struct Residency(Mutex<State>);
+
+#[derive(Debug, Default)]
+struct State {
+    regions: HashMap<u64, Resident>,
+    /// Byte ranges being read.
+    active: Vec<(u64, u64)>,
+}
+
+impl Residency {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // No critical section below can panic.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// The [`Residency`] of each file, by identity, for the storages opened by
 /// one opener.
@@ -161,13 +176,17 @@ impl CacheDropping {
     /// of the region after them, that has none recorded yet: the kernel's
     /// readahead may run ahead of our reads (see the module docs), never by
     /// a region.
+    /// The read is then registered as running, until [`Self::drop_read`].
     fn look_before(&self, regions: &Residency, offset: u64, end: u64) {
+        let mut state = regions.lock();
+        state.active.push((offset, end));
         let Some(fd) = self.inner.cache_fd() else {
             return;
         };
-        let mut map = regions.0.lock().unwrap_or_else(|e| e.into_inner());
         for region in offset / REGION..=end.div_ceil(REGION) {
-            map.entry(region)
+            state
+                .regions
+                .entry(region)
                 .or_insert_with(|| resident(fd, region * REGION, self.page));
         }
     }
@@ -176,20 +195,37 @@ impl CacheDropping {
     /// that were not resident when their region was first touched. Not
     /// further: the pages after `end` may be readahead's, for the next
     /// read; a folio across `end` goes with a later read or on close.
+    /// The read is no longer running; pages of other running reads stay.
     fn drop_read(&self, regions: &Residency, offset: u64, end: u64) {
+        {
+            let mut state = regions.lock();
+            if let Some(i) = state.active.iter().position(|r| *r == (offset, end)) {
+                state.active.swap_remove(i);
+            }
+        }
         let start = offset / FOLIO * FOLIO;
         self.drop_cold(regions, start, end);
     }
 
     /// Drops the pages of `[offset, end)` that were not resident when
-    /// their region was first touched.
+    /// their region was first touched, except those of running reads.
     fn drop_cold(&self, regions: &Residency, offset: u64, end: u64) {
         let Some(fd) = self.inner.cache_fd() else {
             return;
         };
         let runs = {
-            let map = regions.0.lock().unwrap_or_else(|e| e.into_inner());
-            cold_runs(&map, offset / self.page, end.div_ceil(self.page), self.page)
+            let state = regions.lock();
+            let runs = cold_runs(
+                &state.regions,
+                offset / self.page,
+                end.div_ceil(self.page),
+                self.page,
+            );
+            let busy = state
+                .active
+                .iter()
+                .map(|(s, e)| (s / self.page, e.div_ceil(self.page)));
+            without(runs, busy)
         };
         for (first, count) in runs {
             let _ = fadvise(
@@ -200,6 +236,23 @@ impl CacheDropping {
             );
         }
     }
+}
+
+/// `runs` (first page, pages) without the pages of `busy` (first page,
+/// end page).
+fn without(mut runs: Vec<(u64, u64)>, busy: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    for (b0, b1) in busy {
+        runs = runs
+            .into_iter()
+            .flat_map(|(s, n)| {
+                let e = s + n;
+                let before = (s, b0.clamp(s, e) - s);
+                let after = (b1.clamp(s, e), e - b1.clamp(s, e));
+                [before, after].into_iter().filter(|r| r.1 > 0)
+            })
+            .collect();
+    }
+    runs
 }
 
 /// Runs `(first page, pages)` of pages in `first..end` that were not
@@ -316,10 +369,7 @@ impl Drop for CacheDropping {
     /// brought in past our last reads.
     fn drop(&mut self) {
         if let Mode::Read(regions) = &self.mode {
-            let mut touched: Vec<u64> = {
-                let map = regions.0.lock().unwrap_or_else(|e| e.into_inner());
-                map.keys().copied().collect()
-            };
+            let mut touched: Vec<u64> = regions.lock().regions.keys().copied().collect();
             touched.sort_unstable();
             for region in touched {
                 self.drop_cold(regions, region * REGION, (region + 1) * REGION);
@@ -458,6 +508,20 @@ mod tests {
         drop(f);
         evict(&p);
         (dir, p)
+    }
+
+    #[test]
+    fn busy_pages_are_cut_out_of_runs() {
+        let runs = vec![(0, 10), (20, 5)];
+        assert_eq!(
+            without(runs.clone(), [(3, 5)].into_iter()),
+            vec![(0, 3), (5, 5), (20, 5)]
+        );
+        assert_eq!(without(runs.clone(), [(0, 30)].into_iter()), vec![]);
+        assert_eq!(
+            without(runs, [(8, 22), (40, 50)].into_iter()),
+            vec![(0, 8), (22, 3)]
+        );
     }
 
     #[test]
