@@ -59,6 +59,7 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         backing: None,
         backing_unchecked: false,
         id: None,
+        cache: Default::default(),
     }
 }
 

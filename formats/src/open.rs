@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::nbd::TlsConfig;
+use crate::storage::cache::{CacheDropping, CachePolicy, Records};
 use crate::storage::{FileStorage, Storage, StorageError};
 
 /// Why a file is opened.
@@ -80,6 +81,16 @@ pub trait Opener: Send + Sync {
     /// backup created. Wrappers put themselves in here; the default passes
     /// it through.
     fn target(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        storage
+    }
+
+    /// Storage for `name` and `role` that was opened around this opener
+    /// (the top image [`UpdatingOpener`] opens for update), wrapped as far
+    /// as its page cache is concerned as this opener would wrap it
+    /// ([`CacheOpener`]). Wrappers forward it; the default passes it
+    /// through.
+    fn wrap_opened(&self, name: &Path, role: Role, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        let _ = (name, role);
         storage
     }
 }
@@ -262,7 +273,7 @@ impl Opener for UpdatingOpener<'_> {
         }
         let storage = FileStorage::open_for_update(name)?;
         storage.lock_for_update()?;
-        Ok(Arc::new(storage))
+        Ok(self.inner.wrap_opened(name, role, Arc::new(storage)))
     }
 
     fn open_with(
@@ -341,6 +352,71 @@ impl<O: Opener> Opener for WrappingOpener<O> {
         let s = self.inner.target(storage);
         let name = s.name().to_path_buf();
         (self.wrap)(&name, Role::Target, s)
+    }
+}
+
+/// An opener that applies a [`CachePolicy`] to everything `inner` opens:
+/// with [`CachePolicy::Drop`], each local file read and each target is
+/// wrapped in [`CacheDropping`] (see [`crate::storage::cache`]); with
+/// [`CachePolicy::Keep`] storage passes through as it is.
+pub struct CacheOpener<'a> {
+    inner: &'a dyn Opener,
+    policy: CachePolicy,
+    records: Records,
+}
+
+impl<'a> CacheOpener<'a> {
+    /// Applies `policy` to what `inner` opens.
+    pub fn new(inner: &'a dyn Opener, policy: CachePolicy) -> Self {
+        CacheOpener {
+            inner,
+            policy,
+            records: Records::default(),
+        }
+    }
+
+    fn read(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        match self.policy {
+            CachePolicy::Drop => CacheDropping::reading(storage, &self.records),
+            CachePolicy::Keep => storage,
+        }
+    }
+}
+
+impl fmt::Debug for CacheOpener<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheOpener({:?})", self.policy)
+    }
+}
+
+impl Opener for CacheOpener<'_> {
+    fn open(&self, name: &Path, role: Role) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(self.read(self.inner.open(name, role)?))
+    }
+
+    fn open_with(
+        &self,
+        name: &Path,
+        role: Role,
+        options: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(self.read(self.inner.open_with(name, role, options)?))
+    }
+
+    fn canonical(&self, name: &Path) -> Result<PathBuf, StorageError> {
+        self.inner.canonical(name)
+    }
+
+    fn target(&self, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        let storage = self.inner.target(storage);
+        match self.policy {
+            CachePolicy::Drop => CacheDropping::written(storage),
+            CachePolicy::Keep => storage,
+        }
+    }
+
+    fn wrap_opened(&self, name: &Path, role: Role, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        self.read(self.inner.wrap_opened(name, role, storage))
     }
 }
 

@@ -36,8 +36,9 @@ use std::time::{Duration, Instant};
 
 use qbackup_formats::codec::CompressionType;
 use qbackup_formats::fingerprint::Fingerprint;
-use qbackup_formats::open::Opener;
+use qbackup_formats::open::{CacheOpener, Opener};
 use qbackup_formats::qcow2::writer::{Qcow2Writer, WriterOptions};
+use qbackup_formats::storage::cache::CachePolicy;
 use qbackup_formats::{ClusterSize, Format};
 
 use after::AfterDurable;
@@ -111,6 +112,9 @@ pub struct BackupConfig {
     pub backing_unchecked: bool,
     /// The backup's identity, chosen by the caller (`None`: a fresh one).
     pub id: Option<String>,
+    /// What the backup does with the page cache it fills (see
+    /// [`qbackup_formats::storage::cache`]).
+    pub cache: CachePolicy,
 }
 
 /// What a finished backup did (the CLI formats it).
@@ -175,7 +179,8 @@ pub fn run(
     cancel: &Cancel,
 ) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
-    let policy = policy::PolicyOpener::new(opener, cfg.on_source_error, cfg.on_target_error);
+    let cache = CacheOpener::new(opener, cfg.cache);
+    let policy = policy::PolicyOpener::new(&cache, cfg.on_source_error, cfg.on_target_error);
     let opener: &dyn Opener = &policy;
     // What TARGET is decides before any work (a directory fails at once).
     let kind = destination::check_target(cfg)?;

@@ -109,6 +109,10 @@ impl Opener for PolicyOpener<'_> {
             )),
         }
     }
+
+    fn wrap_opened(&self, name: &Path, role: Role, storage: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        self.inner.wrap_opened(name, role, storage)
+    }
 }
 
 #[cfg(test)]

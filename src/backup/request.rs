@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use qbackup_formats::codec::CompressionType;
 use qbackup_formats::open::nbd_uri;
+use qbackup_formats::storage::cache::CachePolicy;
 use qbackup_formats::{ClusterSize, Format};
 
 use super::policy::{OnSourceError, OnTargetError};
@@ -106,6 +107,7 @@ pub struct BackupRequest {
     backing_unchecked: bool,
     force_share: bool,
     id: Option<String>,
+    cache: CachePolicy,
 }
 
 /// Chainable setters, one per field of the same name: each takes the
@@ -158,6 +160,7 @@ impl BackupRequest {
             backing_unchecked: false,
             force_share: false,
             id: None,
+            cache: CachePolicy::Drop,
         }
     }
 
@@ -199,6 +202,9 @@ impl BackupRequest {
         /// The source is read without taking QEMU's image locks (the
         /// caller's opener shares it): its bitmap cannot be cleared.
         force_share: bool;
+        /// What the backup does with the page cache (default: drop what
+        /// it brought in, see [`CachePolicy`]).
+        cache: CachePolicy;
     }
 
     setters! {
@@ -318,6 +324,7 @@ impl BackupRequest {
             backing: self.backing,
             backing_unchecked: self.backing_unchecked,
             id: self.id,
+            cache: self.cache,
         })
     }
 

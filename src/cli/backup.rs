@@ -11,6 +11,7 @@ use clap::ValueEnum;
 use qbackup::backup::{
     self, policy, BackupRequest, BitmapMode, Compression, RequestError, SyncMode,
 };
+use qbackup_formats::storage::cache::CachePolicy;
 
 use super::progress::{ProgressArg, Reporter};
 use super::status::{self, UsageError};
@@ -47,6 +48,23 @@ enum BitmapModeArg {
     // or completions.
     #[value(hide = true)]
     Always,
+}
+
+/// `--cache` (backup, verify, compare).
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum CacheArg {
+    #[default]
+    Drop,
+    Keep,
+}
+
+impl From<CacheArg> for CachePolicy {
+    fn from(a: CacheArg) -> CachePolicy {
+        match a {
+            CacheArg::Drop => CachePolicy::Drop,
+            CacheArg::Keep => CachePolicy::Keep,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +208,10 @@ pub struct BackupArgs {
     /// an NBD export instead.
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// The page cache: drop (default) leaves it as found, dropping what
+    /// the backup read or wrote once done with it; keep leaves it cached.
+    #[arg(long, value_enum, default_value_t)]
+    cache: CacheArg,
     /// TLS settings of nbds:// sources.
     #[command(flatten)]
     pub(super) tls: super::tls::TlsArgs,
@@ -249,6 +271,7 @@ impl BackupArgs {
             .require_bitmap(self.require_bitmap)
             .no_manifest(self.no_manifest)
             .allow_corrupt(self.allow_corrupt)
+            .cache(self.cache.into())
             .on_source_error(match self.on_source_error {
                 SourceErrorArg::Report => policy::OnSourceError::Report,
                 SourceErrorArg::Retry => policy::OnSourceError::Retry,

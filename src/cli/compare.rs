@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use qbackup::{compare, source};
 
+use qbackup_formats::open::CacheOpener;
+
+use super::backup::CacheArg;
 use super::FormatArg;
 
 // `compare`'s options (its help text is the `Command::Compare` doc comment).
@@ -31,6 +34,10 @@ pub struct CompareArgs {
     /// Print nothing; only the exit status tells.
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// The page cache: drop (default) leaves it as found; keep leaves what
+    /// was read cached.
+    #[arg(long, value_enum, default_value_t)]
+    cache: CacheArg,
     /// An image file or NBD URI.
     a: PathBuf,
     /// An image file or NBD URI.
@@ -40,9 +47,9 @@ pub struct CompareArgs {
 /// Compares; the exit status says the outcome.
 pub fn run(args: CompareArgs) -> Result<u8> {
     let files = super::Files::new(args.force_share, &args.tls);
-    let open = |p: &PathBuf, f: Option<FormatArg>| {
-        source::open(files.opener(), p, f.map(Into::into), None)
-    };
+    let opener = CacheOpener::new(files.opener(), args.cache.into());
+    let open =
+        |p: &PathBuf, f: Option<FormatArg>| source::open(&opener, p, f.map(Into::into), None);
     let sa = open(&args.a, args.format_a)?;
     let sb = open(&args.b, args.format_b)?;
     super::warn_marked_corrupt(sa.as_ref());

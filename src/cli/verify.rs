@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use qbackup::verify;
-use qbackup_formats::open::FileOpener;
+use qbackup_formats::open::{CacheOpener, FileOpener};
 
+use super::backup::CacheArg;
 use super::OutputArg;
 
 // `verify`'s options (its help text is the `Command::Verify` doc comment).
@@ -17,13 +18,17 @@ pub struct VerifyArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub(super) output: OutputArg,
+    /// The page cache: drop (default) leaves it as found; keep leaves what
+    /// was read cached.
+    #[arg(long, value_enum, default_value_t)]
+    cache: CacheArg,
     /// The backup (its manifest is BACKUP.manifest).
     backup: PathBuf,
 }
 
 /// Verifies; the exit status says whether the backup is good.
 pub fn run(a: VerifyArgs) -> Result<u8> {
-    let report = verify::verify(&FileOpener, &a.backup)?;
+    let report = verify::verify(&CacheOpener::new(&FileOpener, a.cache.into()), &a.backup)?;
     let mut out = std::io::stdout().lock();
     match a.output {
         OutputArg::Json => {

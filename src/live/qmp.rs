@@ -78,6 +78,7 @@ impl QmpError {
                 class == "DeviceNotFound"
                     || desc.contains("not found")
                     || desc.contains("Cannot find")
+                    || desc.contains("Failed to find")
                     || desc.contains("No active block job")
                     || desc.contains("is not running")
                     || desc.contains("not exist")

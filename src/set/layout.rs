@@ -107,7 +107,8 @@ impl DiskDir {
     }
 
     /// Every backup of the disk, oldest first (by the manifest's time,
-    /// then by name), and the files that look like backups but whose
+    /// then by depth in its chain, so that backups made within one second
+    /// keep their order), and the files that look like backups but whose
     /// manifest does not read. A missing directory has none.
     pub fn scan(&self) -> Result<(Vec<Entry>, Vec<Damaged>), SetError> {
         let read = match std::fs::read_dir(&self.path) {
@@ -144,7 +145,7 @@ impl DiskDir {
                 Err(error) => damaged.push(Damaged { path, error }),
             }
         }
-        found.sort_by(|a, b| (a.meta.created, &a.path).cmp(&(b.meta.created, &b.path)));
+        sort_by_chain(&mut found);
         damaged.sort_by(|a, b| a.path.cmp(&b.path));
         Ok((found, damaged))
     }
@@ -152,6 +153,40 @@ impl DiskDir {
     /// The newest backup of the disk, if any.
     pub fn latest(&self) -> Result<Option<Entry>, SetError> {
         Ok(self.scan()?.0.pop())
+    }
+}
+
+/// Sorts `entries` by time, then by depth in their chain (a parent before
+/// its children: the manifests' times are in seconds, so a cycle that
+/// takes less than one second gives a parent and its child the same
+/// time), then by path.
+fn sort_by_chain(entries: &mut [Entry]) {
+    let parent: std::collections::HashMap<&str, Option<&str>> = entries
+        .iter()
+        .map(|e| (e.digest.as_str(), e.meta.backing_manifest.as_deref()))
+        .collect();
+    let depth = |e: &Entry| {
+        let mut d = 0usize;
+        let mut at = e.meta.backing_manifest.as_deref();
+        // Bounded by the number of entries: a cycle of digests cannot
+        // happen (a manifest names its parent's digest), but a damaged
+        // set must not loop.
+        while let Some(p) = at {
+            if d > parent.len() {
+                break;
+            }
+            d += 1;
+            at = parent.get(p).copied().flatten();
+        }
+        d
+    };
+    let mut keyed: Vec<(u64, usize, PathBuf, Entry)> = entries
+        .iter()
+        .map(|e| (e.meta.created, depth(e), e.path.clone(), e.clone()))
+        .collect();
+    keyed.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
+    for (slot, k) in entries.iter_mut().zip(keyed) {
+        *slot = k.3;
     }
 }
 
@@ -230,6 +265,43 @@ mod tests {
         );
         assert!(a < b);
         assert_eq!(a, Path::new("/set/vda/19700101T000140Z-ffff0000.qcow2"));
+    }
+
+    /// Regression: a cycle shorter than a second gives a parent and its
+    /// child the same time, and the child's name may sort first; the
+    /// newest backup is still the child (it was the parent, and the next
+    /// incremental went onto the wrong backup).
+    #[test]
+    fn backups_of_one_second_keep_their_chain_order() {
+        let meta = |id: &str, parent: Option<&str>| Meta {
+            id: id.into(),
+            tool: String::new(),
+            created: 100,
+            source: String::new(),
+            source_identity: None,
+            virtual_size: 1,
+            cluster_size: 65536,
+            sync: "full".into(),
+            bitmap: None,
+            backing: None,
+            backing_manifest: parent.map(str::to_string),
+        };
+        let entry = |name: &str, digest: &str, parent: Option<&str>| Entry {
+            path: PathBuf::from(name),
+            meta: meta(name, parent),
+            digest: digest.into(),
+        };
+        let mut v = vec![
+            entry("c-ffff", "dc", Some("db")),
+            entry("b-0000", "db", Some("da")),
+            entry("a-9999", "da", None),
+        ];
+        sort_by_chain(&mut v);
+        let order: Vec<&str> = v.iter().map(|e| e.meta.id.as_str()).collect();
+        assert_eq!(order, ["a-9999", "b-0000", "c-ffff"]);
+        let mut v = vec![entry("z", "dz", None), entry("a", "da", Some("dz"))];
+        sort_by_chain(&mut v);
+        assert_eq!(v[1].meta.id, "a");
     }
 
     #[test]

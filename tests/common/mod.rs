@@ -28,6 +28,7 @@ pub mod backup;
 pub mod compare;
 pub mod content;
 pub mod libvirt;
+pub mod live;
 pub mod map_info;
 pub mod oracle;
 pub mod parity;

@@ -201,6 +201,10 @@ impl Storage for FaultyStorage {
     fn change_stamp(&self) -> Option<super::ChangeStamp> {
         self.inner.change_stamp()
     }
+
+    fn cache_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.cache_fd()
+    }
 }
 
 #[cfg(test)]

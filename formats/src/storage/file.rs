@@ -271,6 +271,10 @@ impl Storage for FileStorage {
             ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
         })
     }
+
+    fn cache_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.file))
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //!   default write, resize and sync refuse.
 //! - All calls take `&self`, so many threads can share one storage.
 
+pub mod cache;
 pub mod fault;
 pub mod file;
 pub mod lock;
@@ -179,6 +180,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// not an NBD export). Equal stamps at two moments mean no write
     /// in between, as far as the file system's timestamps can tell.
     fn change_stamp(&self) -> Option<ChangeStamp> {
+        None
+    }
+
+    /// The descriptor whose page cache holds the bytes (a local file or
+    /// block device), for cache hints ([`cache`]); wrappers forward it.
+    /// Default: none (memory, an NBD export).
+    fn cache_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
 }

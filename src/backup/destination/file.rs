@@ -20,6 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use qbackup_formats::storage::cache::{self, CachePolicy};
 use qbackup_formats::storage::{FileStorage, Storage};
 use tempfile::NamedTempFile;
 
@@ -40,6 +41,7 @@ pub struct FileDestination<'a> {
     guard: Option<Arc<WriteGuard>>,
     identity: Option<ImageIdentity>,
     manifest: Option<NamedTempFile>,
+    cache: CachePolicy,
 }
 
 impl<'a> FileDestination<'a> {
@@ -62,6 +64,23 @@ impl<'a> FileDestination<'a> {
             guard: None,
             identity: None,
             manifest: None,
+            cache: CachePolicy::Keep,
+        }
+    }
+
+    /// With [`CachePolicy::Drop`], what the last checks read back of the
+    /// staged image is dropped from the page cache (the copy's pages are
+    /// dropped after each sync by the storage itself).
+    #[must_use]
+    pub fn cache(mut self, policy: CachePolicy) -> Self {
+        self.cache = policy;
+        self
+    }
+
+    /// Drops what reading the staged image back left cached.
+    fn drop_read_back(&self) {
+        if let (CachePolicy::Drop, Some(guard)) = (self.cache, &self.guard) {
+            cache::drop_clean(guard.as_ref());
         }
     }
 
@@ -138,6 +157,7 @@ impl Destination for FileDestination<'_> {
         };
         let identity = ImageIdentity::read(guard.as_ref())
             .map_err(|e| self.commit_err("read the finished image's identity", e))?;
+        self.drop_read_back();
         self.identity = Some(identity);
         Ok(Some(identity))
     }
@@ -166,6 +186,7 @@ impl Destination for FileDestination<'_> {
         // Other runs publish into this directory only before or after us.
         let lock = PublishLock::acquire(&self.dir, &self.target, cancel)?;
         self.check_staged(image.path())?;
+        self.drop_read_back();
         let manifest_path = manifest::path_for(&self.target);
         let staged_manifest = self.manifest.take();
         // The renames and a signal thread giving up on the backup exclude

@@ -246,6 +246,10 @@ impl Storage for WriteGuard {
     fn change_stamp(&self) -> Option<ChangeStamp> {
         self.inner.change_stamp()
     }
+
+    fn cache_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner.cache_fd()
+    }
 }
 
 #[cfg(test)]

@@ -93,12 +93,10 @@ pub fn open<'a>(
 ) -> Box<dyn Destination + 'a> {
     match kind {
         TargetKind::Device => Box::new(device::DeviceDestination::new(&cfg.target)),
-        TargetKind::NewFile { .. } => Box::new(file::FileDestination::new(
-            &cfg.target,
-            cfg.force,
-            keep_manifest,
-            cancel,
-        )),
+        TargetKind::NewFile { .. } => Box::new(
+            file::FileDestination::new(&cfg.target, cfg.force, keep_manifest, cancel)
+                .cache(cfg.cache),
+        ),
     }
 }
 

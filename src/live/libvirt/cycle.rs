@@ -30,27 +30,6 @@ pub(super) struct Cycle<'a> {
     pub running: bool,
 }
 
-/// The disk's newest backup: the latest by time and, among backups of
-/// the same second (the manifest's time has seconds), the one no other
-/// backup is an overlay on.
-fn newest(dir: &DiskDir) -> Result<Option<Entry>, crate::set::layout::SetError> {
-    let (all, _) = dir.scan()?;
-    let Some(last) = all.last().map(|e| e.meta.created) else {
-        return Ok(None);
-    };
-    let is_parent = |e: &Entry| {
-        all.iter()
-            .any(|o| o.meta.backing_manifest.as_deref() == Some(e.digest.as_str()))
-    };
-    let same: Vec<&Entry> = all.iter().filter(|e| e.meta.created == last).collect();
-    Ok(same
-        .iter()
-        .rev()
-        .find(|e| !is_parent(e))
-        .or(same.last())
-        .map(|e| (*e).clone()))
-}
-
 /// One disk's plan.
 struct Planned {
     disk: xml::DomainDisk,
@@ -81,7 +60,7 @@ impl Cycle<'_> {
         };
         let mut planned = Vec::new();
         for d in chosen {
-            let latest = newest(&DiskDir::new(&self.req.set, &d.target))?;
+            let latest = DiskDir::new(&self.req.set, &d.target).latest()?;
             let size = self.size(d)?;
             let covered = match &latest {
                 Some(e) if self.running => {
@@ -388,7 +367,7 @@ impl Cycle<'_> {
                 if fname.starts_with('.') || !d.path().is_dir() {
                     continue;
                 }
-                if let Ok(Some(e)) = newest(&DiskDir::new(&self.req.set, &fname)) {
+                if let Ok(Some(e)) = DiskDir::new(&self.req.set, &fname).latest() {
                     keep.push(e.meta.id);
                 }
             }
