@@ -378,7 +378,7 @@ pub fn run(args: BackupArgs) -> Result<u8> {
     }
     if args.target.is_none() {
         return Err(UsageError(
-            "backup needs SOURCE and TARGET (or --qmp SOCKET DIR, or --libvirt DOMAIN DIR)".into(),
+            "backup: <TARGET> is required (or --qmp SOCKET DIR, or --libvirt DOMAIN DIR)".into(),
         )
         .into());
     }
