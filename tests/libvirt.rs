@@ -354,6 +354,54 @@ fn a_crash_breaks_the_checkpoint_and_the_next_cycle_compares_by_content() {
 }
 
 #[test]
+fn a_raw_disk_has_no_checkpoint_and_a_cdrom_is_skipped() {
+    let lv = Libvirt::start();
+    let dom = lv.raw_and_cdrom_domain("rawcd");
+    let set = lv.dir().join("set");
+    let run = || finish(qbackup(&lv, &dom, &set, &[]).spawn().unwrap());
+    lv.guest_io(&dom, "vdc", "write -P 0x71 1M 2M");
+    let (result, _) = run();
+    let disks = result["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 1, "{result}");
+    assert_eq!(disks[0]["name"], "vdc");
+    assert_eq!(disks[0]["sync"], "full");
+    assert_eq!(result["checkpoint"], Value::Null, "{result}");
+    assert!(lv.checkpoints(&dom).is_empty());
+    lv.guest_io(&dom, "vdc", "write -P 0x72 8M 1M");
+    let r = reference_raw(&lv, &dom);
+    let (result, _) = run();
+    assert_eq!(
+        result["disks"][0]["sync"], "incremental-by-content",
+        "{result}"
+    );
+    let target = result["disks"][0]["target"].as_str().unwrap();
+    let o = Command::new("qemu-img")
+        .args(["compare", "-F", "qcow2", r.to_str().unwrap(), target])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(!lv.has_backup_job(&dom));
+}
+
+/// The raw disk `vdc` flushed and copied.
+fn reference_raw(lv: &Libvirt, dom: &Domain) -> PathBuf {
+    lv.guest_io(dom, "vdc", "flush");
+    let out = lv.dir().join("ref-vdc.qcow2");
+    let img = dom.image("vdc").to_str().unwrap().to_string();
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &img,
+        out.to_str().unwrap(),
+    ]);
+    out
+}
+
+#[test]
 fn unknown_disk_and_foreign_job_are_refused_with_one_line() {
     let lv = Libvirt::start();
     let dom = lv.two_disk_domain("refusals");

@@ -190,6 +190,34 @@ impl Libvirt {
         }
     }
 
+    /// Defines and starts `name` with a 16 MiB raw disk `vdc` (alias
+    /// `ua-vdc`, image `DIR/img/NAME-c.raw`) and an empty IDE CD-ROM
+    /// `hdc`: libvirt can keep no bitmap for either.
+    pub fn raw_and_cdrom_domain(&self, name: &str) -> Domain {
+        let img = self.shared_dir("img");
+        let c = img.join(format!("{name}-c.raw"));
+        qemu_img(&["create", "-q", "-f", "raw", path(&c), "16M"]);
+        give(&img);
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+             <emulator>/usr/bin/qemu-system-x86_64</emulator>\
+             <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
+             <target dev='vdc' bus='virtio'/><alias name='ua-vdc'/></disk>\
+             <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/></disk>\
+             <memballoon model='none'/></devices></domain>",
+            c.display()
+        );
+        let file = self.dir().join(format!("{name}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        self.virsh_ok(&["define", path(&file)]);
+        self.virsh_ok(&["start", name]);
+        Domain {
+            name: name.to_string(),
+            images: vec![("vdc".into(), c)],
+        }
+    }
+
     /// A guest write through disk `dev`'s device (`qemu-io` command).
     pub fn guest_io(&self, dom: &Domain, dev: &str, cmd: &str) {
         let hmp = format!("qemu-io -d /machine/peripheral/ua-{dev}/virtio-backend \"{cmd}\"");

@@ -39,13 +39,19 @@ unsafe fn take_string(p: *mut c_char) -> Option<String> {
 }
 
 /// Starts a backup job described by `backup_xml`, creating the checkpoint
-/// `checkpoint_xml` in the same step (libvirt does both or neither).
-pub fn backup_begin(dom: &Domain, backup_xml: &str, checkpoint_xml: &str) -> Result<(), Error> {
+/// `checkpoint_xml`, if any, in the same step (libvirt does both or
+/// neither).
+pub fn backup_begin(
+    dom: &Domain,
+    backup_xml: &str,
+    checkpoint_xml: Option<&str>,
+) -> Result<(), Error> {
     let b = cstring(backup_xml);
-    let c = cstring(checkpoint_xml);
-    // SAFETY: the domain pointer is valid while `dom` lives; both strings
-    // are NUL-terminated and outlive the call.
-    let r = unsafe { sys::virDomainBackupBegin(dom.as_ptr(), b.as_ptr(), c.as_ptr(), 0) };
+    let c = checkpoint_xml.map(cstring);
+    let c_ptr = c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: the domain pointer is valid while `dom` lives; the strings
+    // are NUL-terminated and outlive the call (NULL: no checkpoint).
+    let r = unsafe { sys::virDomainBackupBegin(dom.as_ptr(), b.as_ptr(), c_ptr, 0) };
     if r < 0 {
         return Err(Error::last_error());
     }

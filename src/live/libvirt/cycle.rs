@@ -28,6 +28,9 @@ pub(super) struct Cycle<'a> {
     /// Backups this cycle wrote.
     pub files: Vec<PathBuf>,
     pub running: bool,
+    /// Whether `begin` asked for the checkpoint `qbackup-ID` (not when no
+    /// chosen disk can hold a bitmap).
+    pub checkpoint_made: bool,
 }
 
 /// One disk's plan.
@@ -141,7 +144,8 @@ impl Cycle<'_> {
                 let _ = std::fs::remove_file(s);
             }
             self.drop_superseded(note);
-            Some(plan::checkpoint_name(&self.id))
+            self.checkpoint_made
+                .then(|| plan::checkpoint_name(&self.id))
         } else {
             None
         };
@@ -191,12 +195,27 @@ impl Cycle<'_> {
         let short: String = self.id.chars().take(8).collect();
         let socket = scratch.join(format!("{}{short}.sock", plan::PREFIX));
         let chosen: Vec<String> = planned.iter().map(|p| p.disk.target.clone()).collect();
+        // Every other disk is named, so that libvirt skips it (an empty
+        // CD-ROM would fail the job otherwise).
         let others: Vec<String> = all
             .iter()
-            .filter(|d| !chosen.contains(&d.target) && d.device == "disk")
+            .filter(|d| !chosen.contains(&d.target))
             .map(|d| d.target.clone())
             .collect();
-        let checkpoint = xml::checkpoint(&plan::checkpoint_name(&self.id), &chosen, &others);
+        // Bitmaps live in qcow2 images only: a raw disk gets none (its
+        // next backup compares by content).
+        let (with_bitmap, without): (Vec<&Planned>, Vec<&Planned>) = planned
+            .iter()
+            .partition(|p| p.disk.format.as_deref() == Some("qcow2"));
+        let no_bitmap: Vec<String> = others
+            .iter()
+            .cloned()
+            .chain(without.iter().map(|p| p.disk.target.clone()))
+            .collect();
+        let with_bitmap: Vec<String> = with_bitmap.iter().map(|p| p.disk.target.clone()).collect();
+        let checkpoint = (!with_bitmap.is_empty())
+            .then(|| xml::checkpoint(&plan::checkpoint_name(&self.id), &with_bitmap, &no_bitmap));
+        self.checkpoint_made = checkpoint.is_some();
         let job_disks = |planned: &[Planned]| -> Vec<xml::JobDisk> {
             planned
                 .iter()
@@ -217,7 +236,7 @@ impl Cycle<'_> {
         let first = api::backup_begin(
             self.dom,
             &xml::backup(&socket, &job_disks(planned), &others),
-            &checkpoint,
+            checkpoint.as_deref(),
         );
         if let Err(e) = first {
             let by_bitmap = planned
@@ -239,7 +258,7 @@ impl Cycle<'_> {
             api::backup_begin(
                 self.dom,
                 &xml::backup(&socket, &job_disks(planned), &others),
-                &checkpoint,
+                checkpoint.as_deref(),
             )
             .map_err(domain_err(&name, "start the backup job"))?;
         }

@@ -243,6 +243,7 @@ pub fn run(
         id,
         files: Vec::new(),
         running,
+        checkpoint_made: false,
     };
     let result = cycle.run(&all, &chosen, cancel, note);
     if result.is_err() {
