@@ -82,6 +82,7 @@ impl Cycle<'_> {
                 running: self.running,
                 checkpoints: &checkpoints,
                 covered,
+                can_hold_bitmaps: d.format.as_deref() == Some("qcow2"),
             };
             let (mode, reason) = plan::decide(self.req.sync, &state).map_err(|reason| {
                 LibvirtError::NoIncremental {

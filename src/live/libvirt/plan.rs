@@ -77,6 +77,8 @@ pub struct DiskState<'a> {
     /// Whether the checkpoint named after the newest backup has a bitmap
     /// for this disk.
     pub covered: bool,
+    /// Whether the disk can hold a bitmap at all (a qcow2 image).
+    pub can_hold_bitmaps: bool,
 }
 
 /// The disk's mode and why; `Err` when `--sync incremental` cannot be
@@ -107,6 +109,15 @@ pub fn decide(policy: SyncPolicy, s: &DiskState) -> Result<(Mode, String), Strin
         return Ok((
             Mode::Content,
             "the domain is shut off: its image compared with the previous backup".into(),
+        ));
+    }
+    if !s.can_hold_bitmaps {
+        return Ok((
+            Mode::Content,
+            format!(
+                "{} is not qcow2, so libvirt keeps no bitmap for it: compared by content",
+                s.disk
+            ),
         ));
     }
     if !s.checkpoints.contains(&name) {
@@ -175,6 +186,7 @@ mod tests {
             running: true,
             checkpoints: cps,
             covered: true,
+            can_hold_bitmaps: true,
         }
     }
 
@@ -206,6 +218,11 @@ mod tests {
         s.running = false;
         assert_eq!(decide(SyncPolicy::Auto, &s).unwrap().0, Mode::Content);
         s.running = true;
+        s.can_hold_bitmaps = false;
+        let (m, why) = decide(SyncPolicy::Auto, &s).unwrap();
+        assert_eq!(m, Mode::Content);
+        assert!(why.contains("not qcow2"), "{why}");
+        s.can_hold_bitmaps = true;
         s.size = 2 << 20;
         let (m, why) = decide(SyncPolicy::Auto, &s).unwrap();
         assert_eq!(m, Mode::Full);
