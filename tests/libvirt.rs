@@ -415,6 +415,24 @@ fn unknown_disk_and_foreign_job_are_refused_with_one_line() {
         err.contains("has no disk vdz") && err.contains("vda, vdb"),
         "{err}"
     );
+    // No libvirt at that URI: one line, class io, nothing written.
+    let o = Command::new(env!("CARGO_BIN_EXE_qbackup"))
+        .args(["backup", "--libvirt", "x", "--output=json", "--connect"])
+        .arg(format!(
+            "qemu+unix:///session?socket={}/none.sock",
+            lv.dir().display()
+        ))
+        .arg(lv.dir().join("set-none"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(err["error"]["class"], "io", "{err}");
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("cannot connect to libvirt"));
+    assert!(!lv.dir().join("set-none").exists());
     // A pull job someone else started is left alone.
     let scratch = lv.shared_dir("other");
     let xml = format!(

@@ -45,6 +45,8 @@ fn classified<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn Classify> {
         StorageError,
         NbdError,
     );
+    #[cfg(feature = "libvirt")]
+    first_of!(qbackup::live::libvirt::LibvirtError);
     #[cfg(test)]
     first_of!(tests::Exists);
     None
