@@ -176,7 +176,19 @@ pub fn run(
         hold("exported");
         let mut reports = Vec::new();
         for (p, d) in planned.iter().zip(&j.disks) {
-            let backup = pull(req, opener, progress, on_plan, cancel, p, d, &socket_dir)?;
+            let uri = format!(
+                "nbd+unix:///{}?socket={}",
+                d.name,
+                socket_dir.join("nbd.sock").display()
+            );
+            let what = Pull {
+                disk: &p.name,
+                uri,
+                target: &d.target,
+                id: &p.id,
+                mode: &p.mode,
+            };
+            let backup = pull(&req.options, opener, progress, on_plan, cancel, what)?;
             hold("pulled-one");
             reports.push(DiskReport {
                 node: p.disk.node.clone(),
@@ -239,29 +251,35 @@ fn choose(qmp: &mut Qmp, req: &LiveRequest) -> Result<Vec<Disk>, LiveError> {
     Ok(chosen)
 }
 
-/// Pulls one disk's frozen view into its backup file.
-#[allow(clippy::too_many_arguments)]
-fn pull(
-    req: &LiveRequest,
+/// One disk's pull: where from, where to, how.
+pub struct Pull<'a> {
+    /// The disk's name in the set (for messages).
+    pub disk: &'a str,
+    /// The NBD URI of its frozen view (with the frozen bitmap, if any).
+    pub uri: String,
+    /// This cycle's backup file.
+    pub target: &'a Path,
+    /// The backup's identity (chosen before, so the file is named by it).
+    pub id: &'a str,
+    /// Full, by bitmap or by content.
+    pub mode: &'a Mode,
+}
+
+/// Pulls one disk's frozen view into its backup file (shared by every way
+/// of freezing a VM: QMP here, libvirt's backup API).
+pub fn pull(
+    options: &BackupRequest,
     opener: &dyn Opener,
     progress: &dyn Progress,
     on_plan: &mut dyn FnMut(u64),
     cancel: &Cancel,
-    p: &Planned,
-    d: &DiskEntry,
-    socket_dir: &Path,
+    what: Pull<'_>,
 ) -> Result<BackupReport, LiveError> {
-    let uri = format!(
-        "nbd+unix:///{}?socket={}",
-        d.name,
-        socket_dir.join("nbd.sock").display()
-    );
-    let mut r = req
-        .options
+    let mut r = options
         .clone()
-        .retarget(uri, &d.target)
-        .id(p.id.clone());
-    r = match &p.mode {
+        .retarget(what.uri, what.target)
+        .id(what.id.to_string());
+    r = match what.mode {
         Mode::Full => r.sync(SyncMode::Full),
         Mode::Bitmap { previous, bitmap } => r
             .sync(SyncMode::Incremental)
@@ -273,15 +291,37 @@ fn pull(
             .sync(SyncMode::Incremental)
             .backing(previous.path.display().to_string()),
     };
-    let fail = |source: backup::BackupError| LiveError::Backup {
-        disk: p.name.clone(),
-        source: Box::new(source),
-    };
     let cfg = r.validate().map_err(|source| LiveError::Request {
-        disk: p.name.clone(),
+        disk: what.disk.to_string(),
         source,
     })?;
-    backup::run(&cfg, opener, Vec::new(), progress, on_plan, cancel).map_err(fail)
+    backup::run(&cfg, opener, Vec::new(), progress, on_plan, cancel).map_err(|source| {
+        LiveError::Backup {
+            disk: what.disk.to_string(),
+            source: Box::new(source),
+        }
+    })
+}
+
+/// Removes a failed cycle's backup files and their manifests (those that
+/// were published before the failure).
+pub fn remove_backups<'a>(targets: impl IntoIterator<Item = &'a Path>) -> Result<(), LiveError> {
+    for target in targets {
+        for path in [target.to_path_buf(), manifest::path_for(target)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(LiveError::File {
+                        path,
+                        action: "remove this cycle's backup",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reserves every fleecing file's space (the disk's size), so the guest's
@@ -324,21 +364,7 @@ fn undo(qmp: &mut Qmp, set: &Path, j: &Journal, error: LiveError) -> LiveError {
 
 fn roll_back(qmp: &mut Qmp, set: &Path, j: &Journal) -> Result<(), LiveError> {
     let torn = fleece::teardown(qmp, j);
-    for d in &j.disks {
-        for path in [d.target.clone(), manifest::path_for(&d.target)] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(LiveError::File {
-                        path,
-                        action: "remove this cycle's backup",
-                        source,
-                    })
-                }
-            }
-        }
-    }
+    remove_backups(j.disks.iter().map(|d| d.target.as_path()))?;
     torn?;
     fleece::roll_back_bitmaps(qmp, j)?;
     remove_files(j);
