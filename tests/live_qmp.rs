@@ -92,30 +92,36 @@ fn one_point_in_time_across_disks() {
     let s = Scratch::new();
     make_disks(&s);
     let mut vm = LiveVm::start(&s);
-    let region = |k: u64| -> (usize, u64) {
-        let d = (k % 2) as usize;
-        (d, (8 << 20) + (k / 2) * (64 << 10))
-    };
+    const LEN: u64 = 16 << 10;
+    // Write k goes to disk k % 2, region k / 2 from 8 MiB: 3000 writes fit
+    // in the raw disk's last 24 MiB.
+    const MAX: u64 = 3000;
+    let region = |k: u64| -> (usize, u64) { ((k % 2) as usize, (8 << 20) + (k / 2) * LEN) };
     let pattern = |k: u64| (0x80 + k % 100) as u8;
     let socket = vm.socket.display().to_string();
     let set = s.p("set");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let runner = {
-        let (dir, stop) = (s.dir().to_path_buf(), stop.clone());
+        let (dir, stop, done) = (s.dir().to_path_buf(), stop.clone(), done.clone());
         let (socket, set) = (socket.clone(), set.clone());
         std::thread::spawn(move || {
-            // Let the writer get going, then freeze in the middle of it.
-            std::thread::sleep(Duration::from_millis(300));
+            // Freeze once the writer is going; it keeps going until the
+            // cycle ends, so the freeze falls among its writes.
+            while done.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let run = qbackup_in(&dir, &["backup", "--qmp", &socket, "--output=json", &set]);
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
             run
         })
     };
     let mut written = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::SeqCst) && written < 400 {
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) && written < MAX {
         let (d, off) = region(written);
-        vm.write(d, pattern(written), off, 64 << 10);
+        vm.write(d, pattern(written), off, LEN);
         written += 1;
+        done.store(written, std::sync::atomic::Ordering::SeqCst);
     }
     let run = runner.join().unwrap();
     run.assert_ok();
@@ -138,7 +144,7 @@ fn one_point_in_time_across_disks() {
     let held: Vec<bool> = (0..written)
         .map(|k| {
             let (d, off) = region(k);
-            let bytes = &raw[d][off as usize..(off + (64 << 10)) as usize];
+            let bytes = &raw[d][off as usize..(off + LEN) as usize];
             if bytes.iter().all(|&b| b == pattern(k)) {
                 true
             } else {
