@@ -366,9 +366,10 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         return super::live::run(args);
     }
     if args.target.is_none() {
-        return Err(
-            UsageError("backup needs SOURCE and TARGET (or --qmp SOCKET DIR)".into()).into(),
-        );
+        return Err(UsageError(
+            "the required argument TARGET was not given (a running VM: --qmp SOCKET DIR)".into(),
+        )
+        .into());
     }
     if args.sync == Some(SyncArg::Auto) {
         return Err(UsageError(

@@ -80,12 +80,21 @@ pub fn run(
     on_plan: &mut dyn FnMut(u64),
     cancel: &Cancel,
 ) -> Result<LiveReport, LiveError> {
-    let set = &req.set;
-    std::fs::create_dir_all(set).map_err(|source| LiveError::File {
-        path: set.clone(),
+    if req.set.is_file() {
+        return Err(LiveError::File {
+            path: req.set.clone(),
+            action: "use it as the backup set",
+            source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
+        });
+    }
+    std::fs::create_dir_all(&req.set).map_err(|source| LiveError::File {
+        path: req.set.clone(),
         action: "create the backup set directory",
         source,
     })?;
+    // Absolute: QEMU opens the fleecing files from its own working
+    // directory, and a repair may run from another one.
+    let set = &absolute(&req.set)?;
     let _lock = lock_set(set)?;
     let mut qmp = Qmp::connect(&req.qmp)?;
     let repaired = match journal::read(set)? {
@@ -116,6 +125,7 @@ pub fn run(
         action: "create the scratch directory",
         source,
     })?;
+    let scratch = absolute(&scratch)?;
     let socket_dir = tempfile::Builder::new()
         .prefix("qbackup-nbd-")
         .tempdir()
@@ -125,6 +135,16 @@ pub fn run(
             source,
         })?
         .keep();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| LiveError::File {
+                path: socket_dir.clone(),
+                action: "make the NBD socket's directory private",
+                source,
+            },
+        )?;
+    }
     let now = SystemTime::now();
     let mut j = Journal {
         state: State::Prepared,
@@ -156,11 +176,14 @@ pub fn run(
             })
             .collect(),
     };
+    // The journal first: it names the fleecing files, so a run killed
+    // while reserving them leaves nothing unrecorded.
+    journal::write(set, &j)?;
     if let Err(e) = reserve(&j, &planned) {
         remove_files(&j);
+        journal::remove(set)?;
         return Err(e);
     }
-    journal::write(set, &j)?;
     hold("before-freeze");
     let persistent: Vec<bool> = planned
         .iter()
@@ -169,9 +192,16 @@ pub fn run(
     let result = (|| -> Result<Vec<DiskReport>, LiveError> {
         fleece::freeze(&mut qmp, &j, &persistent)?;
         hold("after-freeze");
-        fleece::start_server(&mut qmp, &socket_dir.join("nbd.sock"))?;
+        // Recorded before it starts, so a run killed just after is
+        // repaired; if it does not start (another server runs), it is
+        // not ours to stop.
         j.server = true;
         journal::write(set, &j)?;
+        if let Err(e) = fleece::start_server(&mut qmp, &socket_dir.join("nbd.sock")) {
+            j.server = false;
+            journal::write(set, &j)?;
+            return Err(e.into());
+        }
         fleece::export(&mut qmp, &j)?;
         hold("exported");
         let mut reports = Vec::new();
@@ -385,7 +415,18 @@ fn finish(qmp: &mut Qmp, set: &Path, j: &Journal) -> Result<(), LiveError> {
 
 /// Repairs what a killed cycle left, from its journal; returns the line
 /// that says what was done.
-fn repair(qmp: &mut Qmp, set: &Path, j: Journal) -> Result<String, LiveError> {
+fn repair(qmp: &mut Qmp, set: &Path, mut j: Journal) -> Result<String, LiveError> {
+    // A QEMU restarted since may have given a disk another node name
+    // (`-drive` names them `#blockNNN` per start): find it by its name.
+    let now = disks::list(qmp)?;
+    let names = disks::node_names(qmp)?;
+    for d in &mut j.disks {
+        if !names.contains(&d.node) {
+            if let Some(found) = now.iter().find(|n| n.name() == d.name) {
+                d.node = found.node.clone();
+            }
+        }
+    }
     let disks: Vec<&str> = j.disks.iter().map(|d| d.name.as_str()).collect();
     match j.state {
         State::Committed => {
@@ -412,6 +453,15 @@ fn remove_files(j: &Journal) {
         let _ = std::fs::remove_file(&d.fleece);
     }
     let _ = std::fs::remove_dir_all(&j.socket_dir);
+}
+
+/// `path` made absolute (it exists).
+fn absolute(path: &Path) -> Result<PathBuf, LiveError> {
+    std::fs::canonicalize(path).map_err(|source| LiveError::File {
+        path: path.to_path_buf(),
+        action: "resolve",
+        source,
+    })
 }
 
 fn new_id(set: &Path) -> Result<String, LiveError> {
