@@ -378,7 +378,7 @@ pub fn run(args: BackupArgs) -> Result<u8> {
     }
     if args.target.is_none() {
         return Err(UsageError(
-            "backup: <TARGET> is required (or --qmp SOCKET DIR, or --libvirt DOMAIN DIR)".into(),
+            "the required argument <TARGET> was not given (a running VM: --qmp SOCKET DIR, or --libvirt DOMAIN DIR)".into(),
         )
         .into());
     }

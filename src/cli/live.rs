@@ -46,7 +46,9 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         ))
         .into());
     }
-    let options = args.request();
+    // The sync mode, backing file and bitmap are set per disk; the shared
+    // options are checked as those of a full backup.
+    let options = args.request().sync(backup::SyncMode::Full);
     // The per-disk requests are checked as they are made; check the
     // shared options once now, so a wrong flag is a usage error before
     // QEMU is touched.

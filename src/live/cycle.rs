@@ -80,12 +80,21 @@ pub fn run(
     on_plan: &mut dyn FnMut(u64),
     cancel: &Cancel,
 ) -> Result<LiveReport, LiveError> {
-    let set = &req.set;
-    std::fs::create_dir_all(set).map_err(|source| LiveError::File {
-        path: set.clone(),
+    if req.set.is_file() {
+        return Err(LiveError::File {
+            path: req.set.clone(),
+            action: "use it as the backup set",
+            source: std::io::Error::from(std::io::ErrorKind::NotADirectory),
+        });
+    }
+    std::fs::create_dir_all(&req.set).map_err(|source| LiveError::File {
+        path: req.set.clone(),
         action: "create the backup set directory",
         source,
     })?;
+    // Absolute: QEMU opens the fleecing files from its own working
+    // directory, and a repair may run from another one.
+    let set = &absolute(&req.set)?;
     let _lock = lock_set(set)?;
     let mut qmp = Qmp::connect(&req.qmp)?;
     let repaired = match journal::read(set)? {
@@ -116,6 +125,7 @@ pub fn run(
         action: "create the scratch directory",
         source,
     })?;
+    let scratch = absolute(&scratch)?;
     let socket_dir = tempfile::Builder::new()
         .prefix("qbackup-nbd-")
         .tempdir()
@@ -125,6 +135,16 @@ pub fn run(
             source,
         })?
         .keep();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| LiveError::File {
+                path: socket_dir.clone(),
+                action: "make the NBD socket's directory private",
+                source,
+            },
+        )?;
+    }
     let now = SystemTime::now();
     let mut j = Journal {
         state: State::Prepared,
@@ -156,11 +176,14 @@ pub fn run(
             })
             .collect(),
     };
+    // The journal first: it names the fleecing files, so a run killed
+    // while reserving them leaves nothing unrecorded.
+    journal::write(set, &j)?;
     if let Err(e) = reserve(&j, &planned) {
         remove_files(&j);
+        journal::remove(set)?;
         return Err(e);
     }
-    journal::write(set, &j)?;
     hold("before-freeze");
     let persistent: Vec<bool> = planned
         .iter()
@@ -169,14 +192,33 @@ pub fn run(
     let result = (|| -> Result<Vec<DiskReport>, LiveError> {
         fleece::freeze(&mut qmp, &j, &persistent)?;
         hold("after-freeze");
-        fleece::start_server(&mut qmp, &socket_dir.join("nbd.sock"))?;
+        // Recorded before it starts, so a run killed just after is
+        // repaired; if it does not start (another server runs), it is
+        // not ours to stop.
         j.server = true;
         journal::write(set, &j)?;
+        if let Err(e) = fleece::start_server(&mut qmp, &socket_dir.join("nbd.sock")) {
+            j.server = false;
+            journal::write(set, &j)?;
+            return Err(e.into());
+        }
         fleece::export(&mut qmp, &j)?;
         hold("exported");
         let mut reports = Vec::new();
         for (p, d) in planned.iter().zip(&j.disks) {
-            let backup = pull(req, opener, progress, on_plan, cancel, p, d, &socket_dir)?;
+            let uri = format!(
+                "nbd+unix:///{}?socket={}",
+                d.name,
+                socket_dir.join("nbd.sock").display()
+            );
+            let what = Pull {
+                disk: &p.name,
+                uri,
+                target: &d.target,
+                id: &p.id,
+                mode: &p.mode,
+            };
+            let backup = pull(&req.options, opener, progress, on_plan, cancel, what)?;
             hold("pulled-one");
             reports.push(DiskReport {
                 node: p.disk.node.clone(),
@@ -239,29 +281,35 @@ fn choose(qmp: &mut Qmp, req: &LiveRequest) -> Result<Vec<Disk>, LiveError> {
     Ok(chosen)
 }
 
-/// Pulls one disk's frozen view into its backup file.
-#[allow(clippy::too_many_arguments)]
-fn pull(
-    req: &LiveRequest,
+/// One disk's pull: where from, where to, how.
+pub struct Pull<'a> {
+    /// The disk's name in the set (for messages).
+    pub disk: &'a str,
+    /// The NBD URI of its frozen view (with the frozen bitmap, if any).
+    pub uri: String,
+    /// This cycle's backup file.
+    pub target: &'a Path,
+    /// The backup's identity (chosen before, so the file is named by it).
+    pub id: &'a str,
+    /// Full, by bitmap or by content.
+    pub mode: &'a Mode,
+}
+
+/// Pulls one disk's frozen view into its backup file (shared by every way
+/// of freezing a VM: QMP here, libvirt's backup API).
+pub fn pull(
+    options: &BackupRequest,
     opener: &dyn Opener,
     progress: &dyn Progress,
     on_plan: &mut dyn FnMut(u64),
     cancel: &Cancel,
-    p: &Planned,
-    d: &DiskEntry,
-    socket_dir: &Path,
+    what: Pull<'_>,
 ) -> Result<BackupReport, LiveError> {
-    let uri = format!(
-        "nbd+unix:///{}?socket={}",
-        d.name,
-        socket_dir.join("nbd.sock").display()
-    );
-    let mut r = req
-        .options
+    let mut r = options
         .clone()
-        .retarget(uri, &d.target)
-        .id(p.id.clone());
-    r = match &p.mode {
+        .retarget(what.uri, what.target)
+        .id(what.id.to_string());
+    r = match what.mode {
         Mode::Full => r.sync(SyncMode::Full),
         Mode::Bitmap { previous, bitmap } => r
             .sync(SyncMode::Incremental)
@@ -273,15 +321,37 @@ fn pull(
             .sync(SyncMode::Incremental)
             .backing(previous.path.display().to_string()),
     };
-    let fail = |source: backup::BackupError| LiveError::Backup {
-        disk: p.name.clone(),
-        source: Box::new(source),
-    };
     let cfg = r.validate().map_err(|source| LiveError::Request {
-        disk: p.name.clone(),
+        disk: what.disk.to_string(),
         source,
     })?;
-    backup::run(&cfg, opener, Vec::new(), progress, on_plan, cancel).map_err(fail)
+    backup::run(&cfg, opener, Vec::new(), progress, on_plan, cancel).map_err(|source| {
+        LiveError::Backup {
+            disk: what.disk.to_string(),
+            source: Box::new(source),
+        }
+    })
+}
+
+/// Removes a failed cycle's backup files and their manifests (those that
+/// were published before the failure).
+pub fn remove_backups<'a>(targets: impl IntoIterator<Item = &'a Path>) -> Result<(), LiveError> {
+    for target in targets {
+        for path in [target.to_path_buf(), manifest::path_for(target)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(LiveError::File {
+                        path,
+                        action: "remove this cycle's backup",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reserves every fleecing file's space (the disk's size), so the guest's
@@ -324,21 +394,7 @@ fn undo(qmp: &mut Qmp, set: &Path, j: &Journal, error: LiveError) -> LiveError {
 
 fn roll_back(qmp: &mut Qmp, set: &Path, j: &Journal) -> Result<(), LiveError> {
     let torn = fleece::teardown(qmp, j);
-    for d in &j.disks {
-        for path in [d.target.clone(), manifest::path_for(&d.target)] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(LiveError::File {
-                        path,
-                        action: "remove this cycle's backup",
-                        source,
-                    })
-                }
-            }
-        }
-    }
+    remove_backups(j.disks.iter().map(|d| d.target.as_path()))?;
     torn?;
     fleece::roll_back_bitmaps(qmp, j)?;
     remove_files(j);
@@ -359,7 +415,18 @@ fn finish(qmp: &mut Qmp, set: &Path, j: &Journal) -> Result<(), LiveError> {
 
 /// Repairs what a killed cycle left, from its journal; returns the line
 /// that says what was done.
-fn repair(qmp: &mut Qmp, set: &Path, j: Journal) -> Result<String, LiveError> {
+fn repair(qmp: &mut Qmp, set: &Path, mut j: Journal) -> Result<String, LiveError> {
+    // A QEMU restarted since may have given a disk another node name
+    // (`-drive` names them `#blockNNN` per start): find it by its name.
+    let now = disks::list(qmp)?;
+    let names = disks::node_names(qmp)?;
+    for d in &mut j.disks {
+        if !names.contains(&d.node) {
+            if let Some(found) = now.iter().find(|n| n.name() == d.name) {
+                d.node = found.node.clone();
+            }
+        }
+    }
     let disks: Vec<&str> = j.disks.iter().map(|d| d.name.as_str()).collect();
     match j.state {
         State::Committed => {
@@ -386,6 +453,15 @@ fn remove_files(j: &Journal) {
         let _ = std::fs::remove_file(&d.fleece);
     }
     let _ = std::fs::remove_dir_all(&j.socket_dir);
+}
+
+/// `path` made absolute (it exists).
+fn absolute(path: &Path) -> Result<PathBuf, LiveError> {
+    std::fs::canonicalize(path).map_err(|source| LiveError::File {
+        path: path.to_path_buf(),
+        action: "resolve",
+        source,
+    })
 }
 
 fn new_id(set: &Path) -> Result<String, LiveError> {

@@ -138,15 +138,18 @@ fn bitmaps(node: &Value) -> Vec<Bitmap> {
         .collect()
 }
 
-/// The device id of a `query-block` entry: its legacy `device` name, or
-/// the id in its qdev path (`/machine/peripheral/ID/virtio-backend`).
+/// The device id of a `query-block` entry: the id in its qdev path
+/// (`/machine/peripheral/ID/virtio-backend`), else its legacy `-drive`
+/// name.
 fn device_id(b: &Value) -> Option<String> {
-    if let Some(d) = b["device"].as_str().filter(|d| !d.is_empty()) {
-        return Some(d.to_string());
-    }
-    let qdev = b["qdev"].as_str()?;
-    let rest = qdev.strip_prefix("/machine/peripheral/")?;
-    Some(rest.split('/').next()?.to_string()).filter(|s| !s.is_empty())
+    let from_qdev = b["qdev"]
+        .as_str()
+        .and_then(|q| q.strip_prefix("/machine/peripheral/"))
+        .and_then(|rest| rest.split('/').next())
+        .filter(|s| !s.is_empty());
+    from_qdev
+        .or_else(|| b["device"].as_str().filter(|d| !d.is_empty()))
+        .map(str::to_string)
 }
 
 #[cfg(test)]
@@ -159,6 +162,9 @@ mod tests {
         assert_eq!(device_id(&b).as_deref(), Some("vd0"));
         let b = json!({"device": "drive0", "qdev": "/machine/peripheral-anon/device[0]"});
         assert_eq!(device_id(&b).as_deref(), Some("drive0"));
+        // -drive if=none,id=drv0 -device ...,drive=drv0,id=vdz: the device.
+        let b = json!({"device": "drv0", "qdev": "/machine/peripheral/vdz/virtio-backend"});
+        assert_eq!(device_id(&b).as_deref(), Some("vdz"));
         let b = json!({"device": "", "qdev": "/machine/peripheral-anon/device[0]/virtio-backend"});
         assert_eq!(device_id(&b), None);
     }

@@ -151,16 +151,29 @@ pub fn roll_back_bitmaps(qmp: &mut Qmp, journal: &Journal) -> Result<(), QmpErro
     for d in &journal.disks {
         let has = |name: &str| bitmap(&nodes, &d.node, name);
         let new = has(&d.new_bitmap);
-        match &d.frozen_bitmap {
-            Some(frozen) if has(frozen).is_some() => {
+        let frozen = d
+            .frozen_bitmap
+            .as_deref()
+            .and_then(|f| has(f).map(|b| (f, b)));
+        let broken = |b: &Value| b["inconsistent"].as_bool().unwrap_or(false);
+        match frozen {
+            // QEMU died with them in use: neither can be trusted, and
+            // QEMU refuses to merge or enable them. Both go; the next
+            // cycle compares by content.
+            Some((f, b)) if broken(b) || new.is_some_and(broken) => {
+                actions.push(json!({"type": "block-dirty-bitmap-remove", "data": {
+                    "node": d.node, "name": f,
+                }}));
+            }
+            Some((f, b)) => {
                 if new.is_some() {
                     actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
-                        "node": d.node, "target": frozen, "bitmaps": [d.new_bitmap],
+                        "node": d.node, "target": f, "bitmaps": [d.new_bitmap],
                     }}));
                 }
-                if !has(frozen).is_some_and(|b| b["recording"].as_bool().unwrap_or(false)) {
+                if !b["recording"].as_bool().unwrap_or(false) {
                     actions.push(json!({"type": "block-dirty-bitmap-enable", "data": {
-                        "node": d.node, "name": frozen,
+                        "node": d.node, "name": f,
                     }}));
                 }
             }
@@ -168,7 +181,7 @@ pub fn roll_back_bitmaps(qmp: &mut Qmp, journal: &Journal) -> Result<(), QmpErro
             // new one is all there is; keeping it under its name would
             // claim a backup that does not exist, so it goes too, and
             // the next cycle compares by content.
-            _ => {}
+            None => {}
         }
         if new.is_some() {
             actions.push(json!({"type": "block-dirty-bitmap-remove", "data": {

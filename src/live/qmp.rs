@@ -80,7 +80,7 @@ impl QmpError {
                     || desc.contains("Cannot find")
                     || desc.contains("Failed to find")
                     || desc.contains("No active block job")
-                    || desc.contains("is not running")
+                    || desc.contains("not running")
                     || desc.contains("not exist")
             }
             _ => false,
@@ -108,6 +108,11 @@ pub struct Qmp {
     writer: UnixStream,
     /// Events received while waiting for replies, oldest first.
     events: Vec<Value>,
+    /// The id of the next command (replies are matched by it).
+    next_id: u64,
+    /// Set once a reply did not come in time or the connection broke: a
+    /// late reply could otherwise be taken for the next command's.
+    dead: bool,
 }
 
 impl std::fmt::Debug for Qmp {
@@ -132,6 +137,8 @@ impl Qmp {
             reader: BufReader::new(stream),
             writer,
             events: Vec::new(),
+            next_id: 0,
+            dead: false,
         };
         let greeting = match qmp.read_message("the greeting", GREETING_WAIT) {
             Ok(v) => v,
@@ -161,7 +168,29 @@ impl Qmp {
 
     /// Runs `command` with `arguments` and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
-        let request = json!({"execute": command, "arguments": arguments});
+        let result = self.exchange(command, arguments);
+        if matches!(
+            result,
+            Err(QmpError::Lost { .. } | QmpError::Protocol { .. })
+        ) {
+            self.dead = true;
+        }
+        result
+    }
+
+    fn exchange(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        if self.dead {
+            return Err(self.lost(
+                command,
+                std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "an earlier command got no reply in time, so this connection is no longer used",
+                ),
+            ));
+        }
+        self.next_id += 1;
+        let id = format!("qbackup-{}", self.next_id);
+        let request = json!({"execute": command, "arguments": arguments, "id": id});
         let mut line = request.to_string();
         line.push('\n');
         self.writer
@@ -173,6 +202,14 @@ impl Qmp {
             let msg = self.read_message(command, left.max(Duration::from_millis(1)))?;
             if msg.get("event").is_some() {
                 self.events.push(msg);
+                continue;
+            }
+            // A reply to an earlier command (none is outstanding: each
+            // waits for its reply, and a timeout ends the connection).
+            if msg
+                .get("id")
+                .is_some_and(|v| v.as_str() != Some(id.as_str()))
+            {
                 continue;
             }
             if let Some(v) = msg.get("return") {

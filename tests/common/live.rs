@@ -200,6 +200,21 @@ impl LiveVm {
     }
 }
 
+impl LiveVm {
+    /// Flushes every disk (so the images hold every write), then kills
+    /// QEMU with SIGKILL: a crash, leaving its persistent bitmaps marked
+    /// in use (inconsistent at the next start).
+    pub fn crash(mut self) {
+        for (id, ..) in DISKS {
+            self.qmp.qemu_io(
+                &format!("-d /machine/peripheral/{id}/virtio-backend"),
+                "flush",
+            );
+        }
+        drop(self.holder.take());
+    }
+}
+
 impl Drop for LiveVm {
     fn drop(&mut self) {
         drop(self.holder.take());
