@@ -40,12 +40,14 @@ pub fn run(_args: BackupArgs) -> Result<u8> {
 /// Runs one cycle.
 #[cfg(feature = "libvirt")]
 pub fn run(args: BackupArgs) -> Result<u8> {
-    use qbackup::backup::Cancel;
+    use qbackup::backup::{BackupError, Cancel};
     use qbackup::live::libvirt::{self, LibvirtError, LibvirtRequest, SyncPolicy};
+    use qbackup::live::LiveError;
     use qbackup_formats::{Classify, ErrorClass};
     use serde_json::json;
 
     use super::backup::{usage_text, SyncArg};
+    use super::progress::Reporter;
     use super::{report, status, OutputArg};
 
     if args.target.is_some() {
@@ -87,20 +89,37 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         scratch: args.scratch.clone(),
         options,
     };
-    let ((_, quiet), output) = (args.display(), args.output);
+    let ((progress, quiet), output) = (args.display(), args.output);
+    let reporter = Reporter::new(progress);
     let cancel = Arc::new(Cancel::new());
     super::backup::watch_signals(&cancel)?;
-    let report = libvirt::run(&req, &cancel, &mut |line| eprintln!("qbackup: {line}")).map_err(
-        |e| -> anyhow::Error {
-            match e {
+    // The bar covers every disk: each disk's plan adds its bytes.
+    let mut total = 0u64;
+    let mut on_plan = |bytes: u64| {
+        total += bytes;
+        reporter.start(total);
+    };
+    let result = libvirt::run(&req, &reporter, &mut on_plan, &cancel, &mut |line| {
+        eprintln!("qbackup: {line}")
+    });
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            reporter.abandon();
+            return Err(match e {
                 // The backup's own error (it names the disk's backup
                 // file), so that a signal maps to its exit status.
-                LibvirtError::Backup { source, .. } => anyhow::Error::from(*source),
+                LibvirtError::Live(LiveError::Backup { source, .. })
+                    if source.class() == ErrorClass::Interrupted =>
+                {
+                    anyhow::Error::new::<BackupError>(*source)
+                }
                 e if e.class() == ErrorClass::Usage => UsageError(e.to_string()).into(),
                 e => e.into(),
-            }
-        },
-    )?;
+            });
+        }
+    };
+    reporter.finish();
     for d in &report.disks {
         for w in &d.report.warnings {
             eprintln!("qbackup: warning: {}: {w}", d.disk);

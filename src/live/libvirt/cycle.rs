@@ -11,10 +11,10 @@ use std::time::SystemTime;
 
 use super::plan::{self, Mode};
 use super::{
-    api, domain_err, io_err, remove_backup, sync_dir, write_durably, xml, DiskResult, LibvirtError,
-    LibvirtReport, LibvirtRequest, PENDING,
+    api, domain_err, io_err, sync_dir, write_durably, xml, DiskResult, LibvirtError, LibvirtReport,
+    LibvirtRequest, PENDING,
 };
-use crate::backup::{self, BitmapMode, Cancel, SyncMode};
+use crate::backup::{self, Cancel};
 use crate::set::layout::{DiskDir, Entry};
 use qbackup_formats::open::FileOpener;
 use virt::domain::Domain;
@@ -41,17 +41,13 @@ struct Planned {
     reason: String,
 }
 
-/// No progress display (the CLI prints one line per disk).
-struct Quiet;
-impl backup::Progress for Quiet {
-    fn advance(&self, _bytes: u64) {}
-}
-
 impl Cycle<'_> {
     pub fn run(
         &mut self,
         all: &[xml::DomainDisk],
         chosen: &[xml::DomainDisk],
+        progress: &dyn backup::Progress,
+        on_plan: &mut dyn FnMut(u64),
         cancel: &Cancel,
         note: &mut dyn FnMut(String),
     ) -> Result<LibvirtReport, LibvirtError> {
@@ -126,7 +122,8 @@ impl Cycle<'_> {
         }
         let mut disks = Vec::new();
         for (p, (source, bitmap)) in planned.iter().zip(sources) {
-            let (report, mode_word, reason) = self.pull(p, &source, bitmap, started, cancel)?;
+            let (report, mode_word, reason) =
+                self.pull(p, source, bitmap, started, progress, on_plan, cancel)?;
             disks.push(DiskResult {
                 disk: p.disk.target.clone(),
                 sync: mode_word,
@@ -304,59 +301,55 @@ impl Cycle<'_> {
     }
 
     /// Backs up one disk from `source` into the set.
+    #[allow(clippy::too_many_arguments)]
     fn pull(
         &mut self,
         p: &Planned,
-        source: &str,
+        source: String,
         bitmap: Option<String>,
         started: SystemTime,
+        progress: &dyn backup::Progress,
+        on_plan: &mut dyn FnMut(u64),
         cancel: &Cancel,
     ) -> Result<(backup::BackupReport, &'static str, String), LibvirtError> {
+        use crate::live::cycle::{pull, Pull};
+        use crate::live::plan::Mode as Shared;
         let dir = DiskDir::new(&self.req.set, &p.disk.target);
         dir.create()?;
         let target = dir.backup_path(started, &self.id);
-        let mut r = self
-            .req
-            .options
-            .clone()
-            .retarget(source, &target)
-            .id(self.id.clone());
-        let previous = p
-            .latest
-            .as_ref()
-            .map(|e| e.path.to_string_lossy().into_owned());
-        r = match &p.mode {
-            Mode::Full => r.sync(SyncMode::Full),
-            Mode::Bitmap { .. } => r
-                .sync(SyncMode::Incremental)
-                .backing(previous)
-                .bitmap(bitmap)
-                .bitmap_mode(BitmapMode::Never),
-            Mode::Content => r.sync(SyncMode::Incremental).backing(previous),
+        let previous = || {
+            p.latest
+                .clone()
+                .expect("an incremental has a previous backup")
         };
+        let mode = match &p.mode {
+            Mode::Full => Shared::Full,
+            Mode::Bitmap { checkpoint } => Shared::Bitmap {
+                previous: previous(),
+                bitmap: bitmap.ok_or_else(|| LibvirtError::Domain {
+                    domain: self.req.domain.clone(),
+                    action: format!("export {}'s changes since {checkpoint}", p.disk.target),
+                    message: "libvirt's backup job names no bitmap for it".into(),
+                })?,
+            },
+            Mode::Content => Shared::Content {
+                previous: previous(),
+            },
+        };
+        let mut options = self.req.options.clone();
         if !self.running && p.disk.format.as_deref() == Some("raw") {
-            r = r.source_format(qbackup_formats::Format::Raw);
+            options = options.source_format(qbackup_formats::Format::Raw);
         }
-        let cfg = r.validate().map_err(|e| LibvirtError::Request {
-            disk: p.disk.target.clone(),
-            message: e.to_string(),
-        })?;
         self.files.push(target.clone());
-        let report =
-            backup::run(&cfg, &FileOpener, vec![], &Quiet, &mut |_| {}, cancel).map_err(|e| {
-                LibvirtError::Backup {
-                    disk: p.disk.target.clone(),
-                    source: Box::new(e),
-                }
-            })?;
-        let (word, reason) = match &report.fallback {
-            Some(why) => (
-                Mode::Content.word(),
-                format!("{} (bitmap unusable: {why})", p.reason),
-            ),
-            None => (p.mode.word(), p.reason.clone()),
+        let what = Pull {
+            disk: &p.disk.target,
+            uri: source,
+            target: &target,
+            id: &self.id,
+            mode: &mode,
         };
-        Ok((report, word, reason))
+        let report = pull(&options, &FileOpener, progress, on_plan, cancel, what)?;
+        Ok((report, p.mode.word(), p.reason.clone()))
     }
 
     /// Ends the backup job (the export and scratch files go; the new
@@ -429,11 +422,10 @@ impl Cycle<'_> {
                 return;
             }
         }
-        for f in std::mem::take(&mut self.files) {
-            if let Err(e) = remove_backup(&f) {
-                note(format!("{e} (the next run retries)"));
-                return;
-            }
+        let files = std::mem::take(&mut self.files);
+        if let Err(e) = crate::live::cycle::remove_backups(files.iter().map(PathBuf::as_path)) {
+            note(format!("{e} (the next run retries)"));
+            return;
         }
         let _ = std::fs::remove_file(self.req.set.join(PENDING));
     }

@@ -29,7 +29,7 @@ use qbackup_formats::{Classify, ErrorClass};
 use virt::connect::Connect;
 use virt::domain::Domain;
 
-use crate::backup::{BackupError, BackupReport, BackupRequest, Cancel};
+use crate::backup::{BackupReport, BackupRequest, Cancel, Progress};
 use crate::manifest;
 use crate::set::layout::SetError;
 
@@ -104,14 +104,9 @@ pub enum LibvirtError {
         /// The refusal.
         message: String,
     },
-    /// A disk's backup failed.
-    #[error("{disk}: {source}")]
-    Backup {
-        /// The disk.
-        disk: String,
-        /// Why.
-        source: Box<BackupError>,
-    },
+    /// A disk's pull (the cycle logic shared with `--qmp`).
+    #[error(transparent)]
+    Live(#[from] crate::live::LiveError),
 }
 
 impl Classify for LibvirtError {
@@ -124,7 +119,7 @@ impl Classify for LibvirtError {
             LibvirtError::Io { source, .. } => ErrorClass::of_io(source),
             LibvirtError::Set(e) => e.class(),
             LibvirtError::Request { .. } => ErrorClass::Usage,
-            LibvirtError::Backup { source, .. } => source.class(),
+            LibvirtError::Live(e) => e.class(),
         }
     }
 }
@@ -198,8 +193,12 @@ fn io_err(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> L
 
 /// Runs one cycle; `note` gets one line for each thing the user should
 /// know that is not an error (repairs after a killed run, fallbacks).
+/// `progress` and `on_plan` are the backups' (every disk's plan adds its
+/// bytes).
 pub fn run(
     req: &LibvirtRequest,
+    progress: &dyn Progress,
+    on_plan: &mut dyn FnMut(u64),
     cancel: &Cancel,
     note: &mut dyn FnMut(String),
 ) -> Result<LibvirtReport, LibvirtError> {
@@ -245,7 +244,7 @@ pub fn run(
         running,
         checkpoint_made: false,
     };
-    let result = cycle.run(&all, &chosen, cancel, note);
+    let result = cycle.run(&all, &chosen, progress, on_plan, cancel, note);
     if result.is_err() {
         cycle.rollback(note);
     }
@@ -357,23 +356,12 @@ fn remove_cycle_files(set: &Path, id: &str) -> Result<usize, LibvirtError> {
             let fname = f.file_name().to_string_lossy().into_owned();
             if fname.ends_with(&format!("-{short}.qcow2")) {
                 let p = f.path();
-                remove_backup(&p)?;
+                crate::live::cycle::remove_backups([p.as_path()])?;
                 n += 1;
             }
         }
     }
     Ok(n)
-}
-
-fn remove_backup(p: &Path) -> Result<(), LibvirtError> {
-    for f in [p.to_path_buf(), manifest::path_for(p)] {
-        match std::fs::remove_file(&f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&f, "remove")(e)),
-        }
-    }
-    Ok(())
 }
 
 /// Locks the set against another qbackup cycle (`--libvirt` or `--qmp`:
