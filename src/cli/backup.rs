@@ -367,7 +367,7 @@ pub fn run(args: BackupArgs) -> Result<u8> {
     }
     if args.target.is_none() {
         return Err(UsageError(
-            "the required argument TARGET was not given (a running VM: --qmp SOCKET DIR)".into(),
+            "the required argument <TARGET> was not given (a running VM: --qmp SOCKET DIR)".into(),
         )
         .into());
     }
