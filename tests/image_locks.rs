@@ -60,7 +60,7 @@ fn assert_refused(s: &Scratch, top: &str, held: &str) {
         qbackup_in(s.dir(), &args)
             .assert_clean_failure(&[held])
             .assert_clean_failure_mentioning(&["--force-share"])
-            .assert_clean_failure_mentioning(&["NBD export"])
+            .assert_clean_failure_mentioning(&["--qmp SOCKET"])
             .assert_clean_failure_mentioning(&["\"write\" lock"]);
     }
     assert!(!s.path("out.qcow2").exists());

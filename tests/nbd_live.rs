@@ -277,7 +277,7 @@ fn live_vm_fleecing_full_and_incremental() {
     let (_vm, mut qmp) = qemu_vm(&s, "disk.qcow2");
     // The running VM's image file is refused.
     s.backup(&["disk.qcow2", "x.qcow2"])
-        .assert_clean_failure_mentioning(&["NBD export"]);
+        .assert_clean_failure_mentioning(&["--qmp SOCKET"]);
     guest_writes(&mut qmp, "disk0", &between);
 
     qmp.run(

@@ -75,7 +75,15 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         total += bytes;
         reporter.start(total);
     };
-    let result = live::run(&req, files.opener(), &reporter, &mut on_plan, &cancel);
+    let mut on_note = |line: &str| eprintln!("qbackup: {line}");
+    let result = live::run(
+        &req,
+        files.opener(),
+        &reporter,
+        &mut on_plan,
+        &cancel,
+        &mut on_note,
+    );
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -84,9 +92,6 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         }
     };
     reporter.finish();
-    if let Some(line) = &report.repaired {
-        eprintln!("qbackup: {line}");
-    }
     match output {
         OutputArg::Json => {
             let disks: Vec<_> = report

@@ -72,13 +72,15 @@ struct Planned {
     id: String,
 }
 
-/// Runs one cycle.
+/// Runs one cycle; `on_note` hears what was repaired before it, as soon
+/// as it is done.
 pub fn run(
     req: &LiveRequest,
     opener: &dyn Opener,
     progress: &dyn Progress,
     on_plan: &mut dyn FnMut(u64),
     cancel: &Cancel,
+    on_note: &mut dyn FnMut(&str),
 ) -> Result<LiveReport, LiveError> {
     if req.set.is_file() {
         return Err(LiveError::File {
@@ -98,7 +100,12 @@ pub fn run(
     let _lock = lock_set(set)?;
     let mut qmp = Qmp::connect(&req.qmp)?;
     let repaired = match journal::read(set)? {
-        Some(j) => Some(repair(&mut qmp, set, j)?),
+        Some(j) => {
+            let line = repair(&mut qmp, set, j)?;
+            // Said now: the cycle that follows may fail.
+            on_note(&line);
+            Some(line)
+        }
         None => None,
     };
     let chosen = choose(&mut qmp, req)?;
