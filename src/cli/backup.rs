@@ -16,11 +16,17 @@ use super::progress::{ProgressArg, Reporter};
 use super::status::{self, UsageError};
 use super::{report, size, FormatArg, OutputArg};
 
+// Backup sets (a directory TARGET): see backup/set.rs.
+mod set;
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum SyncArg {
     Full,
     Top,
     Incremental,
+    /// A backup set's choice: full for a disk's first backup, else
+    /// incremental on its newest.
+    Auto,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,9 +73,11 @@ pub struct BackupArgs {
     /// What to copy: everything, only the top layer of the chain, or only
     /// what changed since the previous backup (--backing PREV): what the
     /// source's dirty bitmap marks (--bitmap), or else every cluster whose
-    /// content differs from PREV's manifest.
-    #[arg(long, value_enum, default_value = "full")]
-    sync: SyncArg,
+    /// content differs from PREV's manifest. auto (a backup set's default,
+    /// refused for a file TARGET): full for a disk's first backup in the
+    /// set, else incremental on its newest. Default: full.
+    #[arg(long, value_enum)]
+    sync: Option<SyncArg>,
     /// The source's persistent dirty bitmap (or an NBD export's
     /// qemu:dirty-bitmap:NAME context). --sync incremental copies what it
     /// marks; --sync full starts a new cycle by clearing it.
@@ -167,9 +175,19 @@ pub struct BackupArgs {
     /// an NBD export instead.
     #[arg(short = 'U', long)]
     force_share: bool,
+    // Backup sets (issue 21).
+    /// With a backup set TARGET: the disk's name in the set (default:
+    /// SOURCE's file name without its extension).
+    #[arg(long, value_name = "NAME")]
+    disk_name: Option<String>,
+    /// With a backup set TARGET: wait for another qbackup process using
+    /// the set instead of failing.
+    #[arg(long)]
+    wait: bool,
     /// The image to back up.
     source: PathBuf,
-    /// Where to write the backup.
+    /// Where to write the backup: a file, or a backup set (an existing
+    /// directory, or a name ending with /): then SET/DISK/TIME-ID.qcow2.
     target: PathBuf,
 }
 
@@ -180,9 +198,9 @@ impl BackupArgs {
             .source_format(self.format.map(Into::into))
             .target_format(self.target_format.into())
             .sync(match self.sync {
-                SyncArg::Full => SyncMode::Full,
-                SyncArg::Top => SyncMode::Top,
-                SyncArg::Incremental => SyncMode::Incremental,
+                None | Some(SyncArg::Full | SyncArg::Auto) => SyncMode::Full,
+                Some(SyncArg::Top) => SyncMode::Top,
+                Some(SyncArg::Incremental) => SyncMode::Incremental,
             })
             .bitmap(self.bitmap.clone())
             .bitmap_mode(self.bitmap_mode.map(|m| match m {
@@ -262,13 +280,21 @@ pub fn usage_text(e: &RequestError) -> String {
 /// Runs the backup; exit status 0, or 3 when ranges could not be read
 /// (`--on-source-error ignore`).
 pub fn run(args: BackupArgs) -> Result<u8> {
+    // A backup set: the set picks the file, the mode and the parent.
+    if set::is_set(&args.target) {
+        return set::run(args);
+    }
+    set::refuse_set_options(&args)?;
+    let request = args.request();
+    execute(&args, request)
+}
+
+/// Runs `request` with `args`' progress, output and opener.
+fn execute(args: &BackupArgs, request: BackupRequest) -> Result<u8> {
     let (quiet, output) = (args.quiet, args.output);
     let files = super::Files::new(args.force_share);
     let reporter = Reporter::new(args.progress);
-    let cfg = args
-        .request()
-        .validate()
-        .map_err(|e| UsageError(usage_text(&e)))?;
+    let cfg = request.validate().map_err(|e| UsageError(usage_text(&e)))?;
     let cancel = Arc::new(backup::Cancel::new());
     let signals: Vec<i32> = [
         signal_hook::consts::SIGINT,

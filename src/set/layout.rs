@@ -31,12 +31,57 @@ pub enum SetError {
         /// Why.
         source: std::io::Error,
     },
+    /// The set's lock file could not be opened or locked.
+    #[error("{}: cannot lock the backup set: {}", path.display(), qbackup_formats::error::io_text(source))]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process holds the set.
+    #[error("{}: another qbackup process is using this backup set (pass --wait to wait for it)", set.display())]
+    Busy {
+        /// The set.
+        set: PathBuf,
+    },
+    /// A file of the set could not be read, written, renamed or removed.
+    #[error("{}: cannot {action}: {}", path.display(), qbackup_formats::error::io_text(source))]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        action: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No backup matches what was asked for.
+    #[error("{}: {why}", set.display())]
+    NotFound {
+        /// The set.
+        set: PathBuf,
+        /// What is missing.
+        why: String,
+    },
+    /// The set's chains are damaged where the command needs them.
+    #[error("{}: {why}", set.display())]
+    Damaged {
+        /// The set.
+        set: PathBuf,
+        /// The damage and the backups it affects.
+        why: String,
+    },
 }
 
 impl qbackup_formats::Classify for SetError {
     fn class(&self) -> qbackup_formats::ErrorClass {
         match self {
-            SetError::Dir { source, .. } => qbackup_formats::ErrorClass::of_io(source),
+            SetError::Dir { source, .. }
+            | SetError::Lock { source, .. }
+            | SetError::File { source, .. } => qbackup_formats::ErrorClass::of_io(source),
+            SetError::Busy { .. } => qbackup_formats::ErrorClass::Io,
+            SetError::NotFound { .. } => qbackup_formats::ErrorClass::Usage,
+            SetError::Damaged { .. } => qbackup_formats::ErrorClass::Corrupt,
         }
     }
 }
@@ -50,6 +95,10 @@ pub struct Entry {
     pub meta: Meta,
     /// The BLAKE3 (hex) of its manifest.
     pub digest: String,
+    /// When its manifest was last written (nanoseconds since the epoch):
+    /// orders backups made in the same second (a manifest is written
+    /// after its parent's was).
+    pub written: u128,
 }
 
 /// A file in a disk's directory that looks like a backup but cannot be
@@ -139,20 +188,67 @@ impl DiskDir {
                 Ok(m) => found.push(Entry {
                     meta: m.meta().clone(),
                     digest: m.digest().to_string(),
+                    written: written_ns(&manifest::path_for(&path)),
                     path,
                 }),
                 Err(error) => damaged.push(Damaged { path, error }),
             }
         }
-        found.sort_by(|a, b| (a.meta.created, &a.path).cmp(&(b.meta.created, &b.path)));
+        found.sort_by(|a, b| {
+            (a.meta.created, a.written, &a.path).cmp(&(b.meta.created, b.written, &b.path))
+        });
         damaged.sort_by(|a, b| a.path.cmp(&b.path));
         Ok((found, damaged))
+    }
+
+    /// The disks of the set `set` (its subdirectories not starting with
+    /// `.`), by name. A missing set has none.
+    pub fn all(set: &Path) -> Result<Vec<DiskDir>, SetError> {
+        let read = match std::fs::read_dir(set) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(source) => {
+                return Err(SetError::Dir {
+                    path: set.to_path_buf(),
+                    action: "list the directory",
+                    source,
+                })
+            }
+        };
+        let mut disks = Vec::new();
+        for item in read {
+            let item = item.map_err(|source| SetError::Dir {
+                path: set.to_path_buf(),
+                action: "list the directory",
+                source,
+            })?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !item.path().is_dir() {
+                continue;
+            }
+            disks.push(DiskDir {
+                path: item.path(),
+                name,
+            });
+        }
+        disks.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(disks)
     }
 
     /// The newest backup of the disk, if any.
     pub fn latest(&self) -> Result<Option<Entry>, SetError> {
         Ok(self.scan()?.0.pop())
     }
+}
+
+/// The modification time of `path` in nanoseconds since the epoch (0
+/// when unknown).
+fn written_ns(path: &Path) -> u128 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
 }
 
 /// `name` reduced to one safe path component: characters outside
