@@ -10,12 +10,15 @@ pub mod backup;
 pub mod compare;
 pub mod hint;
 pub mod info;
+pub mod list;
 pub mod map;
 pub mod progress;
 pub mod report;
+pub mod restore;
 pub mod size;
 pub mod status;
 pub mod verify;
+pub mod verify_set;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -70,6 +73,12 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Show the allocation map of an image and its backing chain.
     Map(map::MapArgs),
+    /// List every backup of a backup set (a directory made by backup
+    /// SOURCE DIR/), with its chain and any damage.
+    List(list::ListArgs),
+    /// Restore a backup of a backup set (default: the newest) to a file
+    /// or, with -n -O raw, a block device.
+    Restore(restore::RestoreArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish,
     /// powershell) to stdout.
     Completions {
@@ -174,6 +183,8 @@ pub fn json_output(args: &Args) -> bool {
         Command::Verify(a) => a.output,
         Command::Info(a) => a.output,
         Command::Map(a) => a.output,
+        Command::List(a) => a.output,
+        Command::Restore(a) => a.output,
         Command::Compare(_) | Command::Completions { .. } | Command::Manpage { .. } => {
             OutputArg::Human
         }
@@ -190,6 +201,8 @@ pub fn run(args: Args) -> Result<u8> {
         Command::Info(a) => info::run(a),
         Command::Backup(a) => backup::run(a),
         Command::Map(a) => map::run(a),
+        Command::List(a) => list::run(a),
+        Command::Restore(a) => restore::run(a),
         Command::Completions { shell } => {
             // Generated in memory: clap_complete panics on a failed write
             // (a closed pipe), and a write error must be an error.

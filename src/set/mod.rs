@@ -10,8 +10,11 @@
 //! write through [`add`] under the set's exclusive [`lock::SetLock`].
 
 pub mod add;
+pub mod catalog;
+pub mod check;
 pub mod layout;
 pub mod lock;
+pub mod pick;
 
 pub use layout::{DiskDir, Entry, SetError};
 pub use lock::{LockMode, SetLock};
