@@ -15,6 +15,7 @@ pub mod check;
 pub mod layout;
 pub mod lock;
 pub mod pick;
+pub mod retention;
 
 pub use layout::{DiskDir, Entry, SetError};
 pub use lock::{LockMode, SetLock};
