@@ -13,6 +13,7 @@ pub mod info;
 pub mod list;
 pub mod map;
 pub mod progress;
+pub mod prune;
 pub mod report;
 pub mod restore;
 pub mod size;
@@ -79,6 +80,10 @@ enum Command {
     /// Restore a backup of a backup set (default: the newest) to a file
     /// or, with -n -O raw, a block device.
     Restore(restore::RestoreArgs),
+    /// Apply a retention policy to a backup set (restic's --keep-* rules,
+    /// in UTC): delete what is not kept, consolidating pruned parents of
+    /// kept backups so every kept one stays restorable.
+    Prune(prune::PruneArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish,
     /// powershell) to stdout.
     Completions {
@@ -185,6 +190,7 @@ pub fn json_output(args: &Args) -> bool {
         Command::Map(a) => a.output,
         Command::List(a) => a.output,
         Command::Restore(a) => a.output,
+        Command::Prune(a) => a.output,
         Command::Compare(_) | Command::Completions { .. } | Command::Manpage { .. } => {
             OutputArg::Human
         }
@@ -203,6 +209,7 @@ pub fn run(args: Args) -> Result<u8> {
         Command::Map(a) => map::run(a),
         Command::List(a) => list::run(a),
         Command::Restore(a) => restore::run(a),
+        Command::Prune(a) => prune::run(a),
         Command::Completions { shell } => {
             // Generated in memory: clap_complete panics on a failed write
             // (a closed pipe), and a write error must be an error.

@@ -63,6 +63,35 @@ pub enum SetError {
         /// What is missing.
         why: String,
     },
+    /// A manifest could not be read or rewritten.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Consolidating backups failed.
+    #[error("cannot consolidate backups into {}: {source}", target.display())]
+    Consolidate {
+        /// The consolidated image being made.
+        target: PathBuf,
+        /// Why.
+        source: Box<crate::backup::BackupError>,
+    },
+    /// A consolidation's backup request was refused (a bug).
+    #[error("cannot consolidate backups into {}: {why}", target.display())]
+    Request {
+        /// The consolidated image being made.
+        target: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Not enough free space for a prune.
+    #[error("{}: a prune needs up to {needed} bytes free for the consolidated images, {free} are free", set.display())]
+    NoSpace {
+        /// The set.
+        set: PathBuf,
+        /// Bytes needed at most.
+        needed: u64,
+        /// Bytes free.
+        free: u64,
+    },
     /// The set's chains are damaged where the command needs them.
     #[error("{}: {why}", set.display())]
     Damaged {
@@ -82,6 +111,10 @@ impl qbackup_formats::Classify for SetError {
             SetError::Busy { .. } => qbackup_formats::ErrorClass::Io,
             SetError::NotFound { .. } => qbackup_formats::ErrorClass::Usage,
             SetError::Damaged { .. } => qbackup_formats::ErrorClass::Corrupt,
+            SetError::Manifest(e) => e.class(),
+            SetError::Consolidate { source, .. } => source.class(),
+            SetError::NoSpace { .. } => qbackup_formats::ErrorClass::Io,
+            SetError::Request { .. } => qbackup_formats::ErrorClass::Internal,
         }
     }
 }

@@ -15,7 +15,9 @@ pub mod check;
 pub mod layout;
 pub mod lock;
 pub mod pick;
+pub mod prune;
 pub mod retention;
+pub mod rewrite;
 
 pub use layout::{DiskDir, Entry, SetError};
 pub use lock::{LockMode, SetLock};

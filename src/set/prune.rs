@@ -1,0 +1,469 @@
+//! `prune`: apply a retention policy ([`retention`]) to every disk of a
+//! set, keep every kept backup restorable, and free the rest.
+//!
+//! A pruned backup with no kept descendant is deleted (newest first, the
+//! image before its manifest, so a crash never leaves a kept child without
+//! its parent). A run of pruned backups under a kept one is
+//! **consolidated**: one new image holding what the run's top read as
+//! (made by the backup itself: an incremental by content onto the nearest
+//! kept ancestor, or a full when there is none; compressed clusters are
+//! passed through, never recompressed), which takes over the top's file
+//! name, id and time, with kind `consolidated`. The kept child's header is
+//! therefore never edited (its backing name still resolves); only the
+//! manifests above it are rewritten to record their new parent's digest.
+//! The run's other members are then deleted.
+//!
+//! Crash safety: each consolidation first writes an intent record,
+//! `SET/.qbackup-prune.json`. Until the consolidated image is complete
+//! (phase `merging`) the record means "roll back": the hidden new files
+//! are removed. Once it is (phase `made`) it means "roll forward": the
+//! renames, manifest rewrites and deletions are redone, each idempotent.
+//! The next prune does either first and says so. At every point every
+//! kept backup reads the same guest data (the consolidated image reads
+//! as the top it replaces).
+//!
+//! Space: a consolidated image is at most the size of the run it merges,
+//! so a prune needs at most the largest run's bytes free (checked first).
+//! A damaged disk (see [`catalog`]) is refused before anything is done.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use qbackup_formats::open::{resolve_backing, Opener};
+
+use crate::backup::{self, BackupRequest, Cancel, SyncMode};
+use crate::manifest;
+
+use super::catalog::{self, Catalog, Kind};
+use super::retention::{self, Policy};
+use super::rewrite::{self, hidden_beside};
+use super::SetError;
+
+/// The intent record's name in a set.
+pub const INTENT_FILE: &str = ".qbackup-prune.json";
+
+/// One consolidation: the pruned run under a kept backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merge {
+    /// The run, top (newest) first; the top's file becomes the merged image.
+    pub run: Vec<usize>,
+    /// The nearest kept ancestor the merged image is an overlay on.
+    pub onto: Option<usize>,
+    /// The kept backup above the run.
+    pub child: usize,
+}
+
+/// What a prune does to a set.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// The kept backups and the rules that keep them.
+    pub keep: Vec<(usize, Vec<String>)>,
+    /// The consolidations, oldest first.
+    pub merges: Vec<Merge>,
+    /// Backups deleted outright (newest first).
+    pub delete: Vec<usize>,
+    /// Most bytes of free space needed.
+    pub space_needed: u64,
+}
+
+/// The kept backups of `cat` by `policy` (ids), per disk; consolidated
+/// images are never kept by a rule, only as parents.
+pub fn kept_ids(cat: &Catalog, policy: &Policy) -> Result<Vec<(String, Vec<String>)>, SetError> {
+    let mut kept = Vec::new();
+    for disk in cat.disks() {
+        let mine: Vec<usize> = cat.of_disk(&disk).map(|(i, _)| i).collect();
+        let damage: Vec<&str> = mine
+            .iter()
+            .flat_map(|&i| cat.backups[i].problems.iter().map(String::as_str))
+            .collect();
+        if !damage.is_empty() {
+            return Err(SetError::Damaged {
+                set: cat.set.clone(),
+                why: format!(
+                    "disk {disk} is damaged, so it is not pruned (verify it; restore what is intact): {}",
+                    damage.join("; ")
+                ),
+            });
+        }
+        let candidates: Vec<usize> = mine
+            .into_iter()
+            .filter(|&i| cat.backups[i].kind != Kind::Consolidated)
+            .collect();
+        let times: Vec<u64> = candidates
+            .iter()
+            .map(|&i| cat.backups[i].created())
+            .collect();
+        for (k, reasons) in retention::apply(&times, policy).into_iter().enumerate() {
+            if !reasons.is_empty() {
+                kept.push((cat.backups[candidates[k]].id.clone(), reasons));
+            }
+        }
+    }
+    Ok(kept)
+}
+
+/// The plan for keeping `kept` (ids with reasons) in `cat`.
+pub fn plan(cat: &Catalog, kept: &[(String, Vec<String>)]) -> Plan {
+    let by_id: HashMap<&str, usize> = cat
+        .backups
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.id.as_str(), i))
+        .collect();
+    let keep: Vec<(usize, Vec<String>)> = kept
+        .iter()
+        .filter_map(|(id, r)| by_id.get(id.as_str()).map(|&i| (i, r.clone())))
+        .collect();
+    let is_kept: BTreeSet<usize> = keep.iter().map(|(i, _)| *i).collect();
+    // Needed: kept, or an ancestor of a kept one.
+    let mut needed = BTreeSet::new();
+    for &k in &is_kept {
+        needed.extend(cat.chain(k));
+    }
+    let mut merges = Vec::new();
+    for &k in &is_kept {
+        let Some(top) = cat.backups[k].parent else {
+            continue;
+        };
+        if is_kept.contains(&top) {
+            continue;
+        }
+        let mut run = vec![top];
+        let mut onto = None;
+        let mut at = top;
+        while let Some(p) = cat.backups[at].parent {
+            if is_kept.contains(&p) {
+                onto = Some(p);
+                break;
+            }
+            run.push(p);
+            at = p;
+        }
+        // One consolidated image already between them: nothing to merge.
+        if run.len() == 1 && cat.backups[top].kind == Kind::Consolidated {
+            continue;
+        }
+        if !merges.iter().any(|m: &Merge| m.run[0] == top) {
+            merges.push(Merge {
+                run,
+                onto,
+                child: k,
+            });
+        }
+    }
+    merges.sort_by_key(|m| cat.backups[m.run[0]].created());
+    // Deleted: not needed at all, or merged into the run's top.
+    let mut delete: Vec<usize> = (0..cat.backups.len())
+        .filter(|i| !needed.contains(i))
+        .collect();
+    for m in &merges {
+        delete.extend(m.run[1..].iter().copied());
+    }
+    delete.sort_by_key(|&i| std::cmp::Reverse((cat.backups[i].created(), i)));
+    delete.dedup();
+    let space_needed = merges
+        .iter()
+        .map(|m| {
+            m.run
+                .iter()
+                .map(|&i| cat.backups[i].bytes_stored)
+                .sum::<u64>()
+                + (1 << 20)
+        })
+        .max()
+        .unwrap_or(0);
+    Plan {
+        keep,
+        merges,
+        delete,
+        space_needed,
+    }
+}
+
+/// The intent record of a consolidation in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Intent {
+    /// `merging` (roll back) or `made` (roll forward).
+    pub phase: String,
+    /// The run's top: the file the merged image replaces.
+    pub top: PathBuf,
+    /// The merged image under its hidden name.
+    pub hidden: PathBuf,
+    /// The backups above it whose manifests record their parent's digest
+    /// (paths, parents first).
+    pub relink: Vec<PathBuf>,
+    /// The run's other members, deleted last.
+    pub delete: Vec<PathBuf>,
+}
+
+/// What happened to an interrupted prune.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovered {
+    /// Nothing was pending.
+    Nothing,
+    /// A consolidation that had not finished its image was undone.
+    RolledBack(PathBuf),
+    /// A consolidation whose image was complete was finished.
+    Finished(PathBuf),
+}
+
+/// Writes `intent` to the set (synced, renamed into place).
+fn write_intent(set: &Path, intent: &Intent) -> Result<(), SetError> {
+    let path = set.join(INTENT_FILE);
+    let tmp = hidden_beside(&path, "tmp");
+    let text = serde_json::to_vec_pretty(intent).expect("intent serialises");
+    let write = || -> std::io::Result<()> {
+        std::fs::write(&tmp, &text)?;
+        std::fs::File::open(&tmp)?.sync_all()
+    };
+    write().map_err(|source| SetError::File {
+        path: tmp.clone(),
+        action: "write the prune's intent record",
+        source,
+    })?;
+    rewrite::rename(&tmp, &path)
+}
+
+/// Removes a file if present.
+fn remove(path: &Path) -> Result<(), SetError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SetError::File {
+            path: path.to_path_buf(),
+            action: "remove",
+            source,
+        }),
+    }
+}
+
+/// Deletes a backup: its image, then its manifest.
+fn delete_backup(image: &Path) -> Result<(), SetError> {
+    remove(image)?;
+    rewrite::sync_dir(image);
+    remove(&manifest::path_for(image))?;
+    rewrite::sync_dir(image);
+    Ok(())
+}
+
+/// Finishes or undoes the consolidation an interrupted prune left (its
+/// intent record), if any.
+pub fn recover(set: &Path) -> Result<Recovered, SetError> {
+    let path = set.join(INTENT_FILE);
+    let intent: Intent = match std::fs::read(&path) {
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(i) => i,
+            // Written by rename: a record that does not parse was never
+            // complete, so nothing acted on it.
+            Err(_) => {
+                remove(&path)?;
+                return Ok(Recovered::Nothing);
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::Nothing),
+        Err(source) => {
+            return Err(SetError::File {
+                path,
+                action: "read the prune's intent record",
+                source,
+            })
+        }
+    };
+    let outcome = if intent.phase == "made" {
+        finish(&intent)?;
+        Recovered::Finished(intent.top.clone())
+    } else {
+        remove(&intent.hidden)?;
+        remove(&manifest::path_for(&intent.hidden))?;
+        if let Some(dir) = intent.hidden.parent() {
+            crate::backup::destination::temp::remove_stale(dir);
+        }
+        Recovered::RolledBack(intent.top.clone())
+    };
+    remove(&path)?;
+    rewrite::sync_dir(&path);
+    Ok(outcome)
+}
+
+/// The roll-forward steps of a made consolidation (each idempotent).
+fn finish(intent: &Intent) -> Result<(), SetError> {
+    let hidden_manifest = manifest::path_for(&intent.hidden);
+    if intent.hidden.exists() {
+        rewrite::rename(&intent.hidden, &intent.top)?;
+    }
+    if hidden_manifest.exists() {
+        rewrite::rename(&hidden_manifest, &manifest::path_for(&intent.top))?;
+    }
+    for child in &intent.relink {
+        relink(child)?;
+    }
+    for p in &intent.delete {
+        delete_backup(p)?;
+    }
+    Ok(())
+}
+
+/// Makes `child`'s manifest record its parent's current manifest digest.
+fn relink(child: &Path) -> Result<(), SetError> {
+    let mpath = manifest::path_for(child);
+    let reader = manifest::ManifestReader::open(&mpath)?;
+    let Some(name) = reader.meta().backing.clone() else {
+        return Ok(());
+    };
+    let parent = resolve_backing(child, &name);
+    let digest = manifest::ManifestReader::open(&manifest::path_for(&parent))?
+        .digest()
+        .to_string();
+    if reader.meta().backing_manifest.as_deref() == Some(digest.as_str()) {
+        return Ok(());
+    }
+    drop(reader);
+    rewrite::rewrite_manifest(&mpath, |m| m.backing_manifest = Some(digest))?;
+    Ok(())
+}
+
+/// Consolidates `m` of `cat`; `cancel` stops the backup it runs.
+fn consolidate(
+    cat: &Catalog,
+    m: &Merge,
+    opener: &dyn Opener,
+    cancel: &Cancel,
+) -> Result<(), SetError> {
+    let top = &cat.backups[m.run[0]];
+    let top_meta = top.meta.clone().expect("an intact backup has a manifest");
+    let hidden = hidden_beside(&top.path, "consolidating.qcow2");
+    // Every backup above the run, parents first.
+    let mut relink = Vec::new();
+    let mut level = vec![m.child];
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for &i in &level {
+            relink.push(cat.backups[i].path.clone());
+            next.extend(cat.children(i));
+        }
+        level = next;
+    }
+    let mut intent = Intent {
+        phase: "merging".into(),
+        top: top.path.clone(),
+        hidden: hidden.clone(),
+        relink,
+        delete: m.run[1..]
+            .iter()
+            .map(|&i| cat.backups[i].path.clone())
+            .collect(),
+    };
+    write_intent(&cat.set, &intent)?;
+    let id = manifest::new_id().map_err(|source| SetError::File {
+        path: PathBuf::from("/dev/urandom"),
+        action: "read a random backup id",
+        source,
+    })?;
+    let request = BackupRequest::new(&top.path, &hidden).id(id).force(true);
+    let request = match m.onto {
+        Some(a) => request
+            .sync(SyncMode::Incremental)
+            .backing(cat.backups[a].path.display().to_string()),
+        None => request.sync(SyncMode::Full),
+    };
+    let failed = |e: backup::BackupError| SetError::Consolidate {
+        target: top.path.clone(),
+        source: Box::new(e),
+    };
+    let cfg = request.validate().map_err(|e| SetError::Request {
+        target: top.path.clone(),
+        why: e.to_string(),
+    })?;
+    backup::run(&cfg, opener, vec![], &Quiet, &mut |_| {}, cancel).map_err(failed)?;
+    // The merged image reads as the top did: it takes over its id and time.
+    rewrite::rewrite_manifest(&manifest::path_for(&hidden), |meta| {
+        meta.id = top_meta.id.clone();
+        meta.created = top_meta.created;
+        meta.sync = "consolidated".into();
+    })?;
+    intent.phase = "made".into();
+    write_intent(&cat.set, &intent)?;
+    finish(&intent)?;
+    remove(&cat.set.join(INTENT_FILE))
+}
+
+/// No progress reports.
+struct Quiet;
+
+impl backup::Progress for Quiet {
+    fn advance(&self, _bytes: u64) {}
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Default)]
+pub struct Done {
+    /// How an interrupted prune was dealt with first.
+    pub recovered: Option<Recovered>,
+    /// Consolidations made (the run's ids, top first).
+    pub merged: Vec<Vec<String>>,
+    /// Backups deleted (ids), those merged into a consolidated image
+    /// included (the run's top lives on as the consolidated image).
+    pub deleted: Vec<String>,
+}
+
+/// Prunes the set (the caller holds its exclusive lock): recovers an
+/// interrupted prune, checks the space, consolidates, deletes.
+pub fn run(
+    set: &Path,
+    policy: &Policy,
+    opener: &dyn Opener,
+    cancel: &Cancel,
+) -> Result<Done, SetError> {
+    let mut done = Done::default();
+    let r = recover(set)?;
+    if r != Recovered::Nothing {
+        done.recovered = Some(r);
+    }
+    let cat = catalog::read(set)?;
+    let kept = kept_ids(&cat, policy)?;
+    let first = plan(&cat, &kept);
+    check_space(set, first.space_needed)?;
+    // One consolidation at a time, each on a fresh catalog (each changes
+    // the manifests above it).
+    loop {
+        let cat = catalog::read(set)?;
+        let p = plan(&cat, &kept);
+        let Some(m) = p.merges.first() else {
+            break;
+        };
+        consolidate(&cat, m, opener, cancel)?;
+        done.merged
+            .push(m.run.iter().map(|&i| cat.backups[i].id.clone()).collect());
+        // The run's other members went with it.
+        done.deleted
+            .extend(m.run[1..].iter().map(|&i| cat.backups[i].id.clone()));
+    }
+    let cat = catalog::read(set)?;
+    let p = plan(&cat, &kept);
+    for &i in &p.delete {
+        delete_backup(&cat.backups[i].path)?;
+        done.deleted.push(cat.backups[i].id.clone());
+    }
+    Ok(done)
+}
+
+/// Refuses when the set's file system has less than `needed` bytes free.
+fn check_space(set: &Path, needed: u64) -> Result<(), SetError> {
+    if needed == 0 {
+        return Ok(());
+    }
+    let Ok(st) = rustix::fs::statvfs(set) else {
+        return Ok(());
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < needed {
+        return Err(SetError::NoSpace {
+            set: set.to_path_buf(),
+            needed,
+            free,
+        });
+    }
+    Ok(())
+}
