@@ -109,10 +109,14 @@ pub fn backup(cat: &Catalog, disk: &str, at: Option<&str>) -> Result<usize, SetE
             let is_id = at.len() >= 4 && at.chars().all(|c| c.is_ascii_hexdigit());
             if is_id && parse_time(at).is_none() {
                 let at = at.to_ascii_lowercase();
-                let hits: Vec<usize> = mine
-                    .iter()
-                    .copied()
-                    .filter(|&i| cat.backups[i].id.starts_with(&at))
+                // Backups whose manifest does not read are matched by the
+                // id in their file name, to be refused with their damage.
+                let hits: Vec<usize> = cat
+                    .of_disk(disk)
+                    .filter(|(_, b)| {
+                        b.id.starts_with(&at) || (b.meta.is_none() && at.starts_with(&b.id))
+                    })
+                    .map(|(i, _)| i)
                     .collect();
                 match hits.as_slice() {
                     [one] => *one,

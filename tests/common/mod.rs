@@ -19,6 +19,7 @@
 //!   the backup tests.
 //! - [`map_info`]: fixtures shared by the `map` and `info` tests.
 //! - [`process`]: qemu-nbd and QEMU started by tests, and a QMP client.
+//! - [`set`]: backup sets listed, and their backups restored and compared.
 
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
@@ -33,6 +34,7 @@ pub mod process;
 pub mod qcow2;
 pub mod run;
 pub mod scratch;
+pub mod set;
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
