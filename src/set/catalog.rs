@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use qbackup_formats::open::resolve_backing;
 
-use crate::manifest::{self, ManifestReader, Meta};
+use crate::manifest::{self, ManifestError, ManifestReader, Meta};
 
 use super::layout::{DiskDir, SetError};
 
@@ -108,6 +108,10 @@ pub struct Backup {
     pub problems: Vec<String>,
     /// The last `verify DIR` result, if recorded.
     pub last_verify: Option<VerifyRecord>,
+    /// An image without a manifest that no backup is made on: the
+    /// leftover of a backup killed between publishing its image and its
+    /// manifest (listed as damage; `prune` deletes it).
+    pub incomplete: bool,
 }
 
 impl Backup {
@@ -212,6 +216,7 @@ pub fn read(set: &Path) -> Result<Catalog, SetError> {
         });
     }
     let verified = read_verify_records(set);
+    let pairs = super::prune::pending_pairs(set);
     let mut backups = Vec::new();
     for disk in DiskDir::all(set)? {
         let (entries, damaged) = disk.scan()?;
@@ -231,9 +236,11 @@ pub fn read(set: &Path) -> Result<Catalog, SetError> {
                 bytes_stored,
                 problems: vec![],
                 last_verify,
+                incomplete: false,
             });
         }
         for d in damaged {
+            let missing = matches!(&d.error, ManifestError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
             backups.push(Backup {
                 disk: disk.name().to_string(),
                 id: id_of_name(&d.path),
@@ -250,9 +257,10 @@ pub fn read(set: &Path) -> Result<Catalog, SetError> {
                 parent: None,
                 depth: None,
                 last_verify: None,
+                incomplete: missing,
             });
         }
-        link(&mut backups[start..], start);
+        link(&mut backups[start..], start, &pairs);
     }
     Ok(Catalog {
         set: set.to_path_buf(),
@@ -262,7 +270,7 @@ pub fn read(set: &Path) -> Result<Catalog, SetError> {
 
 /// Finds each backup's parent among `disk` (whose first index in the
 /// catalog is `base`), records the damage, and spreads it to descendants.
-fn link(disk: &mut [super::catalog::Backup], base: usize) {
+fn link(disk: &mut [Backup], base: usize, pairs: &HashMap<String, String>) {
     let by_path: HashMap<PathBuf, usize> = disk
         .iter()
         .enumerate()
@@ -279,7 +287,8 @@ fn link(disk: &mut [super::catalog::Backup], base: usize) {
         let ppath = resolve_backing(&disk[i].path, name);
         let problem = match by_path.get(&ppath) {
             Some(&p) => match (&disk[p].digest, &meta.backing_manifest) {
-                (Some(d), Some(want)) if d == want => {
+                // Or mid-rename of a consolidation: the same parent.
+                (Some(d), Some(want)) if d == want || pairs.get(want) == Some(d) => {
                     parent_local[i] = Some(p);
                     None
                 }
@@ -316,6 +325,10 @@ fn link(disk: &mut [super::catalog::Backup], base: usize) {
     }
     for (b, p) in disk.iter_mut().zip(&parent_local) {
         b.parent = p.map(|p| p + base);
+    }
+    // A manifest-less image something is made on is damage, not a leftover.
+    for p in parent_local.iter().flatten() {
+        disk[*p].incomplete = false;
     }
 }
 

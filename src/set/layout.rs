@@ -230,6 +230,7 @@ impl DiskDir {
         found.sort_by(|a, b| {
             (a.meta.created, a.written, &a.path).cmp(&(b.meta.created, b.written, &b.path))
         });
+        parents_first(&mut found);
         damaged.sort_by(|a, b| a.path.cmp(&b.path));
         Ok((found, damaged))
     }
@@ -271,6 +272,32 @@ impl DiskDir {
     /// The newest backup of the disk, if any.
     pub fn latest(&self) -> Result<Option<Entry>, SetError> {
         Ok(self.scan()?.0.pop())
+    }
+}
+
+/// Moves each backup's parent before it where the time order put it
+/// after (backups made in one clock tick; manifests rewritten by a prune).
+fn parents_first(entries: &mut Vec<Entry>) {
+    let parent_of = |e: &Entry| {
+        e.meta
+            .backing
+            .as_deref()
+            .map(|b| qbackup_formats::open::resolve_backing(&e.path, b))
+    };
+    let mut moves = 0;
+    let limit = entries.len() * entries.len();
+    let mut i = 0;
+    while i < entries.len() {
+        let parent = parent_of(&entries[i]);
+        let later = parent.and_then(|p| (i + 1..entries.len()).find(|&j| entries[j].path == p));
+        match later {
+            Some(j) if moves < limit => {
+                let e = entries.remove(j);
+                entries.insert(i, e);
+                moves += 1;
+            }
+            _ => i += 1,
+        }
     }
 }
 

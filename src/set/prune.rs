@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use qbackup_formats::open::{resolve_backing, Opener};
+use qbackup_formats::open::Opener;
 
 use crate::backup::{self, BackupRequest, Cancel, SyncMode};
 use crate::manifest;
@@ -74,8 +74,10 @@ pub fn kept_ids(cat: &Catalog, policy: &Policy) -> Result<Vec<(String, Vec<Strin
     let mut kept = Vec::new();
     for disk in cat.disks() {
         let mine: Vec<usize> = cat.of_disk(&disk).map(|(i, _)| i).collect();
+        // A leftover of a killed backup is no damage: it is deleted.
         let damage: Vec<&str> = mine
             .iter()
+            .filter(|&&i| !cat.backups[i].incomplete)
             .flat_map(|&i| cat.backups[i].problems.iter().map(String::as_str))
             .collect();
         if !damage.is_empty() {
@@ -89,7 +91,7 @@ pub fn kept_ids(cat: &Catalog, policy: &Policy) -> Result<Vec<(String, Vec<Strin
         }
         let candidates: Vec<usize> = mine
             .into_iter()
-            .filter(|&i| cat.backups[i].kind != Kind::Consolidated)
+            .filter(|&i| cat.backups[i].kind != Kind::Consolidated && cat.backups[i].meta.is_some())
             .collect();
         let times: Vec<u64> = candidates
             .iter()
@@ -191,11 +193,46 @@ pub struct Intent {
     pub top: PathBuf,
     /// The merged image under its hidden name.
     pub hidden: PathBuf,
-    /// The backups above it whose manifests record their parent's digest
-    /// (paths, parents first).
-    pub relink: Vec<PathBuf>,
+    /// Every manifest replaced (the top's, then those above it, parents
+    /// first), with its digest before and after: while the new ones are
+    /// renamed into place, a child may record either of its parent's.
+    pub links: Vec<Link>,
     /// The run's other members, deleted last.
     pub delete: Vec<PathBuf>,
+}
+
+/// One manifest a consolidation replaces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Link {
+    /// The backup image whose manifest it is.
+    pub image: PathBuf,
+    /// The new manifest, written beside it under a hidden name.
+    pub staged: PathBuf,
+    /// Its manifest's digest before.
+    pub old: String,
+    /// And after.
+    pub new: String,
+}
+
+/// The pending consolidation's digest pairs (old → new and new → old)
+/// when its record is `made`: a child recording one of a pair while its
+/// parent has the other is the same parent, mid-rename.
+pub fn pending_pairs(set: &Path) -> HashMap<String, String> {
+    let Some(intent) = std::fs::read(set.join(INTENT_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Intent>(&b).ok())
+    else {
+        return HashMap::new();
+    };
+    if intent.phase != "made" {
+        return HashMap::new();
+    }
+    let mut pairs = HashMap::new();
+    for l in intent.links {
+        pairs.insert(l.old.clone(), l.new.clone());
+        pairs.insert(l.new, l.old);
+    }
+    pairs
 }
 
 /// What happened to an interrupted prune.
@@ -277,6 +314,9 @@ pub fn recover(set: &Path) -> Result<Recovered, SetError> {
     } else {
         remove(&intent.hidden)?;
         remove(&manifest::path_for(&intent.hidden))?;
+        for l in &intent.links {
+            remove(&l.staged)?;
+        }
         if let Some(dir) = intent.hidden.parent() {
             crate::backup::destination::temp::remove_stale(dir);
         }
@@ -287,40 +327,21 @@ pub fn recover(set: &Path) -> Result<Recovered, SetError> {
     Ok(outcome)
 }
 
-/// The roll-forward steps of a made consolidation (each idempotent).
+/// The roll-forward steps of a made consolidation (each idempotent): the
+/// merged image, then each new manifest (parents first) into place, then
+/// the run's other members deleted.
 fn finish(intent: &Intent) -> Result<(), SetError> {
-    let hidden_manifest = manifest::path_for(&intent.hidden);
     if intent.hidden.exists() {
         rewrite::rename(&intent.hidden, &intent.top)?;
     }
-    if hidden_manifest.exists() {
-        rewrite::rename(&hidden_manifest, &manifest::path_for(&intent.top))?;
-    }
-    for child in &intent.relink {
-        relink(child)?;
+    for l in &intent.links {
+        if l.staged.exists() {
+            rewrite::rename(&l.staged, &manifest::path_for(&l.image))?;
+        }
     }
     for p in &intent.delete {
         delete_backup(p)?;
     }
-    Ok(())
-}
-
-/// Makes `child`'s manifest record its parent's current manifest digest.
-fn relink(child: &Path) -> Result<(), SetError> {
-    let mpath = manifest::path_for(child);
-    let reader = manifest::ManifestReader::open(&mpath)?;
-    let Some(name) = reader.meta().backing.clone() else {
-        return Ok(());
-    };
-    let parent = resolve_backing(child, &name);
-    let digest = manifest::ManifestReader::open(&manifest::path_for(&parent))?
-        .digest()
-        .to_string();
-    if reader.meta().backing_manifest.as_deref() == Some(digest.as_str()) {
-        return Ok(());
-    }
-    drop(reader);
-    rewrite::rewrite_manifest(&mpath, |m| m.backing_manifest = Some(digest))?;
     Ok(())
 }
 
@@ -335,12 +356,12 @@ fn consolidate(
     let top_meta = top.meta.clone().expect("an intact backup has a manifest");
     let hidden = hidden_beside(&top.path, "consolidating.qcow2");
     // Every backup above the run, parents first.
-    let mut relink = Vec::new();
-    let mut level = vec![m.child];
+    let mut above = Vec::new();
+    let mut level = cat.children(m.run[0]);
     while !level.is_empty() {
         let mut next = Vec::new();
         for &i in &level {
-            relink.push(cat.backups[i].path.clone());
+            above.push(i);
             next.extend(cat.children(i));
         }
         level = next;
@@ -349,7 +370,7 @@ fn consolidate(
         phase: "merging".into(),
         top: top.path.clone(),
         hidden: hidden.clone(),
-        relink,
+        links: vec![],
         delete: m.run[1..]
             .iter()
             .map(|&i| cat.backups[i].path.clone())
@@ -368,21 +389,50 @@ fn consolidate(
             .backing(cat.backups[a].path.display().to_string()),
         None => request.sync(SyncMode::Full),
     };
-    let failed = |e: backup::BackupError| SetError::Consolidate {
-        target: top.path.clone(),
-        source: Box::new(e),
-    };
     let cfg = request.validate().map_err(|e| SetError::Request {
         target: top.path.clone(),
         why: e.to_string(),
     })?;
-    backup::run(&cfg, opener, vec![], &Quiet, &mut |_| {}, cancel).map_err(failed)?;
-    // The merged image reads as the top did: it takes over its id and time.
-    rewrite::rewrite_manifest(&manifest::path_for(&hidden), |meta| {
+    backup::run(&cfg, opener, vec![], &Quiet, &mut |_| {}, cancel).map_err(|e| {
+        SetError::Consolidate {
+            target: top.path.clone(),
+            source: Box::new(e),
+        }
+    })?;
+    // The merged image reads as the top did: it takes over its id and
+    // time (its manifest staged beside the top's, as the others).
+    let staged_top = hidden_beside(&top.path, "manifest.new");
+    let new_top = rewrite::write_edited(&manifest::path_for(&hidden), &staged_top, |meta| {
         meta.id = top_meta.id.clone();
         meta.created = top_meta.created;
         meta.sync = "consolidated".into();
     })?;
+    remove(&manifest::path_for(&hidden))?;
+    let mut digests: HashMap<PathBuf, String> = HashMap::new();
+    digests.insert(top.path.clone(), new_top.clone());
+    intent.links.push(Link {
+        image: top.path.clone(),
+        staged: staged_top,
+        old: top.digest.clone().unwrap_or_default(),
+        new: new_top,
+    });
+    // Each manifest above records its parent's new digest.
+    for &i in &above {
+        let b = &cat.backups[i];
+        let parent = &cat.backups[b.parent.expect("above the run: has a parent")].path;
+        let want = digests[parent].clone();
+        let staged = hidden_beside(&b.path, "manifest.new");
+        let new = rewrite::write_edited(&manifest::path_for(&b.path), &staged, |meta| {
+            meta.backing_manifest = Some(want);
+        })?;
+        digests.insert(b.path.clone(), new.clone());
+        intent.links.push(Link {
+            image: b.path.clone(),
+            staged,
+            old: b.digest.clone().unwrap_or_default(),
+            new,
+        });
+    }
     intent.phase = "made".into();
     write_intent(&cat.set, &intent)?;
     finish(&intent)?;

@@ -16,18 +16,30 @@ use super::SetError;
 /// Rewrites the manifest at `path` with `edit` applied to its metadata;
 /// returns the new manifest's BLAKE3 (hex).
 pub fn rewrite_manifest(path: &Path, edit: impl FnOnce(&mut Meta)) -> Result<String, SetError> {
-    let mut reader = ManifestReader::open(path)?;
+    let tmp = hidden_beside(path, "rewrite");
+    let digest = write_edited(path, &tmp, edit)?;
+    rename(&tmp, path)?;
+    Ok(digest)
+}
+
+/// Writes the manifest at `from` with `edit` applied to its metadata to
+/// `to` (synced; not yet in place); returns its BLAKE3 (hex).
+pub fn write_edited(
+    from: &Path,
+    to: &Path,
+    edit: impl FnOnce(&mut Meta),
+) -> Result<String, SetError> {
+    let mut reader = ManifestReader::open(from)?;
     let mut meta = reader.meta().clone();
     edit(&mut meta);
     let image = reader.image().copied();
-    let tmp = hidden_beside(path, "rewrite");
-    let file = std::fs::File::create(&tmp).map_err(|source| SetError::File {
-        path: tmp.clone(),
+    let file = std::fs::File::create(to).map_err(|source| SetError::File {
+        path: to.to_path_buf(),
         action: "create",
         source,
     })?;
     let result = (|| {
-        let mut w = ManifestWriter::new(file, &tmp, &meta)?;
+        let mut w = ManifestWriter::new(file, to, &meta)?;
         while let Some((n, e)) = reader.next_run()? {
             w.push_run(n, e)?;
         }
@@ -36,15 +48,10 @@ pub fn rewrite_manifest(path: &Path, edit: impl FnOnce(&mut Meta)) -> Result<Str
         }
         Ok::<_, SetError>(w.finish()?)
     })();
-    let digest = match result {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    rename(&tmp, path)?;
-    Ok(digest)
+    if result.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    result
 }
 
 /// `.NAME.WHAT` beside `path` (hidden: a set's scan ignores it).
