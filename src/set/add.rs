@@ -58,9 +58,13 @@ pub fn disk_name_of(source: &Path) -> String {
 }
 
 /// Plans a new backup of disk `disk` in the set `set`, started `now`:
-/// makes the disk's directory, picks the mode, the parent and the name.
+/// finishes an interrupted prune ([`super::prune::recover`]), makes the
+/// disk's directory, picks the mode, the parent and the name.
 /// Damaged files in the disk's directory are never parents.
 pub fn plan(set: &Path, disk: &str, sync: AddSync, now: SystemTime) -> Result<AddPlan, SetError> {
+    // A prune cut short is finished (or undone) first: the new backup must
+    // record its parent's final manifest.
+    super::prune::recover(set)?;
     let dir = DiskDir::new(set, disk);
     dir.create()?;
     let latest = dir.latest()?;
