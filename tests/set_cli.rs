@@ -134,7 +134,12 @@ fn backups_list_verify_restore_and_prune() {
         &["prune", "set", "--keep-last", "2", "--output=json"],
     );
     p.assert_ok();
-    assert_eq!(p.json()["deleted"], serde_json::json!([made[1], made[0]]));
+    let done = p.json();
+    assert_eq!(done["deleted"], serde_json::json!([made[1], made[0]]));
+    // The consolidation passed every compressed cluster through as it was.
+    let clusters = &done["merged"][0]["clusters"];
+    assert_eq!(clusters["compressed"], 0, "{done}");
+    assert!(clusters["passed-through"].as_u64().unwrap() >= 24, "{done}");
     let rows = list(s.dir(), "set");
     assert_eq!(ids(s.dir(), "set"), made[2..].to_vec());
     assert_eq!(rows[0]["kind"], "consolidated");
@@ -393,4 +398,70 @@ fn damaged_sets_are_named_and_not_pruned() {
     .unwrap();
     let v = qbackup_in(s.dir(), &["verify", "set"]);
     assert_eq!(v.code, Some(0), "{}", v.describe());
+}
+
+#[test]
+fn a_prune_killed_at_any_point_is_finished_or_undone_by_the_next() {
+    let s = Scratch::new();
+    // 48 MiB of poorly compressible data, so a consolidation takes a while.
+    s.create("vm.qcow2", "qcow2", 48 * MIB, "");
+    let noise: Vec<u8> = (0..48 * MIB as usize)
+        .map(|i| {
+            (i as u64)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .rotate_left(17) as u8
+        })
+        .collect();
+    s.write_file("noise.bin", &noise);
+    s.io("vm.qcow2", "qcow2", &["write -s noise.bin 0 48M"]);
+    qbackup_in(s.dir(), &["backup", "vm.qcow2", "orig/", "-q"]).assert_ok();
+    for i in 0..3u64 {
+        s.io(
+            "vm.qcow2",
+            "qcow2",
+            &[&format!("write -P {} {} 4M", i + 1, i * 8 * MIB)],
+        );
+        qbackup_in(s.dir(), &["backup", "vm.qcow2", "orig", "-q"]).assert_ok();
+    }
+    qemu_img_in(s.dir(), &["convert", "-O", "raw", "vm.qcow2", "ref.raw"]);
+    let newest = ids(s.dir(), "orig").pop().unwrap();
+    let (mut finished, mut rolled_back) = (0, 0);
+    for step in 0..12u64 {
+        let set = format!("set{step}");
+        let cp = std::process::Command::new("cp")
+            .args(["-a", "orig", &set])
+            .current_dir(s.dir())
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        let (mut child, _) = spawn_qbackup(s.dir(), &["prune", &set, "--keep-last", "1"]);
+        std::thread::sleep(Duration::from_millis(step * 25));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Right after the kill: listed without damage, the kept backup restores.
+        for row in list(s.dir(), &set) {
+            assert!(row["problems"].as_array().unwrap().is_empty(), "{row}");
+        }
+        assert_restores(s.dir(), &set, &newest, "ref.raw");
+        // The next prune finishes or undoes what the killed one started.
+        let next = qbackup_in(s.dir(), &["prune", &set, "--keep-last", "1"]);
+        next.assert_ok();
+        finished += usize::from(next.stderr.contains("finished the consolidation"));
+        rolled_back += usize::from(next.stderr.contains("rolled back"));
+        assert!(!s.path(&format!("{set}/.qbackup-prune.json")).exists());
+        let rows = list(s.dir(), &set);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[0]["kind"], "consolidated");
+        assert_restores(s.dir(), &set, &newest, "ref.raw");
+        let v = qbackup_in(s.dir(), &["verify", &set]);
+        assert_eq!(v.code, Some(0), "{}", v.describe());
+        let hidden: Vec<String> = std::fs::read_dir(s.path(&format!("{set}/vm")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "left behind: {hidden:?}");
+        std::fs::remove_dir_all(s.path(&set)).unwrap();
+    }
+    eprintln!("killed prunes: {finished} finished, {rolled_back} rolled back by the next");
 }

@@ -62,6 +62,21 @@ pub struct PruneArgs {
     set: PathBuf,
 }
 
+/// The line saying what was done about a prune cut short, if anything.
+pub fn recovered_text(r: &Recovered) -> Option<String> {
+    match r {
+        Recovered::Finished(p) => Some(format!(
+            "finished the consolidation of {} an interrupted prune had made",
+            p.display()
+        )),
+        Recovered::RolledBack(p) => Some(format!(
+            "rolled back the unfinished consolidation of {} an interrupted prune left",
+            p.display()
+        )),
+        Recovered::Nothing => None,
+    }
+}
+
 /// Prunes (or plans, with --dry-run).
 pub fn run(a: PruneArgs) -> Result<u8> {
     let policy = Policy {
@@ -166,17 +181,7 @@ pub fn run(a: PruneArgs) -> Result<u8> {
     status::record_signals(&signals)?;
     crate::signals::watch(Arc::clone(&cancel), &signals)?;
     let done = prune::run(&a.set, &policy, &FileOpener, &cancel)?;
-    let recovered = match &done.recovered {
-        Some(Recovered::Finished(p)) => Some(format!(
-            "finished the consolidation of {} an interrupted prune had made",
-            p.display()
-        )),
-        Some(Recovered::RolledBack(p)) => Some(format!(
-            "rolled back the unfinished consolidation of {} an interrupted prune left",
-            p.display()
-        )),
-        _ => None,
-    };
+    let recovered = done.recovered.as_ref().and_then(recovered_text);
     let mut out = std::io::stdout().lock();
     match a.output {
         OutputArg::Json => {
@@ -184,7 +189,16 @@ pub fn run(a: PruneArgs) -> Result<u8> {
                 "dry-run": false,
                 "recovered": recovered,
                 "keep": kept.iter().map(|(id, r)| json!({"id": id, "reasons": r})).collect::<Vec<_>>(),
-                "merged": done.merged,
+                "merged": done.merged.iter().map(|m| json!({
+                    "run": m.run,
+                    "clusters": {
+                        "data": m.stats.data_clusters,
+                        "compressed": m.stats.compressed_clusters,
+                        "passed-through": m.stats.passthrough_clusters,
+                        "zero": m.stats.zero_clusters,
+                    },
+                    "bytes-written": m.stats.data_stored_bytes,
+                })).collect::<Vec<_>>(),
                 "deleted": done.deleted,
             });
             writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;

@@ -46,6 +46,8 @@ pub struct AddPlan {
     pub sync: SyncMode,
     /// The backup it is an overlay on (incremental), the disk's newest.
     pub parent: Option<Entry>,
+    /// What was done first about a prune cut short (to tell the user).
+    pub recovered: super::prune::Recovered,
 }
 
 /// The disk name of a source when none is given: its file stem
@@ -64,7 +66,7 @@ pub fn disk_name_of(source: &Path) -> String {
 pub fn plan(set: &Path, disk: &str, sync: AddSync, now: SystemTime) -> Result<AddPlan, SetError> {
     // A prune cut short is finished (or undone) first: the new backup must
     // record its parent's final manifest.
-    super::prune::recover(set)?;
+    let recovered = super::prune::recover(set)?;
     let dir = DiskDir::new(set, disk);
     dir.create()?;
     let latest = dir.latest()?;
@@ -93,6 +95,7 @@ pub fn plan(set: &Path, disk: &str, sync: AddSync, now: SystemTime) -> Result<Ad
         id,
         sync,
         parent,
+        recovered,
     })
 }
 

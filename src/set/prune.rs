@@ -351,7 +351,7 @@ fn consolidate(
     m: &Merge,
     opener: &dyn Opener,
     cancel: &Cancel,
-) -> Result<(), SetError> {
+) -> Result<backup::CopyStats, SetError> {
     let top = &cat.backups[m.run[0]];
     let top_meta = top.meta.clone().expect("an intact backup has a manifest");
     let hidden = hidden_beside(&top.path, "consolidating.qcow2");
@@ -393,7 +393,7 @@ fn consolidate(
         target: top.path.clone(),
         why: e.to_string(),
     })?;
-    backup::run(&cfg, opener, vec![], &Quiet, &mut |_| {}, cancel).map_err(|e| {
+    let report = backup::run(&cfg, opener, vec![], &Quiet, &mut |_| {}, cancel).map_err(|e| {
         SetError::Consolidate {
             target: top.path.clone(),
             source: Box::new(e),
@@ -436,7 +436,8 @@ fn consolidate(
     intent.phase = "made".into();
     write_intent(&cat.set, &intent)?;
     finish(&intent)?;
-    remove(&cat.set.join(INTENT_FILE))
+    remove(&cat.set.join(INTENT_FILE))?;
+    Ok(report.stats)
 }
 
 /// No progress reports.
@@ -446,13 +447,23 @@ impl backup::Progress for Quiet {
     fn advance(&self, _bytes: u64) {}
 }
 
+/// One consolidation made.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    /// The run's ids, top first (the consolidated image has the top's).
+    pub run: Vec<String>,
+    /// What the copy stored: compressed clusters passed through as they
+    /// were, those compressed anew, zeros.
+    pub stats: backup::CopyStats,
+}
+
 /// What a prune did.
 #[derive(Debug, Clone, Default)]
 pub struct Done {
     /// How an interrupted prune was dealt with first.
     pub recovered: Option<Recovered>,
-    /// Consolidations made (the run's ids, top first).
-    pub merged: Vec<Vec<String>>,
+    /// Consolidations made.
+    pub merged: Vec<Merged>,
     /// Backups deleted (ids), those merged into a consolidated image
     /// included (the run's top lives on as the consolidated image).
     pub deleted: Vec<String>,
@@ -483,9 +494,11 @@ pub fn run(
         let Some(m) = p.merges.first() else {
             break;
         };
-        consolidate(&cat, m, opener, cancel)?;
-        done.merged
-            .push(m.run.iter().map(|&i| cat.backups[i].id.clone()).collect());
+        let stats = consolidate(&cat, m, opener, cancel)?;
+        done.merged.push(Merged {
+            run: m.run.iter().map(|&i| cat.backups[i].id.clone()).collect(),
+            stats,
+        });
         // The run's other members went with it.
         done.deleted
             .extend(m.run[1..].iter().map(|&i| cat.backups[i].id.clone()));

@@ -95,6 +95,9 @@ pub(super) fn run(mut args: BackupArgs) -> Result<u8> {
     };
     let _lock = SetLock::acquire(&set, LockMode::Exclusive, args.wait)?;
     let plan = add::plan(&set, &disk, sync, SystemTime::now())?;
+    if let Some(what) = super::super::prune::recovered_text(&plan.recovered) {
+        eprintln!("qbackup: {what}");
+    }
     // The request as the flags make it, then what the set decided.
     args.target = plan.target.clone();
     args.sync = Some(match plan.sync {
