@@ -58,6 +58,7 @@ fn config(source: &Path, target: &Path) -> BackupConfig {
         recompress: false,
         backing: None,
         backing_unchecked: false,
+        id: None,
     }
 }
 

@@ -147,8 +147,8 @@ fn backups_list_verify_restore_and_prune() {
     assert_eq!(rows[1]["parent"], made[2].as_str());
     // Every kept backup (and the consolidated point in time) restores
     // exactly, and QEMU opens each file as it is.
-    for i in 2..5 {
-        assert_restores(s.dir(), "set", &made[i], &format!("ref-{i}.raw"));
+    for (i, id) in made.iter().enumerate().skip(2) {
+        assert_restores(s.dir(), "set", id, &format!("ref-{i}.raw"));
     }
     let v = qbackup_in(s.dir(), &["verify", "set"]);
     assert_eq!(v.code, Some(0), "{}", v.describe());
