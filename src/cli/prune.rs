@@ -112,6 +112,7 @@ pub fn run(a: PruneArgs) -> Result<u8> {
                     "dry-run": true,
                     "interrupted-prune-pending": pending,
                     "keep": plan.keep.iter().map(|(i, r)| json!({"id": cat.backups[*i].id, "reasons": r})).collect::<Vec<_>>(),
+                    "held": plan.held.iter().map(|&(i, c)| json!({"id": cat.backups[i].id, "parent-of": cat.backups[c].id})).collect::<Vec<_>>(),
                     "merge": plan.merges.iter().map(|m| json!({
                         "run": m.run.iter().map(|&i| cat.backups[i].id.clone()).collect::<Vec<_>>(),
                         "onto": m.onto.map(|i| cat.backups[i].id.clone()),
@@ -135,6 +136,14 @@ pub fn run(a: PruneArgs) -> Result<u8> {
                         b.disk,
                         super::list::iso_time(b.created()),
                         r.join(", ")
+                    )?;
+                }
+                for &(i, c) in &plan.held {
+                    writeln!(
+                        out,
+                        "hold    {} (not kept by the rules, but the parent of {})",
+                        short(i),
+                        short(c)
                     )?;
                 }
                 for m in &plan.merges {

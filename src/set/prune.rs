@@ -60,6 +60,9 @@ pub struct Merge {
 pub struct Plan {
     /// The kept backups and the rules that keep them.
     pub keep: Vec<(usize, Vec<String>)>,
+    /// Pruned backups that stay as they are, the parent of a kept one
+    /// (a run of one needs no merging), with that kept one.
+    pub held: Vec<(usize, usize)>,
     /// The consolidations, oldest first.
     pub merges: Vec<Merge>,
     /// Backups deleted outright (newest first).
@@ -125,6 +128,7 @@ pub fn plan(cat: &Catalog, kept: &[(String, Vec<String>)]) -> Plan {
         needed.extend(cat.chain(k));
     }
     let mut merges = Vec::new();
+    let mut held = Vec::new();
     for &k in &is_kept {
         let Some(top) = cat.backups[k].parent else {
             continue;
@@ -143,8 +147,10 @@ pub fn plan(cat: &Catalog, kept: &[(String, Vec<String>)]) -> Plan {
             run.push(p);
             at = p;
         }
-        // One consolidated image already between them: nothing to merge.
-        if run.len() == 1 && cat.backups[top].kind == Kind::Consolidated {
+        // One backup between them (a consolidated image, or a pruned
+        // one already on the right parent): it stays as the parent.
+        if run.len() == 1 {
+            held.push((top, k));
             continue;
         }
         if !merges.iter().any(|m: &Merge| m.run[0] == top) {
@@ -178,6 +184,7 @@ pub fn plan(cat: &Catalog, kept: &[(String, Vec<String>)]) -> Plan {
         .unwrap_or(0);
     Plan {
         keep,
+        held,
         merges,
         delete,
         space_needed,
@@ -529,4 +536,114 @@ fn check_space(set: &Path, needed: u64) -> Result<(), SetError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Meta;
+    use crate::set::catalog::Backup;
+
+    /// A catalog of one disk: a chain of `kinds` (oldest first), each the
+    /// parent of the next, made a day apart.
+    fn chain(kinds: &[Kind]) -> Catalog {
+        let backups = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| Backup {
+                disk: "vm".into(),
+                path: PathBuf::from(format!("/set/vm/{i}.qcow2")),
+                id: format!("id{i}"),
+                meta: Some(Meta {
+                    id: format!("id{i}"),
+                    tool: "t".into(),
+                    created: 1_000_000 + i as u64 * 86_400,
+                    source: "s".into(),
+                    source_identity: None,
+                    virtual_size: 1 << 20,
+                    cluster_size: 65536,
+                    sync: "full".into(),
+                    bitmap: None,
+                    backing: None,
+                    backing_manifest: None,
+                }),
+                digest: Some(format!("d{i}")),
+                kind,
+                parent: i.checked_sub(1),
+                depth: Some(i + 1),
+                bytes_stored: 1000,
+                problems: vec![],
+                last_verify: None,
+                incomplete: false,
+            })
+            .collect();
+        Catalog {
+            set: PathBuf::from("/set"),
+            backups,
+        }
+    }
+
+    fn keep(ids: &[usize]) -> Vec<(String, Vec<String>)> {
+        ids.iter()
+            .map(|i| (format!("id{i}"), vec!["last".into()]))
+            .collect()
+    }
+
+    #[test]
+    fn pruned_runs_under_kept_backups_are_merged() {
+        let inc = Kind::IncrementalContent;
+        let cat = chain(&[Kind::Full, inc, inc, inc, inc]);
+        // The two newest: the full and two incrementals merge under 3.
+        let p = plan(&cat, &keep(&[3, 4]));
+        assert_eq!(
+            p.merges,
+            vec![Merge {
+                run: vec![2, 1, 0],
+                onto: None,
+                child: 3
+            }]
+        );
+        assert_eq!(p.delete, vec![1, 0]);
+        assert_eq!(p.space_needed, 3000 + (1 << 20));
+        // The oldest and the newest: the middle merges onto the full.
+        let p = plan(&cat, &keep(&[0, 4]));
+        assert_eq!(
+            p.merges,
+            vec![Merge {
+                run: vec![3, 2, 1],
+                onto: Some(0),
+                child: 4
+            }]
+        );
+        assert_eq!(p.delete, vec![2, 1]);
+        // A pruned full under a kept backup stays as its parent (a run of
+        // one needs no merging); a pruned tail is only deleted.
+        let p = plan(&cat, &keep(&[1]));
+        assert!(p.merges.is_empty());
+        assert_eq!(p.held, vec![(0, 1)]);
+        assert_eq!(p.delete, vec![4, 3, 2]);
+        assert_eq!(p.space_needed, 0);
+    }
+
+    #[test]
+    fn one_consolidated_parent_is_left_as_it_is() {
+        let inc = Kind::IncrementalContent;
+        let cat = chain(&[Kind::Consolidated, inc, inc]);
+        let p = plan(&cat, &keep(&[1, 2]));
+        assert!(p.merges.is_empty());
+        assert!(p.delete.is_empty());
+        // But merged again with a pruned backup above it.
+        let p = plan(&cat, &keep(&[2]));
+        assert_eq!(p.merges[0].run, vec![1, 0]);
+        assert_eq!(p.delete, vec![0]);
+    }
+
+    #[test]
+    fn too_little_space_is_refused_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_space(dir.path(), u64::MAX).unwrap_err();
+        assert!(matches!(e, SetError::NoSpace { .. }));
+        assert!(!e.to_string().contains('\n'));
+        check_space(dir.path(), 1).unwrap();
+    }
 }
