@@ -216,7 +216,7 @@ pub fn read(set: &Path) -> Result<Catalog, SetError> {
         });
     }
     let verified = read_verify_records(set);
-    let pairs = super::prune::pending_pairs(set);
+    let pairs = super::intent::pending_pairs(set);
     let mut backups = Vec::new();
     for disk in DiskDir::all(set)? {
         let (entries, damaged) = disk.scan()?;

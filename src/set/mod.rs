@@ -12,6 +12,7 @@
 pub mod add;
 pub mod catalog;
 pub mod check;
+pub mod intent;
 pub mod layout;
 pub mod lock;
 pub mod pick;
