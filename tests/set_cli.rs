@@ -465,3 +465,19 @@ fn a_prune_killed_at_any_point_is_finished_or_undone_by_the_next() {
     }
     eprintln!("killed prunes: {finished} finished, {rolled_back} rolled back by the next");
 }
+
+#[test]
+fn commands_on_what_is_not_a_set_change_nothing() {
+    let s = Scratch::new();
+    s.mkdir("empty");
+    let v = qbackup_in(s.dir(), &["verify", "empty"]);
+    assert_eq!(v.code, Some(2), "{}", v.describe());
+    assert!(v.stderr.contains("no backups"), "{}", v.describe());
+    qbackup_in(s.dir(), &["restore", "empty", "x.raw"])
+        .assert_clean_failure_mentioning(&["no backups"]);
+    qbackup_in(s.dir(), &["prune", "absent", "--keep-last", "1"])
+        .assert_clean_failure_mentioning(&["not a backup set"]);
+    qbackup_in(s.dir(), &["list", "absent"]).assert_clean_failure_mentioning(&["not a backup set"]);
+    assert!(!s.path("absent").exists());
+    assert_eq!(std::fs::read_dir(s.path("empty")).unwrap().count(), 0);
+}

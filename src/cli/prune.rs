@@ -98,6 +98,8 @@ pub fn run(a: PruneArgs) -> Result<u8> {
     } else {
         LockMode::Exclusive
     };
+    // Not a set (no such directory): said before the lock would make it.
+    catalog::read(&a.set)?;
     let _lock = SetLock::acquire(&a.set, mode, a.wait)?;
     let cat = catalog::read(&a.set)?;
     let kept = prune::kept_ids(&cat, &policy)?;

@@ -61,6 +61,8 @@ pub struct RestoreArgs {
 
 /// Restores; exit 0 (or 1 with the error).
 pub fn run(a: RestoreArgs) -> Result<u8> {
+    // Nothing to restore from: said before the lock file is made.
+    pick::disk(&catalog::read(&a.set)?, a.disk.as_deref())?;
     let _lock = SetLock::acquire(&a.set, LockMode::Shared, a.wait)?;
     let cat = catalog::read(&a.set)?;
     let disk = pick::disk(&cat, a.disk.as_deref())?;

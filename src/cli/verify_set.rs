@@ -15,6 +15,15 @@ use super::OutputArg;
 
 /// Verifies the set at `set`.
 pub(super) fn run(set: &Path, output: OutputArg) -> Result<u8> {
+    // A directory without backups is no set to verify (and gets no lock
+    // file).
+    if qbackup::set::catalog::read(set)?.backups.is_empty() {
+        return Err(qbackup::set::SetError::NotFound {
+            set: set.to_path_buf(),
+            why: "no backups to verify (not a backup set?)".into(),
+        }
+        .into());
+    }
     let _lock = SetLock::acquire(set, LockMode::Shared, false)?;
     let mut rows: Vec<Value> = Vec::new();
     let human = output == OutputArg::Human;
