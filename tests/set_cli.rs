@@ -143,6 +143,9 @@ fn backups_list_verify_restore_and_prune() {
     let rows = list(s.dir(), "set");
     assert_eq!(ids(s.dir(), "set"), made[2..].to_vec());
     assert_eq!(rows[0]["kind"], "consolidated");
+    // Its old verify result was the pruned file's: forgotten.
+    assert!(rows[0]["last-verify"].is_null(), "{}", rows[0]);
+    assert_eq!(rows[1]["last-verify"]["result"], "ok");
     assert_eq!(rows[0]["chain-depth"], 1);
     assert_eq!(rows[1]["parent"], made[2].as_str());
     // Every kept backup (and the consolidated point in time) restores

@@ -104,6 +104,9 @@ pub fn run(a: ListArgs) -> Result<u8> {
             for d in c.damage() {
                 writeln!(out, "damaged: {d}")?;
             }
+            if a.set.join(qbackup::set::intent::INTENT_FILE).exists() {
+                writeln!(out, "note: a prune was cut short; the next prune (or backup into the set) finishes or undoes it")?;
+            }
         }
     }
     out.flush()?;

@@ -392,6 +392,21 @@ pub fn read_verify_records(set: &Path) -> BTreeMap<String, VerifyRecord> {
         .unwrap_or_default()
 }
 
+/// Forgets the verify results of `ids` (a consolidated image took over
+/// one's id: its old result is not the new file's).
+pub fn forget_verify(set: &Path, ids: &[String]) -> Result<(), SetError> {
+    let all = read_verify_records(set);
+    if !ids.iter().any(|id| all.contains_key(id)) {
+        return Ok(());
+    }
+    write_verify_records(
+        set,
+        all.into_iter()
+            .filter(|(id, _)| !ids.contains(id))
+            .collect(),
+    )
+}
+
 /// Records verify results (merged into those recorded; written to a
 /// temporary file and renamed, so a crash leaves the old or the new).
 pub fn record_verify(set: &Path, results: &[(String, VerifyRecord)]) -> Result<(), SetError> {
@@ -399,17 +414,26 @@ pub fn record_verify(set: &Path, results: &[(String, VerifyRecord)]) -> Result<(
     for (id, r) in results {
         all.insert(id.clone(), r.clone());
     }
+    write_verify_records(set, all)
+}
+
+/// Writes the verify records (a temporary file renamed into place).
+fn write_verify_records(set: &Path, all: BTreeMap<String, VerifyRecord>) -> Result<(), SetError> {
     let path = set.join(VERIFY_FILE);
-    let tmp = set.join(format!("{VERIFY_FILE}.tmp"));
+    // Verifies share the set: each writes its own temporary file.
+    let tmp = set.join(format!("{VERIFY_FILE}.{}.tmp", std::process::id()));
     let text = serde_json::to_vec_pretty(&all).expect("records serialise");
     let write = || -> std::io::Result<()> {
         std::fs::write(&tmp, &text)?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &path)
     };
-    write().map_err(|source| SetError::File {
-        path,
-        action: "record the verify results",
-        source,
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        SetError::File {
+            path,
+            action: "record the verify results",
+            source,
+        }
     })
 }

@@ -279,6 +279,7 @@ fn consolidate(
     write_intent(&cat.set, &intent)?;
     finish(&intent)?;
     remove(&cat.set.join(INTENT_FILE))?;
+    catalog::forget_verify(&cat.set, std::slice::from_ref(&top_meta.id))?;
     Ok(report.stats)
 }
 
