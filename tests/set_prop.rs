@@ -5,7 +5,7 @@
 //! leftover aside), and every backup listed restores to exactly the
 //! source's state when it was made (reference copies kept), its file
 //! `qemu-img check` clean. The sequences are seeded, so a failure
-//! reproduces; QBACKUP_SET_PROP_SEQUENCES sets how many run (default 8),
+//! reproduces; QBACKUP_SET_PROP_SEQUENCES sets how many run (default 6),
 //! QBACKUP_SET_PROP_FIRST_SEED the first seed (default 1).
 
 mod common;
@@ -130,8 +130,14 @@ fn sequence(seed: u64, steps: usize, kills: &mut usize) {
                 if run_maybe_killed(&s, &args, kill) {
                     *kills += 1;
                 }
-                // Whatever was published reads as the source did.
-                for row in list(s.dir(), "set") {
+                // Whatever was published reads as the source did. (A backup
+                // killed at its start may not have made the set yet.)
+                let rows = if s.path("set").exists() {
+                    list(s.dir(), "set")
+                } else {
+                    vec![]
+                };
+                for row in rows {
                     let id = row["id"].as_str().unwrap().to_string();
                     if row["kind"] != "unknown" && !refs.contains_key(&id) {
                         refs.insert(id.clone(), reference.clone());
@@ -156,7 +162,7 @@ fn sequence(seed: u64, steps: usize, kills: &mut usize) {
         }
     }
     // A last prune finishes whatever was cut short; the set verifies.
-    if !list(s.dir(), "set").is_empty() {
+    if s.path("set").exists() && !list(s.dir(), "set").is_empty() {
         qbackup_in(s.dir(), &["prune", "set", "--keep-last", "2"]).assert_ok();
         check(&s, &refs, None);
         let v = qbackup_in(s.dir(), &["verify", "set"]);
@@ -170,7 +176,7 @@ fn random_backups_prunes_and_kills_keep_every_backup_restorable() {
     let sequences: u64 = std::env::var("QBACKUP_SET_PROP_SEQUENCES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(6);
     let first: u64 = std::env::var("QBACKUP_SET_PROP_FIRST_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
