@@ -17,13 +17,16 @@ use super::progress::{ProgressArg, Reporter};
 use super::status::{self, UsageError};
 use super::{report, size, FormatArg, OutputArg};
 
+// Backup sets (a directory TARGET): see backup/set.rs.
+mod set;
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum SyncArg {
     Full,
     Top,
     Incremental,
-    /// With --qmp or --libvirt: incremental when the set holds a backup
-    /// of the disk, else full.
+    /// A backup set's choice (a directory TARGET, --qmp, --libvirt): full
+    /// for a disk's first backup, else incremental on its newest.
     Auto,
 }
 
@@ -88,8 +91,10 @@ pub struct BackupArgs {
     /// What to copy: everything, only the top layer of the chain, or only
     /// what changed since the previous backup (--backing PREV): what the
     /// source's dirty bitmap marks (--bitmap), or else every cluster whose
-    /// content differs from PREV's manifest. Default full; with --qmp,
-    /// auto (incremental when the set has a backup of the disk).
+    /// content differs from PREV's manifest. auto (the default for a
+    /// backup set: a directory TARGET, --qmp, --libvirt; refused for a file
+    /// TARGET): full for a disk's first backup in the set, else incremental
+    /// on its newest. Default for a file TARGET: full.
     #[arg(long, value_enum)]
     pub(super) sync: Option<SyncArg>,
     /// Back up a running VM through QEMU's QMP socket (its -qmp
@@ -215,10 +220,22 @@ pub struct BackupArgs {
     /// TLS settings of nbds:// sources.
     #[command(flatten)]
     pub(super) tls: super::tls::TlsArgs,
-    /// The image to back up (with --qmp: the backup set directory).
+    // Backup sets (issue 21).
+    /// With a backup set TARGET: the disk's name in the set (default:
+    /// SOURCE's file name without its extension).
+    #[arg(long, value_name = "NAME")]
+    disk_name: Option<String>,
+    /// With a backup set TARGET: wait for another qbackup process using
+    /// the set instead of failing.
+    #[arg(long)]
+    wait: bool,
+    /// The image to back up (with --qmp or --libvirt: the backup set
+    /// directory).
     #[arg(value_name = "SOURCE")]
     pub(super) source: PathBuf,
-    /// Where to write the backup (not with --qmp).
+    /// Where to write the backup: a file, or a backup set (an existing
+    /// directory, or a name ending with /): then SET/DISK/TIME-ID.qcow2.
+    /// Not with --qmp or --libvirt.
     #[arg(value_name = "TARGET")]
     pub(super) target: Option<PathBuf>,
 }
@@ -382,19 +399,21 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         )
         .into());
     }
-    if args.sync == Some(SyncArg::Auto) {
-        return Err(UsageError(
-            "--sync auto applies to --qmp (a backup set), not to one TARGET file".into(),
-        )
-        .into());
+    // A backup set: the set picks the file, the mode and the parent.
+    if set::is_set(args.target.as_deref().expect("checked above")) {
+        return set::run(args);
     }
+    set::refuse_set_options(&args)?;
+    let request = args.request();
+    execute(&args, request)
+}
+
+/// Runs `request` with `args`' progress, output and opener.
+fn execute(args: &BackupArgs, request: BackupRequest) -> Result<u8> {
     let (quiet, output) = (args.quiet, args.output);
     let files = super::Files::new(args.force_share, &args.tls);
     let reporter = Reporter::new(args.progress);
-    let cfg = args
-        .request()
-        .validate()
-        .map_err(|e| UsageError(usage_text(&e)))?;
+    let cfg = request.validate().map_err(|e| UsageError(usage_text(&e)))?;
     let cancel = Arc::new(backup::Cancel::new());
     watch_signals(&cancel)?;
     let mut on_plan = |total: u64| reporter.start(total);
@@ -455,7 +474,7 @@ mod tests {
         all.extend(["src.qcow2", "out.qcow2"]);
         let parsed = super::super::Args::try_parse_from(all)?;
         match parsed.command {
-            super::super::Command::Backup(b) => Ok(b),
+            super::super::Command::Backup(b) => Ok(*b),
             _ => unreachable!("parsed as backup"),
         }
     }

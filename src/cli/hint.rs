@@ -15,6 +15,7 @@ use qbackup::backup::{BackupError, RequestError};
 use qbackup::live::LiveError;
 use qbackup::manifest::ManifestError;
 use qbackup::map::MapError;
+use qbackup::set::SetError;
 use qbackup::verify::VerifyError;
 use qbackup_formats::nbd::NbdError;
 use qbackup_formats::qcow2::Qcow2Error;
@@ -40,6 +41,7 @@ fn classified<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn Classify> {
         VerifyError,
         ManifestError,
         MapError,
+        SetError,
         ImageError,
         Qcow2Error,
         StorageError,

@@ -11,14 +11,18 @@ pub mod compare;
 pub mod hint;
 pub mod info;
 pub mod libvirt;
+pub mod list;
 pub mod live;
 pub mod map;
 pub mod progress;
+pub mod prune;
 pub mod report;
+pub mod restore;
 pub mod size;
 pub mod status;
 pub mod tls;
 pub mod verify;
+pub mod verify_set;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -64,7 +68,7 @@ enum Command {
     /// Show what qemu-img info shows about an image.
     Info(info::InfoArgs),
     /// Back up an image into a compressed qcow2 (or sparse raw) file.
-    Backup(backup::BackupArgs),
+    Backup(Box<backup::BackupArgs>),
     /// Check that two images hold the same guest data, like qemu-img
     /// compare (exit 0 identical, 1 different, 2 error).
     Compare(compare::CompareArgs),
@@ -73,6 +77,16 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Show the allocation map of an image and its backing chain.
     Map(map::MapArgs),
+    /// List every backup of a backup set (a directory made by backup
+    /// SOURCE DIR/), with its chain and any damage.
+    List(list::ListArgs),
+    /// Restore a backup of a backup set (default: the newest) to a file
+    /// or, with -n -O raw, a block device.
+    Restore(restore::RestoreArgs),
+    /// Apply a retention policy to a backup set (restic's --keep-* rules,
+    /// in UTC): delete what is not kept, consolidating pruned parents of
+    /// kept backups so every kept one stays restorable.
+    Prune(prune::PruneArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish,
     /// powershell) to stdout.
     Completions {
@@ -177,6 +191,9 @@ pub fn json_output(args: &Args) -> bool {
         Command::Verify(a) => a.output,
         Command::Info(a) => a.output,
         Command::Map(a) => a.output,
+        Command::List(a) => a.output,
+        Command::Restore(a) => a.output,
+        Command::Prune(a) => a.output,
         Command::Compare(_) | Command::Completions { .. } | Command::Manpage { .. } => {
             OutputArg::Human
         }
@@ -191,8 +208,11 @@ pub fn run(args: Args) -> Result<u8> {
         Command::Compare(a) => compare::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Info(a) => info::run(a),
-        Command::Backup(a) => backup::run(a),
+        Command::Backup(a) => backup::run(*a),
         Command::Map(a) => map::run(a),
+        Command::List(a) => list::run(a),
+        Command::Restore(a) => restore::run(a),
+        Command::Prune(a) => prune::run(a),
         Command::Completions { shell } => {
             // Generated in memory: clap_complete panics on a failed write
             // (a closed pipe), and a write error must be an error.

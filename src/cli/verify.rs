@@ -22,12 +22,17 @@ pub struct VerifyArgs {
     /// was read cached.
     #[arg(long, value_enum, default_value_t)]
     cache: CacheArg,
-    /// The backup (its manifest is BACKUP.manifest).
+    /// The backup (its manifest is BACKUP.manifest), or a backup set (a
+    /// directory): every backup in it.
     backup: PathBuf,
 }
 
 /// Verifies; the exit status says whether the backup is good.
 pub fn run(a: VerifyArgs) -> Result<u8> {
+    // A backup set: every backup of it (issue 21).
+    if a.backup.is_dir() {
+        return super::verify_set::run(&a.backup, a.output);
+    }
     let report = verify::verify(&CacheOpener::new(&FileOpener, a.cache.into()), &a.backup)?;
     let mut out = std::io::stdout().lock();
     match a.output {

@@ -97,7 +97,20 @@ pub fn run(
     // Absolute: QEMU opens the fleecing files from its own working
     // directory, and a repair may run from another one.
     let set = &absolute(&req.set)?;
-    let _lock = lock_set(set)?;
+    // One writer per set (backups, prunes), and an interrupted prune is
+    // finished or undone before a backup builds on the set.
+    let _lock = crate::set::SetLock::acquire(set, crate::set::LockMode::Exclusive, false)?;
+    match crate::set::intent::recover(set)? {
+        crate::set::intent::Recovered::Nothing => {}
+        crate::set::intent::Recovered::Finished(p) => on_note(&format!(
+            "finished the consolidation of {} an interrupted prune had made",
+            p.display()
+        )),
+        crate::set::intent::Recovered::RolledBack(p) => on_note(&format!(
+            "rolled back the unfinished consolidation of {} an interrupted prune left",
+            p.display()
+        )),
+    }
     let mut qmp = Qmp::connect(&req.qmp)?;
     let repaired = match journal::read(set)? {
         Some(j) => {
@@ -477,28 +490,4 @@ fn new_id(set: &Path) -> Result<String, LiveError> {
         action: "read /dev/urandom for a backup identity for",
         source,
     })
-}
-
-/// One live cycle per set at a time: an exclusive lock on
-/// `SET/.qbackup-live.lock`, held until the cycle returns.
-fn lock_set(set: &Path) -> Result<std::fs::File, LiveError> {
-    let path = set.join(".qbackup-live.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| LiveError::File {
-            path: path.clone(),
-            action: "open the set's lock",
-            source,
-        })?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
-        LiveError::File {
-            path,
-            action: "lock the set (another qbackup is backing up into it)",
-            source: e.into(),
-        }
-    })?;
-    Ok(f)
 }

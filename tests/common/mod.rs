@@ -20,6 +20,7 @@
 //! - [`map_info`]: fixtures shared by the `map` and `info` tests.
 //! - [`process`]: qemu-nbd and QEMU started by tests, and a QMP client.
 //! - [`tls`]: certificates made with openssl, free TCP ports.
+//! - [`set`]: backup sets listed, and their backups restored and compared.
 
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
@@ -36,6 +37,7 @@ pub mod process;
 pub mod qcow2;
 pub mod run;
 pub mod scratch;
+pub mod set;
 pub mod tls;
 
 pub const KIB: u64 = 1024;

@@ -221,7 +221,17 @@ pub fn run(
         req.scratch = Some(std::fs::canonicalize(s).map_err(io_err(s, "resolve"))?);
     }
     let req = &req;
-    let _lock = lock_set(&req.set)?;
+    let _lock = crate::set::SetLock::acquire(&req.set, crate::set::LockMode::Exclusive, false)?;
+    // An interrupted prune is finished or undone before a backup builds on
+    // the set.
+    match crate::set::intent::recover(&req.set)? {
+        crate::set::intent::Recovered::Nothing => {}
+        crate::set::intent::Recovered::Finished(p)
+        | crate::set::intent::Recovered::RolledBack(p) => note(format!(
+            "repaired the consolidation of {} an interrupted prune left",
+            p.display()
+        )),
+    }
     let running = dom
         .is_active()
         .map_err(domain_err(name, "read its state"))?;
@@ -362,25 +372,6 @@ fn remove_cycle_files(set: &Path, id: &str) -> Result<usize, LibvirtError> {
         }
     }
     Ok(n)
-}
-
-/// Locks the set against another qbackup cycle (`--libvirt` or `--qmp`:
-/// the same lock file) until the returned file is dropped.
-fn lock_set(set: &Path) -> Result<std::fs::File, LibvirtError> {
-    let path = set.join(".qbackup-live.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err(&path, "open the set's lock"))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
-        io_err(
-            &path,
-            "lock the set (another qbackup is backing up into it)",
-        )(e.into())
-    })?;
-    Ok(f)
 }
 
 /// Writes `text` to `path` durably (file and directory synced).

@@ -160,6 +160,7 @@ mod tests {
 
     fn entry(id: &str, size: u64) -> Entry {
         Entry {
+            written: 0,
             path: "/set/vda/x.qcow2".into(),
             meta: Meta {
                 id: id.into(),
