@@ -156,14 +156,8 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         OutputArg::Human if !quiet => {
             for d in &report.disks {
                 eprintln!(
-                    "qbackup: {}: {} backup {} ({}): {}",
-                    d.disk,
-                    d.sync,
-                    d.report.target.display(),
-                    d.reason,
-                    report::human(&d.report)
-                        .strip_prefix("qbackup: backup done: ")
-                        .unwrap_or_default()
+                    "{}",
+                    report::disk_line(&d.disk, d.sync, &d.reason, &d.report)
                 );
             }
         }

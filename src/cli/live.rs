@@ -119,16 +119,8 @@ pub fn run(args: BackupArgs) -> Result<u8> {
         }
         OutputArg::Human if !quiet => {
             for d in &report.disks {
-                eprintln!(
-                    "qbackup: {}: {} backup {} ({}): {}",
-                    d.name,
-                    d.backup.mode.name(),
-                    d.backup.target.display(),
-                    d.reason,
-                    report::human(&d.backup)
-                        .strip_prefix("qbackup: backup done: ")
-                        .unwrap_or_default()
-                );
+                let sync = d.backup.mode.name();
+                eprintln!("{}", report::disk_line(&d.name, sync, &d.reason, &d.backup));
             }
         }
         OutputArg::Human => {}

@@ -79,3 +79,15 @@ pub fn human(r: &BackupReport) -> String {
         cleared,
     )
 }
+
+/// One disk's line of a VM's backup cycle (`--qmp`, `--libvirt`): the
+/// disk, what ran, where, why, then the backup's summary.
+pub fn disk_line(disk: &str, sync: &str, reason: &str, r: &BackupReport) -> String {
+    format!(
+        "qbackup: {disk}: {sync} backup {} ({reason}): {}",
+        r.target.display(),
+        human(r)
+            .strip_prefix("qbackup: backup done: ")
+            .unwrap_or_default()
+    )
+}
