@@ -131,16 +131,14 @@ pub fn run(args: BackupArgs) -> Result<u8> {
                 .disks
                 .iter()
                 .map(|d| {
-                    let mut o = report::json(&d.report);
-                    let map = o.as_object_mut().expect("an object");
                     let mut head = serde_json::Map::new();
                     head.insert("name".into(), json!(d.disk));
                     head.insert("reason".into(), json!(d.reason));
-                    head.append(map);
+                    let mut o = report::disk_json(head, &d.report);
                     // What ran, in the cycle's words (incremental by
                     // bitmap or by content).
-                    head.insert("sync".into(), json!(d.sync));
-                    serde_json::Value::Object(head)
+                    o["sync"] = json!(d.sync);
+                    o
                 })
                 .collect();
             let obj = json!({

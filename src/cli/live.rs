@@ -98,15 +98,12 @@ pub fn run(args: BackupArgs) -> Result<u8> {
                 .disks
                 .iter()
                 .map(|d| {
-                    let mut o = report::json(&d.backup);
-                    let map = o.as_object_mut().expect("an object");
                     let mut head = serde_json::Map::new();
                     head.insert("node".into(), json!(d.node));
                     head.insert("device".into(), json!(d.device));
                     head.insert("name".into(), json!(d.name));
                     head.insert("reason".into(), json!(d.reason));
-                    head.append(map);
-                    serde_json::Value::Object(head)
+                    report::disk_json(head, &d.backup)
                 })
                 .collect();
             let obj = json!({

@@ -91,3 +91,12 @@ pub fn disk_line(disk: &str, sync: &str, reason: &str, r: &BackupReport) -> Stri
             .unwrap_or_default()
     )
 }
+
+/// One disk's JSON result in a VM's backup cycle: `head`'s keys (which
+/// disk, why) first, then the backup's result keys.
+pub fn disk_json(mut head: serde_json::Map<String, Value>, r: &BackupReport) -> Value {
+    if let Value::Object(mut rest) = json(r) {
+        head.append(&mut rest);
+    }
+    Value::Object(head)
+}

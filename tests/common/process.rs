@@ -32,6 +32,12 @@ impl Drop for Holder {
 /// taken for the new one.
 pub fn hold(cmd: &mut Command, socket: &Path) -> Holder {
     let _ = std::fs::remove_file(socket);
+    hold_until(cmd, &format!("{socket:?}"), || listening(socket))
+}
+
+/// Starts `cmd` and waits (bounded) until `ready()`; `what` names what it
+/// should listen on, for the failure message.
+pub fn hold_until(cmd: &mut Command, what: &str, ready: impl Fn() -> bool) -> Holder {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -40,10 +46,10 @@ pub fn hold(cmd: &mut Command, socket: &Path) -> Holder {
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let holder = Holder(child);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !listening(socket) {
+    while !ready() {
         assert!(
             Instant::now() < deadline,
-            "{cmd:?} did not listen on {socket:?}"
+            "{cmd:?} did not listen on {what}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -5,8 +5,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use super::process::Holder;
 use super::run::run_checked;
@@ -258,20 +257,5 @@ pub fn tcp_listening(port: u16) -> bool {
 
 /// Starts `cmd` and waits (bounded) until it listens on TCP `port`.
 pub fn hold_tcp(cmd: &mut Command, port: u16) -> Holder {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let holder = Holder(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tcp_listening(port) {
-        assert!(
-            Instant::now() < deadline,
-            "{cmd:?} did not listen on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    holder
+    super::process::hold_until(cmd, &format!("port {port}"), || tcp_listening(port))
 }
